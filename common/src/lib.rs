@@ -1,0 +1,30 @@
+//! Types shared by the router and the workers: request ids, sampling and stopping parameters,
+//! per-request results (outputs, finish reasons, usage, timings) and request-scoped errors.
+//!
+//! Everything here is plain data with validation at construction; nothing here talks to a
+//! model, a socket or a thread.
+
+pub mod params;
+pub mod results;
+
+pub use params::ParamError;
+pub use params::{SamplingParams, StoppingParams};
+pub use results::{
+    ChatMessage, Finish, FinishReason, GenerationEvent, ModelInfo, RequestError, SeqOutput,
+    Timings, Usage,
+};
+
+/// A token id of the model's vocabulary.
+pub type Token = i32;
+
+/// Identifies one generation request across the router, the protocol and the engine.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "req-{}", self.0)
+    }
+}

@@ -1,0 +1,146 @@
+//! What a request gets back: incremental outputs, the finish with usage and timings, or a
+//! request-scoped error. These cross the worker's IPC boundary unchanged.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{RequestId, Token};
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the sequence's context limit.
+    Length,
+    /// The requester cancelled it.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> u32 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// Where a request's time went, in milliseconds (llama-server's `timings`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Timings {
+    /// Submitted until admitted into a sequence slot.
+    pub queue_ms: f64,
+    /// Admitted until the first token was sampled (prefill).
+    pub prompt_ms: f64,
+    /// First token until the finish (decode).
+    pub predicted_ms: f64,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+/// One step's worth of output for one request. `text` holds only complete UTF-8 and never
+/// text that could still turn into a stop string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeqOutput {
+    pub id: RequestId,
+    pub tokens: Vec<Token>,
+    pub text: String,
+    pub finish: Option<Finish>,
+}
+
+/// A request-scoped failure: the request ends, nothing else is affected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RequestError {
+    #[error("the prompt has {n_prompt_tokens} tokens and {n_requested} more were requested, but a sequence holds at most {n_ctx} tokens")]
+    ExceedsContext {
+        n_prompt_tokens: u32,
+        n_requested: u32,
+        n_ctx: u32,
+    },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {token} is outside the vocabulary of {n_vocab} tokens")]
+    InvalidToken { token: Token, n_vocab: u32 },
+    #[error("the KV cache is full; retry later")]
+    KvCacheFull,
+    #[error("decoding failed: {0}")]
+    DecodeFailed(String),
+    #[error("invalid parameter {param}: {message}")]
+    InvalidParam { param: String, message: String },
+    #[error("the chat template could not be applied: {0}")]
+    ChatTemplate(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("a request with id {0} is already running")]
+    DuplicateId(RequestId),
+}
+
+impl From<crate::params::ParamError> for RequestError {
+    fn from(e: crate::params::ParamError) -> Self {
+        Self::InvalidParam {
+            param: e.param,
+            message: e.message,
+        }
+    }
+}
+
+/// What the engine sends a requester: outputs as they are produced, or a rejection before any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GenerationEvent {
+    Output(SeqOutput),
+    Rejected { id: RequestId, error: RequestError },
+}
+
+impl GenerationEvent {
+    pub fn id(&self) -> RequestId {
+        match self {
+            Self::Output(o) => o.id,
+            Self::Rejected { id, .. } => *id,
+        }
+    }
+
+    /// True for the last event a request gets.
+    pub fn is_final(&self) -> bool {
+        match self {
+            Self::Output(o) => o.finish.is_some(),
+            Self::Rejected { .. } => true,
+        }
+    }
+}
+
+/// Facts about the loaded model, for `/v1/models` and admission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ModelInfo {
+    pub n_ctx_train: u32,
+    pub n_params: u64,
+    pub n_vocab: u32,
+    pub size: u64,
+    pub has_chat_template: bool,
+}
+
+/// One chat message, after the router has flattened content parts into text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}

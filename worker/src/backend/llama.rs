@@ -1,0 +1,509 @@
+//! The llama.cpp backend: the only module that names `llama_cpp_2`.
+//!
+//! - [`Model`]: a loaded GGUF model for the life of the process (a worker serves exactly one),
+//!   with what the IPC side needs and that is safe to call from any thread: tokenization,
+//!   detokenization, chat templates, model facts.
+//! - [`LlamaCppBackend`]: one `LlamaContext` plus its batch, owned by the engine thread.
+//!
+//! llama.cpp's process-wide backend is initialised once (`LlamaBackend::init` fails the second
+//! time) and its logs go to `tracing` under the `llama.cpp` target.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
+use llamapool_common::{ChatMessage, ModelInfo, RequestError, SamplingParams, Token};
+
+use super::{Backend, BackendLimits, BatchEntry, DecodeFailure};
+use crate::engine::seq_ids::SeqId;
+
+/// Why a model or a context could not be set up. Fatal for a worker; reported with the path.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("llama.cpp backend initialisation failed: {0}")]
+    Backend(String),
+    #[error("model file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("loading model {path} failed: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("chat template {name:?} is not usable: {reason}")]
+    ChatTemplate { name: String, reason: String },
+    #[error("creating a llama.cpp context failed ({0}); is `context` too large for memory?")]
+    Context(String),
+    #[error("invalid context configuration: {0}")]
+    Config(String),
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// Layers to offload to the GPU (0 on CPU-only builds).
+    pub gpu_layers: u32,
+    /// A chat template to use instead of (or in the absence of) the model's own: a llama.cpp
+    /// built-in name (`chatml`, `gemma`, `llama3`, …) or a template text.
+    pub chat_template: Option<String>,
+}
+
+struct ModelInner {
+    model: LlamaModel,
+    chat_template: Option<LlamaChatTemplate>,
+    /// Every end-of-generation token, banned when a request sets `ignore_eos`.
+    eog_tokens: Vec<Token>,
+    info: ModelInfo,
+}
+
+/// A loaded model. Cheap to copy; lives until the process exits.
+#[derive(Clone, Copy)]
+pub struct Model(&'static ModelInner);
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("info", &self.0.info).finish()
+    }
+}
+
+fn backend() -> Result<&'static LlamaBackend, LoadError> {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+    let b = LlamaBackend::init().map_err(|e| LoadError::Backend(e.to_string()))?;
+    Ok(BACKEND.get_or_init(|| b))
+}
+
+impl Model {
+    /// Loads a GGUF file. The model is kept for the rest of the process: contexts borrow it
+    /// for `'static`, so the engine thread and the IPC thread can share it without locks.
+    pub fn load(path: &Path, options: &ModelOptions) -> Result<Self, LoadError> {
+        if !path.is_file() {
+            return Err(LoadError::MissingFile(path.to_path_buf()));
+        }
+        let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
+        let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| {
+            LoadError::Model {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        let chat_template = match &options.chat_template {
+            Some(name) => {
+                Some(
+                    LlamaChatTemplate::new(name).map_err(|e| LoadError::ChatTemplate {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
+            None => model.chat_template(None).ok(),
+        };
+        let vocab = model.vocab();
+        let eog_tokens = vocab
+            .tokens()
+            .filter(|t| vocab.is_eog(*t))
+            .map(|t| t.0)
+            .collect();
+        let info = ModelInfo {
+            n_ctx_train: model.n_ctx_train(),
+            n_params: model.n_params(),
+            n_vocab: u32::try_from(model.n_vocab()).unwrap_or(0),
+            size: model.size(),
+            has_chat_template: chat_template.is_some(),
+        };
+        drop(vocab);
+        let inner = Box::leak(Box::new(ModelInner {
+            model,
+            chat_template,
+            eog_tokens,
+            info,
+        }));
+        if let Some(template) = &inner.chat_template {
+            // Fail at load, not at the first request, when llama.cpp does not know the template.
+            let probe = [ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }];
+            Model(inner)
+                .render_chat_with(template, &probe)
+                .map_err(|e| LoadError::ChatTemplate {
+                    name: options
+                        .chat_template
+                        .clone()
+                        .unwrap_or_else(|| "from the model".into()),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(Model(inner))
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.0.info
+    }
+
+    /// Tokenizes text; special tokens written in the text are parsed as such (llama-server's
+    /// behaviour), and `add_special` adds BOS when the model wants one.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Vec<Token> {
+        let vocab = self.0.model.vocab();
+        vocab
+            .tokenize(text.as_bytes(), add_special, true)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+
+    /// Renders messages with the chat template and tokenizes the result.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<Token>, RequestError> {
+        let Some(template) = &self.0.chat_template else {
+            return Err(RequestError::ChatTemplate(
+                "the model has no chat template; set model.chat_template (for example \"chatml\" or \"gemma\")".into(),
+            ));
+        };
+        let text = self.render_chat_with(template, messages)?;
+        Ok(self.tokenize(&text, true))
+    }
+
+    fn render_chat_with(
+        &self,
+        template: &LlamaChatTemplate,
+        messages: &[ChatMessage],
+    ) -> Result<String, RequestError> {
+        let chat = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                RequestError::ChatTemplate(format!("a message contains a NUL byte ({e})"))
+            })?;
+        self.0
+            .model
+            .apply_chat_template(template, &chat, true)
+            .map_err(|e| RequestError::ChatTemplate(e.to_string()))
+    }
+
+    /// The text of one token (special tokens rendered), as llama-server's `/tokenize` pieces.
+    pub fn piece(&self, token: Token) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.append_piece(token, &mut out, true);
+        out
+    }
+
+    /// Detokenizes a whole token list, invalid UTF-8 replaced.
+    pub fn detokenize(&self, tokens: &[Token]) -> String {
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            self.append_piece(t, &mut bytes, false);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn is_valid_token(&self, token: Token) -> bool {
+        u32::try_from(token).is_ok_and(|t| t < self.0.info.n_vocab)
+    }
+
+    fn append_piece(&self, token: Token, out: &mut Vec<u8>, special: bool) {
+        if self.is_valid_token(token) {
+            self.0
+                .model
+                .vocab()
+                .token_to_piece_into(LlamaToken(token), out, special, None);
+        }
+    }
+
+    /// Creates a context and its batch for the engine thread.
+    pub fn new_backend(&self, config: &ContextConfig) -> Result<LlamaCppBackend, LoadError> {
+        config.validate()?;
+        let threads = i32::try_from(config.threads)
+            .map_err(|_| LoadError::Config("threads too large".into()))?;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(config.context))
+            .with_n_batch(config.n_batch)
+            .with_n_ubatch(config.n_ubatch.min(config.n_batch))
+            .with_n_seq_max(config.slots)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_kv_unified(config.kv_unified)
+            .with_flash_attention_policy(config.flash_attention.as_llama());
+        let ctx = self
+            .0
+            .model
+            .new_context(backend()?, params)
+            .map_err(|e| LoadError::Context(e.to_string()))?;
+        let n_ctx = ctx.n_ctx() as usize;
+        let n_seq_max = config.slots as usize;
+        let n_ctx_per_seq = if config.kv_unified {
+            n_ctx
+        } else {
+            n_ctx / n_seq_max
+        };
+        let n_batch = ctx.n_batch() as usize;
+        let limits = BackendLimits {
+            n_batch,
+            n_seq_max,
+            n_ctx_per_seq,
+            n_vocab: self.0.info.n_vocab as usize,
+        };
+        Ok(LlamaCppBackend {
+            model: *self,
+            ctx,
+            batch: LlamaBatch::new(n_batch, 1),
+            limits,
+        })
+    }
+}
+
+/// Flash-attention policy of the context (llama-server's `-fa`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttention {
+    /// llama.cpp decides per device (on for CPU); llama-server's default.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttention {
+    fn as_llama(self) -> llama_cpp_sys_2::llama_flash_attn_type {
+        match self {
+            Self::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Self::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Self::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }
+    }
+}
+
+/// The shape of one worker's context.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ContextConfig {
+    /// Concurrent sequences (`n_seq_max`).
+    pub slots: u32,
+    /// KV cells in total; each sequence gets `context / slots` unless `kv_unified`.
+    pub context: u32,
+    /// Most tokens per decode call.
+    pub n_batch: u32,
+    /// Most tokens per physical compute step.
+    pub n_ubatch: u32,
+    pub threads: u32,
+    /// All sequences share the whole context; a full cache then fails the newest request.
+    pub kv_unified: bool,
+    pub flash_attention: FlashAttention,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            slots: 8,
+            context: 8192,
+            n_batch: 512,
+            n_ubatch: 512,
+            threads: 1,
+            kv_unified: false,
+            flash_attention: FlashAttention::Auto,
+        }
+    }
+}
+
+impl ContextConfig {
+    pub fn validate(&self) -> Result<(), LoadError> {
+        if self.slots == 0 || self.slots > 256 {
+            return Err(LoadError::Config(format!(
+                "slots must be between 1 and 256, got {}",
+                self.slots
+            )));
+        }
+        if self.threads == 0 {
+            return Err(LoadError::Config("threads must be at least 1".into()));
+        }
+        if self.n_batch < self.slots {
+            return Err(LoadError::Config(format!(
+                "n_batch ({}) must be at least slots ({}) so every sequence can decode each step",
+                self.n_batch, self.slots
+            )));
+        }
+        if self.context < self.slots {
+            return Err(LoadError::Config(format!(
+                "context ({}) must hold at least one token per slot ({})",
+                self.context, self.slots
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Sampling for one request: a plain argmax over the logits when greedy needs nothing else
+/// (it skips building a candidate array over the whole vocabulary), else a llama.cpp chain.
+pub enum LlamaSampling {
+    Argmax { banned: &'static [Token] },
+    Chain(LlamaSampler),
+}
+
+/// One llama.cpp context, driven by the engine thread.
+pub struct LlamaCppBackend {
+    model: Model,
+    ctx: LlamaContext<'static>,
+    batch: LlamaBatch<'static>,
+    limits: BackendLimits,
+}
+
+impl std::fmt::Debug for LlamaCppBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaCppBackend")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Backend for LlamaCppBackend {
+    type Sampler = LlamaSampling;
+
+    fn limits(&self) -> BackendLimits {
+        self.limits
+    }
+
+    fn new_sampler(&self, p: &SamplingParams, ignore_eos: bool, prompt: &[Token]) -> LlamaSampling {
+        let eog: &'static [Token] = if ignore_eos {
+            &self.model.0.eog_tokens
+        } else {
+            &[]
+        };
+        if p.is_greedy() && p.logit_bias.is_empty() && !p.has_penalties() {
+            return LlamaSampling::Argmax { banned: eog };
+        }
+        let n_vocab = self.model.0.model.n_vocab();
+        let mut chain = Vec::new();
+        let biases: Vec<LlamaLogitBias> = p
+            .logit_bias
+            .iter()
+            .map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t), b))
+            .chain(
+                eog.iter()
+                    .map(|&t| LlamaLogitBias::new(LlamaToken(t), f32::NEG_INFINITY)),
+            )
+            .collect();
+        if !biases.is_empty() {
+            chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
+        }
+        if p.has_penalties() {
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                p.repeat_last_n,
+                p.repeat_penalty,
+                p.frequency_penalty,
+                p.presence_penalty,
+            ));
+        }
+        if p.is_greedy() {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            // llama-server's order: top-k, top-p, min-p, then temperature, then the draw.
+            if p.top_k > 0 {
+                chain.push(LlamaSampler::top_k(p.top_k));
+            }
+            if p.top_p < 1.0 {
+                chain.push(LlamaSampler::top_p(p.top_p, 1));
+            }
+            if p.min_p > 0.0 {
+                chain.push(LlamaSampler::min_p(p.min_p, 1));
+            }
+            chain.push(LlamaSampler::temp(p.temperature));
+            // u32::MAX is LLAMA_DEFAULT_SEED: llama.cpp draws a random seed.
+            chain.push(LlamaSampler::dist(p.seed.unwrap_or(u32::MAX)));
+        }
+        let mut sampler = LlamaSampler::chain_simple(chain);
+        if p.has_penalties() {
+            // Penalties see the prompt too, as in llama-server.
+            let window = usize::try_from(p.repeat_last_n)
+                .unwrap_or(0)
+                .min(prompt.len());
+            sampler.accept_many(
+                prompt[prompt.len() - window..]
+                    .iter()
+                    .map(|&t| LlamaToken(t)),
+            );
+        }
+        LlamaSampling::Chain(sampler)
+    }
+
+    fn clear_sequence(&mut self, seq: SeqId, from_pos: i32) {
+        let from = u32::try_from(from_pos).ok().filter(|&p| p > 0);
+        // Removing cells of a valid sequence id cannot fail for a non-recurrent model.
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(Some(seq.get() as u32), from, None);
+    }
+
+    fn decode(&mut self, entries: &[BatchEntry]) -> Result<(), DecodeFailure> {
+        self.batch.clear();
+        for e in entries {
+            self.batch
+                .add(LlamaToken(e.token), e.pos, &[e.seq.get()], e.logits)
+                .map_err(|err| DecodeFailure::Other(format!("batch construction: {err}")))?;
+        }
+        match self.ctx.decode(&mut self.batch) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                // llama.cpp may have kept cells of the ubatches that succeeded: remove them so
+                // each sequence is exactly as it was before this step.
+                for e in entries {
+                    self.clear_sequence(e.seq, e.pos);
+                }
+                Err(match err {
+                    DecodeError::NoKvCacheSlot => DecodeFailure::NoKvSlot,
+                    other => DecodeFailure::Other(other.to_string()),
+                })
+            }
+        }
+    }
+
+    fn sample(&mut self, sampler: &mut LlamaSampling, batch_index: usize) -> Token {
+        let idx = i32::try_from(batch_index).expect("batch index fits in i32");
+        match sampler {
+            LlamaSampling::Chain(s) => s.sample(&self.ctx, idx).0,
+            LlamaSampling::Argmax { banned } => argmax(self.ctx.get_logits_ith(idx), banned),
+        }
+    }
+
+    fn append_piece(&self, token: Token, out: &mut Vec<u8>) {
+        self.model.append_piece(token, out, false);
+    }
+
+    fn is_eog(&self, token: Token) -> bool {
+        self.model.0.eog_tokens.contains(&token)
+    }
+}
+
+/// Index of the largest logit, skipping banned tokens; ties go to the lowest index, as in
+/// llama.cpp's greedy sampler.
+fn argmax(logits: &[f32], banned: &[Token]) -> Token {
+    let mut best = 0usize;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        // `banned` is only consulted for a new maximum, which is rare.
+        if v > best_value && !banned.contains(&(i as Token)) {
+            best = i;
+            best_value = v;
+        }
+    }
+    best as Token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::argmax;
+
+    #[test]
+    fn argmax_skips_banned_and_prefers_first() {
+        assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0], &[]), 1);
+        assert_eq!(argmax(&[0.0, 3.0, 2.0, 1.0], &[1]), 2);
+    }
+}

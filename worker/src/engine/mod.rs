@@ -1,0 +1,621 @@
+//! The engine: continuous batching over one backend context, on a thread of its own.
+//!
+//! The engine thread owns the backend, the sequence-ID pool, the waiting queue and every
+//! running sequence; other threads talk to it only through [`EngineHandle`] commands, and it
+//! answers each request on the event channel the request came with. One loop iteration is
+//! `drain commands → schedule (pure, [`scheduler`]) → decode once → sample → emit`.
+//!
+//! Failures stay local: a request that cannot fit is rejected, a failed decode fails the
+//! sequences it carried (a full KV cache evicts only the newest), and the others go on.
+
+pub mod scheduler;
+pub mod seq_ids;
+pub mod text;
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use llamapool_common::{
+    Finish, FinishReason, GenerationEvent, RequestError, RequestId, SamplingParams, SeqOutput,
+    StoppingParams, Timings, Token, Usage,
+};
+
+use crate::backend::{Backend, BackendLimits, BatchEntry, DecodeFailure};
+use scheduler::{plan_step, StepView};
+use seq_ids::{SeqId, SeqIdPool};
+use text::TextAssembler;
+
+/// A tokenized generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineRequest {
+    pub id: RequestId,
+    pub prompt: Vec<Token>,
+    pub sampling: SamplingParams,
+    pub stopping: StoppingParams,
+}
+
+/// Where the engine sends a request's events.
+pub type EventSender = Sender<GenerationEvent>;
+
+/// A snapshot of the engine's load, answered between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    pub slots: usize,
+    pub free_ids: usize,
+    /// Sequences holding an id (prefilling or decoding).
+    pub running: usize,
+    pub waiting: usize,
+    pub decode_calls: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+}
+
+enum Command {
+    Submit {
+        request: EngineRequest,
+        events: EventSender,
+        submitted: Instant,
+    },
+    Cancel(RequestId),
+    Stats(Sender<EngineStats>),
+    Shutdown {
+        drain: bool,
+    },
+}
+
+/// Talks to a running engine. Cheap to clone; the engine stops when every handle is gone.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    limits: BackendLimits,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Submit { request, .. } => write!(f, "Submit({})", request.id),
+            Self::Cancel(id) => write!(f, "Cancel({id})"),
+            Self::Stats(_) => f.write_str("Stats"),
+            Self::Shutdown { drain } => write!(f, "Shutdown {{ drain: {drain} }}"),
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Queues a request; its events arrive on `events`, the last one final. A request whose id
+    /// is already queued or running is rejected.
+    pub fn submit(&self, request: EngineRequest, events: EventSender) {
+        let id = request.id;
+        let command = Command::Submit {
+            request,
+            events: events.clone(),
+            submitted: Instant::now(),
+        };
+        if self.commands.send(command).is_err() {
+            let _ = events.send(GenerationEvent::Rejected {
+                id,
+                error: RequestError::ShuttingDown,
+            });
+        }
+    }
+
+    /// Cancels a request in any state; idempotent. Its sequence is freed before the next step.
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Cancel(id));
+    }
+
+    /// The engine's load, or `None` once it has stopped.
+    pub fn stats(&self) -> Option<EngineStats> {
+        let (tx, rx) = mpsc::channel();
+        self.commands.send(Command::Stats(tx)).ok()?;
+        rx.recv().ok()
+    }
+
+    /// Stops accepting requests; with `drain`, finishes the ones it has, else cancels them.
+    pub fn shutdown(&self, drain: bool) {
+        let _ = self.commands.send(Command::Shutdown { drain });
+    }
+
+    pub fn limits(&self) -> BackendLimits {
+        self.limits
+    }
+}
+
+/// A started engine: its handle and its thread.
+#[derive(Debug)]
+pub struct RunningEngine {
+    pub handle: EngineHandle,
+    thread: JoinHandle<()>,
+}
+
+impl RunningEngine {
+    /// Starts the engine thread over `backend`.
+    pub fn spawn<B>(backend: B) -> std::io::Result<Self>
+    where
+        B: Backend + Send + 'static,
+    {
+        let limits = backend.limits();
+        let (commands, inbox) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || Engine::new(backend).run(&inbox))?;
+        Ok(Self {
+            handle: EngineHandle { commands, limits },
+            thread,
+        })
+    }
+
+    /// Shuts the engine down (draining or not) and waits for its thread.
+    pub fn stop(self, drain: bool) {
+        self.handle.shutdown(drain);
+        drop(self.handle);
+        if self.thread.join().is_err() {
+            tracing::error!("the engine thread panicked");
+        }
+    }
+}
+
+struct Waiting {
+    request: EngineRequest,
+    events: EventSender,
+    submitted: Instant,
+    max_new: u32,
+}
+
+/// A request that holds a sequence id.
+struct Active<S> {
+    id: RequestId,
+    seq: SeqId,
+    prompt: Vec<Token>,
+    /// Prompt tokens already decoded.
+    prefilled: usize,
+    /// Tokens of this sequence in the KV cache; the next token's position.
+    n_kv: usize,
+    /// The last sampled token, to feed at the next step.
+    pending: Option<Token>,
+    generated: u32,
+    max_new: u32,
+    ignore_eos: bool,
+    sampler: S,
+    text: TextAssembler,
+    events: EventSender,
+    submitted: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    done: bool,
+}
+
+impl<S> Active<S> {
+    fn pos(&self) -> i32 {
+        i32::try_from(self.n_kv).expect("positions fit in i32")
+    }
+
+    fn finish(&self, reason: FinishReason) -> Finish {
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        Finish {
+            reason,
+            usage: Usage {
+                prompt_tokens: u32::try_from(self.prompt.len()).unwrap_or(u32::MAX),
+                completion_tokens: self.generated,
+            },
+            timings: Timings {
+                queue_ms: ms(self.admitted - self.submitted),
+                prompt_ms: ms(first - self.admitted),
+                predicted_ms: ms(now - first),
+            },
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Engine<B: Backend> {
+    backend: B,
+    limits: BackendLimits,
+    ids: SeqIdPool,
+    waiting: VecDeque<Waiting>,
+    /// In admission order.
+    active: Vec<Active<B::Sampler>>,
+    batch: Vec<BatchEntry>,
+    piece: Vec<u8>,
+    accepting: bool,
+    stats: EngineStats,
+}
+
+impl<B: Backend> Engine<B> {
+    fn new(backend: B) -> Self {
+        let limits = backend.limits();
+        Self {
+            backend,
+            limits,
+            ids: SeqIdPool::new(limits.n_seq_max),
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            batch: Vec::with_capacity(limits.n_batch),
+            piece: Vec::new(),
+            accepting: true,
+            stats: EngineStats {
+                slots: limits.n_seq_max,
+                ..EngineStats::default()
+            },
+        }
+    }
+
+    fn run(mut self, inbox: &Receiver<Command>) {
+        loop {
+            if self.is_idle() {
+                if !self.accepting {
+                    break;
+                }
+                match inbox.recv() {
+                    Ok(command) => self.apply(command),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match inbox.try_recv() {
+                    Ok(command) => self.apply(command),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.shut_down(false);
+                        break;
+                    }
+                }
+            }
+            if !self.is_idle() {
+                self.step();
+            }
+        }
+        tracing::debug!("engine stopped");
+    }
+
+    fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.active.is_empty()
+    }
+
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Submit {
+                request,
+                events,
+                submitted,
+            } => self.submit(request, events, submitted),
+            Command::Cancel(id) => self.cancel(id),
+            Command::Stats(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+            Command::Shutdown { drain } => self.shut_down(drain),
+        }
+    }
+
+    fn snapshot(&self) -> EngineStats {
+        EngineStats {
+            free_ids: self.ids.free_count(),
+            running: self.active.len(),
+            waiting: self.waiting.len(),
+            ..self.stats
+        }
+    }
+
+    fn shut_down(&mut self, drain: bool) {
+        self.accepting = false;
+        if !drain {
+            let ids: Vec<RequestId> = self
+                .waiting
+                .iter()
+                .map(|w| w.request.id)
+                .chain(self.active.iter().map(|a| a.id))
+                .collect();
+            for id in ids {
+                self.cancel(id);
+            }
+        }
+    }
+
+    /// Checks a request against the vocabulary and the per-sequence context, then queues it.
+    fn submit(&mut self, request: EngineRequest, events: EventSender, submitted: Instant) {
+        let id = request.id;
+        match self.admission_check(&request) {
+            Ok(max_new) => self.waiting.push_back(Waiting {
+                request,
+                events,
+                submitted,
+                max_new,
+            }),
+            Err(error) => {
+                let _ = events.send(GenerationEvent::Rejected { id, error });
+            }
+        }
+    }
+
+    /// The most tokens the request may generate, or why it cannot run.
+    fn admission_check(&self, request: &EngineRequest) -> Result<u32, RequestError> {
+        if !self.accepting {
+            return Err(RequestError::ShuttingDown);
+        }
+        if self.waiting.iter().any(|w| w.request.id == request.id)
+            || self.active.iter().any(|a| a.id == request.id)
+        {
+            return Err(RequestError::DuplicateId(request.id));
+        }
+        request.sampling.validate()?;
+        request.stopping.validate()?;
+        let n_vocab = self.limits.n_vocab;
+        let bad_token = request
+            .prompt
+            .iter()
+            .chain(request.sampling.logit_bias.iter().map(|(t, _)| t))
+            .find(|&&t| usize::try_from(t).map_or(true, |t| t >= n_vocab));
+        if let Some(&token) = bad_token {
+            return Err(RequestError::InvalidToken {
+                token,
+                n_vocab: u32::try_from(n_vocab).unwrap_or(u32::MAX),
+            });
+        }
+        let n_prompt = request.prompt.len();
+        if n_prompt == 0 {
+            return Err(RequestError::EmptyPrompt);
+        }
+        let n_ctx = self.limits.n_ctx_per_seq;
+        let requested = request.stopping.max_tokens.map_or(1, |m| m as usize);
+        if n_prompt + requested > n_ctx {
+            return Err(RequestError::ExceedsContext {
+                n_prompt_tokens: u32::try_from(n_prompt).unwrap_or(u32::MAX),
+                n_requested: u32::try_from(requested).unwrap_or(u32::MAX),
+                n_ctx: u32::try_from(n_ctx).unwrap_or(u32::MAX),
+            });
+        }
+        let room = u32::try_from(n_ctx - n_prompt).unwrap_or(u32::MAX);
+        Ok(request.stopping.max_tokens.map_or(room, |m| m.min(room)))
+    }
+
+    fn cancel(&mut self, id: RequestId) {
+        if let Some(at) = self.waiting.iter().position(|w| w.request.id == id) {
+            let w = self.waiting.remove(at).expect("position is in range");
+            let _ = w.events.send(GenerationEvent::Output(SeqOutput {
+                id,
+                tokens: Vec::new(),
+                text: String::new(),
+                finish: Some(Finish {
+                    reason: FinishReason::Cancelled,
+                    usage: Usage {
+                        prompt_tokens: u32::try_from(w.request.prompt.len()).unwrap_or(u32::MAX),
+                        completion_tokens: 0,
+                    },
+                    timings: Timings {
+                        queue_ms: ms(w.submitted.elapsed()),
+                        ..Timings::default()
+                    },
+                }),
+            }));
+        } else if let Some(at) = self.active.iter().position(|a| a.id == id) {
+            let a = self.active.remove(at);
+            let _ = a.events.send(GenerationEvent::Output(SeqOutput {
+                id,
+                tokens: Vec::new(),
+                text: String::new(),
+                finish: Some(a.finish(FinishReason::Cancelled)),
+            }));
+            self.release(a.seq);
+        }
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        // Clearing here frees the cells for other sequences of a unified cache; the pool clears
+        // again before the id is handed out, which is the invariant that matters.
+        self.backend.clear_sequence(seq, 0);
+        self.ids.release(seq);
+    }
+
+    fn admit(&mut self, w: Waiting) {
+        let backend = &mut self.backend;
+        let seq = self
+            .ids
+            .acquire(|id| backend.clear_sequence(id, 0))
+            .expect("the scheduler admits only into free ids");
+        let sampler = self.backend.new_sampler(
+            &w.request.sampling,
+            w.request.stopping.ignore_eos,
+            &w.request.prompt,
+        );
+        self.active.push(Active {
+            id: w.request.id,
+            seq,
+            prompt: w.request.prompt,
+            prefilled: 0,
+            n_kv: 0,
+            pending: None,
+            generated: 0,
+            max_new: w.max_new,
+            ignore_eos: w.request.stopping.ignore_eos,
+            sampler,
+            text: TextAssembler::new(w.request.stopping.stop),
+            events: w.events,
+            submitted: w.submitted,
+            admitted: Instant::now(),
+            first_token: None,
+            done: false,
+        });
+    }
+
+    fn step(&mut self) {
+        // Schedule.
+        let decoding = self.active.iter().filter(|a| a.pending.is_some()).count();
+        let prefilling: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].prefilled < self.active[i].prompt.len())
+            .collect();
+        let remaining: Vec<usize> = prefilling
+            .iter()
+            .map(|&i| self.active[i].prompt.len() - self.active[i].prefilled)
+            .collect();
+        let waiting: Vec<usize> = self
+            .waiting
+            .iter()
+            .take(self.ids.free_count())
+            .map(|w| w.request.prompt.len())
+            .collect();
+        let plan = plan_step(StepView {
+            decoding,
+            prefilling: &remaining,
+            waiting: &waiting,
+            free_ids: self.ids.free_count(),
+            n_batch: self.limits.n_batch,
+        });
+        let mut chunks: Vec<(usize, usize)> = prefilling.into_iter().zip(plan.prefill).collect();
+        for chunk in plan.admit {
+            let w = self
+                .waiting
+                .pop_front()
+                .expect("the plan admits only queued requests");
+            self.admit(w);
+            chunks.push((self.active.len() - 1, chunk));
+        }
+
+        // Build the batch: decode tokens first, then prompt chunks.
+        self.batch.clear();
+        let mut samples: Vec<(usize, usize)> = Vec::new();
+        for (i, a) in self.active.iter().enumerate() {
+            if let Some(token) = a.pending {
+                samples.push((i, self.batch.len()));
+                self.batch.push(BatchEntry {
+                    token,
+                    pos: a.pos(),
+                    seq: a.seq,
+                    logits: true,
+                });
+            }
+        }
+        for &(i, chunk) in &chunks {
+            let a = &self.active[i];
+            for k in 0..chunk {
+                let at = a.prefilled + k;
+                let last = at + 1 == a.prompt.len();
+                if last {
+                    samples.push((i, self.batch.len()));
+                }
+                self.batch.push(BatchEntry {
+                    token: a.prompt[at],
+                    pos: i32::try_from(at).expect("positions fit in i32"),
+                    seq: a.seq,
+                    logits: last,
+                });
+            }
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+
+        // Execute.
+        self.stats.decode_calls += 1;
+        if let Err(failure) = self.backend.decode(&self.batch) {
+            self.on_decode_failure(&failure);
+            return;
+        }
+
+        // Update.
+        for a in &mut self.active {
+            if a.pending.take().is_some() {
+                a.n_kv += 1;
+            }
+        }
+        for &(i, chunk) in &chunks {
+            let a = &mut self.active[i];
+            a.prefilled += chunk;
+            a.n_kv += chunk;
+            self.stats.prompt_tokens += chunk as u64;
+        }
+        for (i, batch_index) in samples {
+            let a = &mut self.active[i];
+            let token = self.backend.sample(&mut a.sampler, batch_index);
+            self.on_token(i, token);
+        }
+        self.retire_done();
+    }
+
+    /// Handles one sampled token: stop checks, text, emission.
+    fn on_token(&mut self, i: usize, token: Token) {
+        self.stats.generated_tokens += 1;
+        let a = &mut self.active[i];
+        a.generated += 1;
+        if a.first_token.is_none() {
+            a.first_token = Some(Instant::now());
+        }
+        let mut output = SeqOutput {
+            id: a.id,
+            tokens: vec![token],
+            text: String::new(),
+            finish: None,
+        };
+        let reason = if !a.ignore_eos && self.backend.is_eog(token) {
+            output.text = a.text.finish();
+            Some(FinishReason::Stop)
+        } else {
+            self.piece.clear();
+            self.backend.append_piece(token, &mut self.piece);
+            let released = a.text.push(&self.piece);
+            output.text = released.text;
+            if released.stopped {
+                Some(FinishReason::Stop)
+            } else if a.generated >= a.max_new {
+                output.text.push_str(&a.text.finish());
+                Some(FinishReason::Length)
+            } else {
+                a.pending = Some(token);
+                None
+            }
+        };
+        if let Some(reason) = reason {
+            output.finish = Some(a.finish(reason));
+            a.done = true;
+        }
+        if a.events.send(GenerationEvent::Output(output)).is_err() {
+            // Nobody listens any more: free the sequence now.
+            a.done = true;
+        }
+    }
+
+    fn retire_done(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].done {
+                let a = self.active.remove(i);
+                self.release(a.seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// A failed decode changed nothing (the backend rolled back). A full KV cache evicts the
+    /// newest sequence of the batch so the others can go on; any other failure fails every
+    /// sequence the batch carried.
+    fn on_decode_failure(&mut self, failure: &DecodeFailure) {
+        let in_batch: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.batch.iter().any(|e| e.seq == self.active[i].seq))
+            .collect();
+        tracing::warn!(%failure, sequences = in_batch.len(), "decode failed");
+        let (victims, error) = match failure {
+            DecodeFailure::NoKvSlot => (
+                in_batch.last().copied().into_iter().collect::<Vec<_>>(),
+                RequestError::KvCacheFull,
+            ),
+            DecodeFailure::Other(msg) => (in_batch, RequestError::DecodeFailed(msg.clone())),
+        };
+        for &i in victims.iter().rev() {
+            let a = self.active.remove(i);
+            let _ = a.events.send(GenerationEvent::Rejected {
+                id: a.id,
+                error: error.clone(),
+            });
+            self.release(a.seq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! Step-by-step engine tests against the scripted fake backend.
+
+use std::sync::mpsc::{self, Receiver};
+use std::time::Instant;
+
+use super::*;
+use crate::backend::fake::FakeBackend;
+
+fn limits(n_batch: usize, n_seq_max: usize, n_ctx_per_seq: usize) -> BackendLimits {
+    BackendLimits {
+        n_batch,
+        n_seq_max,
+        n_ctx_per_seq,
+        n_vocab: 100,
+    }
+}
+
+fn request(id: u64, prompt: Vec<Token>, max_tokens: u32) -> EngineRequest {
+    EngineRequest {
+        id: RequestId(id),
+        prompt,
+        sampling: SamplingParams::greedy(),
+        stopping: StoppingParams {
+            max_tokens: Some(max_tokens),
+            ..StoppingParams::default()
+        },
+    }
+}
+
+struct Harness {
+    engine: Engine<FakeBackend>,
+}
+
+impl Harness {
+    fn new(limits: BackendLimits) -> Self {
+        Self {
+            engine: Engine::new(FakeBackend::new(limits)),
+        }
+    }
+
+    fn submit(&mut self, r: EngineRequest) -> Receiver<GenerationEvent> {
+        let (tx, rx) = mpsc::channel();
+        self.engine.submit(r, tx, Instant::now());
+        rx
+    }
+
+    fn run_until_idle(&mut self) -> usize {
+        let mut steps = 0;
+        while !self.engine.is_idle() {
+            self.engine.step();
+            steps += 1;
+            assert!(steps < 10_000, "the engine made no progress");
+        }
+        steps
+    }
+}
+
+fn collect(
+    rx: &Receiver<GenerationEvent>,
+) -> (Vec<Token>, String, Option<Finish>, Option<RequestError>) {
+    let (mut tokens, mut text, mut finish, mut error) = (Vec::new(), String::new(), None, None);
+    for event in rx.try_iter() {
+        match event {
+            GenerationEvent::Output(o) => {
+                tokens.extend(o.tokens);
+                text.push_str(&o.text);
+                if o.finish.is_some() {
+                    finish = o.finish;
+                }
+            }
+            GenerationEvent::Rejected { error: e, .. } => error = Some(e),
+        }
+    }
+    (tokens, text, finish, error)
+}
+
+#[test]
+fn generates_exactly_max_tokens_and_frees_ids() {
+    let mut h = Harness::new(limits(16, 4, 64));
+    let rxs: Vec<_> = (0..6)
+        .map(|i| h.submit(request(i, vec![1, 2, 3], 5 + i as u32)))
+        .collect();
+    h.run_until_idle();
+    for (i, rx) in rxs.iter().enumerate() {
+        let (tokens, _, finish, _) = collect(rx);
+        let finish = finish.unwrap();
+        assert_eq!(tokens.len(), 5 + i);
+        assert_eq!(finish.reason, FinishReason::Length);
+        assert_eq!(finish.usage.completion_tokens as usize, 5 + i);
+        assert_eq!(finish.usage.prompt_tokens, 3);
+    }
+    assert_eq!(h.engine.ids.free_count(), 4);
+}
+
+#[test]
+fn every_step_respects_n_batch_and_decodes_running_sequences() {
+    let mut h = Harness::new(limits(8, 4, 128));
+    let _a = h.submit(request(1, (1..=20).collect(), 3));
+    let _b = h.submit(request(2, (1..=20).collect(), 3));
+    h.run_until_idle();
+    let history = &h.engine.backend.history;
+    assert!(history.iter().all(|b| b.len() <= 8));
+    // The first prompt is chunked: 8 + 8 + 4 tokens, with the second one joining in step 3.
+    assert_eq!(history[0].len(), 8);
+    assert!(history[0].iter().all(|e| e.seq == history[0][0].seq));
+    assert_eq!(
+        history[2]
+            .iter()
+            .filter(|e| e.seq == history[0][0].seq)
+            .count(),
+        4
+    );
+    assert_eq!(
+        history[2]
+            .iter()
+            .filter(|e| e.seq != history[0][0].seq)
+            .count(),
+        4
+    );
+    // Logits only where a token is sampled.
+    for batch in history {
+        for e in batch.iter().filter(|e| e.logits) {
+            let seq_entries = batch.iter().filter(|x| x.seq == e.seq).count();
+            assert!(seq_entries >= 1);
+        }
+    }
+}
+
+#[test]
+fn a_late_request_starts_before_earlier_ones_finish() {
+    let mut h = Harness::new(limits(32, 4, 256));
+    let early = h.submit(request(1, vec![1, 2], 50));
+    for _ in 0..5 {
+        h.engine.step();
+    }
+    let late = h.submit(request(2, vec![3, 4], 5));
+    h.engine.step();
+    h.engine.step();
+    let (late_tokens, ..) = collect(&late);
+    assert!(
+        !late_tokens.is_empty(),
+        "the late request produced no token while the early one ran"
+    );
+    let (early_tokens, _, early_finish, _) = collect(&early);
+    assert!(early_finish.is_none());
+    assert!(early_tokens.len() < 50);
+    h.run_until_idle();
+}
+
+#[test]
+fn cancel_in_every_state_frees_the_id() {
+    let mut h = Harness::new(limits(4, 2, 64));
+    let decoding = h.submit(request(1, vec![1], 40));
+    h.engine.step();
+    h.engine.step();
+    let prefilling = h.submit(request(2, (1..=30).collect(), 5));
+    h.engine.step();
+    let waiting = h.submit(request(3, vec![1], 5));
+    assert_eq!(h.engine.ids.free_count(), 0);
+    for id in [3, 2, 1] {
+        h.engine.cancel(RequestId(id));
+    }
+    assert_eq!(h.engine.ids.free_count(), 2);
+    assert!(h.engine.is_idle());
+    for rx in [&decoding, &prefilling, &waiting] {
+        let (_, _, finish, _) = collect(rx);
+        assert_eq!(finish.unwrap().reason, FinishReason::Cancelled);
+    }
+    // Cancel is idempotent and unknown ids are ignored.
+    h.engine.cancel(RequestId(1));
+    h.engine.cancel(RequestId(99));
+}
+
+#[test]
+fn end_of_generation_stops_unless_ignored() {
+    let mut h = Harness::new(limits(16, 2, 256));
+    // Tokens count up from the last prompt token; 99 is end-of-generation.
+    let stops = h.submit(request(1, vec![95], 20));
+    let ignores = h.submit(EngineRequest {
+        stopping: StoppingParams {
+            max_tokens: Some(20),
+            ignore_eos: true,
+            ..StoppingParams::default()
+        },
+        ..request(2, vec![95], 20)
+    });
+    h.run_until_idle();
+    let (tokens, _, finish, _) = collect(&stops);
+    assert_eq!(tokens, vec![96, 97, 98, 99]);
+    assert_eq!(finish.unwrap().reason, FinishReason::Stop);
+    let (tokens, _, finish, _) = collect(&ignores);
+    assert_eq!(tokens.len(), 20);
+    assert!(!tokens.contains(&99));
+    assert_eq!(finish.unwrap().reason, FinishReason::Length);
+}
+
+#[test]
+fn stop_string_spanning_tokens_ends_generation_without_emitting_it() {
+    let mut h = Harness::new(limits(16, 1, 256));
+    h.engine.backend.pieces.insert(11, b"he".to_vec());
+    h.engine.backend.pieces.insert(12, b"llo wo".to_vec());
+    h.engine.backend.pieces.insert(13, b"rld".to_vec());
+    let rx = h.submit(EngineRequest {
+        stopping: StoppingParams {
+            max_tokens: Some(20),
+            stop: vec!["o world".into()],
+            ignore_eos: false,
+        },
+        ..request(1, vec![10], 20)
+    });
+    h.run_until_idle();
+    let (tokens, text, finish, _) = collect(&rx);
+    assert_eq!(tokens, vec![11, 12, 13]);
+    assert_eq!(text, "hell");
+    assert_eq!(finish.unwrap().reason, FinishReason::Stop);
+}
+
+#[test]
+fn requests_over_the_context_are_rejected_and_others_continue() {
+    let mut h = Harness::new(limits(16, 2, 32));
+    let too_long = h.submit(request(1, (1..=40).collect(), 1));
+    let no_room = h.submit(request(2, (1..=30).collect(), 5));
+    let bad_token = h.submit(request(3, vec![1, 500], 1));
+    let empty = h.submit(request(4, vec![], 1));
+    let fine = h.submit(request(5, (1..=30).collect(), 2));
+    let unbounded = h.submit(EngineRequest {
+        stopping: StoppingParams::default(),
+        ..request(6, vec![1], 1)
+    });
+    h.run_until_idle();
+    assert!(matches!(
+        collect(&too_long).3,
+        Some(RequestError::ExceedsContext {
+            n_prompt_tokens: 40,
+            n_ctx: 32,
+            ..
+        })
+    ));
+    assert!(matches!(
+        collect(&no_room).3,
+        Some(RequestError::ExceedsContext { n_requested: 5, .. })
+    ));
+    assert!(matches!(
+        collect(&bad_token).3,
+        Some(RequestError::InvalidToken { token: 500, .. })
+    ));
+    assert_eq!(collect(&empty).3, Some(RequestError::EmptyPrompt));
+    assert_eq!(collect(&fine).0.len(), 2);
+    // No max_tokens: generation runs to the sequence's context limit, finish reason length.
+    let (tokens, _, finish, _) = collect(&unbounded);
+    let finish = finish.unwrap();
+    assert_eq!(finish.reason, FinishReason::Length);
+    // ignore_eos is off, so it may hit EOG (token 99) only after 98 tokens; the context is 32.
+    assert_eq!(tokens.len(), 31);
+}
+
+#[test]
+fn a_full_kv_cache_evicts_only_the_newest_sequence() {
+    let mut h = Harness::new(limits(16, 3, 64));
+    let first = h.submit(request(1, vec![1, 2], 4));
+    let second = h.submit(request(2, vec![3, 4], 4));
+    h.engine.backend.inject.push(DecodeFailure::NoKvSlot);
+    h.run_until_idle();
+    assert_eq!(collect(&first).0.len(), 4);
+    assert_eq!(collect(&second).3, Some(RequestError::KvCacheFull));
+    assert_eq!(h.engine.ids.free_count(), 3);
+}
+
+#[test]
+fn a_failed_decode_fails_its_sequences_and_the_engine_goes_on() {
+    let mut h = Harness::new(limits(16, 3, 64));
+    let a = h.submit(request(1, vec![1, 2], 4));
+    h.engine
+        .backend
+        .inject
+        .push(DecodeFailure::Other("boom".into()));
+    h.run_until_idle();
+    assert_eq!(
+        collect(&a).3,
+        Some(RequestError::DecodeFailed("boom".into()))
+    );
+    let b = h.submit(request(2, vec![1, 2], 4));
+    h.run_until_idle();
+    assert_eq!(collect(&b).0.len(), 4);
+    assert_eq!(h.engine.ids.free_count(), 3);
+}
+
+#[test]
+fn a_dropped_receiver_frees_the_sequence() {
+    let mut h = Harness::new(limits(16, 1, 64));
+    let rx = h.submit(request(1, vec![1], 30));
+    h.engine.step();
+    drop(rx);
+    h.engine.step();
+    assert!(h.engine.is_idle());
+    assert_eq!(h.engine.ids.free_count(), 1);
+}
+
+#[test]
+fn duplicate_ids_are_rejected_and_the_thread_api_works() {
+    let engine = RunningEngine::spawn(FakeBackend::new(limits(16, 2, 64))).unwrap();
+    let (tx, rx) = mpsc::channel();
+    engine.handle.submit(request(7, vec![1], 10), tx.clone());
+    engine.handle.submit(request(7, vec![1], 10), tx);
+    let events: Vec<_> = rx.iter().take_while(|_| true).take(11).collect();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        GenerationEvent::Rejected {
+            error: RequestError::DuplicateId(_),
+            ..
+        }
+    )));
+    let stats = engine.handle.stats().unwrap();
+    assert_eq!(stats.slots, 2);
+    engine.stop(true);
+}
