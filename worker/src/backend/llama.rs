@@ -120,7 +120,6 @@ impl Model {
             size: model.size(),
             has_chat_template: chat_template.is_some(),
         };
-        drop(vocab);
         let inner = Box::leak(Box::new(ModelInner {
             model,
             chat_template,
