@@ -4,8 +4,12 @@
 //! Everything here is plain data with validation at construction; nothing here talks to a
 //! model, a socket or a thread.
 
+pub mod codec;
+pub mod cpus;
 pub mod params;
+pub mod protocol;
 pub mod results;
+pub mod settings;
 
 pub use params::ParamError;
 pub use params::{SamplingParams, StoppingParams};

@@ -271,6 +271,21 @@ pub enum FlashAttention {
     Off,
 }
 
+impl std::str::FromStr for FlashAttention {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "flash attention must be auto, on or off, got {other:?}"
+            )),
+        }
+    }
+}
+
 impl FlashAttention {
     fn as_llama(self) -> llama_cpp_sys_2::llama_flash_attn_type {
         match self {

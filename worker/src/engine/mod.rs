@@ -40,7 +40,7 @@ pub struct EngineRequest {
 pub type EventSender = Sender<GenerationEvent>;
 
 /// A snapshot of the engine's load, answered between steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EngineStats {
     pub slots: usize,
     pub free_ids: usize,
@@ -50,6 +50,9 @@ pub struct EngineStats {
     pub decode_calls: u64,
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
+    /// Time spent inside `decode`, and in whole steps (decode, sampling, text, emission).
+    pub decode_seconds: f64,
+    pub step_seconds: f64,
 }
 
 enum Command {
@@ -444,6 +447,12 @@ impl<B: Backend> Engine<B> {
     }
 
     fn step(&mut self) {
+        let step_start = Instant::now();
+        self.plan_and_run_step();
+        self.stats.step_seconds += step_start.elapsed().as_secs_f64();
+    }
+
+    fn plan_and_run_step(&mut self) {
         // Schedule.
         let decoding = self.active.iter().filter(|a| a.pending.is_some()).count();
         let prefilling: Vec<usize> = (0..self.active.len())
@@ -512,7 +521,10 @@ impl<B: Backend> Engine<B> {
 
         // Execute.
         self.stats.decode_calls += 1;
-        if let Err(failure) = self.backend.decode(&self.batch) {
+        let decode_start = Instant::now();
+        let decoded = self.backend.decode(&self.batch);
+        self.stats.decode_seconds += decode_start.elapsed().as_secs_f64();
+        if let Err(failure) = decoded {
             self.on_decode_failure(&failure);
             return;
         }

@@ -1,0 +1,155 @@
+//! Per-request timing records and the report, with vLLM's serving-benchmark definitions:
+//! TTFT to the first content; TPOT = (end-to-end − TTFT) / (tokens − 1) per request; ITL the
+//! pooled gaps between successive chunks.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// What one request saw, measured at the client.
+#[derive(Debug, Clone, Default)]
+pub struct RequestRecord {
+    pub ok: bool,
+    pub tokens: u32,
+    pub ttft: Duration,
+    pub e2e: Duration,
+    /// Gaps between successive chunks after the first.
+    pub itls: Vec<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub stage: u8,
+    pub name: String,
+    pub tokens_per_s: f64,
+    /// Against Stage 0, when Stage 0 ran.
+    pub vs_stage0: Option<f64>,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub tpot_p50_ms: f64,
+    pub itl_p99_ms: f64,
+    pub failed: usize,
+    pub generated_tokens: u64,
+    pub wall_s: f64,
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = (p / 100.0 * (values.len() - 1) as f64).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub fn summarize(stage: u8, name: &str, records: &[RequestRecord], wall: Duration) -> StageReport {
+    let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.ok).collect();
+    let generated: u64 = ok.iter().map(|r| u64::from(r.tokens)).sum();
+    let mut ttft: Vec<f64> = ok.iter().map(|r| ms(r.ttft)).collect();
+    let mut tpot: Vec<f64> = ok
+        .iter()
+        .filter(|r| r.tokens > 1)
+        .map(|r| ms(r.e2e.saturating_sub(r.ttft)) / f64::from(r.tokens - 1))
+        .collect();
+    let mut itl: Vec<f64> = ok
+        .iter()
+        .flat_map(|r| r.itls.iter().map(|d| ms(*d)))
+        .collect();
+    StageReport {
+        stage,
+        name: name.to_string(),
+        tokens_per_s: generated as f64 / wall.as_secs_f64(),
+        vs_stage0: None,
+        ttft_p50_ms: percentile(&mut ttft, 50.0),
+        ttft_p99_ms: percentile(&mut ttft, 99.0),
+        tpot_p50_ms: percentile(&mut tpot, 50.0),
+        itl_p99_ms: percentile(&mut itl, 99.0),
+        failed: records.len() - ok.len(),
+        generated_tokens: generated,
+        wall_s: wall.as_secs_f64(),
+    }
+}
+
+fn with_ratios(reports: &[StageReport]) -> Vec<StageReport> {
+    let base = reports
+        .iter()
+        .find(|r| r.stage == 0)
+        .map(|r| r.tokens_per_s);
+    reports
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            r.vs_stage0 = base.map(|b| r.tokens_per_s / b);
+            r
+        })
+        .collect()
+}
+
+pub fn table(reports: &[StageReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| stage | what | tokens/s | vs stage 0 | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | failed |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for r in with_ratios(reports) {
+        let ratio = r
+            .vs_stage0
+            .map_or("-".to_string(), |x| format!("{:+.1}%", (x - 1.0) * 100.0));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
+            r.stage,
+            r.name,
+            r.tokens_per_s,
+            ratio,
+            r.ttft_p50_ms,
+            r.ttft_p99_ms,
+            r.tpot_p50_ms,
+            r.itl_p99_ms,
+            r.failed
+        );
+    }
+    out
+}
+
+pub fn json_report(args: &crate::Args, reports: &[StageReport]) -> serde_json::Value {
+    serde_json::json!({
+        "workload": {
+            "model": args.model_path(),
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "prompt_tokens": args.prompt_tokens,
+            "max_tokens": args.max_tokens,
+        },
+        "stages": with_ratios(reports),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_follows_vllm_definitions() {
+        let r = RequestRecord {
+            ok: true,
+            tokens: 3,
+            ttft: Duration::from_millis(10),
+            e2e: Duration::from_millis(30),
+            itls: vec![Duration::from_millis(8), Duration::from_millis(12)],
+        };
+        let failed = RequestRecord::default();
+        let s = summarize(1, "x", &[r, failed], Duration::from_secs(1));
+        assert_eq!(s.failed, 1);
+        assert_eq!(s.generated_tokens, 3);
+        assert!((s.tpot_p50_ms - 10.0).abs() < 1e-9);
+        assert!((s.itl_p99_ms - 12.0).abs() < 1e-9);
+        assert!((s.tokens_per_s - 3.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,128 @@
+//! The router ⇄ worker protocol: the messages, and the version both sides check on `Hello`.
+//!
+//! One Unix-socket connection per worker. The router sends [`ToWorker`]; the worker answers
+//! with [`FromWorker`]. Generation outputs of one engine step are batched into one
+//! `Outputs` frame. Encoding lives in [`crate::codec`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ChatMessage, ModelInfo, RequestError, RequestId, SamplingParams, SeqOutput, StoppingParams,
+    Token,
+};
+
+/// Bumped on any incompatible change of these types.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// Raw text, tokenized with BOS and special tokens parsed (completions).
+    Text(String),
+    /// Token ids as given (completions with a token-array prompt).
+    Tokens(Vec<Token>),
+    /// Rendered with the model's chat template (chat completions).
+    Chat(Vec<ChatMessage>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub id: RequestId,
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub stopping: StoppingParams,
+    /// Tokens already generated for this request by a worker that died; the new worker
+    /// appends them to the prompt and continues (usage still counts them as generated).
+    pub resume: Vec<Token>,
+}
+
+/// A call that expects exactly one answer with the same `call` number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlCall {
+    Stats,
+    Tokenize {
+        content: String,
+        add_special: bool,
+        with_pieces: bool,
+    },
+    Detokenize {
+        tokens: Vec<Token>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    Hello {
+        version: u32,
+    },
+    Generate(GenerateRequest),
+    /// Idempotent: unknown or finished ids are ignored.
+    Abort {
+        ids: Vec<RequestId>,
+    },
+    Control {
+        call: u64,
+        body: ControlCall,
+    },
+    /// Finish what is running, accept nothing new, then exit.
+    Drain,
+}
+
+/// What a worker is, sent once in `Ready`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub version: u32,
+    pub pid: u32,
+    pub cpus: Vec<usize>,
+    pub threads: u32,
+    pub slots: u32,
+    pub n_ctx_per_seq: u32,
+    pub model: ModelInfo,
+}
+
+/// The worker's load, between two engine steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WorkerStats {
+    pub slots: u32,
+    pub free_slots: u32,
+    pub running: u32,
+    pub waiting: u32,
+    pub decode_calls: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlReply {
+    Stats(WorkerStats),
+    Tokenized {
+        tokens: Vec<Token>,
+        pieces: Option<Vec<Vec<u8>>>,
+    },
+    Detokenized {
+        content: String,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromWorker {
+    Ready(WorkerInfo),
+    /// One engine step's outputs, any number of requests.
+    Outputs(Vec<SeqOutput>),
+    /// The request ended before or during generation with a request-scoped error.
+    Rejected {
+        id: RequestId,
+        error: RequestError,
+    },
+    Control {
+        call: u64,
+        reply: ControlReply,
+    },
+    /// Last words before the worker exits on an unrecoverable error.
+    Fatal {
+        message: String,
+    },
+}

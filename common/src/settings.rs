@@ -1,0 +1,393 @@
+//! The configuration as plain data (deserialized by the router from TOML, environment and
+//! flags through the `config` crate), and the pure checks that turn it into a pool plan.
+//!
+//! Keys: `server.*`, `model.*`, `worker_defaults.*`, and one `[[workers]]` table per worker
+//! (each key of `worker_defaults` may be overridden per worker). Without `[[workers]]`, the
+//! pool is one worker per allowed CPU, pinned to it, with one thread.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpus::CpuList;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub model: ModelSettings,
+    pub worker_defaults: WorkerDefaults,
+    pub workers: Vec<WorkerSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the HTTP server binds.
+    pub listen: String,
+    /// When set, requests need `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+    /// Request bodies over this many bytes get 413.
+    pub max_body_bytes: usize,
+    /// Requests allowed to wait beyond the pool's slots before 429.
+    pub max_queued: usize,
+    /// How long a worker may take from spawn to `Ready`.
+    pub ready_timeout_secs: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub drain_timeout_secs: u64,
+    /// Idle time after which an SSE comment keeps a quiet stream alive.
+    pub keepalive_secs: u64,
+    /// The worker executable (default: `llamapool-worker` next to the router's).
+    pub worker_binary: Option<PathBuf>,
+    /// Where worker sockets live (default: a fresh private directory under $XDG_RUNTIME_DIR or /tmp).
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            api_key: None,
+            max_body_bytes: 4 * 1024 * 1024,
+            max_queued: 256,
+            ready_timeout_secs: 300,
+            drain_timeout_secs: 30,
+            keepalive_secs: 10,
+            worker_binary: None,
+            runtime_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// A GGUF file; a relative path not found from the working directory is looked up in
+    /// the setup cache (`$LLAMAPOOL_MODELS`, default `~/.cache/llamapool/models`).
+    pub path: PathBuf,
+    /// The model name clients use and `/v1/models` lists.
+    pub alias: String,
+    /// A llama.cpp built-in template name or template text, for models without one.
+    pub chat_template: Option<String>,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("SmolLM2-135M-Instruct.Q4_1.gguf"),
+            alias: "smollm2-135m-instruct".into(),
+            chat_template: None,
+        }
+    }
+}
+
+/// Per-worker settings that `[[workers]]` entries inherit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerDefaults {
+    pub slots: u32,
+    /// KV cells of the worker; each sequence gets `context / slots`.
+    pub context: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    /// `auto`, `on` or `off`.
+    pub flash_attention: String,
+    pub kv_unified: bool,
+    pub gpu_layers: u32,
+}
+
+impl Default for WorkerDefaults {
+    fn default() -> Self {
+        Self {
+            slots: 8,
+            context: 8192,
+            n_batch: 512,
+            n_ubatch: 512,
+            flash_attention: "auto".into(),
+            kv_unified: false,
+            gpu_layers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// CPUs to pin to, as `"0-3,8"`; none means the router's whole allowed set.
+    pub cpus: Option<String>,
+    /// ggml threads; default: the number of pinned CPUs.
+    pub threads: Option<u32>,
+    pub slots: Option<u32>,
+    pub context: Option<u32>,
+    pub n_batch: Option<u32>,
+    pub n_ubatch: Option<u32>,
+    pub flash_attention: Option<String>,
+    pub kv_unified: Option<bool>,
+    /// GPU index (needs a build with the `cuda` feature).
+    pub gpu: Option<u32>,
+    pub gpu_layers: Option<u32>,
+}
+
+/// One worker, fully resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerPlan {
+    pub index: usize,
+    pub cpus: CpuList,
+    pub threads: u32,
+    pub slots: u32,
+    pub context: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub flash_attention: String,
+    pub kv_unified: bool,
+    pub gpu: Option<u32>,
+    pub gpu_layers: u32,
+}
+
+/// A setting that cannot work, with the key that names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration key {key}: {message}")]
+pub struct SettingsError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
+    SettingsError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Settings {
+    /// Resolves `model.path` against the working directory, then the models directory.
+    pub fn resolve_model_path(&self, models_dir: &Path) -> Result<PathBuf, SettingsError> {
+        let path = &self.model.path;
+        let expanded = match path.strip_prefix("~") {
+            Ok(rest) => std::env::var_os("HOME")
+                .map_or_else(|| path.clone(), |h| PathBuf::from(h).join(rest)),
+            Err(_) => path.clone(),
+        };
+        if expanded.is_file() {
+            return Ok(expanded);
+        }
+        if expanded.is_relative() && models_dir.join(&expanded).is_file() {
+            return Ok(models_dir.join(expanded));
+        }
+        Err(bad(
+            "model.path",
+            format!(
+                "{} is not a file (also looked in {}; run scripts/setup to fetch the default models)",
+                path.display(),
+                models_dir.display()
+            ),
+        ))
+    }
+
+    /// The workers to start, checked against the CPUs this process may use.
+    pub fn plan_workers(&self, allowed: &CpuList) -> Result<Vec<WorkerPlan>, SettingsError> {
+        if self.model.alias.trim().is_empty() {
+            return Err(bad("model.alias", "must not be empty"));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(bad("server.max_body_bytes", "must be at least 1024"));
+        }
+        let entries: Vec<WorkerSettings> = if self.workers.is_empty() {
+            allowed
+                .cpus()
+                .iter()
+                .map(|c| WorkerSettings {
+                    cpus: Some(c.to_string()),
+                    threads: Some(1),
+                    ..WorkerSettings::default()
+                })
+                .collect()
+        } else {
+            self.workers.clone()
+        };
+        if entries.is_empty() {
+            return Err(bad("workers", "no CPU is available to run a worker on"));
+        }
+        let d = &self.worker_defaults;
+        let mut plans: Vec<WorkerPlan> = Vec::new();
+        for (index, w) in entries.iter().enumerate() {
+            let key = |k: &str| format!("workers[{index}].{k}");
+            let cpus = match &w.cpus {
+                Some(list) => CpuList::parse(list).map_err(|e| bad(key("cpus"), e.to_string()))?,
+                None => allowed.clone(),
+            };
+            let missing = cpus.outside(allowed);
+            if !missing.is_empty() {
+                return Err(bad(
+                    key("cpus"),
+                    format!("CPUs {missing:?} do not exist or are not available to this process (available: {allowed})"),
+                ));
+            }
+            if w.cpus.is_some() {
+                for other in &plans {
+                    let shared = cpus.overlaps(&other.cpus);
+                    if !shared.is_empty() {
+                        return Err(bad(
+                            key("cpus"),
+                            format!(
+                                "CPUs {shared:?} are also pinned by workers[{}]",
+                                other.index
+                            ),
+                        ));
+                    }
+                }
+            }
+            let threads = w.threads.unwrap_or(u32::try_from(cpus.len()).unwrap_or(1));
+            let slots = w.slots.unwrap_or(d.slots);
+            let context = w.context.unwrap_or(d.context);
+            let n_batch = w.n_batch.unwrap_or(d.n_batch);
+            let n_ubatch = w.n_ubatch.unwrap_or(d.n_ubatch);
+            let flash_attention = w
+                .flash_attention
+                .clone()
+                .unwrap_or_else(|| d.flash_attention.clone());
+            if threads == 0 {
+                return Err(bad(key("threads"), "must be at least 1"));
+            }
+            if slots == 0 || slots > 256 {
+                return Err(bad(
+                    key("slots"),
+                    format!("must be between 1 and 256, got {slots}"),
+                ));
+            }
+            if context < slots {
+                return Err(bad(
+                    key("context"),
+                    format!("{context} cells cannot hold {slots} slots"),
+                ));
+            }
+            if n_batch < slots {
+                return Err(bad(
+                    key("n_batch"),
+                    format!("must be at least slots ({slots}), got {n_batch}"),
+                ));
+            }
+            if n_ubatch == 0 {
+                return Err(bad(key("n_ubatch"), "must be at least 1"));
+            }
+            if !["auto", "on", "off"].contains(&flash_attention.as_str()) {
+                return Err(bad(
+                    key("flash_attention"),
+                    format!("must be auto, on or off, got {flash_attention:?}"),
+                ));
+            }
+            plans.push(WorkerPlan {
+                index,
+                cpus,
+                threads,
+                slots,
+                context,
+                n_batch,
+                n_ubatch,
+                flash_attention,
+                kv_unified: w.kv_unified.unwrap_or(d.kv_unified),
+                gpu: w.gpu,
+                gpu_layers: w.gpu_layers.unwrap_or(d.gpu_layers),
+            });
+        }
+        Ok(plans)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed() -> CpuList {
+        CpuList::parse("0-3").unwrap()
+    }
+
+    #[test]
+    fn no_workers_means_one_per_cpu() {
+        let plans = Settings::default().plan_workers(&allowed()).unwrap();
+        assert_eq!(plans.len(), 4);
+        assert!(plans.iter().all(|p| p.threads == 1 && p.cpus.len() == 1));
+        assert_eq!(plans[2].cpus.cpus(), &[2]);
+    }
+
+    #[test]
+    fn explicit_workers_inherit_defaults() {
+        let s = Settings {
+            workers: vec![
+                WorkerSettings {
+                    cpus: Some("0-1".into()),
+                    ..WorkerSettings::default()
+                },
+                WorkerSettings {
+                    cpus: Some("2".into()),
+                    slots: Some(4),
+                    ..WorkerSettings::default()
+                },
+            ],
+            ..Settings::default()
+        };
+        let plans = s.plan_workers(&allowed()).unwrap();
+        assert_eq!(plans[0].threads, 2);
+        assert_eq!(plans[0].slots, 8);
+        assert_eq!(plans[1].slots, 4);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let with = |w: WorkerSettings| Settings {
+            workers: vec![w],
+            ..Settings::default()
+        };
+        let err = with(WorkerSettings {
+            cpus: Some("9".into()),
+            ..Default::default()
+        })
+        .plan_workers(&allowed())
+        .unwrap_err();
+        assert_eq!(err.key, "workers[0].cpus");
+        let err = with(WorkerSettings {
+            slots: Some(0),
+            ..Default::default()
+        })
+        .plan_workers(&allowed())
+        .unwrap_err();
+        assert_eq!(err.key, "workers[0].slots");
+        let err = with(WorkerSettings {
+            flash_attention: Some("maybe".into()),
+            ..Default::default()
+        })
+        .plan_workers(&allowed())
+        .unwrap_err();
+        assert_eq!(err.key, "workers[0].flash_attention");
+        let overlapping = Settings {
+            workers: vec![
+                WorkerSettings {
+                    cpus: Some("0-1".into()),
+                    ..Default::default()
+                },
+                WorkerSettings {
+                    cpus: Some("1-2".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Settings::default()
+        };
+        let err = overlapping.plan_workers(&allowed()).unwrap_err();
+        assert_eq!(err.key, "workers[1].cpus");
+        assert!(err.message.contains("[1]"));
+        let missing = Settings {
+            model: ModelSettings {
+                path: "nope.gguf".into(),
+                ..Default::default()
+            },
+            ..Settings::default()
+        };
+        assert_eq!(
+            missing
+                .resolve_model_path(Path::new("/nonexistent"))
+                .unwrap_err()
+                .key,
+            "model.path"
+        );
+    }
+}
