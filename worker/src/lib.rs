@@ -7,6 +7,8 @@
 
 pub mod backend;
 pub mod engine;
+pub mod ipc;
+pub mod pin;
 
 pub use backend::llama::{
     ContextConfig, FlashAttention, LlamaCppBackend, LoadError, Model, ModelOptions,

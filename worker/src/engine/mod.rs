@@ -36,8 +36,37 @@ pub struct EngineRequest {
     pub stopping: StoppingParams,
 }
 
-/// Where the engine sends a request's events.
-pub type EventSender = Sender<GenerationEvent>;
+/// Where the engine sends one request's events: a channel of its own, or a shared sink such
+/// as the worker's IPC writer. A failed send means nobody listens any more.
+pub struct EventSender(Box<dyn FnMut(GenerationEvent) -> Result<(), Disconnected> + Send>);
+
+/// The receiving side of an [`EventSender`] is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disconnected;
+
+impl EventSender {
+    pub fn new(
+        send: impl FnMut(GenerationEvent) -> Result<(), Disconnected> + Send + 'static,
+    ) -> Self {
+        Self(Box::new(send))
+    }
+
+    pub fn send(&mut self, event: GenerationEvent) -> Result<(), Disconnected> {
+        (self.0)(event)
+    }
+}
+
+impl std::fmt::Debug for EventSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSender")
+    }
+}
+
+impl From<Sender<GenerationEvent>> for EventSender {
+    fn from(tx: Sender<GenerationEvent>) -> Self {
+        Self::new(move |event| tx.send(event).map_err(|_| Disconnected))
+    }
+}
 
 /// A snapshot of the engine's load, answered between steps.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -89,14 +118,16 @@ impl std::fmt::Debug for Command {
 impl EngineHandle {
     /// Queues a request; its events arrive on `events`, the last one final. A request whose id
     /// is already queued or running is rejected.
-    pub fn submit(&self, request: EngineRequest, events: EventSender) {
+    pub fn submit(&self, request: EngineRequest, events: impl Into<EventSender>) {
         let id = request.id;
         let command = Command::Submit {
             request,
-            events: events.clone(),
+            events: events.into(),
             submitted: Instant::now(),
         };
-        if self.commands.send(command).is_err() {
+        if let Err(mpsc::SendError(Command::Submit { mut events, .. })) =
+            self.commands.send(command)
+        {
             let _ = events.send(GenerationEvent::Rejected {
                 id,
                 error: RequestError::ShuttingDown,
@@ -321,15 +352,30 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Checks a request against the vocabulary and the per-sequence context, then queues it.
-    fn submit(&mut self, request: EngineRequest, events: EventSender, submitted: Instant) {
+    fn submit(&mut self, request: EngineRequest, mut events: EventSender, submitted: Instant) {
         let id = request.id;
         match self.admission_check(&request) {
-            Ok(max_new) => self.waiting.push_back(Waiting {
-                request,
-                events,
-                submitted,
-                max_new,
-            }),
+            Ok(max_new) => {
+                // An empty output says "accepted": the router can commit to a 200 response
+                // (and keep a queued stream alive) before the first token exists.
+                if events
+                    .send(GenerationEvent::Output(SeqOutput {
+                        id,
+                        tokens: Vec::new(),
+                        text: String::new(),
+                        finish: None,
+                    }))
+                    .is_err()
+                {
+                    return;
+                }
+                self.waiting.push_back(Waiting {
+                    request,
+                    events,
+                    submitted,
+                    max_new,
+                });
+            }
             Err(error) => {
                 let _ = events.send(GenerationEvent::Rejected { id, error });
             }
@@ -379,7 +425,7 @@ impl<B: Backend> Engine<B> {
 
     fn cancel(&mut self, id: RequestId) {
         if let Some(at) = self.waiting.iter().position(|w| w.request.id == id) {
-            let w = self.waiting.remove(at).expect("position is in range");
+            let mut w = self.waiting.remove(at).expect("position is in range");
             let _ = w.events.send(GenerationEvent::Output(SeqOutput {
                 id,
                 tokens: Vec::new(),
@@ -397,7 +443,7 @@ impl<B: Backend> Engine<B> {
                 }),
             }));
         } else if let Some(at) = self.active.iter().position(|a| a.id == id) {
-            let a = self.active.remove(at);
+            let mut a = self.active.remove(at);
             let _ = a.events.send(GenerationEvent::Output(SeqOutput {
                 id,
                 tokens: Vec::new(),
@@ -619,7 +665,7 @@ impl<B: Backend> Engine<B> {
             DecodeFailure::Other(msg) => (in_batch, RequestError::DecodeFailed(msg.clone())),
         };
         for &i in victims.iter().rev() {
-            let a = self.active.remove(i);
+            let mut a = self.active.remove(i);
             let _ = a.events.send(GenerationEvent::Rejected {
                 id: a.id,
                 error: error.clone(),

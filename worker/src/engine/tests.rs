@@ -40,7 +40,7 @@ impl Harness {
 
     fn submit(&mut self, r: EngineRequest) -> Receiver<GenerationEvent> {
         let (tx, rx) = mpsc::channel();
-        self.engine.submit(r, tx, Instant::now());
+        self.engine.submit(r, tx.into(), Instant::now());
         rx
     }
 
