@@ -49,6 +49,19 @@ impl CpuList {
         Ok(Self(cpus))
     }
 
+    /// The CPUs the calling thread may run on (its affinity mask).
+    pub fn allowed() -> Self {
+        use nix::sched::{sched_getaffinity, CpuSet};
+        let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+            return Self::default();
+        };
+        Self::from_cpus(
+            (0..CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect(),
+        )
+    }
+
     pub fn from_cpus(mut cpus: Vec<usize>) -> Self {
         cpus.sort_unstable();
         cpus.dedup();

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        None => pin::allowed_cpus(),
+        None => CpuList::allowed(),
     };
     tracing_subscriber::fmt()
         .with_env_filter(

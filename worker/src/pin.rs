@@ -2,7 +2,7 @@
 //! so that llama.cpp's (OpenMP) threads inherit the mask.
 
 use llamapool_common::cpus::CpuList;
-use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
 /// Pins the calling thread (and so every thread it later starts) to `cpus`.
@@ -12,16 +12,4 @@ pub fn pin_to(cpus: &CpuList) -> nix::Result<()> {
         set.set(cpu)?;
     }
     sched_setaffinity(Pid::from_raw(0), &set)
-}
-
-/// The CPUs the calling thread may run on.
-pub fn allowed_cpus() -> CpuList {
-    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
-        return CpuList::default();
-    };
-    CpuList::from_cpus(
-        (0..CpuSet::count())
-            .filter(|&c| set.is_set(c).unwrap_or(false))
-            .collect(),
-    )
 }
