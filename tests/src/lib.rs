@@ -1,1 +1,432 @@
-//! Test harness.
+//! The end-to-end harness: starts the real `llamapool-router` (which starts real workers with
+//! the real SmolLM2 model) on a free port, and talks to it over real sockets with a minimal
+//! HTTP/1.1 client (so tests control exactly when a connection goes away).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `target/release` (or wherever the test binary's profile directory is).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("LLAMAPOOL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/llamapool/models")
+        })
+}
+
+/// Two SmolLM2 workers pinned to CPUs 0 and 1, 4 slots of 1024 tokens each.
+pub const TWO_WORKERS: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+keepalive_secs = 1
+max_body_bytes = 65536
+[model]
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+alias = "smol"
+[worker_defaults]
+slots = 4
+context = 4096
+[[workers]]
+cpus = "0"
+[[workers]]
+cpus = "1"
+"#;
+
+/// A running router; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Server {
+    /// Starts the router with `config` and waits until every worker is ready.
+    pub fn start(config: &str) -> Self {
+        let router = bin_dir().join("llamapool-router");
+        assert!(
+            router.is_file(),
+            "{} is missing: run `cargo build --release --workspace` first",
+            router.display()
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "llamapool-e2e-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = Command::new(router)
+            .arg("--config")
+            .arg(&config_path)
+            .env("LLAMAPOOL_MODELS", models_dir())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the router");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the router prints its address");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let server = Self {
+            child,
+            addr,
+            _dir: TempDir(dir),
+        };
+        server.wait_all_ready(Duration::from_secs(120));
+        server
+    }
+
+    pub fn wait_all_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.try_request("GET", "/workers", None) {
+                if r.status == 200 {
+                    let v = r.json();
+                    let workers = v["workers"].as_array().expect("workers").clone();
+                    if !workers.is_empty() && workers.iter().all(|w| w["state"] == "ready") {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "workers did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn workers(&self) -> Vec<Value> {
+        self.get("/workers").json()["workers"]
+            .as_array()
+            .expect("workers")
+            .clone()
+    }
+
+    pub fn get(&self, path: &str) -> HttpResponse {
+        self.request("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> HttpResponse {
+        self.request("POST", path, Some(body.to_string().as_bytes()))
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> HttpResponse {
+        self.try_request(method, path, body).expect("HTTP request")
+    }
+
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<HttpResponse> {
+        let mut stream = self.send(method, path, body)?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        Ok(HttpResponse::parse(&raw))
+    }
+
+    /// Sends a request and returns the connection, for reading a stream as it comes.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<TcpStream> {
+        let mut stream = TcpStream::connect(&self.addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let body = body.unwrap_or(b"");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        Ok(stream)
+    }
+
+    /// Opens a streaming request; the returned reader yields SSE `data:` payloads.
+    pub fn stream(&self, path: &str, body: &Value) -> SseReader {
+        let stream = self
+            .send("POST", path, Some(body.to_string().as_bytes()))
+            .expect("connect");
+        SseReader::new(stream)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for exit; returns whether it exited within the timeout.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.terminate(Duration::from_secs(20)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    fn parse(raw: &[u8]) -> Self {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a complete response head");
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .expect("a status line");
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let rest = &raw[split + 4..];
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked {
+            let mut out = Vec::new();
+            ChunkedReader::new(BufReader::new(rest))
+                .read_to_end(&mut out)
+                .expect("chunked body");
+            out
+        } else {
+            rest.to_vec()
+        };
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Decodes `Transfer-Encoding: chunked`.
+pub struct ChunkedReader<R: BufRead> {
+    inner: R,
+    remaining: usize,
+    done: bool,
+}
+
+impl<R: BufRead> ChunkedReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            remaining: 0,
+            done: false,
+        }
+    }
+}
+
+impl<R: BufRead> Read for ChunkedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        if self.remaining == 0 {
+            let mut line = String::new();
+            if self.inner.read_line(&mut line)? == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("bad chunk size {line:?}"),
+                    )
+                })?;
+            if size == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            self.remaining = size;
+        }
+        let want = buf.len().min(self.remaining);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.remaining -= n;
+        if self.remaining == 0 {
+            let mut crlf = String::new();
+            self.inner.read_line(&mut crlf)?;
+        }
+        Ok(n)
+    }
+}
+
+/// Reads an SSE response event by event.
+pub struct SseReader {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    lines: Box<dyn BufRead + Send>,
+    /// Comment lines (`: ping`) seen so far.
+    pub comments: usize,
+}
+
+impl SseReader {
+    fn new(stream: TcpStream) -> Self {
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).expect("status line");
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("header line");
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        }
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let lines: Box<dyn BufRead + Send> = if chunked {
+            Box::new(BufReader::new(ChunkedReader::new(reader)))
+        } else {
+            Box::new(reader)
+        };
+        Self {
+            status,
+            headers,
+            lines,
+            comments: 0,
+        }
+    }
+
+    /// The next `data:` payload, or `None` at the end of the response.
+    pub fn next_data(&mut self) -> Option<String> {
+        loop {
+            let mut line = String::new();
+            if self.lines.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if let Some(data) = line.strip_prefix("data: ") {
+                return Some(data.to_string());
+            }
+            if line.starts_with(':') {
+                self.comments += 1;
+            }
+        }
+    }
+
+    /// Every remaining payload.
+    pub fn collect(mut self) -> Vec<String> {
+        std::iter::from_fn(|| self.next_data()).collect()
+    }
+}
+
+/// Every thread's allowed-CPU list of a process, from /proc.
+pub fn cpus_allowed_of_threads(pid: u32) -> Vec<String> {
+    let mut lists = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc task dir") {
+        let status =
+            std::fs::read_to_string(task.expect("task").path().join("status")).unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            lists.push(
+                line.trim_start_matches("Cpus_allowed_list:")
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    lists
+}
+
+/// True while a process exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
