@@ -48,6 +48,9 @@ pub struct Args {
     /// Flash attention: auto, on or off.
     #[arg(long, default_value = "auto")]
     flash_attention: llamapool_worker::FlashAttention,
+    /// One KV buffer for all sequences (llama-server's --kv-unified); false: one stream each.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kv_unified: bool,
     /// Which stages to run, comma-separated.
     #[arg(long, default_value = "0,1", value_delimiter = ',')]
     stages: Vec<u8>,

@@ -114,7 +114,7 @@ fn in_process_backend(args: &Args, workload: &Workload) -> Result<LlamaCppBacken
         n_batch: args.n_batch,
         n_ubatch: args.n_ubatch.unwrap_or(args.n_batch),
         flash_attention: args.flash_attention,
-        ..ContextConfig::default()
+        kv_unified: args.kv_unified,
     };
     Ok(workload.model.new_backend(&config)?)
 }

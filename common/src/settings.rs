@@ -104,7 +104,7 @@ impl Default for WorkerDefaults {
             n_batch: 512,
             n_ubatch: 512,
             flash_attention: "auto".into(),
-            kv_unified: false,
+            kv_unified: true,
             gpu_layers: 0,
         }
     }

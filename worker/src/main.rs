@@ -52,7 +52,8 @@ struct Args {
     n_ubatch: u32,
     #[arg(long, default_value = "auto")]
     flash_attention: FlashAttention,
-    #[arg(long)]
+    /// One KV buffer shared by all sequences (true) or one stream per sequence (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     kv_unified: bool,
     #[arg(long, default_value_t = 0)]
     gpu_layers: u32,

@@ -463,9 +463,10 @@ async fn start_worker(
         .args(["--n-ubatch", &plan.n_ubatch.to_string()])
         .args(["--flash-attention", &plan.flash_attention])
         .args(["--gpu-layers", &plan.gpu_layers.to_string()]);
-    if plan.kv_unified {
-        cmd.arg("--kv-unified");
-    }
+    cmd.args([
+        "--kv-unified",
+        if plan.kv_unified { "true" } else { "false" },
+    ]);
     if let Some(template) = &launch.chat_template {
         cmd.args(["--chat-template", template]);
     }

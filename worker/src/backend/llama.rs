@@ -239,11 +239,10 @@ impl Model {
             .map_err(|e| LoadError::Context(e.to_string()))?;
         let n_ctx = ctx.n_ctx() as usize;
         let n_seq_max = config.slots as usize;
-        let n_ctx_per_seq = if config.kv_unified {
-            n_ctx
-        } else {
-            n_ctx / n_seq_max
-        };
+        // The same per-sequence budget in both layouts: with a unified cache the slices are
+        // not enforced by llama.cpp, but keeping every sequence within `n_ctx / n_seq_max`
+        // means the shared cache can never run out of cells mid-generation.
+        let n_ctx_per_seq = n_ctx / n_seq_max;
         let n_batch = ctx.n_batch() as usize;
         let limits = BackendLimits {
             n_batch,
@@ -301,14 +300,15 @@ impl FlashAttention {
 pub struct ContextConfig {
     /// Concurrent sequences (`n_seq_max`).
     pub slots: u32,
-    /// KV cells in total; each sequence gets `context / slots` unless `kv_unified`.
+    /// KV cells in total; each sequence may hold `context / slots` of them.
     pub context: u32,
     /// Most tokens per decode call.
     pub n_batch: u32,
     /// Most tokens per physical compute step.
     pub n_ubatch: u32,
     pub threads: u32,
-    /// All sequences share the whole context; a full cache then fails the newest request.
+    /// One KV buffer for all sequences instead of one stream per sequence. Measured 1.5× the
+    /// decode throughput of split streams with 8 sequences (docs/PERFORMANCE.md).
     pub kv_unified: bool,
     pub flash_attention: FlashAttention,
 }
@@ -321,7 +321,7 @@ impl Default for ContextConfig {
             n_batch: 512,
             n_ubatch: 512,
             threads: 1,
-            kv_unified: false,
+            kv_unified: true,
             flash_attention: FlashAttention::Auto,
         }
     }
