@@ -1,16 +1,29 @@
 //! llamapool-bench: the staged benchmark. Every stage runs the same workload (MODELS.md:
-//! 40 requests, 8 concurrent, 32 prompt tokens, 50 generated with `ignore_eos`) and reports
-//! throughput and latency against Stage 0, the raw batched-decode loop.
+//! 40 requests, 8 concurrent, 32 prompt tokens, 50 generated with `ignore_eos`, Gemma 3 270M)
+//! and reports throughput and latency next to Stage 0, the raw batched-decode loop:
+//!
+//! | stage | what |
+//! |---|---|
+//! | 0 | raw llama.cpp batched decode in-process, no engine |
+//! | 1 | the engine in-process |
+//! | 2 | one worker process over its Unix socket, no HTTP |
+//! | 3 | the router over HTTP with one worker (`--threads` threads) |
+//! | 4 | the router over HTTP with the pool (one pinned one-thread worker per core) |
+//!
+//! `--url` runs the same HTTP load against any OpenAI-compatible server; `--sweep` repeats the
+//! stages over concurrency levels and writes a JSON file and an SVG chart; `--interference`
+//! runs each stage while an unpinned busy-loop process competes for the CPUs.
 
-mod metrics;
+mod chart;
+mod procs;
 mod stages;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-
-use metrics::StageReport;
+use llamapool_bench::metrics::{self, StageReport};
+use serde_json::json;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,7 +34,7 @@ pub struct Args {
     /// GGUF model (default: Gemma 3 270M from the setup cache).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Requests in the whole run.
+    /// Requests in the whole run (per concurrency level with --sweep, at least 4 × the level).
     #[arg(long, default_value_t = 40)]
     requests: usize,
     /// Requests in flight at once.
@@ -33,12 +46,15 @@ pub struct Args {
     /// Tokens generated per request (end-of-generation is ignored).
     #[arg(long, default_value_t = 50)]
     max_tokens: u32,
-    /// Threads of the single in-process context (Stages 0 and 1).
+    /// Threads of the single context (Stages 0 to 3).
     #[arg(long, default_value_t = 2)]
     threads: u32,
-    /// Sequence slots of the in-process context (default: the concurrency).
+    /// Slots of the single context (Stages 0 to 3); default: max(concurrency, 8).
     #[arg(long)]
     slots: Option<u32>,
+    /// Slots per pool worker (Stage 4); default: the concurrency spread over the workers, at least 4.
+    #[arg(long)]
+    pool_slots: Option<u32>,
     /// Tokens per decode call.
     #[arg(long, default_value_t = 512)]
     n_batch: u32,
@@ -52,11 +68,32 @@ pub struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     kv_unified: bool,
     /// Which stages to run, comma-separated.
-    #[arg(long, default_value = "0,1", value_delimiter = ',')]
+    #[arg(long, default_value = "0,1,2,3,4", value_delimiter = ',')]
     stages: Vec<u8>,
+    /// Measure an OpenAI-compatible server at this base URL (http://host:port) instead of the stages.
+    #[arg(long)]
+    url: Option<String>,
+    /// The `model` field sent over HTTP with --url.
+    #[arg(long, default_value = "bench")]
+    served_model: String,
+    /// Repeat over concurrency 1, 2, 4, 8, 16, 32; write sweep.json and sweep.svg.
+    #[arg(long)]
+    sweep: bool,
+    /// Concurrency levels for --sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    levels: Vec<usize>,
+    /// Run every stage twice: quiet, then with an unpinned busy-loop process competing.
+    #[arg(long)]
+    interference: bool,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Where --sweep writes its files.
+    #[arg(long, default_value = "bench-results")]
+    out_dir: PathBuf,
+    /// (internal) spin forever: the interference process.
+    #[arg(long, hide = true)]
+    busy_loop: bool,
 }
 
 impl Args {
@@ -64,11 +101,6 @@ impl Args {
         self.model
             .clone()
             .unwrap_or_else(|| models_dir().join("gemma-3-270m-q4_k_m.gguf"))
-    }
-
-    pub fn slots(&self) -> u32 {
-        self.slots
-            .unwrap_or(u32::try_from(self.concurrency).unwrap_or(u32::MAX))
     }
 }
 
@@ -83,6 +115,9 @@ fn models_dir() -> PathBuf {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.busy_loop {
+        procs::spin_forever();
+    }
     if args.requests == 0
         || args.concurrency == 0
         || args.max_tokens == 0
@@ -98,20 +133,77 @@ fn main() -> Result<()> {
         );
     }
     let workload = stages::Workload::new(&args).context("building the workload")?;
+    let levels = if args.sweep {
+        args.levels.clone()
+    } else {
+        vec![args.concurrency]
+    };
+    let interference_modes: &[bool] = if args.interference {
+        &[false, true]
+    } else {
+        &[false]
+    };
     let mut reports: Vec<StageReport> = Vec::new();
-    for &stage in &args.stages {
-        eprintln!(
-            "stage {stage}: running {} requests at concurrency {}",
-            args.requests, args.concurrency
-        );
-        let report = stages::run(stage, &args, &workload)?;
-        reports.push(report);
+    for &concurrency in &levels {
+        let requests = if args.sweep {
+            args.requests.max(4 * concurrency)
+        } else {
+            args.requests
+        };
+        let run = stages::Run {
+            args: &args,
+            workload: &workload,
+            concurrency,
+            requests,
+        };
+        for &interference in interference_modes {
+            let targets: Vec<stages::Target> = match &args.url {
+                Some(url) => vec![stages::Target::Url(url.clone())],
+                None => args
+                    .stages
+                    .iter()
+                    .map(|&s| stages::Target::Stage(s))
+                    .collect(),
+            };
+            for target in targets {
+                eprintln!(
+                    "{}: {requests} requests at concurrency {concurrency}{}",
+                    target.label(),
+                    if interference {
+                        ", with a busy loop"
+                    } else {
+                        ""
+                    }
+                );
+                let busy = interference.then(procs::BusyLoop::start).transpose()?;
+                let report = run.measure(&target);
+                drop(busy);
+                let mut report = report.with_context(|| format!("{} failed", target.label()))?;
+                report.concurrency = concurrency;
+                report.interference = interference;
+                reports.push(report);
+            }
+        }
+    }
+    let workload_json = json!({
+        "model": model,
+        "requests": args.requests,
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "levels": levels,
+    });
+    let report = metrics::json_report(workload_json, &reports);
+    if args.sweep {
+        std::fs::create_dir_all(&args.out_dir)?;
+        let json_path = args.out_dir.join("sweep.json");
+        let svg_path = args.out_dir.join("sweep.svg");
+        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(&svg_path, chart::svg(&metrics::with_ratios(&reports)))?;
+        eprintln!("wrote {} and {}", json_path.display(), svg_path.display());
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&metrics::json_report(&args, &reports))?
-        );
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", metrics::table(&reports));
     }

@@ -20,8 +20,12 @@ pub struct RequestRecord {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
-    pub stage: u8,
+    /// "0" to "4", or "url".
+    pub stage: String,
     pub name: String,
+    pub concurrency: usize,
+    /// A busy-loop process competed for the CPUs during the run.
+    pub interference: bool,
     pub tokens_per_s: f64,
     /// Against Stage 0, when Stage 0 ran.
     pub vs_stage0: Option<f64>,
@@ -47,7 +51,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub fn summarize(stage: u8, name: &str, records: &[RequestRecord], wall: Duration) -> StageReport {
+pub fn summarize(
+    stage: &str,
+    name: &str,
+    records: &[RequestRecord],
+    wall: Duration,
+) -> StageReport {
     let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.ok).collect();
     let generated: u64 = ok.iter().map(|r| u64::from(r.tokens)).sum();
     let mut ttft: Vec<f64> = ok.iter().map(|r| ms(r.ttft)).collect();
@@ -61,8 +70,10 @@ pub fn summarize(stage: u8, name: &str, records: &[RequestRecord], wall: Duratio
         .flat_map(|r| r.itls.iter().map(|d| ms(*d)))
         .collect();
     StageReport {
-        stage,
+        stage: stage.to_string(),
         name: name.to_string(),
+        concurrency: 0,
+        interference: false,
         tokens_per_s: generated as f64 / wall.as_secs_f64(),
         vs_stage0: None,
         ttft_p50_ms: percentile(&mut ttft, 50.0),
@@ -75,15 +86,20 @@ pub fn summarize(stage: u8, name: &str, records: &[RequestRecord], wall: Duratio
     }
 }
 
-fn with_ratios(reports: &[StageReport]) -> Vec<StageReport> {
-    let base = reports
-        .iter()
-        .find(|r| r.stage == 0)
-        .map(|r| r.tokens_per_s);
+/// Fills `vs_stage0` from the Stage 0 row of the same concurrency and interference setting.
+pub fn with_ratios(reports: &[StageReport]) -> Vec<StageReport> {
     reports
         .iter()
         .cloned()
         .map(|mut r| {
+            let base = reports
+                .iter()
+                .find(|b| {
+                    b.stage == "0"
+                        && b.concurrency == r.concurrency
+                        && b.interference == r.interference
+                })
+                .map(|b| b.tokens_per_s);
             r.vs_stage0 = base.map(|b| r.tokens_per_s / b);
             r
         })
@@ -94,18 +110,24 @@ pub fn table(reports: &[StageReport]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| stage | what | tokens/s | vs stage 0 | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | failed |"
+        "| stage | what | conc. | tokens/s | vs stage 0 | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | failed |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for r in with_ratios(reports) {
         let ratio = r
             .vs_stage0
-            .map_or("-".to_string(), |x| format!("{:+.1}%", (x - 1.0) * 100.0));
+            .map_or("-".to_string(), |x| format!("{:.1}%", x * 100.0));
+        let name = if r.interference {
+            format!("{} + busy loop", r.name)
+        } else {
+            r.name.clone()
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
+            "| {} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
             r.stage,
-            r.name,
+            name,
+            r.concurrency,
             r.tokens_per_s,
             ratio,
             r.ttft_p50_ms,
@@ -118,15 +140,9 @@ pub fn table(reports: &[StageReport]) -> String {
     out
 }
 
-pub fn json_report(args: &crate::Args, reports: &[StageReport]) -> serde_json::Value {
+pub fn json_report(workload: serde_json::Value, reports: &[StageReport]) -> serde_json::Value {
     serde_json::json!({
-        "workload": {
-            "model": args.model_path(),
-            "requests": args.requests,
-            "concurrency": args.concurrency,
-            "prompt_tokens": args.prompt_tokens,
-            "max_tokens": args.max_tokens,
-        },
+        "workload": workload,
         "stages": with_ratios(reports),
     })
 }
@@ -145,7 +161,7 @@ mod tests {
             itls: vec![Duration::from_millis(8), Duration::from_millis(12)],
         };
         let failed = RequestRecord::default();
-        let s = summarize(1, "x", &[r, failed], Duration::from_secs(1));
+        let s = summarize("1", "x", &[r, failed], Duration::from_secs(1));
         assert_eq!(s.failed, 1);
         assert_eq!(s.generated_tokens, 3);
         assert!((s.tpot_p50_ms - 10.0).abs() < 1e-9);

@@ -3,20 +3,32 @@
 //! - Stage 0: a raw batched-decode loop straight over the llama.cpp backend, no engine: keep
 //!   `concurrency` sequences in flight, prefill each new prompt whole in the next batch,
 //!   argmax-sample, no detokenization, no channels.
-//! - Stage 1: the engine in-process, `concurrency` client threads submitting over channels.
+//! - Stage 1: the engine in-process, one client thread reading every request's events.
+//! - Stage 2: a worker process over its Unix socket (the real protocol), no HTTP.
+//! - Stages 3 and 4, and `--url`: streaming `/v1/completions` requests with token-id prompts
+//!   from `concurrency` client threads.
 
+use std::io::BufReader;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use interprocess::local_socket::prelude::*;
+use interprocess::local_socket::{ConnectOptions, GenericFilePath};
+use llamapool_bench::http::{self, SseReader};
+use llamapool_bench::metrics::{summarize, RequestRecord, StageReport};
+use llamapool_common::codec;
+use llamapool_common::protocol::{FromWorker, GenerateRequest, Prompt, ToWorker, PROTOCOL_VERSION};
 use llamapool_common::{GenerationEvent, RequestId, SamplingParams, StoppingParams, Token};
 use llamapool_worker::backend::{Backend, BatchEntry};
 use llamapool_worker::engine::seq_ids::SeqIdPool;
 use llamapool_worker::{
     ContextConfig, EngineHandle, EngineRequest, LlamaCppBackend, Model, ModelOptions, RunningEngine,
 };
+use serde_json::json;
 
-use crate::metrics::{summarize, RequestRecord, StageReport};
+use crate::procs::{self, Scratch};
 use crate::Args;
 
 /// The model and one exactly-`prompt_tokens`-long prompt per request.
@@ -51,72 +63,308 @@ fn exact_prompt(model: &Model, i: usize, n: usize) -> Result<Vec<Token>> {
     }
 }
 
-pub fn run(stage: u8, args: &Args, workload: &Workload) -> Result<StageReport> {
-    match stage {
-        0 => {
-            let mut backend = in_process_backend(args, workload)?;
-            // On a thread of its own, like the engine: llama.cpp's OpenMP pool belongs to the
-            // calling thread, and a pool left on the main thread slows the next stage's.
-            let (records, wall) = std::thread::scope(|s| {
-                s.spawn(|| {
-                    let start = Instant::now();
-                    let records = raw_loop(
-                        &mut backend,
-                        &workload.prompts,
-                        args.concurrency,
-                        args.max_tokens,
-                    );
-                    (records, start.elapsed())
-                })
-                .join()
-                .expect("the raw loop does not panic")
-            });
-            Ok(summarize(
-                0,
-                "raw llama.cpp batched decode, in-process",
-                &records,
-                wall,
-            ))
+/// What to measure.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Stage(u8),
+    Url(String),
+}
+
+impl Target {
+    pub fn label(&self) -> String {
+        match self {
+            Self::Stage(s) => format!("stage {s}"),
+            Self::Url(u) => format!("url {u}"),
         }
-        1 => {
-            let engine = RunningEngine::spawn(in_process_backend(args, workload)?)?;
-            let start = Instant::now();
-            let records = drive_engine(
-                &engine.handle,
-                &workload.prompts,
-                args.concurrency,
-                args.max_tokens,
-            );
-            let wall = start.elapsed();
-            if let Some(stats) = engine.handle.stats() {
-                eprintln!(
-                    "stage 1: {} decode calls, {:.2} s in decode, {:.2} s in steps, wall {:.2} s",
-                    stats.decode_calls,
-                    stats.decode_seconds,
-                    stats.step_seconds,
-                    wall.as_secs_f64()
-                );
-            }
-            engine.stop(false);
-            Ok(summarize(1, "engine, in-process", &records, wall))
-        }
-        other => bail!("stage {other} is not available yet (stages: 0, 1)"),
     }
 }
 
-fn in_process_backend(args: &Args, workload: &Workload) -> Result<LlamaCppBackend> {
-    let slots = args.slots();
-    let per_seq = (args.prompt_tokens + args.max_tokens as usize + 8).div_ceil(256) * 256;
-    let config = ContextConfig {
-        slots,
-        context: u32::try_from(per_seq)? * slots,
-        threads: args.threads,
-        n_batch: args.n_batch,
-        n_ubatch: args.n_ubatch.unwrap_or(args.n_batch),
-        flash_attention: args.flash_attention,
-        kv_unified: args.kv_unified,
-    };
-    Ok(workload.model.new_backend(&config)?)
+/// One measurement setting: the workload at one concurrency level.
+pub struct Run<'a> {
+    pub args: &'a Args,
+    pub workload: &'a Workload,
+    pub concurrency: usize,
+    pub requests: usize,
+}
+
+impl Run<'_> {
+    fn prompts(&self) -> &[Vec<Token>] {
+        &self.workload.prompts[..self.requests]
+    }
+
+    /// Slots of the single context of Stages 0 to 3.
+    fn slots(&self) -> u32 {
+        self.args
+            .slots
+            .unwrap_or(u32::try_from(self.concurrency.max(8)).unwrap_or(u32::MAX))
+    }
+
+    /// KV cells for `slots` sequences of this workload.
+    fn context_for(&self, slots: u32) -> u32 {
+        let per_seq =
+            (self.args.prompt_tokens + self.args.max_tokens as usize + 8).div_ceil(256) * 256;
+        u32::try_from(per_seq)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(slots)
+    }
+
+    pub fn measure(&self, target: &Target) -> Result<StageReport> {
+        let progress = Progress::start(self.requests);
+        let result = match target {
+            Target::Stage(0) => self.stage0(&progress),
+            Target::Stage(1) => self.stage1(&progress),
+            Target::Stage(2) => self.stage2(&progress),
+            Target::Stage(3) => self.stage3(&progress),
+            Target::Stage(4) => self.stage4(&progress),
+            Target::Stage(s) => Err(anyhow::anyhow!("there is no stage {s} (stages: 0 to 4)")),
+            Target::Url(url) => {
+                let addr = url
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_string();
+                let (records, wall) = http_load(
+                    &addr,
+                    &self.args.served_model,
+                    self.prompts(),
+                    self.concurrency,
+                    self.args.max_tokens,
+                    &progress,
+                );
+                Ok(summarize(
+                    "url",
+                    &format!("{url}, over HTTP"),
+                    &records,
+                    wall,
+                ))
+            }
+        };
+        progress.finish();
+        result
+    }
+
+    fn in_process_backend(&self) -> Result<LlamaCppBackend> {
+        let slots = self.slots();
+        let config = ContextConfig {
+            slots,
+            context: self.context_for(slots),
+            threads: self.args.threads,
+            n_batch: self.args.n_batch,
+            n_ubatch: self.args.n_ubatch.unwrap_or(self.args.n_batch),
+            flash_attention: self.args.flash_attention,
+            kv_unified: self.args.kv_unified,
+        };
+        Ok(self.workload.model.new_backend(&config)?)
+    }
+
+    fn stage0(&self, progress: &Progress) -> Result<StageReport> {
+        let mut backend = self.in_process_backend()?;
+        // On a thread of its own, like the engine: llama.cpp's OpenMP pool belongs to the
+        // calling thread, and a pool left on the main thread slows the next stage's.
+        let (records, wall) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let start = Instant::now();
+                let records = raw_loop(
+                    &mut backend,
+                    self.prompts(),
+                    self.concurrency,
+                    self.args.max_tokens,
+                    progress,
+                );
+                (records, start.elapsed())
+            })
+            .join()
+            .expect("the raw loop does not panic")
+        });
+        Ok(summarize(
+            "0",
+            &format!(
+                "raw llama.cpp batched decode, in-process, {} threads",
+                self.args.threads
+            ),
+            &records,
+            wall,
+        ))
+    }
+
+    fn stage1(&self, progress: &Progress) -> Result<StageReport> {
+        let engine = RunningEngine::spawn(self.in_process_backend()?)?;
+        let start = Instant::now();
+        let records = drive_engine(
+            &engine.handle,
+            self.prompts(),
+            self.concurrency,
+            self.args.max_tokens,
+            progress,
+        );
+        let wall = start.elapsed();
+        engine.stop(false);
+        Ok(summarize(
+            "1",
+            &format!("engine, in-process, {} threads", self.args.threads),
+            &records,
+            wall,
+        ))
+    }
+
+    fn worker_flags(&self, slots: u32) -> Vec<String> {
+        let n_ubatch = self.args.n_ubatch.unwrap_or(self.args.n_batch);
+        [
+            ("--model", self.args.model_path().display().to_string()),
+            ("--threads", self.args.threads.to_string()),
+            ("--slots", slots.to_string()),
+            ("--context", self.context_for(slots).to_string()),
+            ("--n-batch", self.args.n_batch.to_string()),
+            ("--n-ubatch", n_ubatch.to_string()),
+            (
+                "--flash-attention",
+                self.args.flash_attention.as_str().to_string(),
+            ),
+            ("--kv-unified", self.args.kv_unified.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
+    }
+
+    fn stage2(&self, progress: &Progress) -> Result<StageReport> {
+        let scratch = Scratch::new("ipc")?;
+        let socket = scratch.0.join("worker.sock");
+        let _worker = procs::start_worker(&socket, &self.worker_flags(self.slots()))?;
+        let name = socket.as_path().to_fs_name::<GenericFilePath>()?;
+        let conn = ConnectOptions::new()
+            .name(name)
+            .connect_sync()
+            .context("connecting to the worker")?;
+        let start = Instant::now();
+        let records = ipc_load(
+            &conn,
+            self.prompts(),
+            self.concurrency,
+            self.args.max_tokens,
+            progress,
+        )?;
+        let wall = start.elapsed();
+        Ok(summarize(
+            "2",
+            &format!(
+                "one worker over IPC, {} threads, no HTTP",
+                self.args.threads
+            ),
+            &records,
+            wall,
+        ))
+    }
+
+    fn router_config(&self, workers: &str, slots: u32) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nmax_queued = 4096\n[model]\npath = {path}\nalias = \"bench\"\n\
+             [worker_defaults]\nslots = {slots}\ncontext = {context}\nn_batch = {n_batch}\nn_ubatch = {n_ubatch}\n\
+             flash_attention = \"{fa}\"\nkv_unified = {kv}\n{workers}",
+            path = json!(self.args.model_path()),
+            context = self.context_for(slots),
+            n_batch = self.args.n_batch,
+            n_ubatch = self.args.n_ubatch.unwrap_or(self.args.n_batch),
+            fa = self.args.flash_attention.as_str(),
+            kv = self.args.kv_unified,
+        )
+    }
+
+    fn stage3(&self, progress: &Progress) -> Result<StageReport> {
+        let cpus = llamapool_common::cpus::CpuList::allowed();
+        let workers = format!(
+            "[[workers]]\ncpus = \"{cpus}\"\nthreads = {}\n",
+            self.args.threads
+        );
+        let router = procs::start_router(&self.router_config(&workers, self.slots()))?;
+        let (records, wall) = http_load(
+            &router.addr,
+            "bench",
+            self.prompts(),
+            self.concurrency,
+            self.args.max_tokens,
+            progress,
+        );
+        Ok(summarize(
+            "3",
+            &format!("router + 1 worker ({} threads), HTTP", self.args.threads),
+            &records,
+            wall,
+        ))
+    }
+
+    fn stage4(&self, progress: &Progress) -> Result<StageReport> {
+        let n_workers = llamapool_common::cpus::CpuList::allowed().len().max(1);
+        let slots = self.args.pool_slots.unwrap_or(
+            u32::try_from(self.concurrency.div_ceil(n_workers).max(4)).unwrap_or(u32::MAX),
+        );
+        let router = procs::start_router(&self.router_config("", slots))?;
+        let (records, wall) = http_load(
+            &router.addr,
+            "bench",
+            self.prompts(),
+            self.concurrency,
+            self.args.max_tokens,
+            progress,
+        );
+        Ok(summarize(
+            "4",
+            &format!(
+                "router + pool ({n_workers} pinned 1-thread workers, {slots} slots each), HTTP"
+            ),
+            &records,
+            wall,
+        ))
+    }
+}
+
+/// Completed-request counter, shown on a terminal while a stage runs.
+pub struct Progress {
+    done: std::sync::Arc<AtomicUsize>,
+    stop: Option<mpsc::Sender<()>>,
+    printer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(total: usize) -> Self {
+        use std::io::IsTerminal;
+        let done = std::sync::Arc::new(AtomicUsize::new(0));
+        if !std::io::stderr().is_terminal() {
+            return Self {
+                done,
+                stop: None,
+                printer: None,
+            };
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let counter = done.clone();
+        let printer = std::thread::spawn(move || {
+            let start = Instant::now();
+            while stopped.recv_timeout(Duration::from_millis(250)).is_err() {
+                eprint!(
+                    "\r  {}/{total} requests, {:.0} s ",
+                    counter.load(Ordering::Relaxed),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            eprint!("\r\x1b[K");
+        });
+        Self {
+            done,
+            stop: Some(stop),
+            printer: Some(printer),
+        }
+    }
+
+    fn tick(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn finish(self) {
+        drop(self.stop);
+        if let Some(p) = self.printer {
+            let _ = p.join();
+        }
+    }
 }
 
 struct RawSeq {
@@ -135,6 +383,7 @@ fn raw_loop(
     prompts: &[Vec<Token>],
     concurrency: usize,
     max_tokens: u32,
+    progress: &Progress,
 ) -> Vec<RequestRecord> {
     let mut ids = SeqIdPool::new(backend.limits().n_seq_max);
     let greedy = SamplingParams::greedy();
@@ -143,7 +392,6 @@ fn raw_loop(
     let mut running: Vec<RawSeq> = Vec::new();
     let mut next = 0;
     let mut batch: Vec<BatchEntry> = Vec::new();
-    let (mut decode_seconds, mut decode_calls) = (0.0, 0u64);
     while next < prompts.len() || !running.is_empty() {
         let step_start = Instant::now();
         batch.clear();
@@ -174,10 +422,7 @@ fn raw_loop(
             admitted.push((next, seq, batch.len() - 1));
             next += 1;
         }
-        let decode_start = Instant::now();
         backend.decode(&batch).expect("raw decode");
-        decode_seconds += decode_start.elapsed().as_secs_f64();
-        decode_calls += 1;
         let now = Instant::now();
         for s in &mut running {
             s.n_kv += 1;
@@ -213,81 +458,309 @@ fn raw_loop(
             }
             s.record.e2e = s.last_token_at - s.started;
             records[s.request] = std::mem::take(&mut s.record);
+            progress.tick();
             ids.release(s.seq);
             backend.clear_sequence(s.seq, 0);
             false
         });
     }
-    eprintln!("stage 0: {decode_calls} decode calls, {decode_seconds:.2} s in decode");
     records
 }
 
-/// Stage 1: one client thread keeps `concurrency` requests in flight, reading every request's
-/// events from one channel (as the worker's IPC thread does) and submitting the next request
-/// when one ends.
+/// Keeps `concurrency` requests in flight over an event-driven transport (the engine's
+/// channel, the worker's socket): records timings, says which request to submit next.
+struct ClosedLoop<'p> {
+    max_tokens: u32,
+    records: Vec<RequestRecord>,
+    started: Vec<Option<Instant>>,
+    last_chunk: Vec<Option<Instant>>,
+    next: usize,
+    finished: usize,
+    progress: &'p Progress,
+}
+
+impl<'p> ClosedLoop<'p> {
+    fn new(n: usize, max_tokens: u32, progress: &'p Progress) -> Self {
+        Self {
+            max_tokens,
+            records: vec![RequestRecord::default(); n],
+            started: vec![None; n],
+            last_chunk: vec![None; n],
+            next: 0,
+            finished: 0,
+            progress,
+        }
+    }
+
+    /// The next request to submit, if any; marks it started.
+    fn take_next(&mut self) -> Option<usize> {
+        let i = self.next;
+        if i >= self.records.len() {
+            return None;
+        }
+        self.next += 1;
+        self.started[i] = Some(Instant::now());
+        Some(i)
+    }
+
+    fn is_done(&self) -> bool {
+        self.finished == self.records.len()
+    }
+
+    /// Records an output of request `i`; true when the request ended.
+    fn on_output(&mut self, i: usize, tokens: usize, finished: bool) -> bool {
+        let now = Instant::now();
+        let start = self.started[i].expect("outputs come only for submitted requests");
+        let record = &mut self.records[i];
+        if tokens > 0 {
+            match self.last_chunk[i] {
+                None => record.ttft = now - start,
+                Some(prev) => record.itls.push(now - prev),
+            }
+            self.last_chunk[i] = Some(now);
+            record.tokens += u32::try_from(tokens).unwrap_or(u32::MAX);
+        }
+        if finished {
+            record.ok = record.tokens == self.max_tokens;
+            record.e2e = now - start;
+            self.finished += 1;
+            self.progress.tick();
+        }
+        finished
+    }
+
+    fn on_failure(&mut self, i: usize) {
+        self.finished += 1;
+        self.progress.tick();
+        self.records[i].ok = false;
+    }
+}
+
+fn request_for(
+    i: usize,
+    prompt: &[Token],
+    max_tokens: u32,
+) -> (RequestId, SamplingParams, StoppingParams, Vec<Token>) {
+    (
+        RequestId(i as u64),
+        SamplingParams::greedy(),
+        StoppingParams {
+            max_tokens: Some(max_tokens),
+            stop: Vec::new(),
+            ignore_eos: true,
+        },
+        prompt.to_vec(),
+    )
+}
+
+/// Stage 1: one client thread reads every request's events from one channel (as the worker's
+/// IPC thread does) and submits the next request when one ends.
 fn drive_engine(
     handle: &EngineHandle,
     prompts: &[Vec<Token>],
     concurrency: usize,
     max_tokens: u32,
+    progress: &Progress,
 ) -> Vec<RequestRecord> {
     let (tx, rx) = mpsc::channel();
-    let mut records = vec![RequestRecord::default(); prompts.len()];
-    let mut started = vec![None; prompts.len()];
-    let mut last_chunk: Vec<Option<Instant>> = vec![None; prompts.len()];
-    let submit = |i: usize, started: &mut Vec<Option<Instant>>| {
-        started[i] = Some(Instant::now());
+    let mut lp = ClosedLoop::new(prompts.len(), max_tokens, progress);
+    let submit = |i: usize| {
+        let (id, sampling, stopping, prompt) = request_for(i, &prompts[i], max_tokens);
         handle.submit(
             EngineRequest {
-                id: RequestId(i as u64),
-                prompt: prompts[i].clone(),
-                sampling: SamplingParams::greedy(),
-                stopping: StoppingParams {
-                    max_tokens: Some(max_tokens),
-                    stop: Vec::new(),
-                    ignore_eos: true,
-                },
+                id,
+                prompt,
+                sampling,
+                stopping,
             },
             tx.clone(),
         );
     };
-    let mut next = 0;
-    while next < prompts.len().min(concurrency) {
-        submit(next, &mut started);
-        next += 1;
+    for _ in 0..concurrency {
+        if let Some(i) = lp.take_next() {
+            submit(i);
+        }
     }
-    let mut finished = 0;
-    while finished < prompts.len() {
+    while !lp.is_done() {
         let Ok(event) = rx.recv_timeout(Duration::from_secs(600)) else {
             break;
         };
-        let now = Instant::now();
         let i = usize::try_from(event.id().0).expect("ids are indices");
-        let start = started[i].expect("submitted");
-        let record = &mut records[i];
-        match event {
-            GenerationEvent::Output(o) => {
-                if !o.tokens.is_empty() {
-                    match last_chunk[i] {
-                        None => record.ttft = now - start,
-                        Some(prev) => record.itls.push(now - prev),
-                    }
-                    last_chunk[i] = Some(now);
-                    record.tokens += o.tokens.len() as u32;
-                }
-                if o.finish.is_none() {
-                    continue;
-                }
-                record.ok = record.tokens == max_tokens;
-                record.e2e = now - start;
+        let ended = match event {
+            GenerationEvent::Output(o) => lp.on_output(i, o.tokens.len(), o.finish.is_some()),
+            GenerationEvent::Rejected { .. } => {
+                lp.on_failure(i);
+                true
             }
-            GenerationEvent::Rejected { .. } => {}
-        }
-        finished += 1;
-        if next < prompts.len() {
-            submit(next, &mut started);
-            next += 1;
+        };
+        if ended {
+            if let Some(next) = lp.take_next() {
+                submit(next);
+            }
         }
     }
-    records
+    lp.records
+}
+
+/// Stage 2: the worker protocol over its socket, one client thread.
+fn ipc_load(
+    conn: &interprocess::local_socket::Stream,
+    prompts: &[Vec<Token>],
+    concurrency: usize,
+    max_tokens: u32,
+    progress: &Progress,
+) -> Result<Vec<RequestRecord>> {
+    let mut writer = conn;
+    let mut reader = BufReader::new(conn);
+    let mut buf = Vec::new();
+    codec::write_frame(
+        &mut writer,
+        &ToWorker::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )?;
+    match codec::read_frame::<FromWorker>(&mut reader, &mut buf)? {
+        Some(FromWorker::Ready(_)) => {}
+        other => bail!("expected Ready from the worker, got {other:?}"),
+    }
+    let mut lp = ClosedLoop::new(prompts.len(), max_tokens, progress);
+    let submit = |i: usize, writer: &mut &interprocess::local_socket::Stream| {
+        let (id, sampling, stopping, prompt) = request_for(i, &prompts[i], max_tokens);
+        let request = GenerateRequest {
+            id,
+            prompt: Prompt::Tokens(prompt),
+            sampling,
+            stopping,
+            resume: Vec::new(),
+        };
+        codec::write_frame(writer, &ToWorker::Generate(request))
+    };
+    for _ in 0..concurrency {
+        if let Some(i) = lp.take_next() {
+            submit(i, &mut writer)?;
+        }
+    }
+    while !lp.is_done() {
+        let Some(frame) = codec::read_frame::<FromWorker>(&mut reader, &mut buf)? else {
+            bail!("the worker closed the connection");
+        };
+        let mut ended = 0;
+        match frame {
+            FromWorker::Outputs(outputs) => {
+                for o in outputs {
+                    let i = usize::try_from(o.id.0)?;
+                    ended += usize::from(lp.on_output(i, o.tokens.len(), o.finish.is_some()));
+                }
+            }
+            FromWorker::Rejected { id, error } => {
+                eprintln!("request {id} rejected: {error}");
+                lp.on_failure(usize::try_from(id.0)?);
+                ended += 1;
+            }
+            FromWorker::Fatal { message } => bail!("the worker failed: {message}"),
+            _ => {}
+        }
+        for _ in 0..ended {
+            if let Some(next) = lp.take_next() {
+                submit(next, &mut writer)?;
+            }
+        }
+    }
+    Ok(lp.records)
+}
+
+/// Stages 3, 4 and `--url`: `concurrency` client threads, each streaming one request at a
+/// time; TTFT at the first chunk with content, ITL between content chunks.
+fn http_load(
+    addr: &str,
+    model: &str,
+    prompts: &[Vec<Token>],
+    concurrency: usize,
+    max_tokens: u32,
+    progress: &Progress,
+) -> (Vec<RequestRecord>, Duration) {
+    let next = AtomicUsize::new(0);
+    let records = std::sync::Mutex::new(vec![RequestRecord::default(); prompts.len()]);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..concurrency {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= prompts.len() {
+                    break;
+                }
+                let record =
+                    http_request(addr, model, &prompts[i], max_tokens).unwrap_or_else(|e| {
+                        eprintln!("request {i} failed: {e:#}");
+                        RequestRecord::default()
+                    });
+                records.lock().expect("no client panicked")[i] = record;
+                progress.tick();
+            });
+        }
+    });
+    let wall = start.elapsed();
+    (records.into_inner().expect("no client panicked"), wall)
+}
+
+fn http_request(
+    addr: &str,
+    model: &str,
+    prompt: &[Token],
+    max_tokens: u32,
+) -> Result<RequestRecord> {
+    let body = json!({
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let start = Instant::now();
+    let stream = http::send(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.to_string().as_bytes(),
+    )?;
+    let mut sse = SseReader::new(stream)?;
+    if sse.status != 200 {
+        let status = sse.status;
+        bail!("HTTP {status}: {:?}", sse.next_data());
+    }
+    let mut record = RequestRecord::default();
+    let mut last: Option<Instant> = None;
+    let mut chunks = 0u32;
+    let mut usage_tokens = None;
+    while let Some(data) = sse.next_data() {
+        let now = Instant::now();
+        if data == "[DONE]" {
+            record.e2e = now - start;
+            record.tokens = usage_tokens.unwrap_or(chunks);
+            record.ok = record.tokens == max_tokens;
+            return Ok(record);
+        }
+        let chunk: serde_json::Value = serde_json::from_str(&data)?;
+        if let Some(error) = chunk.get("error") {
+            bail!("error event: {error}");
+        }
+        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+            usage_tokens = u32::try_from(n).ok();
+        }
+        let has_text = chunk["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty());
+        if has_text {
+            match last {
+                None => record.ttft = now - start,
+                Some(prev) => record.itls.push(now - prev),
+            }
+            last = Some(now);
+            chunks += 1;
+        }
+    }
+    bail!("the stream ended without [DONE]")
 }

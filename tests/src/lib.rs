@@ -2,12 +2,12 @@
 //! the real SmolLM2 model) on a free port, and talks to it over real sockets with a minimal
 //! HTTP/1.1 client (so tests control exactly when a connection goes away).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use llamapool_bench::http::{self, HttpResponse, SseReader};
 use serde_json::Value;
 
 /// `target/release` (or wherever the test binary's profile directory is).
@@ -148,38 +148,14 @@ impl Server {
         path: &str,
         body: Option<&[u8]>,
     ) -> std::io::Result<HttpResponse> {
-        let mut stream = self.send(method, path, body)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        Ok(HttpResponse::parse(&raw))
-    }
-
-    /// Sends a request and returns the connection, for reading a stream as it comes.
-    pub fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> std::io::Result<TcpStream> {
-        let mut stream = TcpStream::connect(&self.addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let body = body.unwrap_or(b"");
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body)?;
-        Ok(stream)
+        http::request(&self.addr, method, path, &[], body.unwrap_or(b""))
     }
 
     /// Opens a streaming request; the returned reader yields SSE `data:` payloads.
     pub fn stream(&self, path: &str, body: &Value) -> SseReader {
-        let stream = self
-            .send("POST", path, Some(body.to_string().as_bytes()))
+        let stream = http::send(&self.addr, "POST", path, &[], body.to_string().as_bytes())
             .expect("connect");
-        SseReader::new(stream)
+        SseReader::new(stream).expect("a response head")
     }
 
     pub fn pid(&self) -> u32 {
@@ -214,193 +190,6 @@ fn rand_suffix() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
-}
-
-#[derive(Debug)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl HttpResponse {
-    fn parse(raw: &[u8]) -> Self {
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a complete response head");
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .expect("a status line");
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        let rest = &raw[split + 4..];
-        let chunked = headers
-            .iter()
-            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        let body = if chunked {
-            let mut out = Vec::new();
-            ChunkedReader::new(BufReader::new(rest))
-                .read_to_end(&mut out)
-                .expect("chunked body");
-            out
-        } else {
-            rest.to_vec()
-        };
-        Self {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// Decodes `Transfer-Encoding: chunked`.
-pub struct ChunkedReader<R: BufRead> {
-    inner: R,
-    remaining: usize,
-    done: bool,
-}
-
-impl<R: BufRead> ChunkedReader<R> {
-    pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            remaining: 0,
-            done: false,
-        }
-    }
-}
-
-impl<R: BufRead> Read for ChunkedReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.done {
-            return Ok(0);
-        }
-        if self.remaining == 0 {
-            let mut line = String::new();
-            if self.inner.read_line(&mut line)? == 0 {
-                self.done = true;
-                return Ok(0);
-            }
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("bad chunk size {line:?}"),
-                    )
-                })?;
-            if size == 0 {
-                self.done = true;
-                return Ok(0);
-            }
-            self.remaining = size;
-        }
-        let want = buf.len().min(self.remaining);
-        let n = self.inner.read(&mut buf[..want])?;
-        self.remaining -= n;
-        if self.remaining == 0 {
-            let mut crlf = String::new();
-            self.inner.read_line(&mut crlf)?;
-        }
-        Ok(n)
-    }
-}
-
-/// Reads an SSE response event by event.
-pub struct SseReader {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    lines: Box<dyn BufRead + Send>,
-    /// Comment lines (`: ping`) seen so far.
-    pub comments: usize,
-}
-
-impl SseReader {
-    fn new(stream: TcpStream) -> Self {
-        let mut reader = BufReader::new(stream);
-        let mut status_line = String::new();
-        reader.read_line(&mut status_line).expect("status line");
-        let status = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status");
-        let mut headers = Vec::new();
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).expect("header line");
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-        }
-        let chunked = headers
-            .iter()
-            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        let lines: Box<dyn BufRead + Send> = if chunked {
-            Box::new(BufReader::new(ChunkedReader::new(reader)))
-        } else {
-            Box::new(reader)
-        };
-        Self {
-            status,
-            headers,
-            lines,
-            comments: 0,
-        }
-    }
-
-    /// The next `data:` payload, or `None` at the end of the response.
-    pub fn next_data(&mut self) -> Option<String> {
-        loop {
-            let mut line = String::new();
-            if self.lines.read_line(&mut line).ok()? == 0 {
-                return None;
-            }
-            let line = line.trim_end_matches(['\r', '\n']);
-            if let Some(data) = line.strip_prefix("data: ") {
-                return Some(data.to_string());
-            }
-            if line.starts_with(':') {
-                self.comments += 1;
-            }
-        }
-    }
-
-    /// Every remaining payload.
-    pub fn collect(mut self) -> Vec<String> {
-        std::iter::from_fn(|| self.next_data()).collect()
-    }
 }
 
 /// Every thread's allowed-CPU list of a process, from /proc.

@@ -286,6 +286,14 @@ impl std::str::FromStr for FlashAttention {
 }
 
 impl FlashAttention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+
     fn as_llama(self) -> llama_cpp_sys_2::llama_flash_attn_type {
         match self {
             Self::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
