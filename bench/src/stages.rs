@@ -40,7 +40,17 @@ pub struct Workload {
 impl Workload {
     pub fn new(args: &Args) -> Result<Self> {
         let model = Model::load(&args.model_path(), &ModelOptions::default())?;
-        let prompts = (0..args.requests)
+        let most = if args.sweep {
+            args.levels
+                .iter()
+                .map(|c| 4 * c)
+                .max()
+                .unwrap_or(0)
+                .max(args.requests)
+        } else {
+            args.requests
+        };
+        let prompts = (0..most)
             .map(|i| exact_prompt(&model, i, args.prompt_tokens))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { model, prompts })
