@@ -9,6 +9,7 @@
 //! | 2 | one worker process over its Unix socket, no HTTP |
 //! | 3 | the router over HTTP with one worker (`--threads` threads) |
 //! | 4 | the router over HTTP with the pool (one pinned one-thread worker per core) |
+//! | 5 | the pool's shape in-process: one pinned one-thread engine per core, no IPC, no HTTP |
 //!
 //! `--url` runs the same HTTP load against any OpenAI-compatible server; `--sweep` repeats the
 //! stages over concurrency levels and writes a JSON file and an SVG chart; `--interference`
@@ -68,7 +69,7 @@ pub struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     kv_unified: bool,
     /// Which stages to run, comma-separated.
-    #[arg(long, default_value = "0,1,2,3,4", value_delimiter = ',')]
+    #[arg(long, default_value = "0,1,2,3,4,5", value_delimiter = ',')]
     stages: Vec<u8>,
     /// Measure an OpenAI-compatible server at this base URL (http://host:port) instead of the stages.
     #[arg(long)]

@@ -126,7 +126,8 @@ impl Run<'_> {
             Target::Stage(2) => self.stage2(&progress),
             Target::Stage(3) => self.stage3(&progress),
             Target::Stage(4) => self.stage4(&progress),
-            Target::Stage(s) => Err(anyhow::anyhow!("there is no stage {s} (stages: 0 to 4)")),
+            Target::Stage(5) => self.stage5(&progress),
+            Target::Stage(s) => Err(anyhow::anyhow!("there is no stage {s} (stages: 0 to 5)")),
             Target::Url(url) => {
                 let addr = url
                     .trim_start_matches("http://")
@@ -200,7 +201,7 @@ impl Run<'_> {
         let engine = RunningEngine::spawn(self.in_process_backend()?)?;
         let start = Instant::now();
         let records = drive_engine(
-            &engine.handle,
+            std::slice::from_ref(&engine.handle),
             self.prompts(),
             self.concurrency,
             self.args.max_tokens,
@@ -304,9 +305,7 @@ impl Run<'_> {
 
     fn stage4(&self, progress: &Progress) -> Result<StageReport> {
         let n_workers = llamapool_common::cpus::CpuList::allowed().len().max(1);
-        let slots = self.args.pool_slots.unwrap_or(
-            u32::try_from(self.concurrency.div_ceil(n_workers).max(4)).unwrap_or(u32::MAX),
-        );
+        let slots = self.pool_slots(n_workers);
         let router = procs::start_router(&self.router_config("", slots))?;
         let (records, wall) = http_load(
             &router.addr,
@@ -320,6 +319,63 @@ impl Run<'_> {
             "4",
             &format!(
                 "router + pool ({n_workers} pinned 1-thread workers, {slots} slots each), HTTP"
+            ),
+            &records,
+            wall,
+        ))
+    }
+}
+
+impl Run<'_> {
+    /// Slots per pool worker: the concurrency spread over the workers, at least 4.
+    fn pool_slots(&self, n_workers: usize) -> u32 {
+        self.args.pool_slots.unwrap_or(
+            u32::try_from(self.concurrency.div_ceil(n_workers).max(4)).unwrap_or(u32::MAX),
+        )
+    }
+
+    /// Stage 5: the pool's shape in-process: one engine per CPU, each pinned to it with one
+    /// thread, least-loaded dispatch; what Stage 4 adds to it is IPC and HTTP.
+    fn stage5(&self, progress: &Progress) -> Result<StageReport> {
+        let cpus = llamapool_common::cpus::CpuList::allowed();
+        let slots = self.pool_slots(cpus.len().max(1));
+        let mut engines = Vec::new();
+        for &cpu in cpus.cpus() {
+            let backend = self.workload.model.new_backend(&ContextConfig {
+                slots,
+                context: self.context_for(slots),
+                threads: 1,
+                n_batch: self.args.n_batch,
+                n_ubatch: self.args.n_ubatch.unwrap_or(self.args.n_batch),
+                flash_attention: self.args.flash_attention,
+                kv_unified: self.args.kv_unified,
+            })?;
+            let pin = llamapool_common::cpus::CpuList::from_cpus(vec![cpu]);
+            engines.push(RunningEngine::spawn_with(backend, move || {
+                if let Err(e) = llamapool_worker::pin::pin_to(&pin) {
+                    eprintln!("pinning an engine to CPU {pin} failed: {e}");
+                }
+            })?);
+        }
+        let handles: Vec<EngineHandle> = engines.iter().map(|e| e.handle.clone()).collect();
+        let start = Instant::now();
+        let records = drive_engine(
+            &handles,
+            self.prompts(),
+            self.concurrency,
+            self.args.max_tokens,
+            progress,
+        );
+        let wall = start.elapsed();
+        drop(handles);
+        for engine in engines {
+            engine.stop(false);
+        }
+        Ok(summarize(
+            "5",
+            &format!(
+                "pool in-process ({} pinned 1-thread engines, {slots} slots each)",
+                cpus.len()
             ),
             &records,
             wall,
@@ -566,7 +622,7 @@ fn request_for(
 /// Stage 1: one client thread reads every request's events from one channel (as the worker's
 /// IPC thread does) and submits the next request when one ends.
 fn drive_engine(
-    handle: &EngineHandle,
+    engines: &[EngineHandle],
     prompts: &[Vec<Token>],
     concurrency: usize,
     max_tokens: u32,
@@ -574,9 +630,18 @@ fn drive_engine(
 ) -> Vec<RequestRecord> {
     let (tx, rx) = mpsc::channel();
     let mut lp = ClosedLoop::new(prompts.len(), max_tokens, progress);
+    // Least-loaded dispatch over the engines, as the router does over workers.
+    let load = std::cell::RefCell::new(vec![0usize; engines.len()]);
+    let placed = std::cell::RefCell::new(vec![0usize; prompts.len()]);
     let submit = |i: usize| {
         let (id, sampling, stopping, prompt) = request_for(i, &prompts[i], max_tokens);
-        handle.submit(
+        let mut load = load.borrow_mut();
+        let e = (0..engines.len())
+            .min_by_key(|&e| load[e])
+            .expect("at least one engine");
+        load[e] += 1;
+        placed.borrow_mut()[i] = e;
+        engines[e].submit(
             EngineRequest {
                 id,
                 prompt,
@@ -604,6 +669,7 @@ fn drive_engine(
             }
         };
         if ended {
+            load.borrow_mut()[placed.borrow()[i]] -= 1;
             if let Some(next) = lp.take_next() {
                 submit(next);
             }

@@ -170,11 +170,26 @@ impl RunningEngine {
     where
         B: Backend + Send + 'static,
     {
+        Self::spawn_with(backend, || {})
+    }
+
+    /// Starts the engine thread, running `on_start` on it first (e.g. to pin it, so that
+    /// llama.cpp's threads, started from it, inherit its CPU mask).
+    pub fn spawn_with<B>(
+        backend: B,
+        on_start: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Self>
+    where
+        B: Backend + Send + 'static,
+    {
         let limits = backend.limits();
         let (commands, inbox) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || Engine::new(backend).run(&inbox))?;
+            .spawn(move || {
+                on_start();
+                Engine::new(backend).run(&inbox);
+            })?;
         Ok(Self {
             handle: EngineHandle { commands, limits },
             thread,
