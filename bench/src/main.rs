@@ -68,6 +68,9 @@ pub struct Args {
     /// One KV buffer for all sequences (llama-server's --kv-unified); false: one stream each.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     kv_unified: bool,
+    /// The router's tokio threads in Stages 3 and 4 (0: its default).
+    #[arg(long, default_value_t = 0)]
+    router_threads: usize,
     /// Which stages to run, comma-separated.
     #[arg(long, default_value = "0,1,2,3,4,5", value_delimiter = ',')]
     stages: Vec<u8>,
@@ -86,6 +89,9 @@ pub struct Args {
     /// Run every stage twice: quiet, then with an unpinned busy-loop process competing.
     #[arg(long)]
     interference: bool,
+    /// Run everything this many times (interleaved) and report each row's median run.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -157,7 +163,9 @@ fn main() -> Result<()> {
             concurrency,
             requests,
         };
-        for &interference in interference_modes {
+        for (rep, &interference) in
+            (0..args.repeat).flat_map(|r| interference_modes.iter().map(move |i| (r, i)))
+        {
             let targets: Vec<stages::Target> = match &args.url {
                 Some(url) => vec![stages::Target::Url(url.clone())],
                 None => args
@@ -168,8 +176,9 @@ fn main() -> Result<()> {
             };
             for target in targets {
                 eprintln!(
-                    "{}: {requests} requests at concurrency {concurrency}{}",
+                    "{}: {requests} requests at concurrency {concurrency}, run {}{}",
                     target.label(),
+                    rep + 1,
                     if interference {
                         ", with a busy loop"
                     } else {
@@ -193,7 +202,9 @@ fn main() -> Result<()> {
         "max_tokens": args.max_tokens,
         "threads": args.threads,
         "levels": levels,
+        "repeat": args.repeat,
     });
+    let reports = metrics::medians(&reports);
     let report = metrics::json_report(workload_json, &reports);
     if args.sweep {
         std::fs::create_dir_all(&args.out_dir)?;

@@ -35,6 +35,8 @@ pub struct StageReport {
     pub itl_p99_ms: f64,
     pub failed: usize,
     pub generated_tokens: u64,
+    /// With --repeat: every run's tokens/s; the row shows the median run.
+    pub runs_tokens_per_s: Vec<f64>,
     pub wall_s: f64,
 }
 
@@ -81,9 +83,33 @@ pub fn summarize(
         tpot_p50_ms: percentile(&mut tpot, 50.0),
         itl_p99_ms: percentile(&mut itl, 99.0),
         failed: records.len() - ok.len(),
+        runs_tokens_per_s: Vec::new(),
         generated_tokens: generated,
         wall_s: wall.as_secs_f64(),
     }
+}
+
+/// Collapses repeated runs of the same (stage, concurrency, interference) into the median
+/// run by throughput, keeping every run's tokens/s; the order of first appearance is kept.
+pub fn medians(reports: &[StageReport]) -> Vec<StageReport> {
+    let key = |r: &StageReport| (r.stage.clone(), r.concurrency, r.interference);
+    let mut out: Vec<StageReport> = Vec::new();
+    for r in reports {
+        if out.iter().any(|o| key(o) == key(r)) {
+            continue;
+        }
+        let mut runs: Vec<&StageReport> = reports.iter().filter(|x| key(x) == key(r)).collect();
+        runs.sort_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s));
+        let mut median = runs[runs.len() / 2].clone();
+        median.runs_tokens_per_s = reports
+            .iter()
+            .filter(|x| key(x) == key(r))
+            .map(|x| x.tokens_per_s)
+            .collect();
+        median.failed = runs.iter().map(|x| x.failed).sum();
+        out.push(median);
+    }
+    out
 }
 
 /// Fills `vs_stage0` from the Stage 0 row of the same concurrency and interference setting.

@@ -23,6 +23,7 @@ use llamapool_common::protocol::{FromWorker, GenerateRequest, Prompt, ToWorker, 
 use llamapool_common::{GenerationEvent, RequestId, SamplingParams, StoppingParams, Token};
 use llamapool_worker::backend::{Backend, BatchEntry};
 use llamapool_worker::engine::seq_ids::SeqIdPool;
+use llamapool_worker::engine::EngineHooks;
 use llamapool_worker::{
     ContextConfig, EngineHandle, EngineRequest, LlamaCppBackend, Model, ModelOptions, RunningEngine,
 };
@@ -268,10 +269,11 @@ impl Run<'_> {
 
     fn router_config(&self, workers: &str, slots: u32) -> String {
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nmax_queued = 4096\n[model]\npath = {path}\nalias = \"bench\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nmax_queued = 4096\nruntime_threads = {rt}\n[model]\npath = {path}\nalias = \"bench\"\n\
              [worker_defaults]\nslots = {slots}\ncontext = {context}\nn_batch = {n_batch}\nn_ubatch = {n_ubatch}\n\
              flash_attention = \"{fa}\"\nkv_unified = {kv}\n{workers}",
             path = json!(self.args.model_path()),
+            rt = self.args.router_threads,
             context = self.context_for(slots),
             n_batch = self.args.n_batch,
             n_ubatch = self.args.n_ubatch.unwrap_or(self.args.n_batch),
@@ -351,11 +353,17 @@ impl Run<'_> {
                 kv_unified: self.args.kv_unified,
             })?;
             let pin = llamapool_common::cpus::CpuList::from_cpus(vec![cpu]);
-            engines.push(RunningEngine::spawn_with(backend, move || {
-                if let Err(e) = llamapool_worker::pin::pin_to(&pin) {
-                    eprintln!("pinning an engine to CPU {pin} failed: {e}");
-                }
-            })?);
+            engines.push(RunningEngine::spawn_with(
+                backend,
+                EngineHooks {
+                    on_start: Some(Box::new(move || {
+                        if let Err(e) = llamapool_worker::pin::pin_to(&pin) {
+                            eprintln!("pinning an engine to CPU {pin} failed: {e}");
+                        }
+                    })),
+                    on_iteration_end: None,
+                },
+            )?);
         }
         let handles: Vec<EngineHandle> = engines.iter().map(|e| e.handle.clone()).collect();
         let start = Instant::now();

@@ -37,6 +37,9 @@ pub struct ServerSettings {
     pub drain_timeout_secs: u64,
     /// Idle time after which an SSE comment keeps a quiet stream alive.
     pub keepalive_secs: u64,
+    /// tokio worker threads of the router; 0: one per allowed CPU, at most 2 (the router's
+    /// work is light, and every busy router thread takes a core from a worker).
+    pub runtime_threads: usize,
     /// The worker executable (default: `llamapool-worker` next to the router's).
     pub worker_binary: Option<PathBuf>,
     /// Where worker sockets live (default: a fresh private directory under $XDG_RUNTIME_DIR or /tmp).
@@ -53,6 +56,7 @@ impl Default for ServerSettings {
             ready_timeout_secs: 300,
             drain_timeout_secs: 30,
             keepalive_secs: 10,
+            runtime_threads: 0,
             worker_binary: None,
             runtime_dir: None,
         }

@@ -94,7 +94,10 @@ fn main() -> Result<()> {
     // The router's own work is light (HTTP, framing); a few runtime threads suffice and leave
     // the cores to the pinned workers.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(allowed.len().clamp(1, 4))
+        .worker_threads(match settings.server.runtime_threads {
+            0 => allowed.len().clamp(1, 2),
+            n => n,
+        })
         .enable_all()
         .build()?;
     runtime.block_on(serve(settings, model_path, plans))

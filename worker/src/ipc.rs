@@ -2,8 +2,9 @@
 //!
 //! The IPC thread (the caller of [`serve`]) reads frames, renders chat templates, tokenizes and
 //! hands requests to the engine; a writer thread owns the socket's send half and turns engine
-//! events and control replies into frames, batching whatever is ready into one write (one
-//! engine step's outputs become one `Outputs` frame).
+//! events and control replies into frames. Outputs are held until the engine says its loop
+//! iteration ended ([`flush_hook`]), so one engine step's outputs become one `Outputs` frame
+//! and one write; replies and rejections go out at once.
 
 use std::io::{BufReader, Write};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -19,15 +20,31 @@ use crate::engine::{Disconnected, EngineRequest, EventSender};
 use crate::{EngineHandle, Model};
 
 /// What the writer thread sends.
-enum Outgoing {
+pub enum Outgoing {
     Event(GenerationEvent),
     Frame(FromWorker),
+    /// The engine finished a loop iteration: write what it produced.
+    IterationEnd,
+}
+
+/// The writer's queue; create it before the engine so the engine can be given [`flush_hook`].
+pub fn outbox() -> (Sender<Outgoing>, Receiver<Outgoing>) {
+    mpsc::channel()
+}
+
+/// The engine's `on_iteration_end` hook for this writer.
+pub fn flush_hook(out: &Sender<Outgoing>) -> Box<dyn FnMut() + Send> {
+    let out = out.clone();
+    Box::new(move || {
+        let _ = out.send(Outgoing::IterationEnd);
+    })
 }
 
 /// Serves one router connection until it closes. Returns how it ended.
 pub fn serve<R, W>(
     recv: R,
     send: W,
+    (out_tx, out_rx): (Sender<Outgoing>, Receiver<Outgoing>),
     model: Model,
     engine: &EngineHandle,
     info: &WorkerInfo,
@@ -36,7 +53,6 @@ where
     R: std::io::Read,
     W: Write + Send + 'static,
 {
-    let (out_tx, out_rx) = mpsc::channel::<Outgoing>();
     let writer = std::thread::Builder::new()
         .name("ipc-writer".into())
         .spawn(move || write_loop(send, &out_rx))?;
@@ -168,27 +184,29 @@ fn control(call: ControlCall, model: Model, engine: &EngineHandle) -> ControlRep
 fn write_loop<W: Write>(mut send: W, rx: &Receiver<Outgoing>) {
     let mut wire = Vec::new();
     let mut outputs = Vec::new();
-    while let Ok(first) = rx.recv() {
-        wire.clear();
-        let mut next = Some(first);
-        while let Some(item) = next {
-            match item {
-                Outgoing::Event(GenerationEvent::Output(o)) => outputs.push(o),
-                Outgoing::Event(GenerationEvent::Rejected { id, error }) => {
-                    flush_outputs(&mut outputs, &mut wire);
-                    encode(&FromWorker::Rejected { id, error }, &mut wire);
-                }
-                Outgoing::Frame(frame) => {
-                    flush_outputs(&mut outputs, &mut wire);
-                    encode(&frame, &mut wire);
-                }
+    while let Ok(item) = rx.recv() {
+        match item {
+            Outgoing::Event(GenerationEvent::Output(o)) => {
+                outputs.push(o);
+                continue;
             }
-            next = rx.try_recv().ok();
+            Outgoing::Event(GenerationEvent::Rejected { id, error }) => {
+                flush_outputs(&mut outputs, &mut wire);
+                encode(&FromWorker::Rejected { id, error }, &mut wire);
+            }
+            Outgoing::Frame(frame) => {
+                flush_outputs(&mut outputs, &mut wire);
+                encode(&frame, &mut wire);
+            }
+            Outgoing::IterationEnd => flush_outputs(&mut outputs, &mut wire),
         }
-        flush_outputs(&mut outputs, &mut wire);
+        if wire.is_empty() {
+            continue;
+        }
         if send.write_all(&wire).and_then(|()| send.flush()).is_err() {
             return; // the router is gone; the reader sees EOF and shuts the engine down
         }
+        wire.clear();
     }
 }
 

@@ -16,6 +16,7 @@ use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use llamapool_common::cpus::CpuList;
 use llamapool_common::protocol::{WorkerInfo, PROTOCOL_VERSION};
+use llamapool_worker::engine::EngineHooks;
 use llamapool_worker::{
     ipc, pin, ContextConfig, FlashAttention, Model, ModelOptions, RunningEngine,
 };
@@ -134,7 +135,14 @@ fn run(args: &Args, pinned: &CpuList) -> Result<()> {
         flash_attention: args.flash_attention,
     };
     let backend = model.new_backend(&config)?;
-    let engine = RunningEngine::spawn(backend)?;
+    let outbox = ipc::outbox();
+    let engine = RunningEngine::spawn_with(
+        backend,
+        EngineHooks {
+            on_start: None,
+            on_iteration_end: Some(ipc::flush_hook(&outbox.0)),
+        },
+    )?;
     let limits = engine.handle.limits();
     let info = WorkerInfo {
         version: PROTOCOL_VERSION,
@@ -171,6 +179,7 @@ fn run(args: &Args, pinned: &CpuList) -> Result<()> {
     let result = ipc::serve(
         SharedStream(conn.clone()),
         SharedStream(conn),
+        outbox,
         model,
         &engine.handle,
         &info,

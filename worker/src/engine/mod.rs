@@ -157,6 +157,23 @@ impl EngineHandle {
     }
 }
 
+/// Code the engine thread runs at fixed points.
+#[derive(Default)]
+pub struct EngineHooks {
+    /// Runs first on the engine thread (e.g. to pin it, so that llama.cpp's threads, started
+    /// from it, inherit its CPU mask).
+    pub on_start: Option<Box<dyn FnOnce() + Send>>,
+    /// Runs after each loop iteration (commands applied, at most one step), when every event
+    /// of that iteration has been sent: the IPC writer flushes them as one frame.
+    pub on_iteration_end: Option<Box<dyn FnMut() + Send>>,
+}
+
+impl std::fmt::Debug for EngineHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHooks").finish_non_exhaustive()
+    }
+}
+
 /// A started engine: its handle and its thread.
 #[derive(Debug)]
 pub struct RunningEngine {
@@ -170,25 +187,29 @@ impl RunningEngine {
     where
         B: Backend + Send + 'static,
     {
-        Self::spawn_with(backend, || {})
+        Self::spawn_with(backend, EngineHooks::default())
     }
 
-    /// Starts the engine thread, running `on_start` on it first (e.g. to pin it, so that
-    /// llama.cpp's threads, started from it, inherit its CPU mask).
-    pub fn spawn_with<B>(
-        backend: B,
-        on_start: impl FnOnce() + Send + 'static,
-    ) -> std::io::Result<Self>
+    /// Starts the engine thread with hooks.
+    pub fn spawn_with<B>(backend: B, hooks: EngineHooks) -> std::io::Result<Self>
     where
         B: Backend + Send + 'static,
     {
         let limits = backend.limits();
         let (commands, inbox) = mpsc::channel();
+        let EngineHooks {
+            on_start,
+            on_iteration_end,
+        } = hooks;
         let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                on_start();
-                Engine::new(backend).run(&inbox);
+                if let Some(start) = on_start {
+                    start();
+                }
+                let mut engine = Engine::new(backend);
+                engine.on_iteration_end = on_iteration_end;
+                engine.run(&inbox);
             })?;
         Ok(Self {
             handle: EngineHandle { commands, limits },
@@ -274,6 +295,7 @@ struct Engine<B: Backend> {
     piece: Vec<u8>,
     accepting: bool,
     stats: EngineStats,
+    on_iteration_end: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -288,6 +310,7 @@ impl<B: Backend> Engine<B> {
             batch: Vec::with_capacity(limits.n_batch),
             piece: Vec::new(),
             accepting: true,
+            on_iteration_end: None,
             stats: EngineStats {
                 slots: limits.n_seq_max,
                 ..EngineStats::default()
@@ -318,6 +341,9 @@ impl<B: Backend> Engine<B> {
             }
             if !self.is_idle() {
                 self.step();
+            }
+            if let Some(hook) = &mut self.on_iteration_end {
+                hook();
             }
         }
         tracing::debug!("engine stopped");
