@@ -655,6 +655,7 @@ fn drive_engine(
                 prompt,
                 sampling,
                 stopping,
+                replay: 0,
             },
             tx.clone(),
         );

@@ -31,9 +31,10 @@ pub fn encode_into<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), C
     use bincode::Options;
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    options()
-        .serialize_into(&mut *out, message)
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if let Err(e) = options().serialize_into(&mut *out, message) {
+        out.truncate(start);
+        return Err(CodecError::Malformed(e.to_string()));
+    }
     let len = out.len() - start - 4;
     if len > MAX_FRAME_BYTES {
         out.truncate(start);
@@ -231,6 +232,19 @@ mod tests {
         round_trip(FromWorker::Fatal {
             message: "bye".into(),
         });
+    }
+
+    #[test]
+    fn a_message_too_large_to_encode_leaves_nothing_behind() {
+        let mut out = vec![7u8];
+        let huge = FromWorker::Control {
+            call: 1,
+            reply: ControlReply::Detokenized {
+                content: "x".repeat(MAX_FRAME_BYTES + 1),
+            },
+        };
+        assert!(encode_into(&huge, &mut out).is_err());
+        assert_eq!(out, vec![7u8]);
     }
 
     #[test]

@@ -103,12 +103,33 @@ fn main() -> Result<()> {
     runtime.block_on(serve(settings, model_path, plans))
 }
 
+/// Removes socket directories left by routers that were killed (SIGKILL skips the cleanup):
+/// `llamapool-<pid>-<random>` whose pid no longer exists.
+fn remove_stale_runtime_dirs(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("llamapool-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn private_runtime_dir(configured: Option<&PathBuf>) -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = configured
         .cloned()
         .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
         .unwrap_or_else(std::env::temp_dir);
+    remove_stale_runtime_dirs(&base);
     let dir = base.join(format!(
         "llamapool-{}-{:08x}",
         std::process::id(),

@@ -102,14 +102,23 @@ impl Server {
             addr,
             _dir: TempDir(dir),
         };
-        server.wait_all_ready(Duration::from_secs(120));
+        // Readiness is polled with the configured API key, if any (tests send their own).
+        let key = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("api_key = "))
+            .map(|v| format!("Bearer {}", v.trim_matches('"')));
+        server.wait_all_ready(Duration::from_secs(120), key.as_deref());
         server
     }
 
-    pub fn wait_all_ready(&self, timeout: Duration) {
+    pub fn wait_all_ready(&self, timeout: Duration, authorization: Option<&str>) {
         let deadline = Instant::now() + timeout;
+        let headers: Vec<(&str, &str)> = authorization
+            .map(|a| ("Authorization", a))
+            .into_iter()
+            .collect();
         loop {
-            if let Ok(r) = self.try_request("GET", "/workers", None) {
+            if let Ok(r) = http::request(&self.addr, "GET", "/workers", &headers, b"") {
                 if r.status == 200 {
                     let v = r.json();
                     let workers = v["workers"].as_array().expect("workers").clone();

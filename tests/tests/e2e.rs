@@ -477,19 +477,36 @@ cpus = "0"
     let r = server.post("/v1/chat/completions", &chat("Hi", 2, false));
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["type"], "authentication_error");
+    for path in ["/workers", "/metrics", "/v1/models"] {
+        assert_eq!(server.get(path).status, 401, "{path} needs the key");
+    }
+    assert_eq!(
+        server.get("/health").status,
+        200,
+        "/health stays open for probes"
+    );
+    let key = [("Authorization", "Bearer sesame")];
     let authed = |body: &Value| {
-        let text = body.to_string();
-        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
-        use std::io::{Read, Write};
-        write!(
-            stream,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-            text.len()
+        let r = http::request(
+            &server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            body.to_string().as_bytes(),
         )
         .unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).unwrap();
-        raw
+        format!(
+            "HTTP/1.1 {} {}",
+            r.status,
+            r.headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\n"))
+                .collect::<String>()
+        ) + &r.text()
+    };
+    let in_flight = || {
+        let r = http::request(&server.addr, "GET", "/workers", &key, b"").unwrap();
+        r.json()["workers"][0]["in_flight"].as_u64().unwrap()
     };
     assert!(authed(&chat("Hi", 2, false)).starts_with("HTTP/1.1 200"));
     // One slot, no queue: while a long request runs, another gets 429 with Retry-After.
@@ -500,7 +517,7 @@ cpus = "0"
             authed(&body)
         });
         let deadline = Instant::now() + Duration::from_secs(20);
-        while server.workers()[0]["in_flight"] == 0 {
+        while in_flight() == 0 {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(10));
         }

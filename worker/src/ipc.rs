@@ -119,6 +119,7 @@ fn generate(request: GenerateRequest, out: &Sender<Outgoing>, model: Model, engi
         }
     };
     let mut stopping = request.stopping;
+    let replay = request.resume.len();
     if !request.resume.is_empty() {
         // Continue a generation another worker started: what it produced becomes prompt.
         let done = u32::try_from(request.resume.len()).unwrap_or(u32::MAX);
@@ -134,6 +135,7 @@ fn generate(request: GenerateRequest, out: &Sender<Outgoing>, model: Model, engi
             prompt,
             sampling: request.sampling,
             stopping,
+            replay,
         },
         events,
     );
@@ -217,7 +219,21 @@ fn flush_outputs(outputs: &mut Vec<llamapool_common::SeqOutput>, wire: &mut Vec<
 }
 
 fn encode(frame: &FromWorker, wire: &mut Vec<u8>) {
-    if let Err(e) = codec::encode_into(frame, wire) {
-        tracing::error!(error = %e, "dropping a frame that cannot be encoded");
+    let Err(e) = codec::encode_into(frame, wire) else {
+        return;
+    };
+    // A control reply too large for a frame (say, detokenizing millions of tokens) still gets
+    // an answer; anything else is a bug worth a log line, and the connection stays intact.
+    if let FromWorker::Control { call, .. } = frame {
+        let failed = FromWorker::Control {
+            call: *call,
+            reply: ControlReply::Failed {
+                message: format!("the reply cannot be sent: {e}"),
+            },
+        };
+        if codec::encode_into(&failed, wire).is_ok() {
+            return;
+        }
     }
+    tracing::error!(error = %e, "dropping a frame that cannot be encoded");
 }

@@ -85,6 +85,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A panic is a bug in an invariant; a worker with a dead engine thread would accept and
+    // never answer, so end the process: the router sees EOF, moves the requests, respawns.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     // Die with the router: no orphan workers even if it is killed with SIGKILL.
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
     match run(&args, &pinned) {

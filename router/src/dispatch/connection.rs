@@ -29,6 +29,8 @@ pub struct InFlight {
     /// Every token generated so far, on any worker.
     pub generated: Vec<Token>,
     pub current: CurrentWorker,
+    /// How many dead workers this request has already been moved off.
+    pub moves: u32,
 }
 
 #[derive(Debug)]
@@ -147,6 +149,11 @@ where
                 let Some(command) = command else { break };
                 let message = match command {
                     ConnCommand::Generate(flight) => {
+                        if flight.events.is_closed() {
+                            // Its client left while it was being (re)dispatched.
+                            load.fetch_sub(1, Ordering::AcqRel);
+                            continue;
+                        }
                         let mut request = flight.request.clone();
                         request.resume = flight.generated.clone();
                         let resumed = u32::try_from(request.resume.len()).unwrap_or(u32::MAX);
@@ -166,7 +173,21 @@ where
                         ToWorker::Control { call: next_call, body }
                     }
                 };
-                if let Err(e) = write_frame(&mut writer, &message).await {
+                let mut wire = Vec::new();
+                if let Err(e) = codec::encode_into(&message, &mut wire) {
+                    // Only this request is at fault (a body too large for a frame, say).
+                    if let ToWorker::Generate(request) = &message {
+                        if let Some(r) = running.remove(&request.id) {
+                            load.fetch_sub(1, Ordering::AcqRel);
+                            let _ = r.flight.events.send(StreamEvent::Failed(llamapool_common::RequestError::InvalidParam {
+                                param: "prompt".into(),
+                                message: format!("the request is too large to send to a worker: {e}"),
+                            }));
+                        }
+                    }
+                    continue;
+                }
+                if let Err(e) = writer.write_all(&wire).await {
                     tracing::warn!(error = %e, "writing to the worker failed");
                     break;
                 }
@@ -218,6 +239,13 @@ where
         }
     }
     reader_task.abort();
+    // Requests queued for this connection but never sent move on with the running ones.
+    commands.close();
+    while let Ok(command) = commands.try_recv() {
+        if let ConnCommand::Generate(flight) = command {
+            running.insert(flight.request.id, Running { flight, resumed: 0 });
+        }
+    }
     load.fetch_sub(
         running.len().min(load.load(Ordering::Acquire)),
         Ordering::AcqRel,

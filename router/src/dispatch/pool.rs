@@ -56,6 +56,9 @@ struct Worker {
     load: AtomicUsize,
 }
 
+/// How many times a request may move to another worker after its worker died.
+const MAX_MOVES: u32 = 2;
+
 /// How to start workers.
 #[derive(Debug, Clone)]
 pub struct LaunchConfig {
@@ -186,6 +189,7 @@ impl Pool {
             events: events_tx,
             generated: Vec::new(),
             current: current.clone(),
+            moves: 0,
         };
         self.inner
             .send_to_best(flight, None)
@@ -217,7 +221,7 @@ impl Pool {
     pub async fn control(&self, body: ControlCall) -> Result<ControlReply, ApiError> {
         let index = self
             .inner
-            .best_worker(None)
+            .best_worker(&[])
             .ok_or_else(|| ApiError::unavailable("no worker is ready"))?;
         self.control_on(index, body).await
     }
@@ -309,11 +313,11 @@ fn update(w: &Worker, f: impl FnOnce(&mut Status)) {
 
 impl Inner {
     /// The policy: the ready worker with the fewest requests in flight (lowest index on ties).
-    fn best_worker(&self, exclude: Option<usize>) -> Option<usize> {
+    fn best_worker(&self, exclude: &[usize]) -> Option<usize> {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(i, w)| Some(*i) != exclude && status(w).state == WorkerState::Ready)
+            .filter(|(i, w)| !exclude.contains(i) && status(w).state == WorkerState::Ready)
             .min_by_key(|(_, w)| w.load.load(Ordering::Acquire))
             .map(|(i, _)| i)
     }
@@ -327,10 +331,12 @@ impl Inner {
             return Err((flight, "the server is shutting down".into()));
         }
         // A worker can go away between the choice and the send: try each ready one once.
+        let mut tried: Vec<usize> = exclude.into_iter().collect();
         for _ in 0..self.workers.len() {
-            let Some(index) = self.best_worker(exclude) else {
+            let Some(index) = self.best_worker(&tried) else {
                 break;
             };
+            tried.push(index);
             let worker = &self.workers[index];
             let Some(tx) = status(worker).commands else {
                 continue;
@@ -351,8 +357,17 @@ impl Inner {
 
     /// Requests of a worker that went away move to the others.
     fn requeue(&self, from: usize, orphans: Vec<InFlight>) {
-        for flight in orphans {
+        for mut flight in orphans {
             if flight.events.is_closed() {
+                continue;
+            }
+            flight.moves += 1;
+            if flight.moves > MAX_MOVES {
+                // A request that keeps taking workers down must not take down the whole pool.
+                let _ = flight.events.send(StreamEvent::Unavailable(format!(
+                    "the request lost {} workers in a row; giving up",
+                    flight.moves
+                )));
                 continue;
             }
             tracing::info!(id = %flight.request.id, from, tokens = flight.generated.len(), "moving a request off a failed worker");

@@ -34,6 +34,10 @@ pub struct EngineRequest {
     pub prompt: Vec<Token>,
     pub sampling: SamplingParams,
     pub stopping: StoppingParams,
+    /// The last `replay` prompt tokens were generated for this request by another worker:
+    /// their text was already sent, but it is fed through the stop-string and UTF-8 state
+    /// again so the continuation is exactly what one worker would have produced.
+    pub replay: usize,
 }
 
 /// Where the engine sends one request's events: a channel of its own, or a shared sink such
@@ -334,7 +338,10 @@ impl<B: Backend> Engine<B> {
                     Ok(command) => self.apply(command),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
-                        self.shut_down(false);
+                        // Every handle is gone: cancel, unless a drain was already asked for.
+                        if self.accepting {
+                            self.shut_down(false);
+                        }
                         break;
                     }
                 }
@@ -513,6 +520,13 @@ impl<B: Backend> Engine<B> {
             w.request.stopping.ignore_eos,
             &w.request.prompt,
         );
+        let mut text = TextAssembler::new(w.request.stopping.stop);
+        let replayed = w.request.replay.min(w.request.prompt.len());
+        for &token in &w.request.prompt[w.request.prompt.len() - replayed..] {
+            self.piece.clear();
+            self.backend.append_piece(token, &mut self.piece);
+            let _already_sent = text.push(&self.piece);
+        }
         self.active.push(Active {
             id: w.request.id,
             seq,
@@ -524,7 +538,7 @@ impl<B: Backend> Engine<B> {
             max_new: w.max_new,
             ignore_eos: w.request.stopping.ignore_eos,
             sampler,
-            text: TextAssembler::new(w.request.stopping.stop),
+            text,
             events: w.events,
             submitted: w.submitted,
             admitted: Instant::now(),

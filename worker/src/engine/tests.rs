@@ -24,6 +24,7 @@ fn request(id: u64, prompt: Vec<Token>, max_tokens: u32) -> EngineRequest {
             max_tokens: Some(max_tokens),
             ..StoppingParams::default()
         },
+        replay: 0,
     }
 }
 
@@ -313,4 +314,37 @@ fn duplicate_ids_are_rejected_and_the_thread_api_works() {
     let stats = engine.handle.stats().unwrap();
     assert_eq!(stats.slots, 2);
     engine.stop(true);
+}
+
+#[test]
+fn replayed_tokens_restore_stop_string_state_after_a_move() {
+    let mut h = Harness::new(limits(16, 1, 256));
+    h.engine.backend.pieces.insert(11, b"he".to_vec());
+    h.engine.backend.pieces.insert(12, b"llo".to_vec());
+    let stopping = StoppingParams {
+        max_tokens: Some(5),
+        stop: vec!["hello".into()],
+        ignore_eos: false,
+    };
+    // Token 11 was generated (and "he" held back) by a worker that died; it is replayed.
+    let moved = h.submit(EngineRequest {
+        stopping: stopping.clone(),
+        replay: 1,
+        ..request(1, vec![10, 11], 5)
+    });
+    h.run_until_idle();
+    let (tokens, text, finish, _) = collect(&moved);
+    assert_eq!(tokens, vec![12]);
+    assert_eq!(text, "", "the stop string spanning the move was found");
+    assert_eq!(finish.unwrap().reason, FinishReason::Stop);
+    // Without the replay the same continuation would have leaked "llo".
+    let fresh = h.submit(EngineRequest {
+        stopping: StoppingParams {
+            max_tokens: Some(1),
+            ..stopping
+        },
+        ..request(2, vec![10, 11], 1)
+    });
+    h.run_until_idle();
+    assert_eq!(collect(&fresh).1, "llo");
 }

@@ -64,6 +64,7 @@ pub fn greedy(id: u64, prompt: &str, max_tokens: u32) -> EngineRequest {
             max_tokens: Some(max_tokens),
             ..StoppingParams::default()
         },
+        replay: 0,
     }
 }
 
