@@ -480,7 +480,12 @@ fn raw_loop(
             });
         }
         let mut admitted = Vec::new();
-        while running.len() + admitted.len() < concurrency && next < prompts.len() {
+        let n_batch = backend.limits().n_batch;
+        // Whole prompts only, within the decode budget (the engine chunks; this loop does not).
+        while running.len() + admitted.len() < concurrency
+            && next < prompts.len()
+            && batch.len() + prompts[next].len() <= n_batch
+        {
             let seq = ids
                 .acquire(|id| backend.clear_sequence(id, 0))
                 .expect("a free sequence id");

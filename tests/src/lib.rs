@@ -63,6 +63,18 @@ impl Drop for TempDir {
 impl Server {
     /// Starts the router with `config` and waits until every worker is ready.
     pub fn start(config: &str) -> Self {
+        let server = Self::launch(config);
+        // Readiness is polled with the configured API key, if any (tests send their own).
+        let key = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("api_key = "))
+            .map(|v| format!("Bearer {}", v.trim_matches('"')));
+        server.wait_all_ready(Duration::from_secs(120), key.as_deref());
+        server
+    }
+
+    /// Starts the router with `config` and returns once it listens (workers may not be ready).
+    pub fn launch(config: &str) -> Self {
         let router = bin_dir().join("llamapool-router");
         assert!(
             router.is_file(),
@@ -97,18 +109,11 @@ impl Server {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        let server = Self {
+        Self {
             child,
             addr,
             _dir: TempDir(dir),
-        };
-        // Readiness is polled with the configured API key, if any (tests send their own).
-        let key = config
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("api_key = "))
-            .map(|v| format!("Bearer {}", v.trim_matches('"')));
-        server.wait_all_ready(Duration::from_secs(120), key.as_deref());
-        server
+        }
     }
 
     pub fn wait_all_ready(&self, timeout: Duration, authorization: Option<&str>) {

@@ -651,3 +651,74 @@ print("ok")
     assert!(out.status.success(), "openai client failed:\n{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
+
+#[test]
+fn no_ready_worker_means_503_and_bad_configs_name_their_key() {
+    // The worker exits at load (unknown chat template), so it never becomes ready.
+    let server = Server::launch(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[model]
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+alias = "smol"
+chat_template = "no-such-template"
+[[workers]]
+cpus = "0"
+"#,
+    );
+    let health = server.get("/health");
+    assert_eq!(health.status, 503);
+    assert_eq!(health.json()["error"]["type"], "unavailable_error");
+    let r = server.post("/v1/chat/completions", &chat("Hi", 2, false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "unavailable_error");
+    assert!(r.header("retry-after").is_some());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let w = &server.workers()[0];
+        assert_ne!(w["state"], "ready");
+        if w["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exited"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no start-up error reported: {w}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Invalid configurations stop the router before anything starts, naming the key.
+    let dir = std::env::temp_dir().join(format!("llamapool-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (config, key) in [
+        (
+            "[[workers]]\ncpus = \"0\"\n[[workers]]\ncpus = \"0-1\"\n",
+            "workers[1].cpus",
+        ),
+        ("[[workers]]\ncpus = \"4096\"\n", "workers[0].cpus"),
+        ("[worker_defaults]\nslots = 0\n", "workers[0].slots"),
+        (
+            "[model]\npath = \"/nonexistent/model.gguf\"\n",
+            "model.path",
+        ),
+        ("[server]\nlisten_on = \"x\"\n", "listen_on"),
+    ] {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(bin_dir().join("llamapool-router"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--check")
+            .env("LLAMAPOOL_MODELS", models_dir())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{config} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(key),
+            "{key} not named for {config:?}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
