@@ -282,49 +282,48 @@ impl Run<'_> {
         )
     }
 
+    /// Starts a router with `config` and runs the HTTP load against it.
+    fn over_http(
+        &self,
+        stage: &str,
+        name: &str,
+        config: &str,
+        progress: &Progress,
+    ) -> Result<StageReport> {
+        let router = procs::start_router(config)?;
+        let (records, wall) = http_load(
+            &router.addr,
+            "bench",
+            self.prompts(),
+            self.concurrency,
+            self.args.max_tokens,
+            progress,
+        );
+        Ok(summarize(stage, name, &records, wall))
+    }
+
     fn stage3(&self, progress: &Progress) -> Result<StageReport> {
         let cpus = llamapool_common::cpus::CpuList::allowed();
         let workers = format!(
             "[[workers]]\ncpus = \"{cpus}\"\nthreads = {}\n",
             self.args.threads
         );
-        let router = procs::start_router(&self.router_config(&workers, self.slots()))?;
-        let (records, wall) = http_load(
-            &router.addr,
-            "bench",
-            self.prompts(),
-            self.concurrency,
-            self.args.max_tokens,
-            progress,
-        );
-        Ok(summarize(
+        let name = format!("router + 1 worker ({} threads), HTTP", self.args.threads);
+        self.over_http(
             "3",
-            &format!("router + 1 worker ({} threads), HTTP", self.args.threads),
-            &records,
-            wall,
-        ))
+            &name,
+            &self.router_config(&workers, self.slots()),
+            progress,
+        )
     }
 
     fn stage4(&self, progress: &Progress) -> Result<StageReport> {
         let n_workers = llamapool_common::cpus::CpuList::allowed().len().max(1);
         let slots = self.pool_slots(n_workers);
-        let router = procs::start_router(&self.router_config("", slots))?;
-        let (records, wall) = http_load(
-            &router.addr,
-            "bench",
-            self.prompts(),
-            self.concurrency,
-            self.args.max_tokens,
-            progress,
+        let name = format!(
+            "router + pool ({n_workers} pinned 1-thread workers, {slots} slots each), HTTP"
         );
-        Ok(summarize(
-            "4",
-            &format!(
-                "router + pool ({n_workers} pinned 1-thread workers, {slots} slots each), HTTP"
-            ),
-            &records,
-            wall,
-        ))
+        self.over_http("4", &name, &self.router_config("", slots), progress)
     }
 }
 

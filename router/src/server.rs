@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::{header, Method, Request, Response, StatusCode};
 use llamapool_common::protocol::{ControlCall, ControlReply};
-use llamapool_common::{Finish, RequestId};
+use llamapool_common::{Finish, RequestId, SeqOutput};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -339,18 +339,7 @@ async fn generate(
     } = valid;
     let mut handle = state.pool.dispatch(generate)?;
     // Commit to a status only once the worker accepted (or rejected) the request.
-    let first = match handle.events.recv().await {
-        Some(StreamEvent::Output(o)) => o,
-        Some(StreamEvent::Failed(e)) => {
-            handle.guard.finished();
-            return Err(e.into());
-        }
-        Some(StreamEvent::Unavailable(m)) => {
-            handle.guard.finished();
-            return Err(ApiError::unavailable(m));
-        }
-        None => return Err(ApiError::unavailable("the worker went away")),
-    };
+    let first = next_output(&mut handle).await?;
     let envelope = Envelope::new(endpoint, &state.alias);
     if stream {
         let (tx, rx) = mpsc::channel(64);
@@ -373,21 +362,9 @@ async fn generate(
         let mut text = first.text;
         let mut finish = first.finish;
         while finish.is_none() {
-            match handle.events.recv().await {
-                Some(StreamEvent::Output(o)) => {
-                    text.push_str(&o.text);
-                    finish = o.finish;
-                }
-                Some(StreamEvent::Failed(e)) => {
-                    handle.guard.finished();
-                    return Err(e.into());
-                }
-                Some(StreamEvent::Unavailable(m)) => {
-                    handle.guard.finished();
-                    return Err(ApiError::unavailable(m));
-                }
-                None => return Err(ApiError::unavailable("the worker went away")),
-            }
+            let o = next_output(&mut handle).await?;
+            text.push_str(&o.text);
+            finish = o.finish;
         }
         handle.guard.finished();
         drop(permit);
@@ -399,6 +376,19 @@ async fn generate(
     }
 }
 
+/// The next output of a request, or the error that ended it (then nothing is left to abort).
+/// Cancel-safe: nothing happens before the receive completes.
+async fn next_output(handle: &mut RequestHandle) -> Result<SeqOutput, ApiError> {
+    let error = match handle.events.recv().await {
+        Some(StreamEvent::Output(o)) => return Ok(o),
+        Some(StreamEvent::Failed(e)) => ApiError::from(e),
+        Some(StreamEvent::Unavailable(m)) => ApiError::unavailable(m),
+        None => ApiError::unavailable("the worker went away"),
+    };
+    handle.guard.finished();
+    Err(error)
+}
+
 fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
@@ -407,7 +397,7 @@ fn sse(value: &Value) -> Bytes {
 /// Ends early (and the guard aborts the request) when the client goes away.
 async fn stream_events(
     mut handle: RequestHandle,
-    first: llamapool_common::SeqOutput,
+    first: SeqOutput,
     envelope: Envelope,
     include_usage: bool,
     keepalive: Duration,
@@ -421,15 +411,12 @@ async fn stream_events(
     if envelope.endpoint == Endpoint::Chat && !send(sse(&envelope.role_chunk())).await {
         return;
     }
-    let mut next = Some(StreamEvent::Output(first));
+    let mut next = Some(first);
     loop {
-        let event = match next.take() {
-            Some(e) => e,
+        let output = match next.take() {
+            Some(o) => Ok(o),
             None => tokio::select! {
-                e = handle.events.recv() => match e {
-                    Some(e) => e,
-                    None => StreamEvent::Unavailable("the worker went away".into()),
-                },
+                r = next_output(&mut handle) => r,
                 () = tokio::time::sleep(keepalive) => {
                     if !send(Bytes::from_static(b": ping\n\n")).await {
                         return;
@@ -439,8 +426,8 @@ async fn stream_events(
                 () = tx.closed() => return,
             },
         };
-        let error = match event {
-            StreamEvent::Output(o) => {
+        match output {
+            Ok(o) => {
                 if !o.text.is_empty() && !send(sse(&envelope.text_chunk(&o.text))).await {
                     return;
                 }
@@ -449,14 +436,12 @@ async fn stream_events(
                     finish_stream(&envelope, &finish, include_usage, &tx).await;
                     return;
                 }
-                continue;
             }
-            StreamEvent::Failed(e) => ApiError::from(e),
-            StreamEvent::Unavailable(m) => ApiError::unavailable(m),
-        };
-        handle.guard.finished();
-        let _ = tx.send(sse(&error.body_json())).await;
-        return;
+            Err(error) => {
+                let _ = tx.send(sse(&error.body_json())).await;
+                return;
+            }
+        }
     }
 }
 
