@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llamapool_bench::metrics::{self, StageReport};
+use llamapool_common::settings::models_dir;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -109,15 +110,6 @@ impl Args {
             .clone()
             .unwrap_or_else(|| models_dir().join("gemma-3-270m-q4_k_m.gguf"))
     }
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("LLAMAPOOL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into()))
-                .join(".cache/llamapool/models")
-        })
 }
 
 fn main() -> Result<()> {

@@ -110,6 +110,24 @@ impl Run<'_> {
             .unwrap_or(u32::try_from(self.concurrency.max(8)).unwrap_or(u32::MAX))
     }
 
+    /// Tokens per compute pass: `--n-ubatch`, else `--n-batch`.
+    fn n_ubatch(&self) -> u32 {
+        self.args.n_ubatch.unwrap_or(self.args.n_batch)
+    }
+
+    /// An in-process context of the workload's shape.
+    fn context_config(&self, slots: u32, threads: u32) -> ContextConfig {
+        ContextConfig {
+            slots,
+            context: self.context_for(slots),
+            threads,
+            n_batch: self.args.n_batch,
+            n_ubatch: self.n_ubatch(),
+            flash_attention: self.args.flash_attention,
+            kv_unified: self.args.kv_unified,
+        }
+    }
+
     /// KV cells for `slots` sequences of this workload.
     fn context_for(&self, slots: u32) -> u32 {
         let per_seq =
@@ -156,16 +174,10 @@ impl Run<'_> {
 
     fn in_process_backend(&self) -> Result<LlamaCppBackend> {
         let slots = self.slots();
-        let config = ContextConfig {
-            slots,
-            context: self.context_for(slots),
-            threads: self.args.threads,
-            n_batch: self.args.n_batch,
-            n_ubatch: self.args.n_ubatch.unwrap_or(self.args.n_batch),
-            flash_attention: self.args.flash_attention,
-            kv_unified: self.args.kv_unified,
-        };
-        Ok(self.workload.model.new_backend(&config)?)
+        Ok(self
+            .workload
+            .model
+            .new_backend(&self.context_config(slots, self.args.threads))?)
     }
 
     fn stage0(&self, progress: &Progress) -> Result<StageReport> {
@@ -219,7 +231,7 @@ impl Run<'_> {
     }
 
     fn worker_flags(&self, slots: u32) -> Vec<String> {
-        let n_ubatch = self.args.n_ubatch.unwrap_or(self.args.n_batch);
+        let n_ubatch = self.n_ubatch();
         [
             ("--model", self.args.model_path().display().to_string()),
             ("--threads", self.args.threads.to_string()),
@@ -276,7 +288,7 @@ impl Run<'_> {
             rt = self.args.router_threads,
             context = self.context_for(slots),
             n_batch = self.args.n_batch,
-            n_ubatch = self.args.n_ubatch.unwrap_or(self.args.n_batch),
+            n_ubatch = self.n_ubatch(),
             fa = self.args.flash_attention.as_str(),
             kv = self.args.kv_unified,
         )
@@ -342,15 +354,10 @@ impl Run<'_> {
         let slots = self.pool_slots(cpus.len().max(1));
         let mut engines = Vec::new();
         for &cpu in cpus.cpus() {
-            let backend = self.workload.model.new_backend(&ContextConfig {
-                slots,
-                context: self.context_for(slots),
-                threads: 1,
-                n_batch: self.args.n_batch,
-                n_ubatch: self.args.n_ubatch.unwrap_or(self.args.n_batch),
-                flash_attention: self.args.flash_attention,
-                kv_unified: self.args.kv_unified,
-            })?;
+            let backend = self
+                .workload
+                .model
+                .new_backend(&self.context_config(slots, 1))?;
             let pin = llamapool_common::cpus::CpuList::from_cpus(vec![cpu]);
             engines.push(RunningEngine::spawn_with(
                 backend,

@@ -163,6 +163,16 @@ fn bad(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
     }
 }
 
+/// Where `scripts/setup` keeps models: `$LLAMAPOOL_MODELS`, else `~/.cache/llamapool/models`.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("LLAMAPOOL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+                .join(".cache/llamapool/models")
+        })
+}
+
 impl Settings {
     /// Resolves `model.path` against the working directory, then the models directory.
     pub fn resolve_model_path(&self, models_dir: &Path) -> Result<PathBuf, SettingsError> {

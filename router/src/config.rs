@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub use llamapool_common::settings::models_dir;
 use llamapool_common::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,16 +33,6 @@ pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Setti
         builder = builder.set_override(key.as_str(), value.as_str())?;
     }
     Ok(builder.build()?.try_deserialize()?)
-}
-
-/// Where `scripts/setup` keeps models.
-pub fn models_dir() -> PathBuf {
-    std::env::var_os("LLAMAPOOL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
-                .join(".cache/llamapool/models")
-        })
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use llamapool_bench::http::{self, HttpResponse, SseReader};
+pub use llamapool_common::settings::models_dir;
 use serde_json::Value;
 
 /// `target/release` (or wherever the test binary's profile directory is).
@@ -17,14 +18,6 @@ pub fn bin_dir() -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps")
         .to_path_buf()
-}
-
-pub fn models_dir() -> PathBuf {
-    std::env::var_os("LLAMAPOOL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/llamapool/models")
-        })
 }
 
 /// Two SmolLM2 workers pinned to CPUs 0 and 1, 4 slots of 1024 tokens each.

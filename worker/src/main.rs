@@ -42,19 +42,19 @@ struct Args {
     /// ggml threads (default: the number of pinned CPUs).
     #[arg(long)]
     threads: Option<u32>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = ContextConfig::default().slots)]
     slots: u32,
     /// KV cells in total.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = ContextConfig::default().context)]
     context: u32,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = ContextConfig::default().n_batch)]
     n_batch: u32,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = ContextConfig::default().n_ubatch)]
     n_ubatch: u32,
     #[arg(long, default_value = "auto")]
     flash_attention: FlashAttention,
     /// One KV buffer shared by all sequences (true) or one stream per sequence (false).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = ContextConfig::default().kv_unified, action = clap::ArgAction::Set)]
     kv_unified: bool,
     #[arg(long, default_value_t = 0)]
     gpu_layers: u32,

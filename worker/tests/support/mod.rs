@@ -8,21 +8,13 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub use llamapool_common::settings::models_dir;
 use llamapool_common::{
     Finish, GenerationEvent, RequestError, RequestId, SamplingParams, StoppingParams, Token,
 };
 use llamapool_worker::{
     ContextConfig, EngineHandle, EngineRequest, Model, ModelOptions, RunningEngine,
 };
-
-pub fn models_dir() -> PathBuf {
-    std::env::var_os("LLAMAPOOL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME is set"))
-                .join(".cache/llamapool/models")
-        })
-}
 
 pub fn smollm2_path() -> PathBuf {
     let path = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
