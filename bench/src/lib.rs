@@ -1,5 +1,4 @@
-//! The reusable parts of llamapool-bench: the blocking HTTP/SSE client (also used by the
-//! end-to-end tests) and the latency metrics.
+//! The reusable part of llamapool-bench: the latency metrics. (The blocking HTTP/SSE client it
+//! drives routers with lives in `llamapool-testkit`, shared with the end-to-end tests.)
 
-pub mod http;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! llamapool-bench: the staged benchmark. Every stage runs the same workload (MODELS.md:
+//! llamapool-bench: the staged benchmark. Every stage runs the same workload (by default
 //! 40 requests, 8 concurrent, 32 prompt tokens, 50 generated with `ignore_eos`, Gemma 3 270M)
 //! and reports throughput and latency next to Stage 0, the raw batched-decode loop:
 //!
@@ -25,6 +25,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llamapool_bench::metrics::{self, StageReport};
 use llamapool_common::settings::models_dir;
+use llamapool_common::worker::{ContextConfig, FlashAttention};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -58,16 +59,16 @@ pub struct Args {
     #[arg(long)]
     pool_slots: Option<u32>,
     /// Tokens per decode call.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = ContextConfig::default().n_batch)]
     n_batch: u32,
     /// Tokens per physical compute step (default: n_batch).
     #[arg(long)]
     n_ubatch: Option<u32>,
     /// Flash attention: auto, on or off.
-    #[arg(long, default_value = "auto")]
-    flash_attention: llamapool_worker::FlashAttention,
+    #[arg(long, default_value_t = ContextConfig::default().flash_attention)]
+    flash_attention: FlashAttention,
     /// One KV buffer for all sequences (llama-server's --kv-unified); false: one stream each.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = ContextConfig::default().kv_unified, action = clap::ArgAction::Set)]
     kv_unified: bool,
     /// The router's tokio threads in Stages 3 and 4 (0: its default).
     #[arg(long, default_value_t = 0)]

@@ -16,20 +16,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{ConnectOptions, GenericFilePath};
-use llamapool_bench::http::{self, SseReader};
 use llamapool_bench::metrics::{summarize, RequestRecord, StageReport};
 use llamapool_common::codec;
 use llamapool_common::protocol::{FromWorker, GenerateRequest, Prompt, ToWorker, PROTOCOL_VERSION};
+use llamapool_common::worker::{ContextConfig, WorkerArgs};
 use llamapool_common::{GenerationEvent, RequestId, SamplingParams, StoppingParams, Token};
+use llamapool_testkit::http::{self, SseReader};
+use llamapool_testkit::scratch_dir;
 use llamapool_worker::backend::{Backend, BatchEntry};
 use llamapool_worker::engine::seq_ids::SeqIdPool;
 use llamapool_worker::engine::EngineHooks;
 use llamapool_worker::{
-    ContextConfig, EngineHandle, EngineRequest, LlamaCppBackend, Model, ModelOptions, RunningEngine,
+    EngineHandle, EngineRequest, LlamaCppBackend, Model, ModelOptions, RunningEngine,
 };
 use serde_json::json;
 
-use crate::procs::{self, Scratch};
+use crate::procs;
 use crate::Args;
 
 /// The model and one exactly-`prompt_tokens`-long prompt per request.
@@ -230,30 +232,23 @@ impl Run<'_> {
         ))
     }
 
-    fn worker_flags(&self, slots: u32) -> Vec<String> {
-        let n_ubatch = self.n_ubatch();
-        [
-            ("--model", self.args.model_path().display().to_string()),
-            ("--threads", self.args.threads.to_string()),
-            ("--slots", slots.to_string()),
-            ("--context", self.context_for(slots).to_string()),
-            ("--n-batch", self.args.n_batch.to_string()),
-            ("--n-ubatch", n_ubatch.to_string()),
-            (
-                "--flash-attention",
-                self.args.flash_attention.as_str().to_string(),
-            ),
-            ("--kv-unified", self.args.kv_unified.to_string()),
-        ]
-        .into_iter()
-        .flat_map(|(k, v)| [k.to_string(), v])
-        .collect()
+    /// The Stage 2 worker: the in-process context's shape, unpinned, listening on `socket`.
+    fn worker_args(&self, socket: &std::path::Path, slots: u32) -> WorkerArgs {
+        WorkerArgs {
+            socket: socket.to_path_buf(),
+            model: self.args.model_path(),
+            chat_template: None,
+            cpus: None,
+            gpu: None,
+            gpu_layers: 0,
+            context: self.context_config(slots, self.args.threads),
+        }
     }
 
     fn stage2(&self, progress: &Progress) -> Result<StageReport> {
-        let scratch = Scratch::new("ipc")?;
-        let socket = scratch.0.join("worker.sock");
-        let _worker = procs::start_worker(&socket, &self.worker_flags(self.slots()))?;
+        let scratch = scratch_dir("bench-ipc")?;
+        let socket = scratch.path().join("worker.sock");
+        let _worker = procs::start_worker(&self.worker_args(&socket, self.slots()))?;
         let name = socket.as_path().to_fs_name::<GenericFilePath>()?;
         let conn = ConnectOptions::new()
             .name(name)
@@ -666,7 +661,7 @@ fn drive_engine(
                 prompt,
                 sampling,
                 stopping,
-                replay: 0,
+                resumed: 0,
             },
             tx.clone(),
         );
@@ -682,6 +677,7 @@ fn drive_engine(
         };
         let i = usize::try_from(event.id().0).expect("ids are indices");
         let ended = match event {
+            GenerationEvent::Accepted { .. } => false,
             GenerationEvent::Output(o) => lp.on_output(i, o.tokens.len(), o.finish.is_some()),
             GenerationEvent::Rejected { .. } => {
                 lp.on_failure(i);
@@ -727,7 +723,7 @@ fn ipc_load(
             prompt: Prompt::Tokens(prompt),
             sampling,
             stopping,
-            resume: Vec::new(),
+            resumed: Vec::new(),
         };
         codec::write_frame(writer, &ToWorker::Generate(request))
     };
@@ -742,16 +738,22 @@ fn ipc_load(
         };
         let mut ended = 0;
         match frame {
-            FromWorker::Outputs(outputs) => {
-                for o in outputs {
-                    let i = usize::try_from(o.id.0)?;
-                    ended += usize::from(lp.on_output(i, o.tokens.len(), o.finish.is_some()));
+            FromWorker::Events(events) => {
+                for event in events {
+                    let i = usize::try_from(event.id().0)?;
+                    match event {
+                        GenerationEvent::Accepted { .. } => {}
+                        GenerationEvent::Output(o) => {
+                            let finished = o.finish.is_some();
+                            ended += usize::from(lp.on_output(i, o.tokens.len(), finished));
+                        }
+                        GenerationEvent::Rejected { id, error } => {
+                            eprintln!("request {id} rejected: {error}");
+                            lp.on_failure(i);
+                            ended += 1;
+                        }
+                    }
                 }
-            }
-            FromWorker::Rejected { id, error } => {
-                eprintln!("request {id} rejected: {error}");
-                lp.on_failure(usize::try_from(id.0)?);
-                ended += 1;
             }
             FromWorker::Fatal { message } => bail!("the worker failed: {message}"),
             _ => {}

@@ -1,13 +1,25 @@
-//! Framing and encoding of protocol messages: a 4-byte big-endian length, then the message in
-//! bincode. The only module that names bincode (unmaintained upstream; keep it swappable).
+//! Framing and encoding of protocol messages: one codec for both sides of the socket.
+//!
+//! A frame is tokio-util's [`LengthDelimitedCodec`] framing (a 4-byte big-endian length, at
+//! most [`MAX_FRAME_BYTES`]) around a bincode body. [`FrameCodec`] is the async side (the
+//! router's `FramedRead`/`FramedWrite`); [`write_frame`], [`read_frame`] and [`encode_into`]
+//! are the blocking twin (the worker's IPC threads, the benchmark), built from the same
+//! [`encode_frame`]/[`decode_frame`] pair. The only module that names bincode (unmaintained
+//! upstream; keep it swappable).
 
 use std::io::{Read, Write};
+use std::marker::PhantomData;
 
+use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 /// Frames larger than this are refused on both sides.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of the length prefix.
+const HEADER_BYTES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -19,46 +31,117 @@ pub enum CodecError {
     Malformed(String),
 }
 
-fn options() -> impl bincode::Options {
+fn bincode_options() -> impl bincode::Options {
     use bincode::Options;
     bincode::DefaultOptions::new()
         .with_limit(MAX_FRAME_BYTES as u64)
         .allow_trailing_bytes()
 }
 
-/// Appends one whole frame (header and body) to `out`.
-pub fn encode_into<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    use bincode::Options;
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    if let Err(e) = options().serialize_into(&mut *out, message) {
-        out.truncate(start);
-        return Err(CodecError::Malformed(e.to_string()));
-    }
-    let len = out.len() - start - 4;
-    if len > MAX_FRAME_BYTES {
-        out.truncate(start);
-        return Err(CodecError::TooLarge(len));
-    }
-    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(())
+fn length_delimited() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(HEADER_BYTES)
+        .big_endian()
+        .max_frame_length(MAX_FRAME_BYTES)
+        .new_codec()
 }
 
-/// Reads a frame header's body length, refusing oversized frames.
-pub fn body_len(header: [u8; 4]) -> Result<usize, CodecError> {
-    let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge(len));
+/// Appends one whole frame (header and body) of `message` to `dst`; on error nothing is
+/// appended, so a message too large for a frame leaves no stray header behind.
+pub fn encode_frame<T: Serialize>(
+    framing: &mut LengthDelimitedCodec,
+    message: &T,
+    dst: &mut BytesMut,
+) -> Result<(), CodecError> {
+    use bincode::Options;
+    let body = bincode_options().serialize(message).map_err(|e| match *e {
+        bincode::ErrorKind::SizeLimit => CodecError::TooLarge(MAX_FRAME_BYTES + 1),
+        other => CodecError::Malformed(other.to_string()),
+    })?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(CodecError::TooLarge(body.len()));
     }
-    Ok(len)
+    framing
+        .encode(Bytes::from(body), dst)
+        .map_err(CodecError::Io)
 }
 
-/// Decodes a frame body.
-pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+/// Takes one whole frame off the front of `src` and decodes it; `None` until a whole frame
+/// is buffered. An oversized length prefix is an error before its body arrives.
+pub fn decode_frame<T: DeserializeOwned>(
+    framing: &mut LengthDelimitedCodec,
+    src: &mut BytesMut,
+) -> Result<Option<T>, CodecError> {
     use bincode::Options;
-    options()
-        .deserialize(body)
+    let Some(body) = framing.decode(src).map_err(|e| too_large_or_io(e, src))? else {
+        return Ok(None);
+    };
+    bincode_options()
+        .deserialize(&body)
+        .map(Some)
         .map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+/// LengthDelimitedCodec reports an oversized prefix as `InvalidData`; say which size.
+fn too_large_or_io(e: std::io::Error, src: &BytesMut) -> CodecError {
+    if e.kind() == std::io::ErrorKind::InvalidData && src.len() >= HEADER_BYTES {
+        let mut header = [0u8; HEADER_BYTES];
+        header.copy_from_slice(&src[..HEADER_BYTES]);
+        return CodecError::TooLarge(u32::from_be_bytes(header) as usize);
+    }
+    CodecError::Io(e)
+}
+
+/// The async codec: decodes `In` frames, encodes `Out` frames (for `FramedRead`/`FramedWrite`).
+pub struct FrameCodec<In, Out> {
+    framing: LengthDelimitedCodec,
+    _messages: PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    pub fn new() -> Self {
+        Self {
+            framing: length_delimited(),
+            _messages: PhantomData,
+        }
+    }
+}
+
+impl<In, Out> Default for FrameCodec<In, Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<In, Out> std::fmt::Debug for FrameCodec<In, Out> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameCodec").finish_non_exhaustive()
+    }
+}
+
+impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
+    type Item = In;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
+        decode_frame(&mut self.framing, src)
+    }
+}
+
+impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = CodecError;
+
+    fn encode(&mut self, message: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        encode_frame(&mut self.framing, &message, dst)
+    }
+}
+
+/// Appends one whole frame to `out` (blocking writers batch several frames per write).
+pub fn encode_into<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let mut frame = BytesMut::new();
+    encode_frame(&mut length_delimited(), message, &mut frame)?;
+    out.extend_from_slice(&frame);
+    Ok(())
 }
 
 /// Writes one frame to a blocking writer.
@@ -69,21 +152,31 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, message: &T) -> Result<(), 
     Ok(())
 }
 
-/// Reads one frame from a blocking reader; `None` at a clean end of stream.
+/// Reads one frame from a blocking reader; `None` at a clean end of stream. Reads exactly one
+/// frame's bytes (header, then body), so the reader keeps no state between calls; `buf` is
+/// scratch space reused between calls.
 pub fn read_frame<T: DeserializeOwned>(
     r: &mut impl Read,
     buf: &mut Vec<u8>,
 ) -> Result<Option<T>, CodecError> {
-    let mut header = [0u8; 4];
+    let mut header = [0u8; HEADER_BYTES];
     match r.read_exact(&mut header) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = body_len(header)?;
-    buf.resize(len, 0);
-    r.read_exact(buf)?;
-    decode(buf).map(Some)
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(CodecError::TooLarge(len));
+    }
+    buf.clear();
+    buf.extend_from_slice(&header);
+    buf.resize(HEADER_BYTES + len, 0);
+    r.read_exact(&mut buf[HEADER_BYTES..])?;
+    let mut frame = BytesMut::from(&buf[..]);
+    decode_frame(&mut length_delimited(), &mut frame)?
+        .map(Some)
+        .ok_or_else(|| CodecError::Malformed("a whole frame did not decode".into()))
 }
 
 #[cfg(test)]
@@ -128,7 +221,7 @@ mod tests {
                     stop: vec!["\n".into()],
                     ignore_eos: true,
                 },
-                resume: vec![4],
+                resumed: vec![4],
             }));
         }
         round_trip(ToWorker::Abort {
@@ -170,14 +263,15 @@ mod tests {
                 has_chat_template: true,
             },
         }));
-        round_trip(FromWorker::Outputs(vec![
-            SeqOutput {
+        round_trip(FromWorker::Events(vec![
+            GenerationEvent::Accepted { id: RequestId(1) },
+            GenerationEvent::Output(SeqOutput {
                 id: RequestId(1),
                 tokens: vec![5],
                 text: "é".into(),
                 finish: None,
-            },
-            SeqOutput {
+            }),
+            GenerationEvent::Output(SeqOutput {
                 id: RequestId(2),
                 tokens: vec![],
                 text: String::new(),
@@ -193,21 +287,26 @@ mod tests {
                         predicted_ms: 2.5,
                     },
                 }),
+            }),
+            GenerationEvent::Rejected {
+                id: RequestId(3),
+                error: RequestError::ExceedsContext {
+                    n_prompt_tokens: 10,
+                    n_requested: 5,
+                    n_ctx: 12,
+                },
             },
         ]));
-        round_trip(FromWorker::Rejected {
-            id: RequestId(3),
-            error: RequestError::ExceedsContext {
-                n_prompt_tokens: 10,
-                n_requested: 5,
-                n_ctx: 12,
-            },
-        });
+        round_trip(FromWorker::Events(vec![GenerationEvent::Rejected {
+            id: RequestId(4),
+            error: RequestError::ChatTemplate("no template".into()),
+        }]));
         round_trip(FromWorker::Control {
             call: 1,
             reply: ControlReply::Stats(WorkerStats {
-                slots: 2,
-                ..WorkerStats::default()
+                running: 2,
+                waiting: 1,
+                decode_calls: 99,
             }),
         });
         round_trip(FromWorker::Control {
@@ -250,7 +349,6 @@ mod tests {
     #[test]
     fn oversized_and_malformed_frames_are_refused() {
         let header = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
-        assert!(matches!(body_len(header), Err(CodecError::TooLarge(_))));
         let mut wire = header.to_vec();
         wire.extend_from_slice(&[0; 8]);
         assert!(read_frame::<ToWorker>(&mut wire.as_slice(), &mut Vec::new()).is_err());

@@ -1,5 +1,6 @@
 //! Types shared by the router and the workers: request ids, sampling and stopping parameters,
-//! per-request results (outputs, finish reasons, usage, timings) and request-scoped errors.
+//! per-request results (outputs, finish reasons, usage, timings) and request-scoped errors;
+//! the configuration and the shape and command line of a worker.
 //!
 //! Everything here is plain data with validation at construction; nothing here talks to a
 //! model, a socket or a thread.
@@ -10,6 +11,7 @@ pub mod params;
 pub mod protocol;
 pub mod results;
 pub mod settings;
+pub mod worker;
 
 pub use params::ParamError;
 pub use params::{SamplingParams, StoppingParams};
@@ -17,6 +19,7 @@ pub use results::{
     ChatMessage, Finish, FinishReason, GenerationEvent, ModelInfo, RequestError, SeqOutput,
     Timings, Usage,
 };
+pub use worker::{ContextConfig, ContextError, FlashAttention, WorkerArgs};
 
 /// A token id of the model's vocabulary.
 pub type Token = i32;

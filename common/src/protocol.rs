@@ -1,18 +1,18 @@
 //! The router ⇄ worker protocol: the messages, and the version both sides check on `Hello`.
 //!
 //! One Unix-socket connection per worker. The router sends [`ToWorker`]; the worker answers
-//! with [`FromWorker`]. Generation outputs of one engine step are batched into one
-//! `Outputs` frame. Encoding lives in [`crate::codec`].
+//! with [`FromWorker`]. The generation events of one engine loop iteration (acceptances,
+//! outputs, rejections, in the order the engine sent them) travel as one `Events` frame.
+//! Encoding lives in [`crate::codec`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ChatMessage, ModelInfo, RequestError, RequestId, SamplingParams, SeqOutput, StoppingParams,
-    Token,
+    ChatMessage, GenerationEvent, ModelInfo, RequestId, SamplingParams, StoppingParams, Token,
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,9 +31,10 @@ pub struct GenerateRequest {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub stopping: StoppingParams,
-    /// Tokens already generated for this request by a worker that died; the new worker
-    /// appends them to the prompt and continues (usage still counts them as generated).
-    pub resume: Vec<Token>,
+    /// Tokens already generated for this request by a worker that died (empty for a new
+    /// request). The worker appends them to the prompt and continues the generation; their
+    /// text was already sent, and usage still counts them as generated.
+    pub resumed: Vec<Token>,
 }
 
 /// A call that expects exactly one answer with the same `call` number.
@@ -83,13 +84,12 @@ pub struct WorkerInfo {
 /// The worker's load, between two engine steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WorkerStats {
-    pub slots: u32,
-    pub free_slots: u32,
+    /// Requests holding a sequence (prefilling or decoding).
     pub running: u32,
+    /// Requests queued for a free sequence.
     pub waiting: u32,
+    /// `decode` calls since the worker started.
     pub decode_calls: u64,
-    pub prompt_tokens: u64,
-    pub generated_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,13 +110,9 @@ pub enum ControlReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromWorker {
     Ready(WorkerInfo),
-    /// One engine step's outputs, any number of requests.
-    Outputs(Vec<SeqOutput>),
-    /// The request ended before or during generation with a request-scoped error.
-    Rejected {
-        id: RequestId,
-        error: RequestError,
-    },
+    /// One engine loop iteration's events, any number of requests, in the order the engine
+    /// sent them; a request rejected before it reached the engine gets a frame of its own.
+    Events(Vec<GenerationEvent>),
     Control {
         call: u64,
         reply: ControlReply,

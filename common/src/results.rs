@@ -1,5 +1,5 @@
-//! What a request gets back: incremental outputs, the finish with usage and timings, or a
-//! request-scoped error. These cross the worker's IPC boundary unchanged.
+//! What a request gets back: acceptance, incremental outputs, the finish with usage and
+//! timings, or a request-scoped error. These cross the worker's IPC boundary unchanged.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,17 +14,6 @@ pub enum FinishReason {
     Length,
     /// The requester cancelled it.
     Cancelled,
-}
-
-impl FinishReason {
-    /// The OpenAI spelling.
-    pub fn as_openai(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-            Self::Cancelled => "cancelled",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -104,24 +93,36 @@ impl From<crate::params::ParamError> for RequestError {
     }
 }
 
-/// What the engine sends a requester: outputs as they are produced, or a rejection before any.
+/// What the engine sends a requester: `Accepted`, then `Output`s until one carries a finish.
+/// `Rejected` is final too: in place of `Accepted` when admission fails, or after it when the
+/// request fails mid-generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum GenerationEvent {
+    /// The request passed admission and is queued. The router can commit to a success
+    /// response (and keep a queued stream alive) before the first token exists.
+    Accepted {
+        id: RequestId,
+    },
     Output(SeqOutput),
-    Rejected { id: RequestId, error: RequestError },
+    /// The request ended with a request-scoped error.
+    Rejected {
+        id: RequestId,
+        error: RequestError,
+    },
 }
 
 impl GenerationEvent {
     pub fn id(&self) -> RequestId {
         match self {
+            Self::Accepted { id } | Self::Rejected { id, .. } => *id,
             Self::Output(o) => o.id,
-            Self::Rejected { id, .. } => *id,
         }
     }
 
     /// True for the last event a request gets.
     pub fn is_final(&self) -> bool {
         match self {
+            Self::Accepted { .. } => false,
             Self::Output(o) => o.finish.is_some(),
             Self::Rejected { .. } => true,
         }
@@ -143,4 +144,41 @@ pub struct ModelInfo {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_finish_or_a_rejection_is_final() {
+        let id = RequestId(5);
+        let output = |finish| {
+            GenerationEvent::Output(SeqOutput {
+                id,
+                tokens: vec![1],
+                text: "a".into(),
+                finish,
+            })
+        };
+        let finish = Finish {
+            reason: FinishReason::Stop,
+            usage: Usage::default(),
+            timings: Timings::default(),
+        };
+        let rejected = GenerationEvent::Rejected {
+            id,
+            error: RequestError::EmptyPrompt,
+        };
+        let events = [
+            (GenerationEvent::Accepted { id }, false),
+            (output(None), false),
+            (output(Some(finish)), true),
+            (rejected, true),
+        ];
+        for (event, is_final) in events {
+            assert_eq!(event.id(), id);
+            assert_eq!(event.is_final(), is_final, "{event:?}");
+        }
+    }
 }

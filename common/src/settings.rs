@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cpus::CpuList;
+use crate::worker::{ContextConfig, FlashAttention, WorkerArgs};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -85,7 +86,12 @@ impl Default for ModelSettings {
     }
 }
 
-/// Per-worker settings that `[[workers]]` entries inherit.
+/// Per-worker settings that `[[workers]]` entries inherit: the [`ContextConfig`] fields except
+/// `threads` (which defaults per worker to its number of CPUs), plus `gpu_layers`. The values
+/// default to [`ContextConfig::default`]'s.
+///
+/// The keys are spelled out rather than a flattened `ContextConfig`: serde's `flatten` does
+/// not work with `deny_unknown_fields`, and would make `threads` a key here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerDefaults {
@@ -94,26 +100,27 @@ pub struct WorkerDefaults {
     pub context: u32,
     pub n_batch: u32,
     pub n_ubatch: u32,
-    /// `auto`, `on` or `off`.
-    pub flash_attention: String,
+    pub flash_attention: FlashAttention,
     pub kv_unified: bool,
     pub gpu_layers: u32,
 }
 
 impl Default for WorkerDefaults {
     fn default() -> Self {
+        let c = ContextConfig::default();
         Self {
-            slots: 8,
-            context: 8192,
-            n_batch: 512,
-            n_ubatch: 512,
-            flash_attention: "auto".into(),
-            kv_unified: true,
+            slots: c.slots,
+            context: c.context,
+            n_batch: c.n_batch,
+            n_ubatch: c.n_ubatch,
+            flash_attention: c.flash_attention,
+            kv_unified: c.kv_unified,
             gpu_layers: 0,
         }
     }
 }
 
+/// One `[[workers]]` entry: every key left out is taken from `worker_defaults`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerSettings {
@@ -125,7 +132,7 @@ pub struct WorkerSettings {
     pub context: Option<u32>,
     pub n_batch: Option<u32>,
     pub n_ubatch: Option<u32>,
-    pub flash_attention: Option<String>,
+    pub flash_attention: Option<FlashAttention>,
     pub kv_unified: Option<bool>,
     /// GPU index (needs a build with the `cuda` feature).
     pub gpu: Option<u32>,
@@ -137,15 +144,29 @@ pub struct WorkerSettings {
 pub struct WorkerPlan {
     pub index: usize,
     pub cpus: CpuList,
-    pub threads: u32,
-    pub slots: u32,
-    pub context: u32,
-    pub n_batch: u32,
-    pub n_ubatch: u32,
-    pub flash_attention: String,
-    pub kv_unified: bool,
+    pub context: ContextConfig,
     pub gpu: Option<u32>,
     pub gpu_layers: u32,
+}
+
+impl WorkerPlan {
+    /// The command line of this worker, pinned to its CPUs and listening on `socket`.
+    pub fn worker_args(
+        &self,
+        socket: PathBuf,
+        model: PathBuf,
+        chat_template: Option<String>,
+    ) -> WorkerArgs {
+        WorkerArgs {
+            socket,
+            model,
+            chat_template,
+            cpus: Some(self.cpus.clone()),
+            gpu: self.gpu,
+            gpu_layers: self.gpu_layers,
+            context: self.context,
+        }
+    }
 }
 
 /// A setting that cannot work, with the key that names it.
@@ -206,106 +227,107 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return Err(bad("server.max_body_bytes", "must be at least 1024"));
         }
-        let entries: Vec<WorkerSettings> = if self.workers.is_empty() {
-            allowed
-                .cpus()
-                .iter()
-                .map(|c| WorkerSettings {
-                    cpus: Some(c.to_string()),
-                    threads: Some(1),
-                    ..WorkerSettings::default()
-                })
-                .collect()
-        } else {
-            self.workers.clone()
-        };
+        let entries = self.worker_entries(allowed);
         if entries.is_empty() {
             return Err(bad("workers", "no CPU is available to run a worker on"));
         }
-        let d = &self.worker_defaults;
-        let mut plans: Vec<WorkerPlan> = Vec::new();
-        for (index, w) in entries.iter().enumerate() {
-            let key = |k: &str| format!("workers[{index}].{k}");
-            let cpus = match &w.cpus {
-                Some(list) => CpuList::parse(list).map_err(|e| bad(key("cpus"), e.to_string()))?,
-                None => allowed.clone(),
-            };
-            let missing = cpus.outside(allowed);
-            if !missing.is_empty() {
-                return Err(bad(
-                    key("cpus"),
-                    format!("CPUs {missing:?} do not exist or are not available to this process (available: {allowed})"),
-                ));
-            }
-            if w.cpus.is_some() {
-                for other in &plans {
-                    let shared = cpus.overlaps(&other.cpus);
-                    if !shared.is_empty() {
-                        return Err(bad(
-                            key("cpus"),
-                            format!(
-                                "CPUs {shared:?} are also pinned by workers[{}]",
-                                other.index
-                            ),
-                        ));
-                    }
-                }
-            }
-            let threads = w.threads.unwrap_or(u32::try_from(cpus.len()).unwrap_or(1));
-            let slots = w.slots.unwrap_or(d.slots);
-            let context = w.context.unwrap_or(d.context);
-            let n_batch = w.n_batch.unwrap_or(d.n_batch);
-            let n_ubatch = w.n_ubatch.unwrap_or(d.n_ubatch);
-            let flash_attention = w
-                .flash_attention
-                .clone()
-                .unwrap_or_else(|| d.flash_attention.clone());
-            if threads == 0 {
-                return Err(bad(key("threads"), "must be at least 1"));
-            }
-            if slots == 0 || slots > 256 {
-                return Err(bad(
-                    key("slots"),
-                    format!("must be between 1 and 256, got {slots}"),
-                ));
-            }
-            if context < slots {
-                return Err(bad(
-                    key("context"),
-                    format!("{context} cells cannot hold {slots} slots"),
-                ));
-            }
-            if n_batch < slots {
-                return Err(bad(
-                    key("n_batch"),
-                    format!("must be at least slots ({slots}), got {n_batch}"),
-                ));
-            }
-            if n_ubatch == 0 {
-                return Err(bad(key("n_ubatch"), "must be at least 1"));
-            }
-            if !["auto", "on", "off"].contains(&flash_attention.as_str()) {
-                return Err(bad(
-                    key("flash_attention"),
-                    format!("must be auto, on or off, got {flash_attention:?}"),
-                ));
-            }
-            plans.push(WorkerPlan {
-                index,
-                cpus,
-                threads,
-                slots,
-                context,
-                n_batch,
-                n_ubatch,
-                flash_attention,
-                kv_unified: w.kv_unified.unwrap_or(d.kv_unified),
-                gpu: w.gpu,
-                gpu_layers: w.gpu_layers.unwrap_or(d.gpu_layers),
-            });
-        }
+        let plans = self.resolve_workers(&entries, allowed)?;
+        validate_workers(&entries, &plans, allowed)?;
         Ok(plans)
     }
+
+    /// The `[[workers]]` entries; without any, one single-thread worker per allowed CPU.
+    fn worker_entries(&self, allowed: &CpuList) -> Vec<WorkerSettings> {
+        if !self.workers.is_empty() {
+            return self.workers.clone();
+        }
+        allowed
+            .cpus()
+            .iter()
+            .map(|c| WorkerSettings {
+                cpus: Some(c.to_string()),
+                threads: Some(1),
+                ..WorkerSettings::default()
+            })
+            .collect()
+    }
+
+    /// Applies the defaults: CPU lists parsed (none: all of `allowed`), threads defaulting
+    /// to the number of CPUs, every other key taken from `worker_defaults` when left out.
+    /// Checks nothing but the syntax of CPU lists; [`validate_workers`] does the rest.
+    fn resolve_workers(
+        &self,
+        entries: &[WorkerSettings],
+        allowed: &CpuList,
+    ) -> Result<Vec<WorkerPlan>, SettingsError> {
+        let d = &self.worker_defaults;
+        entries
+            .iter()
+            .enumerate()
+            .map(|(index, w)| {
+                let cpus = match &w.cpus {
+                    Some(list) => CpuList::parse(list)
+                        .map_err(|e| bad(format!("workers[{index}].cpus"), e.to_string()))?,
+                    None => allowed.clone(),
+                };
+                let threads = w.threads.unwrap_or(u32::try_from(cpus.len()).unwrap_or(1));
+                let context = ContextConfig {
+                    slots: w.slots.unwrap_or(d.slots),
+                    context: w.context.unwrap_or(d.context),
+                    n_batch: w.n_batch.unwrap_or(d.n_batch),
+                    n_ubatch: w.n_ubatch.unwrap_or(d.n_ubatch),
+                    threads,
+                    kv_unified: w.kv_unified.unwrap_or(d.kv_unified),
+                    flash_attention: w.flash_attention.unwrap_or(d.flash_attention),
+                };
+                Ok(WorkerPlan {
+                    index,
+                    cpus,
+                    context,
+                    gpu: w.gpu,
+                    gpu_layers: w.gpu_layers.unwrap_or(d.gpu_layers),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Checks resolved workers in order: their CPUs exist and are allowed, explicit CPU lists
+/// (`entries[i].cpus`) do not overlap an earlier worker's, and each context is valid. The
+/// error names the key as `workers[i].KEY`.
+fn validate_workers(
+    entries: &[WorkerSettings],
+    plans: &[WorkerPlan],
+    allowed: &CpuList,
+) -> Result<(), SettingsError> {
+    for (index, (w, plan)) in entries.iter().zip(plans).enumerate() {
+        let key = |k: &str| format!("workers[{index}].{k}");
+        let missing = plan.cpus.outside(allowed);
+        if !missing.is_empty() {
+            return Err(bad(
+                key("cpus"),
+                format!("CPUs {missing:?} do not exist or are not available to this process (available: {allowed})"),
+            ));
+        }
+        if w.cpus.is_some() {
+            for other in &plans[..index] {
+                let shared = plan.cpus.overlaps(&other.cpus);
+                if !shared.is_empty() {
+                    return Err(bad(
+                        key("cpus"),
+                        format!(
+                            "CPUs {shared:?} are also pinned by workers[{}]",
+                            other.index
+                        ),
+                    ));
+                }
+            }
+        }
+        plan.context
+            .validate()
+            .map_err(|e| bad(key(e.field()), e.to_string()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -320,7 +342,9 @@ mod tests {
     fn no_workers_means_one_per_cpu() {
         let plans = Settings::default().plan_workers(&allowed()).unwrap();
         assert_eq!(plans.len(), 4);
-        assert!(plans.iter().all(|p| p.threads == 1 && p.cpus.len() == 1));
+        assert!(plans
+            .iter()
+            .all(|p| p.context.threads == 1 && p.cpus.len() == 1));
         assert_eq!(plans[2].cpus.cpus(), &[2]);
     }
 
@@ -341,9 +365,9 @@ mod tests {
             ..Settings::default()
         };
         let plans = s.plan_workers(&allowed()).unwrap();
-        assert_eq!(plans[0].threads, 2);
-        assert_eq!(plans[0].slots, 8);
-        assert_eq!(plans[1].slots, 4);
+        assert_eq!(plans[0].context.threads, 2);
+        assert_eq!(plans[0].context.slots, 8);
+        assert_eq!(plans[1].context.slots, 4);
     }
 
     #[test]
@@ -367,12 +391,12 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.key, "workers[0].slots");
         let err = with(WorkerSettings {
-            flash_attention: Some("maybe".into()),
+            n_batch: Some(4),
             ..Default::default()
         })
         .plan_workers(&allowed())
         .unwrap_err();
-        assert_eq!(err.key, "workers[0].flash_attention");
+        assert_eq!(err.key, "workers[0].n_batch");
         let overlapping = Settings {
             workers: vec![
                 WorkerSettings {
@@ -403,5 +427,71 @@ mod tests {
                 .key,
             "model.path"
         );
+    }
+
+    #[test]
+    fn flash_attention_parses_from_toml() {
+        let s: Settings = toml::from_str(
+            "[worker_defaults]\nflash_attention = \"off\"\n[[workers]]\nflash_attention = \"on\"\n[[workers]]\n",
+        )
+        .unwrap();
+        assert_eq!(s.worker_defaults.flash_attention, FlashAttention::Off);
+        let plans = s.plan_workers(&allowed()).unwrap();
+        assert_eq!(plans[0].context.flash_attention, FlashAttention::On);
+        assert_eq!(plans[1].context.flash_attention, FlashAttention::Off);
+        for bad in [
+            "[worker_defaults]\nflash_attention = \"maybe\"\n",
+            "[[workers]]\nflash_attention = \"yes\"\n",
+            "[[workers]]\nflash_attention = true\n",
+        ] {
+            let err = toml::from_str::<Settings>(bad).unwrap_err().to_string();
+            assert!(err.contains("flash_attention"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn settings_serialize_back_to_the_same_toml_keys() {
+        let s = Settings {
+            worker_defaults: WorkerDefaults {
+                flash_attention: FlashAttention::Off,
+                ..WorkerDefaults::default()
+            },
+            ..Settings::default()
+        };
+        let text = toml::to_string(&s).unwrap();
+        assert!(text.contains("flash_attention = \"off\""), "{text}");
+        assert_eq!(toml::from_str::<Settings>(&text).unwrap(), s);
+    }
+
+    #[test]
+    fn defaults_are_the_context_defaults() {
+        let plans = Settings::default().plan_workers(&allowed()).unwrap();
+        assert_eq!(
+            plans[0].context,
+            ContextConfig {
+                threads: 1,
+                ..ContextConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn shipped_configs_parse_and_plan() {
+        for (name, text) in [
+            ("default", include_str!("../../configs/default.toml")),
+            (
+                "gemma-bench",
+                include_str!("../../configs/gemma-bench.toml"),
+            ),
+            (
+                "gpu.example",
+                include_str!("../../configs/gpu.example.toml"),
+            ),
+        ] {
+            let s: Settings = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let allowed = CpuList::parse("0-7").unwrap();
+            s.plan_workers(&allowed)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 }

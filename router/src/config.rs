@@ -41,10 +41,8 @@ mod tests {
 
     #[test]
     fn file_then_overrides() {
-        let dir =
-            std::env::temp_dir().join(format!("llamapool-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
         std::fs::write(
             &file,
             "[server]\nlisten = \"127.0.0.1:9\"\n[model]\nalias = \"a\"\n[[workers]]\ncpus = \"0\"\nslots = 2\n",
@@ -57,7 +55,7 @@ mod tests {
         std::fs::write(&file, "[server]\nlisten_typo = 1\n").unwrap();
         assert!(load(Some(&file), &[]).is_err(), "unknown keys are errors");
         assert!(matches!(
-            load(Some(&dir.join("none.toml")), &[]),
+            load(Some(&dir.path().join("none.toml")), &[]),
             Err(ConfigError::MissingFile(_))
         ));
     }

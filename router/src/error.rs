@@ -1,12 +1,16 @@
 //! The router's errors and their one mapping to HTTP: every error a client sees is JSON in
 //! the OpenAI shape `{"error":{"message","type","param","code"}}` with the right status.
+//!
+//! Each layer has its typed error ([`InvalidRequest`] from parsing, [`DispatchError`] from the
+//! pool, [`RequestError`] from a worker); this module alone decides their status and type.
 
-use bytes::Bytes;
-use hyper::{header, Response, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use llamapool_common::RequestError;
 use serde_json::json;
 
-use crate::server::Body;
+use crate::dispatch::DispatchError;
+use crate::openai::InvalidRequest;
 
 /// An error answer to one HTTP request.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -36,22 +40,26 @@ impl ApiError {
         }
     }
 
-    pub fn invalid(message: impl Into<String>) -> Self {
+    fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
-    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+    fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            param: Some(param.to_string()),
+            param: Some(param.into()),
             ..Self::invalid(message)
         }
     }
 
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+    pub fn no_route(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("no route for {method} {path}"),
+        )
     }
 
-    pub fn method_not_allowed(method: &hyper::Method, path: &str) -> Self {
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
@@ -65,6 +73,10 @@ impl ApiError {
             "invalid_request_error",
             format!("the request body is larger than {limit} bytes"),
         )
+    }
+
+    pub fn unreadable_body(reason: impl std::fmt::Display) -> Self {
+        Self::invalid(format!("reading the body failed: {reason}"))
     }
 
     pub fn unauthorized() -> Self {
@@ -86,7 +98,7 @@ impl ApiError {
         }
     }
 
-    pub fn unavailable(message: impl Into<String>) -> Self {
+    fn unavailable(message: impl Into<String>) -> Self {
         Self {
             retry_after: Some(1),
             ..Self::new(
@@ -97,7 +109,16 @@ impl ApiError {
         }
     }
 
-    pub fn internal(message: impl Into<String>) -> Self {
+    pub fn no_worker_ready() -> Self {
+        Self::from(DispatchError::NoWorkerReady)
+    }
+
+    /// A worker answered a call with a refusal of the given field (e.g. an unknown token id).
+    pub fn refused(param: &str, message: impl Into<String>) -> Self {
+        Self::invalid_param(param, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
@@ -118,16 +139,51 @@ impl ApiError {
         }
         json!({ "error": error })
     }
+}
 
-    pub fn into_response(self) -> Response<Body> {
-        let body = Bytes::from(self.body_json().to_string());
-        let mut response = Response::builder()
-            .status(self.status)
-            .header(header::CONTENT_TYPE, "application/json");
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body_json())).into_response();
         if let Some(secs) = self.retry_after {
-            response = response.header(header::RETRY_AFTER, secs.to_string());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        response.body(Body::full(body)).expect("a valid response")
+        response
+    }
+}
+
+impl From<InvalidRequest> for ApiError {
+    fn from(e: InvalidRequest) -> Self {
+        let message = e.to_string();
+        match e {
+            InvalidRequest::Body(_) => Self::invalid(message),
+            InvalidRequest::Field { param, .. } => Self::invalid_param(param, message),
+            InvalidRequest::Unsupported { param, .. } => Self {
+                code: Some("unsupported_parameter".into()),
+                ..Self::invalid_param(param, message)
+            },
+            InvalidRequest::UnknownModel { .. } => Self {
+                code: Some("model_not_found".into()),
+                param: Some("model".into()),
+                ..Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+            },
+        }
+    }
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(e: DispatchError) -> Self {
+        let message = e.to_string();
+        match e {
+            DispatchError::NoWorkerReady
+            | DispatchError::ShuttingDown
+            | DispatchError::WorkerGone
+            | DispatchError::NoAnswer
+            | DispatchError::TooManyMoves(_) => Self::unavailable(message),
+            DispatchError::TooLargeToSend(_) => Self::invalid_param("prompt", message),
+            DispatchError::UnexpectedReply(_) => Self::internal(message),
+        }
     }
 }
 
@@ -147,10 +203,7 @@ impl From<RequestError> for ApiError {
                     message,
                 )
             },
-            RequestError::InvalidParam { param, .. } => Self {
-                param: Some(param),
-                ..Self::invalid(message)
-            },
+            RequestError::InvalidParam { param, .. } => Self::invalid_param(param, message),
             RequestError::EmptyPrompt
             | RequestError::InvalidToken { .. }
             | RequestError::ChatTemplate(_) => Self::invalid(message),
@@ -181,10 +234,39 @@ mod tests {
 
     #[test]
     fn shape_has_all_four_fields() {
-        let body = ApiError::invalid_param("n", "only n=1 is supported").body_json();
+        let body = ApiError::from(InvalidRequest::Field {
+            param: "n".into(),
+            message: "only n=1 is supported".into(),
+        })
+        .body_json();
         for key in ["message", "type", "param", "code"] {
             assert!(body["error"].get(key).is_some(), "{key} missing");
         }
         assert_eq!(body["error"]["param"], "n");
+    }
+
+    #[test]
+    fn each_layer_maps_to_its_status() {
+        let unknown = ApiError::from(InvalidRequest::UnknownModel {
+            requested: "x".into(),
+            served: "m".into(),
+        });
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+        assert_eq!(unknown.code.as_deref(), Some("model_not_found"));
+        let unsupported = ApiError::from(InvalidRequest::Unsupported {
+            param: "tools",
+            detail: String::new(),
+        });
+        assert_eq!(unsupported.status, StatusCode::BAD_REQUEST);
+        assert_eq!(unsupported.param.as_deref(), Some("tools"));
+        let down = ApiError::from(DispatchError::NoWorkerReady);
+        assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.retry_after, Some(1));
+        let full = ApiError::from(RequestError::KvCacheFull);
+        assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+        let response = ApiError::queue_full().into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     }
 }

@@ -1,14 +1,18 @@
-//! The llamapool router: OpenAI-compatible HTTP (hyper 1.x) in front of a pool of worker
-//! processes reached over Unix sockets.
+//! The llamapool router: OpenAI-compatible HTTP (axum on hyper 1.x) in front of a pool of
+//! worker processes reached over Unix sockets. Modules depend in one direction:
+//! `http` → `openai`, `dispatch`, `error`; `error` → `openai`, `dispatch`; `dispatch` →
+//! `metrics`. docs/ARCHITECTURE.md traces a request through them.
 //!
 //! - [`config`]: settings from file, environment and flags.
-//! - [`openai`]: request validation and response shapes; [`error`]: the one error → HTTP map.
-//! - [`server`]: routing, handlers, SSE; [`dispatch`]: the pool, worker connections, abort guards.
+//! - [`http`]: the route table, handlers, SSE, body limits and API keys.
+//! - [`openai`]: request bodies (typed, validated) and response shapes.
+//! - [`error`]: the one mapping of every layer's errors to HTTP.
+//! - [`dispatch`]: the pool, worker connections, abort guards; no HTTP types.
 //! - [`metrics`]: Prometheus counters.
 
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod openai;
-pub mod server;

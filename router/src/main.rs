@@ -8,17 +8,19 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::IsTerminal;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use llamapool_common::cpus::CpuList;
 use llamapool_router::config;
 use llamapool_router::dispatch::pool::LaunchConfig;
 use llamapool_router::dispatch::Pool;
+use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
-use llamapool_router::server::{self, AppState};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
@@ -55,6 +57,7 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
     let mut overrides = Vec::new();
@@ -84,9 +87,20 @@ fn main() -> Result<()> {
             settings.model.alias
         );
         for p in &plans {
+            let c = &p.context;
+            let gpu = p.gpu.map(|g| format!(" gpu {g}")).unwrap_or_default();
             println!(
-                "worker {}: cpus {} threads {} slots {} context {}",
-                p.index, p.cpus, p.threads, p.slots, p.context
+                "worker {}: cpus {} threads {} slots {} context {} n_batch {} n_ubatch {} flash_attention {} kv_unified {} gpu_layers {}{gpu}",
+                p.index,
+                p.cpus,
+                c.threads,
+                c.slots,
+                c.context,
+                c.n_batch,
+                c.n_ubatch,
+                c.flash_attention,
+                c.kv_unified,
+                p.gpu_layers
             );
         }
         return Ok(());
@@ -202,6 +216,7 @@ async fn serve(
     let mut sigint = signal(SignalKind::interrupt())?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
+    let app = http::router(state);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -213,8 +228,7 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                let service = service_fn(move |req| server::handle(state.clone(), req));
+                let service = TowerToHyperService::new(app.clone());
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -68,7 +68,7 @@ fn every_stage_runs_and_reports() {
 
 #[test]
 fn sweep_writes_json_and_svg_and_url_mode_measures_a_server() {
-    let dir = std::env::temp_dir().join(format!("llamapool-sweep-{}", std::process::id()));
+    let dir = scratch_dir("sweep").unwrap();
     let report = bench(&[
         "--sweep",
         "--levels",
@@ -76,7 +76,7 @@ fn sweep_writes_json_and_svg_and_url_mode_measures_a_server() {
         "--stages",
         "0,2",
         "--out-dir",
-        dir.to_str().unwrap(),
+        dir.path().to_str().unwrap(),
     ]);
     let rows = report["stages"].as_array().unwrap();
     assert_eq!(rows.len(), 4);
@@ -85,12 +85,13 @@ fn sweep_writes_json_and_svg_and_url_mode_measures_a_server() {
         let c = row["concurrency"].as_u64().unwrap();
         check_row(row, 8 * 4.max(4 * c));
     }
-    let svg = std::fs::read_to_string(dir.join("sweep.svg")).expect("sweep.svg");
+    let svg = std::fs::read_to_string(dir.path().join("sweep.svg")).expect("sweep.svg");
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
     let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("sweep.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("sweep.json")).unwrap())
+            .unwrap();
     assert_eq!(json["stages"].as_array().unwrap().len(), 4);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 
     let server = Server::start(TWO_WORKERS);
     let url = format!("http://{}", server.addr);

@@ -689,8 +689,7 @@ cpus = "0"
     }
 
     // Invalid configurations stop the router before anything starts, naming the key.
-    let dir = std::env::temp_dir().join(format!("llamapool-badconfig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("badconfig").unwrap();
     for (config, key) in [
         (
             "[[workers]]\ncpus = \"0\"\n[[workers]]\ncpus = \"0-1\"\n",
@@ -704,7 +703,7 @@ cpus = "0"
         ),
         ("[server]\nlisten_on = \"x\"\n", "listen_on"),
     ] {
-        let path = dir.join("bad.toml");
+        let path = dir.path().join("bad.toml");
         std::fs::write(&path, config).unwrap();
         let out = std::process::Command::new(bin_dir().join("llamapool-router"))
             .arg("--config")
@@ -720,5 +719,4 @@ cpus = "0"
             "{key} not named for {config:?}: {stderr}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

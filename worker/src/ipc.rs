@@ -2,9 +2,11 @@
 //!
 //! The IPC thread (the caller of [`serve`]) reads frames, renders chat templates, tokenizes and
 //! hands requests to the engine; a writer thread owns the socket's send half and turns engine
-//! events and control replies into frames. Outputs are held until the engine says its loop
-//! iteration ended ([`flush_hook`]), so one engine step's outputs become one `Outputs` frame
-//! and one write; replies and rejections go out at once.
+//! events and control replies into frames. Generation events are held until the engine says
+//! its loop iteration ended ([`flush_hook`]), so one iteration's acceptances, outputs and
+//! rejections become one `Events` frame and one write, in the order the engine sent them.
+//! Control replies, and rejections made here before a request reaches the engine, go out at
+//! once.
 
 use std::io::{BufReader, Write};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -25,6 +27,9 @@ pub enum Outgoing {
     Frame(FromWorker),
     /// The engine finished a loop iteration: write what it produced.
     IterationEnd,
+    /// The engine thread has ended, so no iteration end will come again: write what is held,
+    /// and from now on each event at once (only `EngineHandle::submit`'s rejections remain).
+    EngineStopped,
 }
 
 /// The writer's queue; create it before the engine so the engine can be given [`flush_hook`].
@@ -32,12 +37,21 @@ pub fn outbox() -> (Sender<Outgoing>, Receiver<Outgoing>) {
     mpsc::channel()
 }
 
-/// The engine's `on_iteration_end` hook for this writer.
+/// The engine's `on_iteration_end` hook for this writer. The engine drops it when its thread
+/// ends, which tells the writer to stop holding events.
 pub fn flush_hook(out: &Sender<Outgoing>) -> Box<dyn FnMut() + Send> {
-    let out = out.clone();
+    let hook = FlushHook(out.clone());
     Box::new(move || {
-        let _ = out.send(Outgoing::IterationEnd);
+        let _ = hook.0.send(Outgoing::IterationEnd);
     })
+}
+
+struct FlushHook(Sender<Outgoing>);
+
+impl Drop for FlushHook {
+    fn drop(&mut self) {
+        let _ = self.0.send(Outgoing::EngineStopped);
+    }
 }
 
 /// Serves one router connection until it closes. Returns how it ended.
@@ -114,17 +128,19 @@ fn generate(request: GenerateRequest, out: &Sender<Outgoing>, model: Model, engi
     let mut prompt = match prompt {
         Ok(tokens) => tokens,
         Err(error) => {
-            let _ = out.send(Outgoing::Frame(FromWorker::Rejected { id, error }));
+            let rejected = GenerationEvent::Rejected { id, error };
+            let _ = out.send(Outgoing::Frame(FromWorker::Events(vec![rejected])));
             return;
         }
     };
     let mut stopping = request.stopping;
-    let replay = request.resume.len();
-    if !request.resume.is_empty() {
-        // Continue a generation another worker started: what it produced becomes prompt.
-        let done = u32::try_from(request.resume.len()).unwrap_or(u32::MAX);
+    let resumed = request.resumed.len();
+    if resumed > 0 {
+        // Continue a generation another worker started: what it produced becomes prompt, and
+        // counts against max_tokens.
+        let done = u32::try_from(resumed).unwrap_or(u32::MAX);
         stopping.max_tokens = stopping.max_tokens.map(|m| m.saturating_sub(done).max(1));
-        prompt.extend(request.resume);
+        prompt.extend(request.resumed);
     }
     let tx = out.clone();
     let events =
@@ -135,7 +151,7 @@ fn generate(request: GenerateRequest, out: &Sender<Outgoing>, model: Model, engi
             prompt,
             sampling: request.sampling,
             stopping,
-            replay,
+            resumed,
         },
         events,
     );
@@ -145,13 +161,9 @@ fn control(call: ControlCall, model: Model, engine: &EngineHandle) -> ControlRep
     match call {
         ControlCall::Stats => match engine.stats() {
             Some(s) => ControlReply::Stats(WorkerStats {
-                slots: s.slots as u32,
-                free_slots: s.free_ids as u32,
-                running: s.running as u32,
-                waiting: s.waiting as u32,
+                running: u32::try_from(s.running).unwrap_or(u32::MAX),
+                waiting: u32::try_from(s.waiting).unwrap_or(u32::MAX),
                 decode_calls: s.decode_calls,
-                prompt_tokens: s.prompt_tokens,
-                generated_tokens: s.generated_tokens,
             }),
             None => ControlReply::Failed {
                 message: "the engine has stopped".into(),
@@ -185,22 +197,27 @@ fn control(call: ControlCall, model: Model, engine: &EngineHandle) -> ControlRep
 
 fn write_loop<W: Write>(mut send: W, rx: &Receiver<Outgoing>) {
     let mut wire = Vec::new();
-    let mut outputs = Vec::new();
+    let mut events = Vec::new();
+    // While the engine runs, its events wait for the end of their iteration.
+    let mut batching = true;
     while let Ok(item) = rx.recv() {
         match item {
-            Outgoing::Event(GenerationEvent::Output(o)) => {
-                outputs.push(o);
-                continue;
-            }
-            Outgoing::Event(GenerationEvent::Rejected { id, error }) => {
-                flush_outputs(&mut outputs, &mut wire);
-                encode(&FromWorker::Rejected { id, error }, &mut wire);
+            Outgoing::Event(event) => {
+                events.push(event);
+                if batching {
+                    continue;
+                }
+                flush_events(&mut events, &mut wire);
             }
             Outgoing::Frame(frame) => {
-                flush_outputs(&mut outputs, &mut wire);
+                flush_events(&mut events, &mut wire);
                 encode(&frame, &mut wire);
             }
-            Outgoing::IterationEnd => flush_outputs(&mut outputs, &mut wire),
+            Outgoing::IterationEnd => flush_events(&mut events, &mut wire),
+            Outgoing::EngineStopped => {
+                batching = false;
+                flush_events(&mut events, &mut wire);
+            }
         }
         if wire.is_empty() {
             continue;
@@ -212,9 +229,9 @@ fn write_loop<W: Write>(mut send: W, rx: &Receiver<Outgoing>) {
     }
 }
 
-fn flush_outputs(outputs: &mut Vec<llamapool_common::SeqOutput>, wire: &mut Vec<u8>) {
-    if !outputs.is_empty() {
-        encode(&FromWorker::Outputs(std::mem::take(outputs)), wire);
+fn flush_events(events: &mut Vec<GenerationEvent>, wire: &mut Vec<u8>) {
+    if !events.is_empty() {
+        encode(&FromWorker::Events(std::mem::take(events)), wire);
     }
 }
 
@@ -236,4 +253,82 @@ fn encode(frame: &FromWorker, wire: &mut Vec<u8>) {
         }
     }
     tracing::error!(error = %e, "dropping a frame that cannot be encoded");
+}
+
+#[cfg(test)]
+mod tests {
+    use llamapool_common::{RequestId, SeqOutput};
+
+    use super::*;
+
+    fn output(id: u64, text: &str) -> GenerationEvent {
+        GenerationEvent::Output(SeqOutput {
+            id: RequestId(id),
+            tokens: vec![1],
+            text: text.into(),
+            finish: None,
+        })
+    }
+
+    #[test]
+    fn events_are_held_until_the_iteration_ends_and_sent_at_once_after_the_engine_stopped() {
+        let accepted = |id| GenerationEvent::Accepted { id: RequestId(id) };
+        let rejected = GenerationEvent::Rejected {
+            id: RequestId(3),
+            error: RequestError::ShuttingDown,
+        };
+        let reply = FromWorker::Control {
+            call: 9,
+            reply: ControlReply::Detokenized {
+                content: "x".into(),
+            },
+        };
+        let (tx, rx) = outbox();
+        for item in [
+            Outgoing::Event(accepted(1)),
+            Outgoing::Event(output(1, "a")),
+            Outgoing::IterationEnd,
+            Outgoing::Event(output(1, "b")),
+            // A reply in the middle of an iteration goes out after what came before it.
+            Outgoing::Frame(reply.clone()),
+            Outgoing::Event(accepted(2)),
+            Outgoing::IterationEnd,
+            Outgoing::IterationEnd,
+            Outgoing::EngineStopped,
+            Outgoing::Event(rejected.clone()),
+        ] {
+            tx.send(item).unwrap();
+        }
+        drop(tx);
+        let mut wire = Vec::new();
+        write_loop(&mut wire, &rx);
+
+        let mut reader = wire.as_slice();
+        let mut frames = Vec::new();
+        while let Some(frame) = codec::read_frame::<FromWorker>(&mut reader, &mut Vec::new())
+            .expect("the writer writes whole frames")
+        {
+            frames.push(frame);
+        }
+        assert_eq!(
+            frames,
+            vec![
+                FromWorker::Events(vec![accepted(1), output(1, "a")]),
+                FromWorker::Events(vec![output(1, "b")]),
+                reply,
+                FromWorker::Events(vec![accepted(2)]),
+                FromWorker::Events(vec![rejected]),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_flush_hook_says_when_the_engine_is_gone() {
+        let (tx, rx) = outbox();
+        let mut hook = flush_hook(&tx);
+        hook();
+        drop(hook);
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::IterationEnd)));
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::EngineStopped)));
+    }
 }

@@ -4,13 +4,14 @@
 //!   and the engine thread that owns a [`backend::Backend`] and runs one decode per step.
 //! - [`backend`] is mechanism: the trait the engine drives, the llama.cpp implementation (the
 //!   only module that names `llama_cpp_2`) and a scripted fake for step-by-step tests.
+//! - [`cli`] is the worker's command line (what `llamapool_common::worker::WorkerArgs` writes).
 
 pub mod backend;
+pub mod cli;
 pub mod engine;
 pub mod ipc;
 pub mod pin;
 
-pub use backend::llama::{
-    ContextConfig, FlashAttention, LlamaCppBackend, LoadError, Model, ModelOptions,
-};
+pub use backend::llama::{LlamaCppBackend, LoadError, Model, ModelOptions};
 pub use engine::{EngineHandle, EngineRequest, EngineStats, EventSender, RunningEngine};
+pub use llamapool_common::worker::{ContextConfig, FlashAttention};

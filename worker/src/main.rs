@@ -5,8 +5,7 @@
 //! exists means a worker that is ready. It serves exactly one router connection and exits
 //! when that connection closes (or its parent dies).
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -16,74 +15,36 @@ use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use llamapool_common::cpus::CpuList;
 use llamapool_common::protocol::{WorkerInfo, PROTOCOL_VERSION};
+use llamapool_common::worker::WorkerArgs;
+use llamapool_worker::cli::Cli;
 use llamapool_worker::engine::EngineHooks;
-use llamapool_worker::{
-    ipc, pin, ContextConfig, FlashAttention, Model, ModelOptions, RunningEngine,
-};
-
-#[derive(Debug, Parser)]
-#[command(
-    version,
-    about = "A llamapool worker process (normally started by llamapool-router)"
-)]
-struct Args {
-    /// Unix socket path to listen on once ready.
-    #[arg(long)]
-    socket: PathBuf,
-    /// GGUF model file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Chat template name or text, for models without one.
-    #[arg(long)]
-    chat_template: Option<String>,
-    /// CPUs to pin to, e.g. "0-3,8".
-    #[arg(long)]
-    cpus: Option<String>,
-    /// ggml threads (default: the number of pinned CPUs).
-    #[arg(long)]
-    threads: Option<u32>,
-    #[arg(long, default_value_t = ContextConfig::default().slots)]
-    slots: u32,
-    /// KV cells in total.
-    #[arg(long, default_value_t = ContextConfig::default().context)]
-    context: u32,
-    #[arg(long, default_value_t = ContextConfig::default().n_batch)]
-    n_batch: u32,
-    #[arg(long, default_value_t = ContextConfig::default().n_ubatch)]
-    n_ubatch: u32,
-    #[arg(long, default_value = "auto")]
-    flash_attention: FlashAttention,
-    /// One KV buffer shared by all sequences (true) or one stream per sequence (false).
-    #[arg(long, default_value_t = ContextConfig::default().kv_unified, action = clap::ArgAction::Set)]
-    kv_unified: bool,
-    #[arg(long, default_value_t = 0)]
-    gpu_layers: u32,
-}
+use llamapool_worker::{ipc, pin, Model, ModelOptions, RunningEngine};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(gpu) = cli.gpu {
+        // Before llama.cpp initialises CUDA, and while this is the only thread.
+        std::env::set_var("CUDA_VISIBLE_DEVICES", gpu.to_string());
+    }
     // Pin first: every thread started from here on (tracing, llama.cpp's) inherits the mask.
-    let pinned = match &args.cpus {
-        Some(list) => match CpuList::parse(list)
-            .map_err(anyhow::Error::from)
-            .and_then(|cpus| {
-                pin::pin_to(&cpus).with_context(|| format!("pinning to CPUs {cpus}"))?;
-                Ok(cpus)
-            }) {
-            Ok(cpus) => cpus,
-            Err(e) => {
-                eprintln!("llamapool-worker: {e:#}");
+    let pinned = match &cli.cpus {
+        Some(cpus) => {
+            if let Err(e) = pin::pin_to(cpus) {
+                eprintln!("llamapool-worker: pinning to CPUs {cpus}: {e:#}");
                 return ExitCode::FAILURE;
             }
-        },
+            cpus.clone()
+        }
         None => CpuList::allowed(),
     };
+    let args = cli.into_worker_args(pinned.len());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "warn,llamapool_worker=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // A panic is a bug in an invariant; a worker with a dead engine thread would accept and
     // never answer, so end the process: the router sees EOF, moves the requests, respawns.
@@ -123,8 +84,10 @@ impl Write for SharedStream {
     }
 }
 
-fn run(args: &Args, pinned: &CpuList) -> Result<()> {
-    let threads = args.threads.unwrap_or(u32::try_from(pinned.len().max(1))?);
+fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
+    let config = &args.context;
+    // Before the model load, which can take a while.
+    config.validate().context("invalid context configuration")?;
     let model = Model::load(
         &args.model,
         &ModelOptions {
@@ -132,16 +95,7 @@ fn run(args: &Args, pinned: &CpuList) -> Result<()> {
             chat_template: args.chat_template.clone(),
         },
     )?;
-    let config = ContextConfig {
-        slots: args.slots,
-        context: args.context,
-        n_batch: args.n_batch,
-        n_ubatch: args.n_ubatch,
-        threads,
-        kv_unified: args.kv_unified,
-        flash_attention: args.flash_attention,
-    };
-    let backend = model.new_backend(&config)?;
+    let backend = model.new_backend(config)?;
     let outbox = ipc::outbox();
     let engine = RunningEngine::spawn_with(
         backend,
@@ -155,8 +109,8 @@ fn run(args: &Args, pinned: &CpuList) -> Result<()> {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
         cpus: pinned.cpus().to_vec(),
-        threads,
-        slots: args.slots,
+        threads: config.threads,
+        slots: config.slots,
         n_ctx_per_seq: u32::try_from(limits.n_ctx_per_seq)?,
         model: model.info().clone(),
     };
@@ -177,7 +131,13 @@ fn run(args: &Args, pinned: &CpuList) -> Result<()> {
         &args.socket,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
-    tracing::info!(socket = %args.socket.display(), cpus = %pinned, threads, slots = args.slots, "worker ready");
+    tracing::info!(
+        socket = %args.socket.display(),
+        cpus = %pinned,
+        threads = config.threads,
+        slots = config.slots,
+        "worker ready"
+    );
     let conn = listener
         .accept()
         .context("accepting the router's connection")?;

@@ -77,9 +77,12 @@ fn concurrent_requests_get_exact_counts_and_late_ones_join_the_running_batch() {
     let mut any_finished = false;
     let mut done = 0;
     while done < prompts.len() + 1 {
-        let event = rx.recv_timeout(TIMEOUT).expect("events");
-        let GenerationEvent::Output(o) = event else {
-            panic!("unexpected rejection: {event:?}")
+        let o = match rx.recv_timeout(TIMEOUT).expect("events") {
+            GenerationEvent::Accepted { .. } => continue,
+            GenerationEvent::Output(o) => o,
+            rejected @ GenerationEvent::Rejected { .. } => {
+                panic!("unexpected rejection: {rejected:?}")
+            }
         };
         *counts.entry(o.id).or_default() += o.tokens.len() as u32;
         if o.id == RequestId(99)
@@ -145,8 +148,12 @@ fn cancel_while_waiting_prefilling_and_decoding() {
     let mut c = greedy(4, "Tell me a story", 500);
     c.stopping.ignore_eos = true;
     h.submit(c, tx_c);
+    let accepted = rx_c.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(accepted, GenerationEvent::Accepted { id: RequestId(4) });
     let first = rx_c.recv_timeout(TIMEOUT).unwrap();
-    assert!(!first.is_final());
+    assert!(
+        matches!(&first, GenerationEvent::Output(o) if o.tokens.len() == 1 && o.finish.is_none())
+    );
     h.cancel(RequestId(4)); // decoding
     let rest = wait(&rx_c);
     let finish = rest.finish.unwrap();

@@ -1,10 +1,12 @@
 //! Dispatch: the worker pool, one connection task per worker, and the per-request handle
-//! whose drop aborts the request on its worker.
+//! whose drop aborts the request on its worker. Nothing here knows about HTTP: failures are
+//! [`DispatchError`]s and request-scoped [`RequestError`]s, mapped to statuses in
+//! `crate::error`.
 //!
 //! - [`pool`]: spawns and supervises the worker processes, picks a worker per request, and
-//!   re-dispatches the requests of a worker that died.
-//! - [`connection`]: owns one worker's socket and its in-flight map; demultiplexes output
-//!   frames to the requests.
+//!   moves the requests of a worker that died to the others.
+//! - [`connection`]: owns one worker's socket and its in-flight map; demultiplexes the
+//!   worker's events to the requests.
 
 pub mod connection;
 pub mod pool;
@@ -17,19 +19,61 @@ use tokio::sync::mpsc;
 
 pub use pool::{Pool, WorkerState, WorkerView};
 
-/// What a request's handler receives.
+/// Why the pool could not run a request or answer a call (not the request's own fault).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DispatchError {
+    #[error("no worker is ready")]
+    NoWorkerReady,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the worker went away")]
+    WorkerGone,
+    #[error("the worker did not answer in time")]
+    NoAnswer,
+    #[error("the request lost {0} workers in a row; giving up")]
+    TooManyMoves(u32),
+    #[error("the request is too large to send to a worker: {0}")]
+    TooLargeToSend(String),
+    #[error("unexpected worker reply: {0}")]
+    UnexpectedReply(String),
+}
+
+/// What a request's handler receives, in order: `Accepted` (or an error), then outputs until
+/// one carries the finish, or an error.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    /// Outputs in order; the first one (empty) says the worker accepted the request.
+    /// The worker admitted the request: from here on, the response is committed.
+    Accepted,
     Output(SeqOutput),
-    /// The request ended with an error (possibly after some output).
+    /// The request ended with its own error (possibly after some output).
     Failed(RequestError),
-    /// No worker can run it (all down or shutting down).
-    Unavailable(String),
+    /// The pool could not run it (all workers down, shutting down, lost too many workers).
+    Unavailable(DispatchError),
 }
 
 /// Which worker currently runs a request (it changes when a dead worker's request moves).
 pub type CurrentWorker = Arc<AtomicUsize>;
+
+/// A worker's count of requests dispatched to it and not finished: the dispatch policy's input.
+pub type Load = Arc<AtomicUsize>;
+
+/// One unit of a worker's [`Load`], held by a request while that worker owns it; dropping it
+/// (the request finished, failed, was aborted or moved) gives the unit back.
+#[derive(Debug)]
+pub struct LoadTicket(Load);
+
+impl LoadTicket {
+    pub fn take(load: &Load) -> Self {
+        load.fetch_add(1, Ordering::AcqRel);
+        Self(load.clone())
+    }
+}
+
+impl Drop for LoadTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A dispatched request: its events, and a guard that aborts it when dropped unfinished.
 #[derive(Debug)]

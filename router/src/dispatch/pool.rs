@@ -6,7 +6,7 @@
 //! and respawns it with exponential backoff while the others keep serving.
 //!
 //! Shared state is deliberately small: per worker, a status snapshot (written only by its
-//! supervisor) and an atomic load counter (in-flight requests, kept by its connection task).
+//! supervisor) and an atomic load counter (one [`LoadTicket`] per request it owns).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -25,8 +25,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::connection::{self, ConnCommand, InFlight};
-use super::{AbortGuard, RequestHandle, StreamEvent};
-use crate::error::ApiError;
+use super::{AbortGuard, DispatchError, Load, LoadTicket, RequestHandle, StreamEvent};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -53,7 +52,7 @@ struct Worker {
     plan: WorkerPlan,
     status: RwLock<Status>,
     /// Requests dispatched to this worker and not yet finished.
-    load: AtomicUsize,
+    load: Load,
 }
 
 /// How many times a request may move to another worker after its worker died.
@@ -117,7 +116,7 @@ impl Pool {
                         last_error: None,
                         commands: None,
                     }),
-                    load: AtomicUsize::new(0),
+                    load: Load::default(),
                 })
                 .collect(),
             launch,
@@ -140,7 +139,7 @@ impl Pool {
         self.inner
             .workers
             .iter()
-            .map(|w| w.plan.slots as usize)
+            .map(|w| w.plan.context.slots as usize)
             .sum()
     }
 
@@ -161,15 +160,6 @@ impl Pool {
             .count()
     }
 
-    /// Waits until `n` workers are ready (or the timeout passes); returns how many are.
-    pub async fn wait_ready(&self, n: usize, timeout: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.ready_count() < n && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.ready_count()
-    }
-
     /// The model facts of any ready worker.
     pub fn worker_info(&self) -> Option<WorkerInfo> {
         self.inner.workers.iter().find_map(|w| {
@@ -180,7 +170,7 @@ impl Pool {
     }
 
     /// Sends a request to the ready worker with the least load.
-    pub fn dispatch(&self, request: GenerateRequest) -> Result<RequestHandle, ApiError> {
+    pub fn dispatch(&self, request: GenerateRequest) -> Result<RequestHandle, DispatchError> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let id = request.id;
         let current = Arc::new(AtomicUsize::new(usize::MAX));
@@ -190,10 +180,11 @@ impl Pool {
             generated: Vec::new(),
             current: current.clone(),
             moves: 0,
+            ticket: None,
         };
         self.inner
             .send_to_best(flight, None)
-            .map_err(|(_, message)| ApiError::unavailable(message))?;
+            .map_err(|(_, error)| error)?;
         Ok(RequestHandle {
             events,
             guard: AbortGuard {
@@ -218,27 +209,32 @@ impl Pool {
     }
 
     /// A control call on the least-loaded ready worker.
-    pub async fn control(&self, body: ControlCall) -> Result<ControlReply, ApiError> {
+    pub async fn control(&self, body: ControlCall) -> Result<ControlReply, DispatchError> {
         let index = self
             .inner
             .best_worker(&[])
-            .ok_or_else(|| ApiError::unavailable("no worker is ready"))?;
+            .ok_or(DispatchError::NoWorkerReady)?;
         self.control_on(index, body).await
     }
 
-    async fn control_on(&self, index: usize, body: ControlCall) -> Result<ControlReply, ApiError> {
+    async fn control_on(
+        &self,
+        index: usize,
+        body: ControlCall,
+    ) -> Result<ControlReply, DispatchError> {
         let tx = status(&self.inner.workers[index])
             .commands
-            .ok_or_else(|| ApiError::unavailable("the worker is not ready"))?;
+            .ok_or(DispatchError::NoWorkerReady)?;
         let (reply_tx, reply) = oneshot::channel();
         tx.send(ConnCommand::Control {
             body,
             reply: reply_tx,
         })
-        .map_err(|_| ApiError::unavailable("the worker went away"))?;
+        .map_err(|_| DispatchError::WorkerGone)?;
         match tokio::time::timeout(Duration::from_secs(10), reply).await {
             Ok(Ok(reply)) => Ok(reply),
-            _ => Err(ApiError::unavailable("the worker did not answer")),
+            Ok(Err(_)) => Err(DispatchError::WorkerGone),
+            Err(_) => Err(DispatchError::NoAnswer),
         }
     }
 
@@ -259,9 +255,9 @@ impl Pool {
                 id,
                 pid: s.pid,
                 cpus: w.plan.cpus.to_string(),
-                threads: w.plan.threads,
+                threads: w.plan.context.threads,
                 state: s.state,
-                slots: w.plan.slots,
+                slots: w.plan.context.slots,
                 running: stats.map(|st: WorkerStats| st.running),
                 waiting: stats.map(|st| st.waiting),
                 in_flight: w.load.load(Ordering::Acquire),
@@ -326,9 +322,9 @@ impl Inner {
         &self,
         mut flight: InFlight,
         exclude: Option<usize>,
-    ) -> Result<(), (InFlight, String)> {
+    ) -> Result<(), (InFlight, DispatchError)> {
         if self.shutting_down.load(Ordering::Acquire) {
-            return Err((flight, "the server is shutting down".into()));
+            return Err((flight, DispatchError::ShuttingDown));
         }
         // A worker can go away between the choice and the send: try each ready one once.
         let mut tried: Vec<usize> = exclude.into_iter().collect();
@@ -341,18 +337,19 @@ impl Inner {
             let Some(tx) = status(worker).commands else {
                 continue;
             };
-            worker.load.fetch_add(1, Ordering::AcqRel);
+            // Replacing the ticket gives the previous worker's unit back.
+            flight.ticket = Some(LoadTicket::take(&worker.load));
             flight.current.store(index, Ordering::Release);
             match tx.send(ConnCommand::Generate(flight)) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(ConnCommand::Generate(back))) => {
-                    worker.load.fetch_sub(1, Ordering::AcqRel);
                     flight = back;
+                    flight.ticket = None;
                 }
                 Err(_) => unreachable!("the command sent was Generate"),
             }
         }
-        Err((flight, "no worker is ready".into()))
+        Err((flight, DispatchError::NoWorkerReady))
     }
 
     /// Requests of a worker that went away move to the others.
@@ -364,15 +361,16 @@ impl Inner {
             flight.moves += 1;
             if flight.moves > MAX_MOVES {
                 // A request that keeps taking workers down must not take down the whole pool.
-                let _ = flight.events.send(StreamEvent::Unavailable(format!(
-                    "the request lost {} workers in a row; giving up",
-                    flight.moves
-                )));
+                let _ = flight
+                    .events
+                    .send(StreamEvent::Unavailable(DispatchError::TooManyMoves(
+                        flight.moves,
+                    )));
                 continue;
             }
             tracing::info!(id = %flight.request.id, from, tokens = flight.generated.len(), "moving a request off a failed worker");
-            if let Err((flight, message)) = self.send_to_best(flight, Some(from)) {
-                let _ = flight.events.send(StreamEvent::Unavailable(message));
+            if let Err((flight, error)) = self.send_to_best(flight, Some(from)) {
+                let _ = flight.events.send(StreamEvent::Unavailable(error));
             }
         }
     }
@@ -397,6 +395,7 @@ async fn supervise(inner: Arc<Inner>, index: usize) {
             Ok((mut child, stream, info)) => {
                 failures = 0;
                 let (tx, rx) = mpsc::unbounded_channel();
+                let info_pid = info.pid;
                 update(worker, |s| {
                     s.state = WorkerState::Ready;
                     s.pid = Some(info.pid);
@@ -404,8 +403,8 @@ async fn supervise(inner: Arc<Inner>, index: usize) {
                     s.commands = Some(tx);
                     s.last_error = None;
                 });
-                tracing::info!(worker = index, pid = ?worker.status.read().map(|s| s.pid).ok().flatten(), cpus = %worker.plan.cpus, "worker ready");
-                let connection = connection::run(stream, rx, &worker.load, &inner.metrics);
+                tracing::info!(worker = index, pid = info_pid, cpus = %worker.plan.cpus, "worker ready");
+                let connection = connection::run(stream, rx, &inner.metrics);
                 tokio::pin!(connection);
                 let orphans = tokio::select! {
                     orphans = &mut connection => orphans,
@@ -465,30 +464,14 @@ async fn start_worker(
     let launch = &inner.launch;
     let socket = launch.runtime_dir.join(format!("worker-{index}.sock"));
     let _ = std::fs::remove_file(&socket);
+    let args = plan.worker_args(
+        socket.clone(),
+        launch.model_path.clone(),
+        launch.chat_template.clone(),
+    );
     let mut cmd = Command::new(&launch.worker_binary);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--model")
-        .arg(&launch.model_path)
-        .args(["--cpus", &plan.cpus.to_string()])
-        .args(["--threads", &plan.threads.to_string()])
-        .args(["--slots", &plan.slots.to_string()])
-        .args(["--context", &plan.context.to_string()])
-        .args(["--n-batch", &plan.n_batch.to_string()])
-        .args(["--n-ubatch", &plan.n_ubatch.to_string()])
-        .args(["--flash-attention", &plan.flash_attention])
-        .args(["--gpu-layers", &plan.gpu_layers.to_string()]);
-    cmd.args([
-        "--kv-unified",
-        if plan.kv_unified { "true" } else { "false" },
-    ]);
-    if let Some(template) = &launch.chat_template {
-        cmd.args(["--chat-template", template]);
-    }
-    if let Some(gpu) = plan.gpu {
-        cmd.env("CUDA_VISIBLE_DEVICES", gpu.to_string());
-    }
-    cmd.stdin(Stdio::null())
+    cmd.args(args.to_args())
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);

@@ -44,10 +44,6 @@ impl FakeBackend {
             inject: Vec::new(),
         }
     }
-
-    pub fn kv_len(&self, seq: SeqId) -> usize {
-        self.kv.get(&seq).map_or(0, Vec::len)
-    }
 }
 
 impl Backend for FakeBackend {

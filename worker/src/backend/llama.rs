@@ -22,6 +22,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
+use llamapool_common::worker::{ContextConfig, ContextError, FlashAttention};
 use llamapool_common::{ChatMessage, ModelInfo, RequestError, SamplingParams, Token};
 
 use super::{Backend, BackendLimits, BatchEntry, DecodeFailure};
@@ -41,7 +42,7 @@ pub enum LoadError {
     #[error("creating a llama.cpp context failed ({0}); is `context` too large for memory?")]
     Context(String),
     #[error("invalid context configuration: {0}")]
-    Config(String),
+    Config(#[from] ContextError),
 }
 
 /// How to load a model.
@@ -218,11 +219,11 @@ impl Model {
         }
     }
 
-    /// Creates a context and its batch for the engine thread.
+    /// Creates a context and its batch for the engine thread; `config` is validated first.
     pub fn new_backend(&self, config: &ContextConfig) -> Result<LlamaCppBackend, LoadError> {
         config.validate()?;
         let threads = i32::try_from(config.threads)
-            .map_err(|_| LoadError::Config("threads too large".into()))?;
+            .expect("validate() keeps threads within MAX_THREADS, an i32");
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(config.context))
             .with_n_batch(config.n_batch)
@@ -231,7 +232,7 @@ impl Model {
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
             .with_kv_unified(config.kv_unified)
-            .with_flash_attention_policy(config.flash_attention.as_llama());
+            .with_flash_attention_policy(flash_attention_type(config.flash_attention));
         let ctx = self
             .0
             .model
@@ -259,106 +260,12 @@ impl Model {
     }
 }
 
-/// Flash-attention policy of the context (llama-server's `-fa`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FlashAttention {
-    /// llama.cpp decides per device (on for CPU); llama-server's default.
-    #[default]
-    Auto,
-    On,
-    Off,
-}
-
-impl std::str::FromStr for FlashAttention {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "on" => Ok(Self::On),
-            "off" => Ok(Self::Off),
-            other => Err(format!(
-                "flash attention must be auto, on or off, got {other:?}"
-            )),
-        }
-    }
-}
-
-impl FlashAttention {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::On => "on",
-            Self::Off => "off",
-        }
-    }
-
-    fn as_llama(self) -> llama_cpp_sys_2::llama_flash_attn_type {
-        match self {
-            Self::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
-            Self::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            Self::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }
-    }
-}
-
-/// The shape of one worker's context.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ContextConfig {
-    /// Concurrent sequences (`n_seq_max`).
-    pub slots: u32,
-    /// KV cells in total; each sequence may hold `context / slots` of them.
-    pub context: u32,
-    /// Most tokens per decode call.
-    pub n_batch: u32,
-    /// Most tokens per physical compute step.
-    pub n_ubatch: u32,
-    pub threads: u32,
-    /// One KV buffer for all sequences instead of one stream per sequence. Measured 1.5× the
-    /// decode throughput of split streams with 8 sequences (docs/PERFORMANCE.md).
-    pub kv_unified: bool,
-    pub flash_attention: FlashAttention,
-}
-
-impl Default for ContextConfig {
-    fn default() -> Self {
-        Self {
-            slots: 8,
-            context: 8192,
-            n_batch: 512,
-            n_ubatch: 512,
-            threads: 1,
-            kv_unified: true,
-            flash_attention: FlashAttention::Auto,
-        }
-    }
-}
-
-impl ContextConfig {
-    pub fn validate(&self) -> Result<(), LoadError> {
-        if self.slots == 0 || self.slots > 256 {
-            return Err(LoadError::Config(format!(
-                "slots must be between 1 and 256, got {}",
-                self.slots
-            )));
-        }
-        if self.threads == 0 {
-            return Err(LoadError::Config("threads must be at least 1".into()));
-        }
-        if self.n_batch < self.slots {
-            return Err(LoadError::Config(format!(
-                "n_batch ({}) must be at least slots ({}) so every sequence can decode each step",
-                self.n_batch, self.slots
-            )));
-        }
-        if self.context < self.slots {
-            return Err(LoadError::Config(format!(
-                "context ({}) must hold at least one token per slot ({})",
-                self.context, self.slots
-            )));
-        }
-        Ok(())
+/// llama.cpp's name for a flash-attention policy.
+fn flash_attention_type(policy: FlashAttention) -> llama_cpp_sys_2::llama_flash_attn_type {
+    match policy {
+        FlashAttention::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }
 }
 

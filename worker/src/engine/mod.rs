@@ -2,8 +2,10 @@
 //!
 //! The engine thread owns the backend, the sequence-ID pool, the waiting queue and every
 //! running sequence; other threads talk to it only through [`EngineHandle`] commands, and it
-//! answers each request on the event channel the request came with. One loop iteration is
-//! `drain commands → schedule (pure, [`scheduler`]) → decode once → sample → emit`.
+//! answers each request on the event channel the request came with. One loop iteration
+//! applies the queued commands, then runs at most one step: `schedule` (the pure
+//! [`scheduler`] decides, the engine admits) → `execute` (one `decode`) →
+//! `update_from_output` (sample, stop, emit).
 //!
 //! Failures stay local: a request that cannot fit is rejected, a failed decode fails the
 //! sequences it carried (a full KV cache evicts only the newest), and the others go on.
@@ -34,10 +36,11 @@ pub struct EngineRequest {
     pub prompt: Vec<Token>,
     pub sampling: SamplingParams,
     pub stopping: StoppingParams,
-    /// The last `replay` prompt tokens were generated for this request by another worker:
-    /// their text was already sent, but it is fed through the stop-string and UTF-8 state
-    /// again so the continuation is exactly what one worker would have produced.
-    pub replay: usize,
+    /// How many of the prompt's last tokens were generated for this request by a worker that
+    /// died (0 for a new request). Their text was already sent; it is fed through the
+    /// stop-string and UTF-8 state again so that the continuation is exactly what one worker
+    /// would have produced.
+    pub resumed: usize,
 }
 
 /// Where the engine sends one request's events: a channel of its own, or a shared sink such
@@ -73,19 +76,17 @@ impl From<Sender<GenerationEvent>> for EventSender {
 }
 
 /// A snapshot of the engine's load, answered between steps.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EngineStats {
+    /// Sequence ids in all (`n_seq_max`).
     pub slots: usize,
     pub free_ids: usize,
     /// Sequences holding an id (prefilling or decoding).
     pub running: usize,
+    /// Requests queued for a free id.
     pub waiting: usize,
+    /// `decode` calls since the engine started.
     pub decode_calls: u64,
-    pub prompt_tokens: u64,
-    pub generated_tokens: u64,
-    /// Time spent inside `decode`, and in whole steps (decode, sampling, text, emission).
-    pub decode_seconds: f64,
-    pub step_seconds: f64,
 }
 
 enum Command {
@@ -168,7 +169,8 @@ pub struct EngineHooks {
     /// from it, inherit its CPU mask).
     pub on_start: Option<Box<dyn FnOnce() + Send>>,
     /// Runs after each loop iteration (commands applied, at most one step), when every event
-    /// of that iteration has been sent: the IPC writer flushes them as one frame.
+    /// of that iteration has been sent: the IPC writer flushes them as one frame. Dropped when
+    /// the engine thread ends, after its last iteration.
     pub on_iteration_end: Option<Box<dyn FnMut() + Send>>,
 }
 
@@ -288,6 +290,22 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Prompt tokens that one active sequence adds to this step's batch.
+#[derive(Debug, Clone, Copy)]
+struct PrefillChunk {
+    /// Index into `Engine::active`.
+    active: usize,
+    tokens: usize,
+}
+
+/// A batch entry whose logits give one active sequence its next token.
+#[derive(Debug, Clone, Copy)]
+struct SamplePoint {
+    /// Index into `Engine::active`.
+    active: usize,
+    batch_index: usize,
+}
+
 struct Engine<B: Backend> {
     backend: B,
     limits: BackendLimits,
@@ -298,7 +316,7 @@ struct Engine<B: Backend> {
     batch: Vec<BatchEntry>,
     piece: Vec<u8>,
     accepting: bool,
-    stats: EngineStats,
+    decode_calls: u64,
     on_iteration_end: Option<Box<dyn FnMut() + Send>>,
 }
 
@@ -314,11 +332,8 @@ impl<B: Backend> Engine<B> {
             batch: Vec::with_capacity(limits.n_batch),
             piece: Vec::new(),
             accepting: true,
+            decode_calls: 0,
             on_iteration_end: None,
-            stats: EngineStats {
-                slots: limits.n_seq_max,
-                ..EngineStats::default()
-            },
         }
     }
 
@@ -377,10 +392,11 @@ impl<B: Backend> Engine<B> {
 
     fn snapshot(&self) -> EngineStats {
         EngineStats {
+            slots: self.limits.n_seq_max,
             free_ids: self.ids.free_count(),
             running: self.active.len(),
             waiting: self.waiting.len(),
-            ..self.stats
+            decode_calls: self.decode_calls,
         }
     }
 
@@ -404,18 +420,8 @@ impl<B: Backend> Engine<B> {
         let id = request.id;
         match self.admission_check(&request) {
             Ok(max_new) => {
-                // An empty output says "accepted": the router can commit to a 200 response
-                // (and keep a queued stream alive) before the first token exists.
-                if events
-                    .send(GenerationEvent::Output(SeqOutput {
-                        id,
-                        tokens: Vec::new(),
-                        text: String::new(),
-                        finish: None,
-                    }))
-                    .is_err()
-                {
-                    return;
+                if events.send(GenerationEvent::Accepted { id }).is_err() {
+                    return; // nobody listens: do not queue it
                 }
                 self.waiting.push_back(Waiting {
                     request,
@@ -521,8 +527,8 @@ impl<B: Backend> Engine<B> {
             &w.request.prompt,
         );
         let mut text = TextAssembler::new(w.request.stopping.stop);
-        let replayed = w.request.replay.min(w.request.prompt.len());
-        for &token in &w.request.prompt[w.request.prompt.len() - replayed..] {
+        let resumed = w.request.resumed.min(w.request.prompt.len());
+        for &token in &w.request.prompt[w.request.prompt.len() - resumed..] {
             self.piece.clear();
             self.backend.append_piece(token, &mut self.piece);
             let _already_sent = text.push(&self.piece);
@@ -547,14 +553,22 @@ impl<B: Backend> Engine<B> {
         });
     }
 
+    /// One step, vLLM-style: `schedule → execute → update_from_output`.
     fn step(&mut self) {
-        let step_start = Instant::now();
-        self.plan_and_run_step();
-        self.stats.step_seconds += step_start.elapsed().as_secs_f64();
+        let chunks = self.schedule();
+        let samples = self.build_batch(&chunks);
+        if self.batch.is_empty() {
+            return;
+        }
+        match self.execute() {
+            Ok(()) => self.update_from_output(&chunks, &samples),
+            Err(failure) => self.on_decode_failure(&failure),
+        }
     }
 
-    fn plan_and_run_step(&mut self) {
-        // Schedule.
+    /// Asks the pure planner what this step carries and admits the queued requests it picks.
+    /// Returns the prompt chunk of every sequence that prefills this step, in admission order.
+    fn schedule(&mut self) -> Vec<PrefillChunk> {
         let decoding = self.active.iter().filter(|a| a.pending.is_some()).count();
         let prefilling: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.active[i].prefilled < self.active[i].prompt.len())
@@ -576,22 +590,36 @@ impl<B: Backend> Engine<B> {
             free_ids: self.ids.free_count(),
             n_batch: self.limits.n_batch,
         });
-        let mut chunks: Vec<(usize, usize)> = prefilling.into_iter().zip(plan.prefill).collect();
-        for chunk in plan.admit {
+        let mut chunks: Vec<PrefillChunk> = prefilling
+            .into_iter()
+            .zip(plan.prefill)
+            .map(|(active, tokens)| PrefillChunk { active, tokens })
+            .collect();
+        for tokens in plan.admit {
             let w = self
                 .waiting
                 .pop_front()
                 .expect("the plan admits only queued requests");
             self.admit(w);
-            chunks.push((self.active.len() - 1, chunk));
+            chunks.push(PrefillChunk {
+                active: self.active.len() - 1,
+                tokens,
+            });
         }
+        chunks
+    }
 
-        // Build the batch: decode tokens first, then prompt chunks.
+    /// Fills `self.batch`: each decoding sequence's pending token first, then the prompt
+    /// chunks. Returns the entries to sample from, one per sequence that gets a token.
+    fn build_batch(&mut self, chunks: &[PrefillChunk]) -> Vec<SamplePoint> {
         self.batch.clear();
-        let mut samples: Vec<(usize, usize)> = Vec::new();
+        let mut samples = Vec::new();
         for (i, a) in self.active.iter().enumerate() {
             if let Some(token) = a.pending {
-                samples.push((i, self.batch.len()));
+                samples.push(SamplePoint {
+                    active: i,
+                    batch_index: self.batch.len(),
+                });
                 self.batch.push(BatchEntry {
                     token,
                     pos: a.pos(),
@@ -600,13 +628,16 @@ impl<B: Backend> Engine<B> {
                 });
             }
         }
-        for &(i, chunk) in &chunks {
-            let a = &self.active[i];
-            for k in 0..chunk {
-                let at = a.prefilled + k;
+        for chunk in chunks {
+            let a = &self.active[chunk.active];
+            for at in a.prefilled..a.prefilled + chunk.tokens {
+                // Only the prompt's last token yields the first generated one.
                 let last = at + 1 == a.prompt.len();
                 if last {
-                    samples.push((i, self.batch.len()));
+                    samples.push(SamplePoint {
+                        active: chunk.active,
+                        batch_index: self.batch.len(),
+                    });
                 }
                 self.batch.push(BatchEntry {
                     token: a.prompt[at],
@@ -616,43 +647,38 @@ impl<B: Backend> Engine<B> {
                 });
             }
         }
-        if self.batch.is_empty() {
-            return;
-        }
+        samples
+    }
 
-        // Execute.
-        self.stats.decode_calls += 1;
-        let decode_start = Instant::now();
-        let decoded = self.backend.decode(&self.batch);
-        self.stats.decode_seconds += decode_start.elapsed().as_secs_f64();
-        if let Err(failure) = decoded {
-            self.on_decode_failure(&failure);
-            return;
-        }
+    /// The step's one `decode` call.
+    fn execute(&mut self) -> Result<(), DecodeFailure> {
+        self.decode_calls += 1;
+        self.backend.decode(&self.batch)
+    }
 
-        // Update.
+    /// After a successful decode: advances every sequence the batch carried, samples the next
+    /// tokens and emits them, then frees the sequences that finished.
+    fn update_from_output(&mut self, chunks: &[PrefillChunk], samples: &[SamplePoint]) {
         for a in &mut self.active {
             if a.pending.take().is_some() {
                 a.n_kv += 1;
             }
         }
-        for &(i, chunk) in &chunks {
-            let a = &mut self.active[i];
-            a.prefilled += chunk;
-            a.n_kv += chunk;
-            self.stats.prompt_tokens += chunk as u64;
+        for chunk in chunks {
+            let a = &mut self.active[chunk.active];
+            a.prefilled += chunk.tokens;
+            a.n_kv += chunk.tokens;
         }
-        for (i, batch_index) in samples {
-            let a = &mut self.active[i];
-            let token = self.backend.sample(&mut a.sampler, batch_index);
-            self.on_token(i, token);
+        for sample in samples {
+            let a = &mut self.active[sample.active];
+            let token = self.backend.sample(&mut a.sampler, sample.batch_index);
+            self.on_token(sample.active, token);
         }
         self.retire_done();
     }
 
     /// Handles one sampled token: stop checks, text, emission.
     fn on_token(&mut self, i: usize, token: Token) {
-        self.stats.generated_tokens += 1;
         let a = &mut self.active[i];
         a.generated += 1;
         if a.first_token.is_none() {

@@ -31,10 +31,6 @@ impl SeqIdPool {
         }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.in_use.len()
-    }
-
     pub fn free_count(&self) -> usize {
         self.free.len()
     }
@@ -60,10 +56,6 @@ impl SeqIdPool {
         );
         *slot = false;
         self.free.push(id);
-    }
-
-    pub fn is_in_use(&self, id: SeqId) -> bool {
-        self.in_use[Self::index(id)]
     }
 
     fn index(id: SeqId) -> usize {

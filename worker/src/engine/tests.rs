@@ -24,7 +24,7 @@ fn request(id: u64, prompt: Vec<Token>, max_tokens: u32) -> EngineRequest {
             max_tokens: Some(max_tokens),
             ..StoppingParams::default()
         },
-        replay: 0,
+        resumed: 0,
     }
 }
 
@@ -70,6 +70,7 @@ fn collect(
                 }
             }
             GenerationEvent::Rejected { error: e, .. } => error = Some(e),
+            GenerationEvent::Accepted { .. } => {}
         }
     }
     (tokens, text, finish, error)
@@ -170,6 +171,28 @@ fn cancel_in_every_state_frees_the_id() {
     // Cancel is idempotent and unknown ids are ignored.
     h.engine.cancel(RequestId(1));
     h.engine.cancel(RequestId(99));
+}
+
+#[test]
+fn acceptance_comes_first_and_a_rejected_request_is_never_accepted() {
+    let mut h = Harness::new(limits(16, 2, 64));
+    let ok = h.submit(request(1, vec![1, 2], 3));
+    let bad = h.submit(request(2, vec![], 3));
+    h.run_until_idle();
+    let events: Vec<_> = ok.try_iter().collect();
+    assert_eq!(events[0], GenerationEvent::Accepted { id: RequestId(1) });
+    assert!(events[1..]
+        .iter()
+        .all(|e| matches!(e, GenerationEvent::Output(_))));
+    assert!(events.last().unwrap().is_final());
+    let events: Vec<_> = bad.try_iter().collect();
+    assert_eq!(
+        events,
+        vec![GenerationEvent::Rejected {
+            id: RequestId(2),
+            error: RequestError::EmptyPrompt
+        }]
+    );
 }
 
 #[test]
@@ -317,7 +340,7 @@ fn duplicate_ids_are_rejected_and_the_thread_api_works() {
 }
 
 #[test]
-fn replayed_tokens_restore_stop_string_state_after_a_move() {
+fn resumed_tokens_restore_stop_string_state_after_a_move() {
     let mut h = Harness::new(limits(16, 1, 256));
     h.engine.backend.pieces.insert(11, b"he".to_vec());
     h.engine.backend.pieces.insert(12, b"llo".to_vec());
@@ -326,10 +349,10 @@ fn replayed_tokens_restore_stop_string_state_after_a_move() {
         stop: vec!["hello".into()],
         ignore_eos: false,
     };
-    // Token 11 was generated (and "he" held back) by a worker that died; it is replayed.
+    // Token 11 was generated (and "he" held back) by a worker that died; this one resumes.
     let moved = h.submit(EngineRequest {
         stopping: stopping.clone(),
-        replay: 1,
+        resumed: 1,
         ..request(1, vec![10, 11], 5)
     });
     h.run_until_idle();
@@ -337,7 +360,7 @@ fn replayed_tokens_restore_stop_string_state_after_a_move() {
     assert_eq!(tokens, vec![12]);
     assert_eq!(text, "", "the stop string spanning the move was found");
     assert_eq!(finish.unwrap().reason, FinishReason::Stop);
-    // Without the replay the same continuation would have leaked "llo".
+    // Had token 11 been prompt, not resumed, the same continuation would have leaked "llo".
     let fresh = h.submit(EngineRequest {
         stopping: StoppingParams {
             max_tokens: Some(1),

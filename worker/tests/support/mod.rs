@@ -1,8 +1,6 @@
 //! Shared by the real-model engine tests: the SmolLM2 model (loaded once per test process)
 //! and helpers to run requests to completion.
 
-#![allow(dead_code)]
-
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::OnceLock;
@@ -56,7 +54,7 @@ pub fn greedy(id: u64, prompt: &str, max_tokens: u32) -> EngineRequest {
             max_tokens: Some(max_tokens),
             ..StoppingParams::default()
         },
-        replay: 0,
+        resumed: 0,
     }
 }
 
@@ -66,7 +64,6 @@ pub struct Outcome {
     pub text: String,
     pub finish: Option<Finish>,
     pub error: Option<RequestError>,
-    pub events: usize,
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
@@ -78,7 +75,6 @@ pub fn wait(rx: &Receiver<GenerationEvent>) -> Outcome {
         let event = rx
             .recv_timeout(TIMEOUT)
             .expect("the engine answers in time");
-        out.events += 1;
         let last = event.is_final();
         match event {
             GenerationEvent::Output(o) => {
@@ -87,6 +83,7 @@ pub fn wait(rx: &Receiver<GenerationEvent>) -> Outcome {
                 out.finish = o.finish;
             }
             GenerationEvent::Rejected { error, .. } => out.error = Some(error),
+            GenerationEvent::Accepted { .. } => {}
         }
         if last {
             return out;

@@ -234,3 +234,22 @@ impl SseReader {
         std::iter::from_fn(|| self.next_data()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let plain =
+            HttpResponse::parse(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((plain.status, plain.text().as_str()), (404, "{}"));
+        let chunked = HttpResponse::parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n3\r\n{\"a\r\n4;ext\r\n\":1}\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(chunked.header("x-a"), Some("b"));
+        assert_eq!(chunked.json()["a"], 1);
+        assert!(HttpResponse::parse(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! Chat and text completions: parse, admit against a bounded capacity (429 when full),
+//! dispatch to the pool, and wait for the worker to accept or reject before committing to a
+//! status. After that, a non-streamed request collects its text; a streamed one is fed to an
+//! SSE response by a producer task, and errors become an SSE `{"error": ...}` event.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use llamapool_common::{Finish, RequestId, SeqOutput};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{LimitedBody, SharedState};
+use crate::dispatch::{RequestHandle, StreamEvent};
+use crate::error::ApiError;
+use crate::openai::request::parse_generation;
+use crate::openai::{Endpoint, Envelope};
+
+/// `POST /v1/chat/completions` (and `/chat/completions`).
+pub async fn chat(
+    State(state): State<SharedState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    generate(&state, &body, Endpoint::Chat).await
+}
+
+/// `POST /v1/completions` (and `/completions`).
+pub async fn completions(
+    State(state): State<SharedState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    generate(&state, &body, Endpoint::Completions).await
+}
+
+async fn generate(
+    state: &SharedState,
+    body: &[u8],
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
+    let valid = parse_generation(body, endpoint, &state.alias, id)?;
+    let permit = state
+        .admission
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::queue_full())?;
+    let mut handle = state.pool.dispatch(valid.generate)?;
+    accepted(&mut handle).await?;
+    let envelope = Envelope::new(endpoint, &state.alias);
+    if valid.stream {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(feed_stream(
+            handle,
+            envelope,
+            valid.include_usage,
+            tx,
+            permit,
+        ));
+        let events = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
+        let keepalive = KeepAlive::new().interval(state.keepalive).text("ping");
+        Ok(Sse::new(events).keep_alive(keepalive).into_response())
+    } else {
+        let (text, finish) = collect(&mut handle).await?;
+        drop(permit);
+        Ok(Json(envelope.response(&text, &finish)).into_response())
+    }
+}
+
+/// Waits until the worker admitted the request: only then is the response committed.
+async fn accepted(handle: &mut RequestHandle) -> Result<(), ApiError> {
+    loop {
+        match handle.events.recv().await {
+            Some(StreamEvent::Accepted) => return Ok(()),
+            Some(StreamEvent::Output(_)) => continue, // never before Accepted
+            other => return Err(ended_with(handle, other)),
+        }
+    }
+}
+
+/// The next output of a request, or the error that ended it (then nothing is left to abort).
+/// A worker that takes over a moved request accepts it again: that is no output.
+/// Cancel-safe: nothing happens before the receive completes.
+async fn next_output(handle: &mut RequestHandle) -> Result<SeqOutput, ApiError> {
+    loop {
+        match handle.events.recv().await {
+            Some(StreamEvent::Output(o)) => return Ok(o),
+            Some(StreamEvent::Accepted) => continue,
+            other => return Err(ended_with(handle, other)),
+        }
+    }
+}
+
+/// The error a request ended with; its guard has nothing left to abort.
+fn ended_with(handle: &mut RequestHandle, event: Option<StreamEvent>) -> ApiError {
+    handle.guard.finished();
+    match event {
+        Some(StreamEvent::Failed(e)) => ApiError::from(e),
+        Some(StreamEvent::Unavailable(e)) => ApiError::from(e),
+        _ => ApiError::from(crate::dispatch::DispatchError::WorkerGone),
+    }
+}
+
+/// A non-streamed request's whole text and its finish.
+async fn collect(handle: &mut RequestHandle) -> Result<(String, Finish), ApiError> {
+    let mut text = String::new();
+    loop {
+        let output = next_output(handle).await?;
+        text.push_str(&output.text);
+        if let Some(finish) = output.finish {
+            handle.guard.finished();
+            return Ok((text, finish));
+        }
+    }
+}
+
+fn data(value: &serde_json::Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+/// Feeds one stream: role chunk, text chunks, finish chunk, optional usage chunk, `[DONE]`.
+/// Ends early (and the guard aborts the request) when the client goes away.
+async fn feed_stream(
+    mut handle: RequestHandle,
+    envelope: Envelope,
+    include_usage: bool,
+    tx: mpsc::Sender<Event>,
+    _permit: OwnedSemaphorePermit,
+) {
+    if envelope.endpoint == Endpoint::Chat && tx.send(data(&envelope.role_chunk())).await.is_err() {
+        return;
+    }
+    loop {
+        let output = tokio::select! {
+            output = next_output(&mut handle) => output,
+            () = tx.closed() => return,
+        };
+        match output {
+            Ok(o) => {
+                if !o.text.is_empty() && tx.send(data(&envelope.text_chunk(&o.text))).await.is_err()
+                {
+                    return;
+                }
+                if let Some(finish) = o.finish {
+                    handle.guard.finished();
+                    finish_stream(&envelope, &finish, include_usage, &tx).await;
+                    return;
+                }
+            }
+            Err(error) => {
+                let _ = tx.send(data(&error.body_json())).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn finish_stream(
+    envelope: &Envelope,
+    finish: &Finish,
+    include_usage: bool,
+    tx: &mpsc::Sender<Event>,
+) {
+    let _ = tx.send(data(&envelope.finish_chunk(finish))).await;
+    if include_usage {
+        let _ = tx.send(data(&envelope.usage_chunk(&finish.usage))).await;
+    }
+    let _ = tx.send(Event::default().data("[DONE]")).await;
+}

@@ -1,0 +1,9 @@
+//! The OpenAI-compatible API's shapes: [`request`] parses and validates bodies into what the
+//! pool runs (every rejection names its field); [`response`] builds response bodies and stream
+//! chunks. The endpoints and their deviations from OpenAI and llama-server are in docs/API.md.
+
+pub mod request;
+pub mod response;
+
+pub use request::{Endpoint, InvalidRequest, ValidRequest};
+pub use response::Envelope;

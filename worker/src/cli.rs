@@ -1,0 +1,155 @@
+//! The worker's command line: the clap parser of what [`WorkerArgs::to_args`] writes (the
+//! router and the bench build worker command lines only through it), with its defaults taken
+//! from [`ContextConfig::default`]. `main` parses it and turns it into a [`WorkerArgs`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use llamapool_common::cpus::CpuList;
+use llamapool_common::worker::{ContextConfig, FlashAttention, WorkerArgs};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "llamapool-worker",
+    version,
+    about = "A llamapool worker process (normally started by llamapool-router)"
+)]
+pub struct Cli {
+    /// Unix socket path to listen on once ready.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// GGUF model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Chat template name or text, for models without one.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// CPUs to pin to, e.g. "0-3,8".
+    #[arg(long, value_parser = CpuList::parse)]
+    pub cpus: Option<CpuList>,
+    /// GPU index: sets CUDA_VISIBLE_DEVICES for this process (needs a `cuda` build).
+    #[arg(long)]
+    pub gpu: Option<u32>,
+    /// Layers offloaded to the GPU.
+    #[arg(long, default_value_t = 0)]
+    pub gpu_layers: u32,
+    /// ggml threads (default: the number of pinned CPUs).
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Concurrent sequences.
+    #[arg(long, default_value_t = ContextConfig::default().slots)]
+    pub slots: u32,
+    /// KV cells in total.
+    #[arg(long, default_value_t = ContextConfig::default().context)]
+    pub context: u32,
+    /// Most tokens per decode call.
+    #[arg(long, default_value_t = ContextConfig::default().n_batch)]
+    pub n_batch: u32,
+    /// Most tokens per compute pass.
+    #[arg(long, default_value_t = ContextConfig::default().n_ubatch)]
+    pub n_ubatch: u32,
+    /// auto, on or off.
+    #[arg(long, default_value_t = ContextConfig::default().flash_attention)]
+    pub flash_attention: FlashAttention,
+    /// One KV buffer shared by all sequences (true) or one stream per sequence (false).
+    #[arg(long, default_value_t = ContextConfig::default().kv_unified, action = clap::ArgAction::Set)]
+    pub kv_unified: bool,
+}
+
+impl Cli {
+    /// What the worker was asked to be; `threads` defaults to `pinned_cpus`, the number of
+    /// CPUs it runs on.
+    pub fn into_worker_args(self, pinned_cpus: usize) -> WorkerArgs {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| u32::try_from(pinned_cpus.max(1)).unwrap_or(u32::MAX));
+        WorkerArgs {
+            socket: self.socket,
+            model: self.model,
+            chat_template: self.chat_template,
+            cpus: self.cpus,
+            gpu: self.gpu,
+            gpu_layers: self.gpu_layers,
+            context: ContextConfig {
+                slots: self.slots,
+                context: self.context,
+                n_batch: self.n_batch,
+                n_ubatch: self.n_ubatch,
+                threads,
+                kv_unified: self.kv_unified,
+                flash_attention: self.flash_attention,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[std::ffi::OsString]) -> WorkerArgs {
+        let argv = std::iter::once("llamapool-worker".into()).chain(args.iter().cloned());
+        Cli::try_parse_from(argv)
+            .expect("the worker parses what to_args writes")
+            .into_worker_args(1)
+    }
+
+    #[test]
+    fn to_args_round_trips_through_the_parser() {
+        let full = WorkerArgs {
+            socket: "/run/llamapool/worker-3.sock".into(),
+            model: "/models/a model.gguf".into(),
+            chat_template: Some("-{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+            cpus: Some(CpuList::parse("0-3,8").unwrap()),
+            gpu: Some(1),
+            gpu_layers: 999,
+            context: ContextConfig {
+                slots: 3,
+                context: 3000,
+                n_batch: 64,
+                n_ubatch: 32,
+                threads: 5,
+                kv_unified: false,
+                flash_attention: FlashAttention::Off,
+            },
+        };
+        assert_eq!(parse(&full.to_args()), full);
+        let minimal = WorkerArgs {
+            chat_template: None,
+            cpus: None,
+            gpu: None,
+            gpu_layers: 0,
+            context: ContextConfig {
+                flash_attention: FlashAttention::On,
+                ..ContextConfig::default()
+            },
+            ..full
+        };
+        assert_eq!(parse(&minimal.to_args()), minimal);
+    }
+
+    #[test]
+    fn flag_defaults_are_the_context_defaults() {
+        let cli = Cli::try_parse_from(["llamapool-worker", "--socket", "s", "--model", "m"])
+            .expect("socket and model are enough");
+        let args = cli.into_worker_args(1);
+        assert_eq!(args.context, ContextConfig::default());
+        assert_eq!((args.gpu, args.gpu_layers, args.cpus), (None, 0, None));
+        let threads = Cli::try_parse_from(["llamapool-worker", "--socket=s", "--model=m"])
+            .unwrap()
+            .into_worker_args(6)
+            .context
+            .threads;
+        assert_eq!(threads, 6, "threads default to the pinned CPUs");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in ["--flash-attention=maybe", "--cpus=3-1", "--kv-unified=yes"] {
+            assert!(
+                Cli::try_parse_from(["llamapool-worker", "--socket=s", "--model=m", bad]).is_err(),
+                "{bad} was accepted"
+            );
+        }
+    }
+}
