@@ -55,8 +55,12 @@ impl SamplingParams {
         }
     }
 
+    /// Temperatures below this sample like 0: dividing logits by a smaller one overflows
+    /// f32 into infinities and NaN, and long before that the distribution is one-hot.
+    pub const GREEDY_BELOW: f32 = 1e-5;
+
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
+        self.temperature < Self::GREEDY_BELOW
     }
 
     /// True when no penalty would change a logit.
@@ -69,56 +73,21 @@ impl SamplingParams {
 
     /// Checks ranges; the error names the field.
     pub fn validate(&self) -> Result<(), ParamError> {
-        let finite = |name: &'static str, v: f32| {
-            if v.is_finite() {
-                Ok(())
-            } else {
-                Err(ParamError::new(
-                    name,
-                    format!("{name} must be a finite number"),
-                ))
-            }
-        };
-        finite("temperature", self.temperature)?;
-        finite("top_p", self.top_p)?;
-        finite("min_p", self.min_p)?;
-        finite("repeat_penalty", self.repeat_penalty)?;
-        finite("presence_penalty", self.presence_penalty)?;
-        finite("frequency_penalty", self.frequency_penalty)?;
-        if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(ParamError::new(
-                "temperature",
-                format!(
-                    "temperature must be between 0 and 2, got {}",
-                    self.temperature
-                ),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.top_p) || self.top_p == 0.0 {
-            return Err(ParamError::new(
-                "top_p",
-                format!("top_p must be in (0, 1], got {}", self.top_p),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(ParamError::new(
-                "min_p",
-                format!("min_p must be between 0 and 1, got {}", self.min_p),
-            ));
+        let bounds = [
+            Bound::closed("temperature", self.temperature, 0.0, 2.0),
+            Bound::left_open("top_p", self.top_p, 0.0, Some(1.0)),
+            Bound::closed("min_p", self.min_p, 0.0, 1.0),
+            Bound::left_open("repeat_penalty", self.repeat_penalty, 0.0, None),
+            Bound::closed("presence_penalty", self.presence_penalty, -2.0, 2.0),
+            Bound::closed("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
+        ];
+        for bound in bounds {
+            bound.check()?;
         }
         if self.top_k < 0 {
             return Err(ParamError::new(
                 "top_k",
                 format!("top_k must be 0 (disabled) or positive, got {}", self.top_k),
-            ));
-        }
-        if self.repeat_penalty <= 0.0 {
-            return Err(ParamError::new(
-                "repeat_penalty",
-                format!(
-                    "repeat_penalty must be positive, got {}",
-                    self.repeat_penalty
-                ),
             ));
         }
         if self.repeat_last_n < 0 {
@@ -130,39 +99,84 @@ impl SamplingParams {
                 ),
             ));
         }
-        if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return Err(ParamError::new(
-                "presence_penalty",
-                format!(
-                    "presence_penalty must be between -2 and 2, got {}",
-                    self.presence_penalty
-                ),
-            ));
+        self.logit_bias.iter().try_for_each(check_bias)
+    }
+}
+
+/// Largest logit bias magnitude (OpenAI's range); `-inf` (a ban) is also accepted.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
+
+fn check_bias(&(token, bias): &(Token, f32)) -> Result<(), ParamError> {
+    if token < 0 {
+        return Err(ParamError::new(
+            "logit_bias",
+            format!("logit_bias has a negative token id {token}"),
+        ));
+    }
+    if bias == f32::NEG_INFINITY || (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias) {
+        return Ok(());
+    }
+    Err(ParamError::new(
+        "logit_bias",
+        format!(
+            "logit_bias for token {token} must be between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS} (or false to ban it), got {bias}"
+        ),
+    ))
+}
+
+/// A sampling parameter's allowed interval: `[min, max]`, or `(min, max]` / `(min, ∞)`.
+struct Bound {
+    name: &'static str,
+    value: f32,
+    min: f32,
+    min_included: bool,
+    max: Option<f32>,
+}
+
+impl Bound {
+    fn closed(name: &'static str, value: f32, min: f32, max: f32) -> Self {
+        Self {
+            name,
+            value,
+            min,
+            min_included: true,
+            max: Some(max),
         }
-        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return Err(ParamError::new(
-                "frequency_penalty",
-                format!(
-                    "frequency_penalty must be between -2 and 2, got {}",
-                    self.frequency_penalty
-                ),
-            ));
+    }
+
+    fn left_open(name: &'static str, value: f32, min: f32, max: Option<f32>) -> Self {
+        Self {
+            name,
+            value,
+            min,
+            min_included: false,
+            max,
         }
-        for (token, bias) in &self.logit_bias {
-            if *token < 0 {
-                return Err(ParamError::new(
-                    "logit_bias",
-                    format!("logit_bias has a negative token id {token}"),
-                ));
-            }
-            if bias.is_nan() {
-                return Err(ParamError::new(
-                    "logit_bias",
-                    format!("logit_bias for token {token} is not a number"),
-                ));
-            }
+    }
+
+    fn check(&self) -> Result<(), ParamError> {
+        let v = self.value;
+        let above_min = if self.min_included {
+            v >= self.min
+        } else {
+            v > self.min
+        };
+        // NaN fails every comparison, infinities fail the finite check.
+        if v.is_finite() && above_min && self.max.is_none_or(|max| v <= max) {
+            return Ok(());
         }
-        Ok(())
+        let open = if self.min_included { "[" } else { "(" };
+        let interval = match self.max {
+            Some(max) => format!("{open}{}, {max}]", self.min),
+            None => format!("{open}{}, ∞)", self.min),
+        };
+        Err(ParamError::new(
+            self.name,
+            format!(
+                "{} must be a finite number in {interval}, got {v}",
+                self.name
+            ),
+        ))
     }
 }
 
@@ -179,6 +193,8 @@ pub struct StoppingParams {
 
 impl StoppingParams {
     pub const MAX_STOP_STRINGS: usize = 16;
+    /// Longest stop string, in bytes: the engine holds back up to this much text per request.
+    pub const MAX_STOP_BYTES: usize = 1024;
 
     pub fn validate(&self) -> Result<(), ParamError> {
         if self.max_tokens == Some(0) {
@@ -199,6 +215,16 @@ impl StoppingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(ParamError::new("stop", "stop strings must not be empty"));
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > Self::MAX_STOP_BYTES) {
+            return Err(ParamError::new(
+                "stop",
+                format!(
+                    "stop strings may be at most {} bytes, got one of {}",
+                    Self::MAX_STOP_BYTES,
+                    long.len()
+                ),
+            ));
         }
         Ok(())
     }
@@ -259,6 +285,79 @@ mod tests {
             ..StoppingParams::default()
         };
         assert_eq!(s.validate().unwrap_err().param, "stop");
+        let s = StoppingParams {
+            stop: vec!["x".repeat(StoppingParams::MAX_STOP_BYTES + 1)],
+            ..StoppingParams::default()
+        };
+        assert_eq!(s.validate().unwrap_err().param, "stop");
+        for (param, p) in [
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..SamplingParams::default()
+                },
+            ),
+            (
+                "top_p",
+                SamplingParams {
+                    top_p: 1.5,
+                    ..SamplingParams::default()
+                },
+            ),
+            (
+                "repeat_penalty",
+                SamplingParams {
+                    repeat_penalty: f32::INFINITY,
+                    ..SamplingParams::default()
+                },
+            ),
+            (
+                "presence_penalty",
+                SamplingParams {
+                    presence_penalty: -3.0,
+                    ..SamplingParams::default()
+                },
+            ),
+            (
+                "logit_bias",
+                SamplingParams {
+                    logit_bias: vec![(1, 1e30)],
+                    ..SamplingParams::default()
+                },
+            ),
+            (
+                "logit_bias",
+                SamplingParams {
+                    logit_bias: vec![(1, f32::NAN)],
+                    ..SamplingParams::default()
+                },
+            ),
+        ] {
+            assert_eq!(p.validate().unwrap_err().param, param);
+        }
+        SamplingParams {
+            logit_bias: vec![(1, f32::NEG_INFINITY), (2, -100.0), (3, 100.0)],
+            ..SamplingParams::default()
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_vanishing_temperature_is_greedy() {
+        for temperature in [0.0, 1e-40, 1e-6] {
+            assert!(SamplingParams {
+                temperature,
+                ..SamplingParams::default()
+            }
+            .is_greedy());
+        }
+        assert!(!SamplingParams {
+            temperature: 0.01,
+            ..SamplingParams::default()
+        }
+        .is_greedy());
     }
 
     #[test]

@@ -376,27 +376,33 @@ mod tests {
             workers: vec![w],
             ..Settings::default()
         };
-        let err = with(WorkerSettings {
-            cpus: Some("9".into()),
-            ..Default::default()
-        })
-        .plan_workers(&allowed())
-        .unwrap_err();
-        assert_eq!(err.key, "workers[0].cpus");
-        let err = with(WorkerSettings {
-            slots: Some(0),
-            ..Default::default()
-        })
-        .plan_workers(&allowed())
-        .unwrap_err();
-        assert_eq!(err.key, "workers[0].slots");
-        let err = with(WorkerSettings {
-            n_batch: Some(4),
-            ..Default::default()
-        })
-        .plan_workers(&allowed())
-        .unwrap_err();
-        assert_eq!(err.key, "workers[0].n_batch");
+        let cases = [
+            (
+                WorkerSettings {
+                    cpus: Some("9".into()),
+                    ..Default::default()
+                },
+                "workers[0].cpus",
+            ),
+            (
+                WorkerSettings {
+                    slots: Some(0),
+                    ..Default::default()
+                },
+                "workers[0].slots",
+            ),
+            (
+                WorkerSettings {
+                    n_batch: Some(4),
+                    ..Default::default()
+                },
+                "workers[0].n_batch",
+            ),
+        ];
+        for (worker, key) in cases {
+            let err = with(worker).plan_workers(&allowed()).unwrap_err();
+            assert_eq!(err.key, key);
+        }
         let overlapping = Settings {
             workers: vec![
                 WorkerSettings {

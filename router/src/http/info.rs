@@ -74,10 +74,7 @@ pub async fn tokenize(
     State(state): State<SharedState>,
     ValidJson(body): ValidJson<TokenizeBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let content = body.content.ok_or_else(|| InvalidRequest::Field {
-        param: "content".into(),
-        message: "content must be a string".into(),
-    })?;
+    let content = required(body.content, "content", "content must be a string")?;
     let call = ControlCall::Tokenize {
         content,
         add_special: body.add_special.unwrap_or(false),
@@ -112,10 +109,11 @@ pub async fn detokenize(
     State(state): State<SharedState>,
     ValidJson(body): ValidJson<DetokenizeBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let tokens = body.tokens.ok_or_else(|| InvalidRequest::Field {
-        param: "tokens".into(),
-        message: "tokens must be an array of token ids".into(),
-    })?;
+    let tokens = required(
+        body.tokens,
+        "tokens",
+        "tokens must be an array of token ids",
+    )?;
     match state
         .pool
         .control(ControlCall::Detokenize { tokens })
@@ -125,4 +123,12 @@ pub async fn detokenize(
         ControlReply::Failed { message } => Err(ApiError::refused("tokens", message)),
         other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
     }
+}
+
+/// A field the body must have.
+fn required<T>(value: Option<T>, param: &str, message: &str) -> Result<T, InvalidRequest> {
+    value.ok_or_else(|| InvalidRequest::Field {
+        param: param.into(),
+        message: message.into(),
+    })
 }
