@@ -14,7 +14,10 @@
 //! `--url` runs the same HTTP load against any OpenAI-compatible server; `--sweep` repeats the
 //! stages over concurrency levels and writes a JSON file and an SVG chart; `--interference`
 //! runs each stage while an unpinned busy-loop process competes for the CPUs.
+//!
+//! `--chaos` runs the failure and overload checks instead (`chaos.rs`, docs/RELIABILITY.md).
 
+mod chaos;
 mod chart;
 mod procs;
 mod stages;
@@ -100,6 +103,36 @@ pub struct Args {
     /// Where --sweep writes its files.
     #[arg(long, default_value = "bench-results")]
     out_dir: PathBuf,
+    /// Instead of the stages, the chaos and load run against a fresh router with --workers
+    /// pinned workers (default model: SmolLM2): phase `kill` streams --concurrency requests
+    /// of --max-tokens while a random worker gets SIGKILL every --kill-every-secs; phase
+    /// `load` runs --clients clients; each for --duration-secs. Fails if anything was lost.
+    #[arg(long)]
+    chaos: bool,
+    /// With --chaos: the phases to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "kill,load")]
+    phases: Vec<String>,
+    /// With --chaos: seconds each phase runs.
+    #[arg(long, default_value_t = 60.0)]
+    duration_secs: f64,
+    /// With --chaos: seconds between two worker kills.
+    #[arg(long, default_value_t = 5.0)]
+    kill_every_secs: f64,
+    /// With --chaos: concurrent clients of the load phase.
+    #[arg(long, default_value_t = 256)]
+    clients: usize,
+    /// With --chaos: tokens per request of the load phase.
+    #[arg(long, default_value_t = 16)]
+    load_max_tokens: u32,
+    /// With --chaos: workers of the router, one pinned one-thread worker per CPU.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// With --chaos: the router's server.max_queued (beyond the 8 slots per worker, then 429).
+    #[arg(long, default_value_t = 64)]
+    max_queued: usize,
+    /// With --chaos: a request without progress for this many seconds counts as hung.
+    #[arg(long, default_value_t = 60.0)]
+    stall_secs: f64,
     /// (internal) spin forever: the interference process.
     #[arg(long, hide = true)]
     busy_loop: bool,
@@ -117,6 +150,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if args.busy_loop {
         procs::spin_forever();
+    }
+    if args.chaos {
+        return chaos::run(&args);
     }
     if args.requests == 0
         || args.concurrency == 0

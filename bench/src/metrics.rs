@@ -40,7 +40,8 @@ pub struct StageReport {
     pub wall_s: f64,
 }
 
-fn percentile(values: &mut [f64], p: f64) -> f64 {
+/// The `p`th percentile (0 to 100, nearest rank) of `values`, which it sorts; NaN when empty.
+pub fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }

@@ -227,10 +227,7 @@ mod tests {
         round_trip(ToWorker::Abort {
             ids: vec![RequestId(1), RequestId(2)],
         });
-        round_trip(ToWorker::Control {
-            call: 1,
-            body: ControlCall::Stats,
-        });
+        round_trip(ToWorker::Ping { nonce: 9 });
         round_trip(ToWorker::Control {
             call: 2,
             body: ControlCall::Tokenize {
@@ -301,14 +298,14 @@ mod tests {
             id: RequestId(4),
             error: RequestError::ChatTemplate("no template".into()),
         }]));
-        round_trip(FromWorker::Control {
-            call: 1,
-            reply: ControlReply::Stats(WorkerStats {
-                running: 2,
-                waiting: 1,
-                decode_calls: 99,
-            }),
-        });
+        round_trip(FromWorker::Progress(WorkerStats {
+            steps: 7,
+            last_step_unix_ms: 1_700_000_000_000,
+            running: 2,
+            waiting: 1,
+            decode_calls: 99,
+        }));
+        round_trip(FromWorker::Pong { nonce: 9 });
         round_trip(FromWorker::Control {
             call: 2,
             reply: ControlReply::Tokenized {

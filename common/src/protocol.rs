@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,7 +40,6 @@ pub struct GenerateRequest {
 /// A call that expects exactly one answer with the same `call` number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControlCall {
-    Stats,
     Tokenize {
         content: String,
         add_special: bool,
@@ -65,6 +64,11 @@ pub enum ToWorker {
         call: u64,
         body: ControlCall,
     },
+    /// "Are you alive?" for an idle worker (one with work proves it with `Progress`). Answered
+    /// with `Pong` by the thread that reads frames, never behind tokenization or an engine step.
+    Ping {
+        nonce: u64,
+    },
     /// Finish what is running, accept nothing new, then exit.
     Drain,
 }
@@ -81,9 +85,14 @@ pub struct WorkerInfo {
     pub model: ModelInfo,
 }
 
-/// The worker's load, between two engine steps.
+/// The worker's progress and load after an engine step, pushed as `Progress`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WorkerStats {
+    /// Engine steps (loop iterations that decoded) since the worker started: the router's
+    /// hang watchdog sees progress when this grows.
+    pub steps: u64,
+    /// Unix time of the last step, in milliseconds.
+    pub last_step_unix_ms: u64,
     /// Requests holding a sequence (prefilling or decoding).
     pub running: u32,
     /// Requests queued for a free sequence.
@@ -94,7 +103,6 @@ pub struct WorkerStats {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControlReply {
-    Stats(WorkerStats),
     Tokenized {
         tokens: Vec<Token>,
         pieces: Option<Vec<Vec<u8>>>,
@@ -113,6 +121,14 @@ pub enum FromWorker {
     /// One engine loop iteration's events, any number of requests, in the order the engine
     /// sent them; a request rejected before it reached the engine gets a frame of its own.
     Events(Vec<GenerationEvent>),
+    /// Sent after every engine loop iteration that ran a step or changed the load (so also
+    /// when the last request leaves): the router caches it for `/workers` and `/metrics`, and
+    /// its hang watchdog uses it. Never asked for.
+    Progress(WorkerStats),
+    /// The answer to `Ping`.
+    Pong {
+        nonce: u64,
+    },
     Control {
         call: u64,
         reply: ControlReply,

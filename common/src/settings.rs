@@ -45,6 +45,36 @@ pub struct ServerSettings {
     pub worker_binary: Option<PathBuf>,
     /// Where worker sockets live (default: a fresh private directory under $XDG_RUNTIME_DIR or /tmp).
     pub runtime_dir: Option<PathBuf>,
+    /// Most tokens `/tokenize` returns (and `/detokenize` takes); a bigger result is a 400
+    /// naming the field, refused before any JSON is built. 131072 is 128 Ki tokens, more than
+    /// any context served, about 4 MB of `with_pieces` JSON.
+    pub max_tokenize_tokens: usize,
+    /// A client must send a complete request head within this many seconds of connecting, or
+    /// of the end of its previous response (HTTP/1 keep-alive); else the connection is closed
+    /// (slowloris).
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight for this many seconds is closed (HTTP/1 and
+    /// HTTP/2). An idle HTTP/1 connection is also waiting for a request head, so it is closed
+    /// after the smaller of this and `header_read_timeout_secs`.
+    pub idle_timeout_secs: u64,
+    /// Open client connections at most; at the cap the router stops accepting (new
+    /// connections wait in the kernel's listen backlog) until one closes.
+    pub max_connections: usize,
+    /// A response whose client accepts no bytes for this many seconds is aborted: a stream
+    /// stops its generation and frees its slot and admission permit, and the connection is
+    /// closed.
+    pub write_timeout_secs: u64,
+    /// A worker that has work but completes no engine step for this long, or answers nothing
+    /// (no progress, no ping reply) for this long, is hung: it is killed and its requests
+    /// move on. The default covers the longest legal step with a wide margin: a full 512-token
+    /// prefill of a 7–8B Q4 model on one slow core runs at ~20 tokens/s, about 25 s.
+    pub hang_timeout_secs: u64,
+    /// This many worker deaths (or hang kills, or failed starts) within
+    /// `crash_loop_window_secs` mark the worker `failed`; it is then retried every
+    /// `failed_retry_secs` instead of within a second.
+    pub crash_loop_deaths: usize,
+    pub crash_loop_window_secs: u64,
+    pub failed_retry_secs: u64,
 }
 
 impl Default for ServerSettings {
@@ -60,6 +90,15 @@ impl Default for ServerSettings {
             runtime_threads: 0,
             worker_binary: None,
             runtime_dir: None,
+            max_tokenize_tokens: 128 * 1024,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 1024,
+            write_timeout_secs: 60,
+            hang_timeout_secs: 60,
+            crash_loop_deaths: 5,
+            crash_loop_window_secs: 300,
+            failed_retry_secs: 60,
         }
     }
 }

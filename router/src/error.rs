@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use llamapool_common::RequestError;
 use serde_json::json;
 
-use crate::dispatch::DispatchError;
+use crate::dispatch::{AdminError, DispatchError, Refusal};
 use crate::openai::InvalidRequest;
 
 /// An error answer to one HTTP request.
@@ -109,6 +109,11 @@ impl ApiError {
         }
     }
 
+    /// `POST /admin/reload` with a configuration that does not load or plan.
+    pub fn reload_failed(reason: impl std::fmt::Display) -> Self {
+        Self::invalid(format!("the configuration could not be reloaded: {reason}"))
+    }
+
     pub fn no_worker_ready() -> Self {
         Self::from(DispatchError::NoWorkerReady)
     }
@@ -183,6 +188,28 @@ impl From<DispatchError> for ApiError {
             | DispatchError::TooManyMoves(_) => Self::unavailable(message),
             DispatchError::TooLargeToSend(_) => Self::invalid_param("prompt", message),
             DispatchError::UnexpectedReply(_) => Self::internal(message),
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(e: Refusal) -> Self {
+        match e {
+            Refusal::Request(e) => e.into(),
+            Refusal::Dispatch(e) => e.into(),
+        }
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        let message = e.to_string();
+        match e {
+            AdminError::NoSuchWorker(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+            }
+            AdminError::WorkerCountChanged { .. } => Self::invalid(message),
+            AdminError::NotBack(..) | AdminError::ShuttingDown => Self::unavailable(message),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`error`]: the one mapping of every layer's errors to HTTP.
 //! - [`dispatch`]: the pool, worker connections, abort guards; no HTTP types.
 //! - [`metrics`]: Prometheus counters.
+//! - [`reload`]: the configuration source of `POST /admin/reload`.
 
 pub mod config;
 pub mod dispatch;
@@ -16,3 +17,4 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod openai;
+pub mod reload;

@@ -1,29 +1,21 @@
 //! `llamapool-router`: loads the configuration, starts the worker pool, serves HTTP, and on
 //! SIGINT/SIGTERM stops accepting, lets in-flight requests finish (up to
 //! `server.drain_timeout_secs`), then stops the workers.
+//!
+//! Exit statuses ([`EXIT_OK`], [`EXIT_FAILURE`], [`EXIT_USAGE`], [`EXIT_CONFIG`]) tell
+//! `scripts/serve` whether a restart can help.
 
-use std::net::SocketAddr;
+mod serve;
+
+use llamapool_router::reload::ConfigSource;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-use std::time::Duration;
 
 use std::io::IsTerminal;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use llamapool_common::cpus::CpuList;
 use llamapool_router::config;
-use llamapool_router::dispatch::pool::LaunchConfig;
-use llamapool_router::dispatch::Pool;
-use llamapool_router::http::{self, AppState};
-use llamapool_router::metrics::Metrics;
-use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Semaphore;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,14 +36,27 @@ struct Args {
     #[arg(long)]
     alias: Option<String>,
     /// Any key: --set server.max_queued=16 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    set: Vec<(String, String)>,
     /// Validate the configuration, print the worker plan, and exit.
     #[arg(long)]
     check: bool,
 }
 
-fn main() -> Result<()> {
+/// Stopped on request (SIGINT/SIGTERM, after draining), or `--check`, `--help`, `--version`.
+pub const EXIT_OK: u8 = 0;
+/// Failed for a reason other than the command line or the configuration (`scripts/serve`
+/// restarts the router after this status and after a death by signal).
+pub const EXIT_FAILURE: u8 = 1;
+/// The command line is wrong: an unknown flag, a missing value, `--set` without `=`
+/// (clap's status for usage errors).
+pub const EXIT_USAGE: u8 = 2;
+/// The configuration cannot work: an unknown key or a bad value, a missing configuration
+/// file, model file or worker binary, a listen address that cannot be bound. `EX_CONFIG` of
+/// sysexits.h; restarting cannot help, so `scripts/serve` stops with it.
+pub const EXIT_CONFIG: u8 = 78;
+
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -59,14 +64,67 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let args = Args::parse();
-    let mut overrides = Vec::new();
-    for kv in &args.set {
-        let Some((k, v)) = kv.split_once('=') else {
-            bail!("--set takes KEY=VALUE, got {kv:?}")
-        };
-        overrides.push((k.to_string(), v.to_string()));
+    let status = match Args::try_parse() {
+        Ok(args) => match run(args) {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("error: {}", describe(&e));
+                exit_status(&e)
+            }
+        },
+        Err(e) => {
+            // Help and version print to stdout and succeed; usage errors go to stderr.
+            let _ = e.print();
+            if e.use_stderr() {
+                EXIT_USAGE
+            } else {
+                EXIT_OK
+            }
+        }
+    };
+    std::process::ExitCode::from(status)
+}
+
+/// [`EXIT_CONFIG`] when the error is, or wraps, a configuration error; else [`EXIT_FAILURE`].
+fn exit_status(error: &anyhow::Error) -> u8 {
+    let is_config = error.chain().any(|e| {
+        e.is::<config::ConfigError>() || e.is::<llamapool_common::settings::SettingsError>()
+    });
+    if is_config {
+        EXIT_CONFIG
+    } else {
+        EXIT_FAILURE
     }
+}
+
+/// The error and its causes on one line, each once: many errors here already repeat their
+/// source in their own message.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// `--set KEY=VALUE`.
+fn parse_key_value(kv: &str) -> Result<(String, String), String> {
+    match kv.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {kv:?}")),
+    }
+}
+
+/// Loads and checks the configuration, then serves until SIGINT/SIGTERM. Every configuration
+/// problem is found before anything starts.
+fn run(args: Args) -> Result<()> {
+    let mut overrides = args.set;
     for (key, value) in [
         ("server.listen", &args.listen),
         ("model.path", &args.model),
@@ -105,6 +163,7 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    config::check_host(&settings.server)?;
     // The router's own work is light (HTTP, framing); a few runtime threads suffice and leave
     // the cores to the pinned workers.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -114,7 +173,11 @@ fn main() -> Result<()> {
         })
         .enable_all()
         .build()?;
-    runtime.block_on(serve(settings, model_path, plans))
+    let source = ConfigSource {
+        file: args.config.clone(),
+        overrides,
+    };
+    runtime.block_on(serve(settings, model_path, plans, source))
 }
 
 /// Removes socket directories left by routers that were killed (SIGKILL skips the cleanup):
@@ -161,97 +224,7 @@ async fn serve(
     settings: llamapool_common::settings::Settings,
     model_path: PathBuf,
     plans: Vec<llamapool_common::settings::WorkerPlan>,
+    source: ConfigSource,
 ) -> Result<()> {
-    let server_settings = &settings.server;
-    let worker_binary = match &server_settings.worker_binary {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("llamapool-worker"),
-    };
-    if !worker_binary.is_file() {
-        bail!(
-            "configuration key server.worker_binary: {} does not exist",
-            worker_binary.display()
-        );
-    }
-    let runtime_dir = private_runtime_dir(server_settings.runtime_dir.as_ref())?;
-    let listener = TcpListener::bind(&server_settings.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "configuration key server.listen: cannot bind {}",
-                server_settings.listen
-            )
-        })?;
-    let local: SocketAddr = listener.local_addr()?;
-    let metrics = Arc::new(Metrics::default());
-    let n_workers = plans.len();
-    let pool = Pool::start(
-        plans,
-        LaunchConfig {
-            worker_binary,
-            runtime_dir: runtime_dir.clone(),
-            model_path,
-            chat_template: settings.model.chat_template.clone(),
-            ready_timeout: Duration::from_secs(server_settings.ready_timeout_secs),
-        },
-        metrics,
-    );
-    let state = Arc::new(AppState {
-        pool: pool.clone(),
-        alias: settings.model.alias.clone(),
-        api_key: server_settings.api_key.clone(),
-        max_body_bytes: server_settings.max_body_bytes,
-        keepalive: Duration::from_secs(server_settings.keepalive_secs.max(1)),
-        admission: Arc::new(Semaphore::new(
-            pool.total_slots() + server_settings.max_queued,
-        )),
-        next_id: AtomicU64::new(1),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    });
-    // The line tests and scripts wait for.
-    println!("llamapool listening on http://{local} ({n_workers} workers starting)");
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let app = http::router(state);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        }
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
-    drop(listener);
-    let drain = Duration::from_secs(server_settings.drain_timeout_secs);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests did not finish within {drain:?}");
-    }
-    pool.shutdown(Duration::from_secs(10)).await;
-    let _ = std::fs::remove_dir_all(&runtime_dir);
-    tracing::info!("stopped");
-    Ok(())
+    serve::run(settings, model_path, plans, private_runtime_dir, source).await
 }

@@ -2,11 +2,48 @@
 //! router and the bench build worker command lines only through it), with its defaults taken
 //! from [`ContextConfig::default`]. `main` parses it and turns it into a [`WorkerArgs`].
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
 
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
 use llamapool_common::worker::{ContextConfig, FlashAttention, WorkerArgs};
+
+/// The environment variable in which the router gives a worker its own pid, so that the
+/// worker can tell whether its parent is still the router (see [`check_parent`]).
+pub const ROUTER_PID_ENV: &str = "LLAMAPOOL_ROUTER_PID";
+
+/// The router died before the worker's parent-death signal was set: it would never come.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParentError {
+    #[error("{ROUTER_PID_ENV}={0:?} is not a process id")]
+    BadPid(String),
+    #[error(
+        "the router (pid {router}) is gone: this worker's parent is now pid {parent}; exiting"
+    )]
+    RouterGone { router: i32, parent: i32 },
+}
+
+/// Checks, after `PR_SET_PDEATHSIG`, that the parent is still the router whose pid is in
+/// [`ROUTER_PID_ENV`] (`expected`); without the variable (a worker started by hand or by the
+/// bench) anything goes.
+pub fn check_parent(expected: Option<&OsStr>, parent: i32) -> Result<(), ParentError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let text = expected.to_string_lossy();
+    let router: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&pid| pid > 0)
+        .ok_or_else(|| ParentError::BadPid(text.clone().into_owned()))?;
+    if router == parent {
+        Ok(())
+    } else {
+        Err(ParentError::RouterGone { router, parent })
+    }
+}
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -141,6 +178,26 @@ mod tests {
             .context
             .threads;
         assert_eq!(threads, 6, "threads default to the pinned CPUs");
+    }
+
+    #[test]
+    fn the_parent_must_be_the_router_named_in_the_environment() {
+        let env = |v: &str| Some(OsStr::new(v).to_owned());
+        assert_eq!(check_parent(None, 1), Ok(()), "no router named: any parent");
+        assert_eq!(check_parent(env("4242").as_deref(), 4242), Ok(()));
+        assert_eq!(
+            check_parent(env("4242").as_deref(), 1),
+            Err(ParentError::RouterGone {
+                router: 4242,
+                parent: 1
+            })
+        );
+        for bad in ["", "x", "-3", "0"] {
+            assert_eq!(
+                check_parent(env(bad).as_deref(), 1),
+                Err(ParentError::BadPid(bad.into()))
+            );
+        }
     }
 
     #[test]

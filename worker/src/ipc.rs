@@ -1,56 +1,93 @@
-//! The worker's side of the router connection.
+//! The worker's side of the router connection: three threads.
 //!
-//! The IPC thread (the caller of [`serve`]) reads frames, renders chat templates, tokenizes and
-//! hands requests to the engine; a writer thread owns the socket's send half and turns engine
-//! events and control replies into frames. Generation events are held until the engine says
-//! its loop iteration ended ([`flush_hook`]), so one iteration's acceptances, outputs and
-//! rejections become one `Events` frame and one write, in the order the engine sent them.
-//! Control replies, and rejections made here before a request reaches the engine, go out at
-//! once.
+//! - The reader (the caller of [`serve`]) reads frames and does only what takes no time:
+//!   `Hello`, `Ping` (answered with `Pong` at once), `Abort` (see `Preparing`); everything
+//!   else goes, in order, to the prepare thread.
+//! - The prepare thread (`ipc-prepare`) renders chat templates, tokenizes prompts of up to a
+//!   frame's size, submits to the engine, answers `Tokenize`/`Detokenize`, and passes `Drain`
+//!   on after the requests that came before it. Nothing it does can delay an `Abort` or a
+//!   `Ping`.
+//! - The writer thread (`ipc-writer`) owns the socket's send half and turns engine events,
+//!   progress and replies into frames. Generation events are held until the engine says its
+//!   loop iteration ended ([`iteration_hook`]), so one iteration's acceptances, outputs and
+//!   rejections become one `Events` frame, followed by that iteration's `Progress` (when it
+//!   stepped or its load changed), in one write. Other frames (replies, `Pong`, rejections
+//!   made before a request reaches the engine) go out at once and leave held events held.
 
+use std::collections::HashMap;
 use std::io::{BufReader, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::UNIX_EPOCH;
 
 use llamapool_common::codec::{self, CodecError};
 use llamapool_common::protocol::{
     ControlCall, ControlReply, FromWorker, GenerateRequest, Prompt, ToWorker, WorkerInfo,
     WorkerStats, PROTOCOL_VERSION,
 };
-use llamapool_common::{GenerationEvent, RequestError};
+use llamapool_common::{
+    Finish, FinishReason, GenerationEvent, RequestError, RequestId, SeqOutput, Timings, Usage,
+};
 
-use crate::engine::{Disconnected, EngineRequest, EventSender};
+use crate::engine::{Disconnected, EngineRequest, EngineStats, EventSender, IterationHook};
 use crate::{EngineHandle, Model};
 
 /// What the writer thread sends.
 pub enum Outgoing {
     Event(GenerationEvent),
+    /// Written at once; events held for the current iteration stay held.
     Frame(FromWorker),
-    /// The engine finished a loop iteration: write what it produced.
-    IterationEnd,
+    /// The engine finished a loop iteration: write the events it produced, then its progress
+    /// (if it stepped or its load changed).
+    IterationEnd(Option<WorkerStats>),
     /// The engine thread has ended, so no iteration end will come again: write what is held,
     /// and from now on each event at once (only `EngineHandle::submit`'s rejections remain).
     EngineStopped,
 }
 
-/// The writer's queue; create it before the engine so the engine can be given [`flush_hook`].
+/// The writer's queue; create it before the engine so the engine can be given
+/// [`iteration_hook`].
 pub fn outbox() -> (Sender<Outgoing>, Receiver<Outgoing>) {
     mpsc::channel()
 }
 
-/// The engine's `on_iteration_end` hook for this writer. The engine drops it when its thread
-/// ends, which tells the writer to stop holding events.
-pub fn flush_hook(out: &Sender<Outgoing>) -> Box<dyn FnMut() + Send> {
-    let hook = FlushHook(out.clone());
-    Box::new(move || {
-        let _ = hook.0.send(Outgoing::IterationEnd);
+/// The engine's `on_iteration_end` hook for this writer: ends the iteration's batch of events
+/// and pushes `Progress` after every iteration that stepped or changed the load (running or
+/// waiting), so also after the one in which the last request left. The engine drops it when
+/// its thread ends, which tells the writer to stop holding events.
+pub fn iteration_hook(out: &Sender<Outgoing>) -> IterationHook {
+    let hook = StopNotice(out.clone());
+    let mut last = (0, 0, 0);
+    Box::new(move |stats: &EngineStats| {
+        let now = (stats.steps, stats.running, stats.waiting);
+        let progress = (now != last).then(|| progress(stats));
+        last = now;
+        let _ = hook.0.send(Outgoing::IterationEnd(progress));
     })
 }
 
-struct FlushHook(Sender<Outgoing>);
+/// Sends `EngineStopped` when the hook holding it is dropped.
+struct StopNotice(Sender<Outgoing>);
 
-impl Drop for FlushHook {
+impl Drop for StopNotice {
     fn drop(&mut self) {
         let _ = self.0.send(Outgoing::EngineStopped);
+    }
+}
+
+/// The engine's stats as the router sees them.
+fn progress(stats: &EngineStats) -> WorkerStats {
+    let unix_ms = stats
+        .last_step
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    WorkerStats {
+        steps: stats.steps,
+        last_step_unix_ms: unix_ms,
+        running: u32::try_from(stats.running).unwrap_or(u32::MAX),
+        waiting: u32::try_from(stats.waiting).unwrap_or(u32::MAX),
+        decode_calls: stats.decode_calls,
     }
 }
 
@@ -70,18 +107,40 @@ where
     let writer = std::thread::Builder::new()
         .name("ipc-writer".into())
         .spawn(move || write_loop(send, &out_rx))?;
-    let result = read_loop(recv, &out_tx, model, engine, info);
-    // The router is gone or said goodbye: stop generating, let the writer finish.
+    let preparing = Arc::new(Preparing::default());
+    let (jobs_tx, jobs_rx) = mpsc::channel();
+    let preparer = Preparer {
+        out: out_tx.clone(),
+        engine: engine.clone(),
+        preparing: preparing.clone(),
+    };
+    let prepare = std::thread::Builder::new()
+        .name("ipc-prepare".into())
+        .spawn(move || preparer.run(&jobs_rx, model))?;
+    let result = read_loop(recv, &out_tx, &jobs_tx, &preparing, engine, info);
+    // The router is gone or said goodbye: stop generating, skip what is still queued for
+    // preparation, let the writer finish.
     engine.shutdown(false);
+    preparing.close();
+    drop(jobs_tx);
+    let _ = prepare.join();
     drop(out_tx);
     let _ = writer.join();
     result
 }
 
+/// What the reader hands to the prepare thread, in the order the frames came.
+enum Job {
+    Generate(GenerateRequest),
+    Control { call: u64, body: ControlCall },
+    Drain,
+}
+
 fn read_loop<R: std::io::Read>(
     recv: R,
     out: &Sender<Outgoing>,
-    model: Model,
+    jobs: &Sender<Job>,
+    preparing: &Preparing,
     engine: &EngineHandle,
     info: &WorkerInfo,
 ) -> Result<(), CodecError> {
@@ -89,6 +148,7 @@ fn read_loop<R: std::io::Read>(
     let mut buf = Vec::new();
     let mut greeted = false;
     while let Some(message) = codec::read_frame::<ToWorker>(&mut reader, &mut buf)? {
+        // The prepare thread outlives this loop, so sending to it cannot fail.
         match message {
             ToWorker::Hello { version } => {
                 if version != PROTOCOL_VERSION {
@@ -106,32 +166,185 @@ fn read_loop<R: std::io::Read>(
                     "the first message must be Hello".into(),
                 ))
             }
-            ToWorker::Generate(request) => generate(request, out, model, engine),
-            ToWorker::Abort { ids } => ids.into_iter().for_each(|id| engine.cancel(id)),
-            ToWorker::Control { call, body } => {
-                let reply = control(body, model, engine);
-                let _ = out.send(Outgoing::Frame(FromWorker::Control { call, reply }));
+            ToWorker::Ping { nonce } => {
+                let _ = out.send(Outgoing::Frame(FromWorker::Pong { nonce }));
             }
-            ToWorker::Drain => engine.shutdown(true),
+            ToWorker::Abort { ids } => ids.into_iter().for_each(|id| preparing.abort(id, engine)),
+            ToWorker::Generate(request) => {
+                preparing.insert(request.id);
+                let _ = jobs.send(Job::Generate(request));
+            }
+            ToWorker::Control { call, body } => {
+                let _ = jobs.send(Job::Control { call, body });
+            }
+            ToWorker::Drain => {
+                let _ = jobs.send(Job::Drain);
+            }
         }
     }
     Ok(())
 }
 
-fn generate(request: GenerateRequest, out: &Sender<Outgoing>, model: Model, engine: &EngineHandle) {
-    let id = request.id;
-    let prompt = match request.prompt {
-        Prompt::Text(text) => Ok(model.tokenize(&text, true)),
-        Prompt::Tokens(tokens) => Ok(tokens),
-        Prompt::Chat(messages) => model.chat_prompt(&messages),
-    };
-    let mut prompt = match prompt {
-        Ok(tokens) => tokens,
-        Err(error) => {
-            let rejected = GenerationEvent::Rejected { id, error };
-            let _ = out.send(Outgoing::Frame(FromWorker::Events(vec![rejected])));
-            return;
+/// The requests the reader has handed to the prepare thread that have not reached the engine
+/// yet, each with whether an `Abort` came for it meanwhile.
+///
+/// The reader handles `Abort` at once, so an abort can overtake its own `Generate` while that
+/// waits for or undergoes preparation; the abort must still win. The reader flags such an id
+/// here instead of cancelling it in the engine, and the prepare thread checks the flag and
+/// submits under the same lock: either it sees the flag (the request never reaches the
+/// engine) or its `Submit` is already in the engine's command queue when the reader's `Cancel`
+/// follows it, which the engine applies in order. The other design, the engine remembering
+/// cancelled ids it did not know, would need a memory of every such id: the router also
+/// aborts requests that already finished, and nothing says when an id may be forgotten. Here
+/// an entry lives exactly as long as its preparation.
+#[derive(Debug, Default)]
+struct Preparing {
+    ids: Mutex<HashMap<RequestId, bool>>,
+    /// The connection has ended: nothing still queued for the prepare thread is wanted.
+    closed: AtomicBool,
+}
+
+impl Preparing {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, bool>> {
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The reader, before queuing a `Generate`.
+    fn insert(&self, id: RequestId) {
+        self.lock().entry(id).or_insert(false);
+    }
+
+    /// The reader, for each id of an `Abort`: flags a request still being prepared, cancels
+    /// any other in the engine (which ignores ids it does not know).
+    fn abort(&self, id: RequestId, engine: &EngineHandle) {
+        let mut preparing = self.lock();
+        match preparing.get_mut(&id) {
+            Some(aborted) => *aborted = true,
+            None => engine.cancel(id),
         }
+    }
+
+    /// The connection ended: every request still being prepared counts as aborted, and
+    /// queued control calls are skipped (their replies could not be delivered).
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.lock().values_mut().for_each(|aborted| *aborted = true);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn is_aborted(&self, id: RequestId) -> bool {
+        self.lock().get(&id).copied().unwrap_or(false)
+    }
+
+    /// The prepare thread: forgets `id` and runs `submit` unless it was aborted, under the
+    /// lock (see the type's doc). Returns whether `submit` ran.
+    fn submit_unless_aborted(&self, id: RequestId, submit: impl FnOnce()) -> bool {
+        let mut preparing = self.lock();
+        if preparing.remove(&id).unwrap_or(false) {
+            return false;
+        }
+        submit();
+        true
+    }
+
+    fn forget(&self, id: RequestId) {
+        self.lock().remove(&id);
+    }
+}
+
+/// The prepare thread's state.
+struct Preparer {
+    out: Sender<Outgoing>,
+    engine: EngineHandle,
+    preparing: Arc<Preparing>,
+}
+
+impl Preparer {
+    fn run(self, jobs: &Receiver<Job>, model: Model) {
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Generate(request) => {
+                    let id = request.id;
+                    // Aborted while it waited in the queue: skip the work.
+                    let prepared =
+                        (!self.preparing.is_aborted(id)).then(|| engine_request(request, model));
+                    self.hand_over(id, prepared);
+                }
+                Job::Control { .. } if self.preparing.is_closed() => {}
+                Job::Control { call, body } => {
+                    let reply = control(body, model);
+                    let _ = self
+                        .out
+                        .send(Outgoing::Frame(FromWorker::Control { call, reply }));
+                }
+                Job::Drain => self.engine.shutdown(true),
+            }
+        }
+    }
+
+    /// Submits a prepared request unless it was aborted meanwhile. A request that does not
+    /// reach the engine still gets its final event, in a frame of its own: `Rejected` when it
+    /// could not be prepared, `Accepted` then a `Cancelled` finish when it was aborted (what
+    /// the engine answers for a request cancelled while queued).
+    fn hand_over(&self, id: RequestId, prepared: Option<Result<EngineRequest, RequestError>>) {
+        let events = match prepared {
+            Some(Ok(request)) => {
+                let tx = self.out.clone();
+                let events = EventSender::new(move |event| {
+                    tx.send(Outgoing::Event(event)).map_err(|_| Disconnected)
+                });
+                if self
+                    .preparing
+                    .submit_unless_aborted(id, || self.engine.submit(request, events))
+                {
+                    return;
+                }
+                cancelled_before_start(id)
+            }
+            Some(Err(error)) => {
+                self.preparing.forget(id);
+                vec![GenerationEvent::Rejected { id, error }]
+            }
+            None => {
+                self.preparing.forget(id);
+                cancelled_before_start(id)
+            }
+        };
+        let _ = self.out.send(Outgoing::Frame(FromWorker::Events(events)));
+    }
+}
+
+/// The events of a request aborted before it reached the engine.
+fn cancelled_before_start(id: RequestId) -> Vec<GenerationEvent> {
+    vec![
+        GenerationEvent::Accepted { id },
+        GenerationEvent::Output(SeqOutput {
+            id,
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: Some(Finish {
+                reason: FinishReason::Cancelled,
+                // Nothing of it was evaluated.
+                usage: Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                },
+                timings: Timings::default(),
+            }),
+        }),
+    ]
+}
+
+/// Turns the protocol's request into the engine's: the prompt tokenized (the slow part: a
+/// chat template rendered, megabytes of text tokenized), a moved request's tokens appended.
+fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineRequest, RequestError> {
+    let mut prompt = match request.prompt {
+        Prompt::Text(text) => model.tokenize(&text, true),
+        Prompt::Tokens(tokens) => tokens,
+        Prompt::Chat(messages) => model.chat_prompt(&messages)?,
     };
     let mut stopping = request.stopping;
     let resumed = request.resumed.len();
@@ -142,33 +355,17 @@ fn generate(request: GenerateRequest, out: &Sender<Outgoing>, model: Model, engi
         stopping.max_tokens = stopping.max_tokens.map(|m| m.saturating_sub(done).max(1));
         prompt.extend(request.resumed);
     }
-    let tx = out.clone();
-    let events =
-        EventSender::new(move |event| tx.send(Outgoing::Event(event)).map_err(|_| Disconnected));
-    engine.submit(
-        EngineRequest {
-            id,
-            prompt,
-            sampling: request.sampling,
-            stopping,
-            resumed,
-        },
-        events,
-    );
+    Ok(EngineRequest {
+        id: request.id,
+        prompt,
+        sampling: request.sampling,
+        stopping,
+        resumed,
+    })
 }
 
-fn control(call: ControlCall, model: Model, engine: &EngineHandle) -> ControlReply {
+fn control(call: ControlCall, model: Model) -> ControlReply {
     match call {
-        ControlCall::Stats => match engine.stats() {
-            Some(s) => ControlReply::Stats(WorkerStats {
-                running: u32::try_from(s.running).unwrap_or(u32::MAX),
-                waiting: u32::try_from(s.waiting).unwrap_or(u32::MAX),
-                decode_calls: s.decode_calls,
-            }),
-            None => ControlReply::Failed {
-                message: "the engine has stopped".into(),
-            },
-        },
         ControlCall::Tokenize {
             content,
             add_special,
@@ -209,11 +406,13 @@ fn write_loop<W: Write>(mut send: W, rx: &Receiver<Outgoing>) {
                 }
                 flush_events(&mut events, &mut wire);
             }
-            Outgoing::Frame(frame) => {
+            Outgoing::Frame(frame) => encode(&frame, &mut wire),
+            Outgoing::IterationEnd(progress) => {
                 flush_events(&mut events, &mut wire);
-                encode(&frame, &mut wire);
+                if let Some(stats) = progress {
+                    encode(&FromWorker::Progress(stats), &mut wire);
+                }
             }
-            Outgoing::IterationEnd => flush_events(&mut events, &mut wire),
             Outgoing::EngineStopped => {
                 batching = false;
                 flush_events(&mut events, &mut wire);
@@ -257,9 +456,14 @@ fn encode(frame: &FromWorker, wire: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
-    use llamapool_common::{RequestId, SeqOutput};
+    use std::time::{Duration, SystemTime};
+
+    use llamapool_common::{SamplingParams, StoppingParams};
 
     use super::*;
+    use crate::backend::fake::FakeBackend;
+    use crate::backend::BackendLimits;
+    use crate::RunningEngine;
 
     fn output(id: u64, text: &str) -> GenerationEvent {
         GenerationEvent::Output(SeqOutput {
@@ -270,9 +474,66 @@ mod tests {
         })
     }
 
+    fn accepted(id: u64) -> GenerationEvent {
+        GenerationEvent::Accepted { id: RequestId(id) }
+    }
+
+    fn stats(steps: u64, running: u32, waiting: u32) -> WorkerStats {
+        WorkerStats {
+            steps,
+            last_step_unix_ms: 1_000 * steps,
+            running,
+            waiting,
+            decode_calls: steps,
+        }
+    }
+
+    /// The bytes of each `write_all` + `flush` the writer made.
+    #[derive(Default)]
+    struct Writes {
+        current: Vec<u8>,
+        done: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.current.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            let write = std::mem::take(&mut self.current);
+            self.done.lock().unwrap().push(write);
+            Ok(())
+        }
+    }
+
+    fn frames_of(mut bytes: &[u8]) -> Vec<FromWorker> {
+        let mut frames = Vec::new();
+        while let Some(frame) = codec::read_frame::<FromWorker>(&mut bytes, &mut Vec::new())
+            .expect("the writer writes whole frames")
+        {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// Runs the writer over `items`; returns the frames of each write.
+    fn written(items: Vec<Outgoing>) -> Vec<Vec<FromWorker>> {
+        let (tx, rx) = outbox();
+        for item in items {
+            tx.send(item).unwrap();
+        }
+        drop(tx);
+        let writes = Writes::default();
+        let done = writes.done.clone();
+        write_loop(writes, &rx);
+        let done = done.lock().unwrap();
+        done.iter().map(|w| frames_of(w)).collect()
+    }
+
     #[test]
-    fn events_are_held_until_the_iteration_ends_and_sent_at_once_after_the_engine_stopped() {
-        let accepted = |id| GenerationEvent::Accepted { id: RequestId(id) };
+    fn an_iteration_is_one_write_its_events_then_its_progress_and_other_frames_go_at_once() {
         let rejected = GenerationEvent::Rejected {
             id: RequestId(3),
             error: RequestError::ShuttingDown,
@@ -283,52 +544,214 @@ mod tests {
                 content: "x".into(),
             },
         };
-        let (tx, rx) = outbox();
-        for item in [
+        let pong = FromWorker::Pong { nonce: 5 };
+        let writes = written(vec![
             Outgoing::Event(accepted(1)),
             Outgoing::Event(output(1, "a")),
-            Outgoing::IterationEnd,
+            Outgoing::IterationEnd(Some(stats(1, 1, 0))),
             Outgoing::Event(output(1, "b")),
-            // A reply in the middle of an iteration goes out after what came before it.
+            // Mid-iteration frames go out at once; the held event stays held.
             Outgoing::Frame(reply.clone()),
+            Outgoing::Frame(pong.clone()),
             Outgoing::Event(accepted(2)),
-            Outgoing::IterationEnd,
-            Outgoing::IterationEnd,
+            Outgoing::IterationEnd(Some(stats(2, 1, 1))),
+            // An iteration without a step or load change: events only; without events: nothing.
+            Outgoing::Event(output(1, "c")),
+            Outgoing::IterationEnd(None),
+            Outgoing::IterationEnd(None),
+            Outgoing::IterationEnd(Some(stats(3, 0, 0))),
             Outgoing::EngineStopped,
             Outgoing::Event(rejected.clone()),
-        ] {
-            tx.send(item).unwrap();
-        }
-        drop(tx);
-        let mut wire = Vec::new();
-        write_loop(&mut wire, &rx);
-
-        let mut reader = wire.as_slice();
-        let mut frames = Vec::new();
-        while let Some(frame) = codec::read_frame::<FromWorker>(&mut reader, &mut Vec::new())
-            .expect("the writer writes whole frames")
-        {
-            frames.push(frame);
-        }
+        ]);
         assert_eq!(
-            frames,
+            writes,
             vec![
-                FromWorker::Events(vec![accepted(1), output(1, "a")]),
-                FromWorker::Events(vec![output(1, "b")]),
-                reply,
-                FromWorker::Events(vec![accepted(2)]),
-                FromWorker::Events(vec![rejected]),
+                vec![
+                    FromWorker::Events(vec![accepted(1), output(1, "a")]),
+                    FromWorker::Progress(stats(1, 1, 0)),
+                ],
+                vec![reply],
+                vec![pong],
+                vec![
+                    FromWorker::Events(vec![output(1, "b"), accepted(2)]),
+                    FromWorker::Progress(stats(2, 1, 1)),
+                ],
+                vec![FromWorker::Events(vec![output(1, "c")])],
+                vec![FromWorker::Progress(stats(3, 0, 0))],
+                vec![FromWorker::Events(vec![rejected])],
             ]
         );
     }
 
     #[test]
-    fn the_flush_hook_says_when_the_engine_is_gone() {
+    fn the_hook_pushes_progress_when_the_engine_stepped_or_its_load_changed() {
         let (tx, rx) = outbox();
-        let mut hook = flush_hook(&tx);
-        hook();
+        let mut hook = iteration_hook(&tx);
+        let at = |steps: u64, running: usize, waiting: usize| EngineStats {
+            steps,
+            running,
+            waiting,
+            decode_calls: steps,
+            last_step: (steps > 0)
+                .then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(1_000 * steps)),
+            ..EngineStats::default()
+        };
+        // Idle (a rejection only); queued; a step; another; the last request cancelled; idle.
+        for s in [
+            at(0, 0, 0),
+            at(0, 0, 1),
+            at(1, 1, 0),
+            at(2, 1, 0),
+            at(2, 0, 0),
+            at(2, 0, 0),
+        ] {
+            hook(&s);
+        }
         drop(hook);
-        assert!(matches!(rx.try_recv(), Ok(Outgoing::IterationEnd)));
-        assert!(matches!(rx.try_recv(), Ok(Outgoing::EngineStopped)));
+        let mut items: Vec<Outgoing> = rx.try_iter().collect();
+        assert!(
+            matches!(items.pop(), Some(Outgoing::EngineStopped)),
+            "dropping the hook says the engine is gone"
+        );
+        let sent: Vec<Option<WorkerStats>> = items
+            .into_iter()
+            .map(|item| match item {
+                Outgoing::IterationEnd(progress) => progress,
+                _ => panic!("the hook sends iteration ends only"),
+            })
+            .collect();
+        let mut queued = stats(0, 0, 1);
+        queued.last_step_unix_ms = 0;
+        assert_eq!(
+            sent,
+            vec![
+                None,
+                Some(queued),
+                Some(stats(1, 1, 0)),
+                Some(stats(2, 1, 0)),
+                Some(stats(2, 0, 0)),
+                None,
+            ]
+        );
+    }
+
+    fn fake_engine() -> RunningEngine {
+        RunningEngine::spawn(FakeBackend::new(BackendLimits {
+            n_batch: 16,
+            n_seq_max: 2,
+            n_ctx_per_seq: 512,
+            n_vocab: 100,
+        }))
+        .unwrap()
+    }
+
+    fn prepared(id: u64) -> Option<Result<EngineRequest, RequestError>> {
+        Some(Ok(EngineRequest {
+            id: RequestId(id),
+            prompt: vec![1, 2, 3],
+            sampling: SamplingParams::greedy(),
+            stopping: StoppingParams {
+                max_tokens: Some(400),
+                ignore_eos: true,
+                ..StoppingParams::default()
+            },
+            resumed: 0,
+        }))
+    }
+
+    /// Every event for `id` until its final one (engine events and whole frames alike).
+    fn events_of(rx: &Receiver<Outgoing>, id: u64) -> Vec<GenerationEvent> {
+        let mut events = Vec::new();
+        while !events.last().is_some_and(GenerationEvent::is_final) {
+            let item = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a final event");
+            let batch = match item {
+                Outgoing::Event(event) => vec![event],
+                Outgoing::Frame(FromWorker::Events(batch)) => batch,
+                _ => Vec::new(),
+            };
+            events.extend(batch.into_iter().filter(|e| e.id() == RequestId(id)));
+        }
+        events
+    }
+
+    #[test]
+    fn an_abort_that_overtakes_its_request_during_preparation_wins() {
+        let engine = fake_engine();
+        let (out, rx) = outbox();
+        let preparer = Preparer {
+            out,
+            engine: engine.handle.clone(),
+            preparing: Arc::new(Preparing::default()),
+        };
+        let preparing = preparer.preparing.clone();
+        let h = &engine.handle;
+
+        // Aborted while being prepared: never submitted, answered as cancelled.
+        preparing.insert(RequestId(1));
+        preparing.abort(RequestId(1), h);
+        assert!(preparing.is_aborted(RequestId(1)));
+        preparer.hand_over(RequestId(1), prepared(1));
+        assert_eq!(events_of(&rx, 1), cancelled_before_start(RequestId(1)));
+        let stats = h.stats().unwrap();
+        assert_eq!(
+            (stats.steps, stats.running, stats.waiting),
+            (0, 0, 0),
+            "the engine never saw it"
+        );
+
+        // Aborted while queued, so never prepared (`None`): the same.
+        preparing.insert(RequestId(2));
+        preparing.abort(RequestId(2), h);
+        preparer.hand_over(RequestId(2), None);
+        assert_eq!(events_of(&rx, 2), cancelled_before_start(RequestId(2)));
+        assert_eq!(h.stats().unwrap().steps, 0);
+
+        // Aborted after its submission: the engine cancels it.
+        preparing.insert(RequestId(3));
+        preparer.hand_over(RequestId(3), prepared(3));
+        preparing.abort(RequestId(3), h);
+        let events = events_of(&rx, 3);
+        assert_eq!(events[0], accepted(3));
+        match events.last() {
+            Some(GenerationEvent::Output(SeqOutput {
+                finish: Some(finish),
+                ..
+            })) => {
+                assert_eq!(finish.reason, FinishReason::Cancelled);
+                assert!(finish.usage.completion_tokens < 400);
+            }
+            other => panic!("expected a cancelled finish, got {other:?}"),
+        }
+
+        // A request that could not be prepared is rejected; nothing is left behind.
+        preparing.insert(RequestId(4));
+        preparer.hand_over(RequestId(4), Some(Err(RequestError::EmptyPrompt)));
+        assert_eq!(
+            events_of(&rx, 4),
+            vec![GenerationEvent::Rejected {
+                id: RequestId(4),
+                error: RequestError::EmptyPrompt
+            }]
+        );
+        assert!(preparing.lock().is_empty());
+        // Unknown ids go to the engine, which ignores them.
+        preparing.abort(RequestId(99), h);
+        assert_eq!(h.stats().unwrap().running, 0);
+        drop(preparer);
+        engine.stop(false);
+    }
+
+    #[test]
+    fn the_end_of_the_connection_aborts_what_is_still_being_prepared() {
+        let preparing = Preparing::default();
+        preparing.insert(RequestId(1));
+        preparing.insert(RequestId(2));
+        preparing.close();
+        assert!(preparing.is_closed());
+        assert!(preparing.is_aborted(RequestId(1)) && preparing.is_aborted(RequestId(2)));
+        assert!(!preparing.submit_unless_aborted(RequestId(1), || panic!("submitted")));
+        assert!(preparing.submit_unless_aborted(RequestId(7), || {}));
     }
 }

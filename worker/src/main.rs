@@ -4,6 +4,11 @@
 //! loads the model, starts the engine, and only then binds its Unix socket, so a socket that
 //! exists means a worker that is ready. It serves exactly one router connection and exits
 //! when that connection closes (or its parent dies).
+//!
+//! Signals: SIGINT and SIGTERM are ignored. Ctrl-C in a terminal and systemd's
+//! `KillMode=control-group` signal every process of the group or cgroup, but a worker must
+//! outlive its router's drain: the router stops it by closing the connection, and SIGKILLs
+//! one that does not go. The parent-death signal is SIGKILL for the same reason.
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -16,7 +21,7 @@ use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use llamapool_common::cpus::CpuList;
 use llamapool_common::protocol::{WorkerInfo, PROTOCOL_VERSION};
 use llamapool_common::worker::WorkerArgs;
-use llamapool_worker::cli::Cli;
+use llamapool_worker::cli::{check_parent, Cli, ROUTER_PID_ENV};
 use llamapool_worker::engine::EngineHooks;
 use llamapool_worker::{ipc, pin, Model, ModelOptions, RunningEngine};
 
@@ -37,6 +42,10 @@ fn main() -> ExitCode {
         }
         None => CpuList::allowed(),
     };
+    if let Err(e) = detach_from_signals() {
+        eprintln!("llamapool-worker: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let args = cli.into_worker_args(pinned.len());
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -53,8 +62,6 @@ fn main() -> ExitCode {
         report(info);
         std::process::abort();
     }));
-    // Die with the router: no orphan workers even if it is killed with SIGKILL.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
     match run(&args, &pinned) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -63,6 +70,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ignores SIGINT and SIGTERM, and dies with the router (SIGKILL, since SIGTERM is ignored)
+/// even if it is killed with SIGKILL. If the router already died before `PR_SET_PDEATHSIG`
+/// took effect, no signal will ever come: `LLAMAPOOL_ROUTER_PID` (set by the router) says who
+/// the parent must be, and a worker that has another one exits now.
+fn detach_from_signals() -> Result<()> {
+    use nix::sys::signal::Signal;
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        ignore(signal).with_context(|| format!("ignoring {signal}"))?;
+    }
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    let expected = std::env::var_os(ROUTER_PID_ENV);
+    let parent = nix::unistd::getppid().as_raw();
+    check_parent(expected.as_deref(), parent)?;
+    Ok(())
+}
+
+/// Sets `signal`'s disposition to "ignore".
+#[allow(unsafe_code)]
+fn ignore(signal: nix::sys::signal::Signal) -> nix::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let action = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: SIG_IGN installs no handler, so no code runs in signal context; the only
+    // concern `sigaction` is unsafe for (async-signal-safety of a handler) does not arise.
+    unsafe { sigaction(signal, &action) }.map(|_| ())
 }
 
 /// One socket read by the IPC thread and written by the writer thread (`&Stream` is both).
@@ -101,7 +134,7 @@ fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
         backend,
         EngineHooks {
             on_start: None,
-            on_iteration_end: Some(ipc::flush_hook(&outbox.0)),
+            on_iteration_end: Some(ipc::iteration_hook(&outbox.0)),
         },
     )?;
     let limits = engine.handle.limits();

@@ -1,14 +1,15 @@
 //! One worker connection: the task that owns the socket and the in-flight map.
 //!
 //! The pool talks to it with [`ConnCommand`]s; the worker's frames arrive through the shared
-//! codec ([`llamapool_common::codec::FrameCodec`]). Each loop turn handles one command or one
-//! frame: events are routed to each request's channel; a finished, rejected or aborted request
-//! leaves the map (and its [`LoadTicket`] gives the worker's load back). When the worker goes
-//! away, whatever is still in flight is handed back to the caller (the supervisor), who moves
-//! it to another worker.
+//! codec ([`llamapool_common::codec::FrameCodec`]). Each loop turn handles one command, one
+//! frame or one ping tick: events are routed to each request's channel; a finished, rejected
+//! or aborted request leaves the map (and its [`LoadTicket`] gives the worker's load back);
+//! `Progress` and `Pong` update the worker's [`Vitals`]. When the worker goes away, whatever
+//! is still in flight is handed back to the caller (the supervisor), who moves it to another
+//! worker.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use llamapool_common::codec::{CodecError, FrameCodec};
@@ -20,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use super::vitals::Vitals;
 use super::{CurrentWorker, DispatchError, LoadTicket, StreamEvent};
 use crate::metrics::Metrics;
 
@@ -38,6 +40,8 @@ pub struct InFlight {
     pub moves: u32,
     /// The unit of load it holds on the worker it was sent to.
     pub ticket: Option<LoadTicket>,
+    /// Only workers whose sequences hold this many tokens may take it (0: any).
+    pub min_ctx: u32,
 }
 
 #[derive(Debug)]
@@ -98,6 +102,17 @@ struct Connection<'a, W> {
     calls: HashMap<u64, oneshot::Sender<ControlReply>>,
     next_call: u64,
     metrics: &'a Metrics,
+    vitals: &'a Vitals,
+}
+
+/// What one connection reports to and how often it pings its worker.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch<'a> {
+    pub metrics: &'a Metrics,
+    pub vitals: &'a Vitals,
+    /// A `Ping` goes out this often, busy or idle; the answer (or any `Progress`) is the
+    /// worker's sign of life for the hang watchdog.
+    pub ping_interval: Duration,
 }
 
 /// Serves one connection until the worker goes away or the pool drops its sender. Returns the
@@ -105,7 +120,7 @@ struct Connection<'a, W> {
 pub async fn run<S>(
     stream: S,
     mut commands: mpsc::UnboundedReceiver<ConnCommand>,
-    metrics: &Metrics,
+    watch: Watch<'_>,
 ) -> Vec<InFlight>
 where
     S: AsyncRead + AsyncWrite + Send,
@@ -118,12 +133,21 @@ where
         running: HashMap::new(),
         calls: HashMap::new(),
         next_call: 0,
-        metrics,
+        metrics: watch.metrics,
+        vitals: watch.vitals,
     };
+    watch.vitals.reset(Instant::now());
+    let start = tokio::time::Instant::now() + watch.ping_interval;
+    let mut pings = tokio::time::interval_at(start, watch.ping_interval);
+    let mut nonce = 0u64;
     loop {
-        // Both branches are cancel-safe: a frame is either whole in FramedRead's buffer or not
-        // taken; a command is either received or left in the channel.
+        // Every branch is cancel-safe: a frame is either whole in FramedRead's buffer or not
+        // taken; a command is either received or left in the channel; a tick is not lost.
         let flow = tokio::select! {
+            _ = pings.tick() => {
+                nonce += 1;
+                conn.send(ToWorker::Ping { nonce }).await
+            }
             command = commands.recv() => match command {
                 Some(command) => conn.on_command(command).await,
                 None => Flow::Close,
@@ -217,6 +241,8 @@ impl<W: AsyncWrite> Connection<'_, W> {
                     }
                 }
             }
+            FromWorker::Progress(stats) => self.vitals.on_progress(stats, Instant::now()),
+            FromWorker::Pong { .. } => self.vitals.on_pong(Instant::now()),
             FromWorker::Control { call, reply } => {
                 if let Some(tx) = self.calls.remove(&call) {
                     let _ = tx.send(reply);

@@ -5,11 +5,16 @@
 //!
 //! - [`pool`]: spawns and supervises the worker processes, picks a worker per request, and
 //!   moves the requests of a worker that died to the others.
+//! - [`supervisor`]: one task per worker: spawns it, runs its connection, kills it when the
+//!   hang watchdog says so, respawns it (slowly when it crash-loops).
 //! - [`connection`]: owns one worker's socket and its in-flight map; demultiplexes the
-//!   worker's events to the requests.
+//!   worker's events to the requests; pings it.
+//! - [`vitals`]: what the worker last pushed, and the hang rule.
 
 pub mod connection;
 pub mod pool;
+pub mod supervisor;
+pub mod vitals;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +22,8 @@ use std::sync::Arc;
 use llamapool_common::{RequestError, RequestId, SeqOutput};
 use tokio::sync::mpsc;
 
-pub use pool::{Pool, WorkerState, WorkerView};
+pub use pool::{AdminError, Pool, Refusal, WorkerState, WorkerView};
+pub use supervisor::SupervisionPolicy;
 
 /// Why the pool could not run a request or answer a call (not the request's own fault).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

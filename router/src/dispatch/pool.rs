@@ -1,30 +1,24 @@
-//! The worker pool: spawning, supervision and the dispatch policy.
+//! The worker pool: per-worker shared state, the dispatch policy, the views `/workers` and
+//! `/metrics` read, and the operator's drain / restart / reload.
 //!
-//! Each worker has a supervisor task that starts the process (pinned by its own `main`),
-//! waits for its socket and `Ready`, runs the connection until the worker goes away, hands the
-//! requests it had to other workers (continuing a stream from the tokens generated so far),
-//! and respawns it with exponential backoff while the others keep serving.
-//!
-//! Shared state is deliberately small: per worker, a status snapshot (written only by its
-//! supervisor) and an atomic load counter (one [`LoadTicket`] per request it owns).
+//! Each worker has a supervisor task ([`super::supervisor`]) that owns its process and its
+//! connection. Shared state is deliberately small: per worker, a status snapshot (written by
+//! its supervisor; `draining` also by the operator), an atomic load counter (one
+//! [`LoadTicket`] per request it owns) and its [`Vitals`] (written by its connection).
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use interprocess::local_socket::tokio::prelude::*;
-use interprocess::local_socket::{ConnectOptions, GenericFilePath};
-use llamapool_common::protocol::{
-    ControlCall, ControlReply, GenerateRequest, WorkerInfo, WorkerStats,
-};
+use llamapool_common::protocol::{ControlCall, ControlReply, GenerateRequest, Prompt, WorkerInfo};
 use llamapool_common::settings::WorkerPlan;
-use llamapool_common::RequestId;
-use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot, watch};
+use llamapool_common::{RequestError, RequestId};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use super::connection::{self, ConnCommand, InFlight};
+use super::connection::{ConnCommand, InFlight};
+use super::supervisor::{supervise, SupervisionPolicy};
+use super::vitals::Vitals;
 use super::{AbortGuard, DispatchError, Load, LoadTicket, RequestHandle, StreamEvent};
 use crate::metrics::Metrics;
 
@@ -33,26 +27,69 @@ use crate::metrics::Metrics;
 pub enum WorkerState {
     Starting,
     Ready,
+    /// Ready, but the operator asked for no new work; in-flight requests finish.
+    Draining,
+    /// Alive but making no progress: it is being killed and will be respawned.
+    Hung,
     Restarting,
+    /// Died too often in a short time (a crash loop): retried slowly.
+    Failed,
     Stopped,
 }
 
 #[derive(Debug, Clone)]
-struct Status {
-    state: WorkerState,
-    pid: Option<u32>,
-    restarts: u32,
-    info: Option<WorkerInfo>,
-    last_error: Option<String>,
-    commands: Option<mpsc::UnboundedSender<ConnCommand>>,
+pub(super) struct Status {
+    pub state: WorkerState,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub info: Option<WorkerInfo>,
+    pub last_error: Option<String>,
+    pub commands: Option<mpsc::UnboundedSender<ConnCommand>>,
+    /// The operator asked for no new work (drain, or a restart in progress).
+    pub draining: bool,
 }
 
 #[derive(Debug)]
-struct Worker {
-    plan: WorkerPlan,
-    status: RwLock<Status>,
+pub(super) struct Worker {
+    pub plan: RwLock<WorkerPlan>,
+    pub status: RwLock<Status>,
     /// Requests dispatched to this worker and not yet finished.
-    load: Load,
+    pub load: Load,
+    pub vitals: Vitals,
+    /// Wakes the supervisor to stop the worker (it is then respawned at once).
+    pub restart: Notify,
+}
+
+impl Worker {
+    pub fn status(&self) -> Status {
+        self.status
+            .read()
+            .expect("status lock is never poisoned")
+            .clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.write().expect("status lock is never poisoned"));
+    }
+
+    pub fn plan(&self) -> WorkerPlan {
+        self.plan
+            .read()
+            .expect("plan lock is never poisoned")
+            .clone()
+    }
+
+    /// Ready and not draining: may take new work.
+    fn takes_work(&self) -> bool {
+        let s = self.status();
+        s.state == WorkerState::Ready && !s.draining
+    }
+
+    /// Ready, and heard from recently (a hung worker stops counting before the watchdog acts).
+    fn answers(&self, window: Duration) -> bool {
+        self.status().state == WorkerState::Ready
+            && self.vitals.answers_within(window, Instant::now())
+    }
 }
 
 /// How many times a request may move to another worker after its worker died.
@@ -69,12 +106,22 @@ pub struct LaunchConfig {
 }
 
 #[derive(Debug)]
-struct Inner {
-    workers: Vec<Worker>,
-    launch: LaunchConfig,
-    shutting_down: AtomicBool,
-    shutdown: watch::Sender<bool>,
-    metrics: Arc<Metrics>,
+pub(super) struct Inner {
+    pub workers: Vec<Worker>,
+    pub launch: RwLock<LaunchConfig>,
+    pub policy: SupervisionPolicy,
+    pub shutting_down: AtomicBool,
+    pub shutdown: watch::Sender<bool>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Inner {
+    pub fn launch(&self) -> LaunchConfig {
+        self.launch
+            .read()
+            .expect("launch lock is never poisoned")
+            .clone()
+    }
 }
 
 /// The pool. Cheap to clone.
@@ -92,6 +139,8 @@ pub struct WorkerView {
     pub threads: u32,
     pub state: WorkerState,
     pub slots: u32,
+    /// Per-sequence context of the running worker.
+    pub n_ctx_per_seq: Option<u32>,
     pub running: Option<u32>,
     pub waiting: Option<u32>,
     pub in_flight: usize,
@@ -99,15 +148,46 @@ pub struct WorkerView {
     pub last_error: Option<String>,
 }
 
+/// Why an operator's request on a worker could not be done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("there is no worker {0}")]
+    NoSuchWorker(usize),
+    #[error("the new configuration has {new} workers, the pool has {old}; restart the server to change the number of workers")]
+    WorkerCountChanged { old: usize, new: usize },
+    #[error("worker {0} did not come back within {1:?}")]
+    NotBack(usize, Duration),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a request was not accepted: its own fault, or the pool's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    Request(RequestError),
+    Dispatch(DispatchError),
+}
+
+impl From<DispatchError> for Refusal {
+    fn from(e: DispatchError) -> Self {
+        Self::Dispatch(e)
+    }
+}
+
 impl Pool {
     /// Starts a supervisor per planned worker; workers come up in the background.
-    pub fn start(plans: Vec<WorkerPlan>, launch: LaunchConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        plans: Vec<WorkerPlan>,
+        launch: LaunchConfig,
+        policy: SupervisionPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (shutdown, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             workers: plans
                 .into_iter()
                 .map(|plan| Worker {
-                    plan,
+                    plan: RwLock::new(plan),
                     status: RwLock::new(Status {
                         state: WorkerState::Starting,
                         pid: None,
@@ -115,11 +195,15 @@ impl Pool {
                         info: None,
                         last_error: None,
                         commands: None,
+                        draining: false,
                     }),
                     load: Load::default(),
+                    vitals: Vitals::default(),
+                    restart: Notify::new(),
                 })
                 .collect(),
-            launch,
+            launch: RwLock::new(launch),
+            policy,
             shutting_down: AtomicBool::new(false),
             shutdown,
             metrics,
@@ -139,7 +223,7 @@ impl Pool {
         self.inner
             .workers
             .iter()
-            .map(|w| w.plan.context.slots as usize)
+            .map(|w| w.plan().context.slots as usize)
             .sum()
     }
 
@@ -152,25 +236,34 @@ impl Pool {
             .sum()
     }
 
+    /// Ready workers that answered recently (what `/health` counts).
     pub fn ready_count(&self) -> usize {
+        let window = self.inner.policy.answer_window();
         self.inner
             .workers
             .iter()
-            .filter(|w| status(w).state == WorkerState::Ready)
+            .filter(|w| w.answers(window))
             .count()
     }
 
-    /// The model facts of any ready worker.
+    /// The model facts of the ready worker with the largest per-sequence context.
     pub fn worker_info(&self) -> Option<WorkerInfo> {
-        self.inner.workers.iter().find_map(|w| {
-            status(w)
-                .info
-                .filter(|_| status(w).state == WorkerState::Ready)
-        })
+        self.inner
+            .workers
+            .iter()
+            .map(Worker::status)
+            .filter(|s| matches!(s.state, WorkerState::Ready))
+            .filter_map(|s| s.info)
+            .max_by_key(|info| info.n_ctx_per_seq)
     }
 
-    /// Sends a request to the ready worker with the least load.
-    pub fn dispatch(&self, request: GenerateRequest) -> Result<RequestHandle, DispatchError> {
+    /// Sends a request to the least-loaded worker that takes work and whose sequences hold at
+    /// least `min_ctx` tokens.
+    pub fn dispatch(
+        &self,
+        request: GenerateRequest,
+        min_ctx: u32,
+    ) -> Result<RequestHandle, DispatchError> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let id = request.id;
         let current = Arc::new(AtomicUsize::new(usize::MAX));
@@ -181,6 +274,7 @@ impl Pool {
             current: current.clone(),
             moves: 0,
             ticket: None,
+            min_ctx,
         };
         self.inner
             .send_to_best(flight, None)
@@ -196,33 +290,81 @@ impl Pool {
         })
     }
 
+    /// Dispatches a request and waits until a worker accepts it, so the caller can commit to
+    /// a response. With workers of different context sizes, a prompt too long for the chosen
+    /// worker is tried on a larger one: the request is refused as too long only when no worker
+    /// can take it.
+    pub async fn submit(&self, request: GenerateRequest) -> Result<RequestHandle, Refusal> {
+        let mut min_ctx = known_prompt_len(&request);
+        let mut next = Some(request);
+        loop {
+            let largest = self.largest_context();
+            if largest > 0 && min_ctx > largest {
+                return Err(too_long(&next.expect("a request to send"), largest));
+            }
+            let request = next.take().expect("a request to send");
+            // Only a pool of different context sizes may need a second try.
+            if largest > self.smallest_context() {
+                next = Some(request.clone());
+            }
+            let mut handle = self.dispatch(request, min_ctx)?;
+            match accepted(&mut handle).await {
+                Ok(()) => return Ok(handle),
+                Err(Refusal::Request(RequestError::ExceedsContext {
+                    n_prompt_tokens,
+                    n_requested,
+                    n_ctx,
+                })) if next.is_some() => {
+                    let needed = n_prompt_tokens.saturating_add(n_requested);
+                    if needed > self.largest_context() || n_ctx >= self.largest_context() {
+                        return Err(Refusal::Request(RequestError::ExceedsContext {
+                            n_prompt_tokens,
+                            n_requested,
+                            n_ctx: n_ctx.max(self.largest_context()),
+                        }));
+                    }
+                    min_ctx = needed;
+                }
+                Err(refusal) => return Err(refusal),
+            }
+        }
+    }
+
+    fn contexts(&self) -> impl Iterator<Item = u32> + '_ {
+        self.inner
+            .workers
+            .iter()
+            .filter_map(|w| w.status().info.map(|i| i.n_ctx_per_seq))
+    }
+
+    fn largest_context(&self) -> u32 {
+        self.contexts().max().unwrap_or(0)
+    }
+
+    fn smallest_context(&self) -> u32 {
+        self.contexts().min().unwrap_or(0)
+    }
+
     /// Aborts a request on a worker (idempotent).
     pub fn abort(&self, worker: usize, id: RequestId) {
         if let Some(tx) = self
             .inner
             .workers
             .get(worker)
-            .and_then(|w| status(w).commands)
+            .and_then(|w| w.status().commands)
         {
             let _ = tx.send(ConnCommand::Abort(id));
         }
     }
 
-    /// A control call on the least-loaded ready worker.
+    /// A control call on the least-loaded worker that takes work.
     pub async fn control(&self, body: ControlCall) -> Result<ControlReply, DispatchError> {
         let index = self
             .inner
-            .best_worker(&[])
+            .best_worker(&[], 0)
             .ok_or(DispatchError::NoWorkerReady)?;
-        self.control_on(index, body).await
-    }
-
-    async fn control_on(
-        &self,
-        index: usize,
-        body: ControlCall,
-    ) -> Result<ControlReply, DispatchError> {
-        let tx = status(&self.inner.workers[index])
+        let tx = self.inner.workers[index]
+            .status()
             .commands
             .ok_or(DispatchError::NoWorkerReady)?;
         let (reply_tx, reply) = oneshot::channel();
@@ -231,52 +373,126 @@ impl Pool {
             reply: reply_tx,
         })
         .map_err(|_| DispatchError::WorkerGone)?;
-        match tokio::time::timeout(Duration::from_secs(10), reply).await {
+        match tokio::time::timeout(self.inner.policy.hang_timeout, reply).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(DispatchError::WorkerGone),
             Err(_) => Err(DispatchError::NoAnswer),
         }
     }
 
-    /// Every worker's state, with live slot counts from the ready ones.
-    pub async fn views(&self) -> Vec<WorkerView> {
-        let mut views = Vec::new();
-        for (id, w) in self.inner.workers.iter().enumerate() {
-            let s = status(w);
-            let stats = if s.state == WorkerState::Ready {
-                match self.control_on(id, ControlCall::Stats).await {
-                    Ok(ControlReply::Stats(stats)) => Some(stats),
-                    _ => None,
+    /// Every worker's state, with the load it last pushed.
+    pub fn views(&self) -> Vec<WorkerView> {
+        self.inner
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(id, w)| {
+                let s = w.status();
+                let plan = w.plan();
+                let live = matches!(s.state, WorkerState::Ready);
+                let stats = w.vitals.stats().filter(|_| live);
+                let state = match s.state {
+                    WorkerState::Ready if s.draining => WorkerState::Draining,
+                    other => other,
+                };
+                WorkerView {
+                    id,
+                    pid: s.pid,
+                    cpus: plan.cpus.to_string(),
+                    threads: plan.context.threads,
+                    state,
+                    slots: plan.context.slots,
+                    n_ctx_per_seq: s.info.map(|i| i.n_ctx_per_seq),
+                    running: stats.map(|st| st.running),
+                    waiting: stats.map(|st| st.waiting),
+                    in_flight: w.load.load(Ordering::Acquire),
+                    restarts: s.restarts,
+                    last_error: s.last_error,
                 }
-            } else {
-                None
-            };
-            views.push(WorkerView {
-                id,
-                pid: s.pid,
-                cpus: w.plan.cpus.to_string(),
-                threads: w.plan.context.threads,
-                state: s.state,
-                slots: w.plan.context.slots,
-                running: stats.map(|st: WorkerStats| st.running),
-                waiting: stats.map(|st| st.waiting),
-                in_flight: w.load.load(Ordering::Acquire),
-                restarts: s.restarts,
-                last_error: s.last_error,
-            });
-        }
-        views
+            })
+            .collect()
     }
 
-    /// Decode calls summed over ready workers (for `/metrics`).
-    pub async fn decode_calls(&self) -> u64 {
-        let mut total = 0;
-        for id in 0..self.inner.workers.len() {
-            if let Ok(ControlReply::Stats(s)) = self.control_on(id, ControlCall::Stats).await {
-                total += s.decode_calls;
-            }
+    /// Decode calls summed over the workers' last pushed stats (for `/metrics`).
+    pub fn decode_calls(&self) -> u64 {
+        self.inner
+            .workers
+            .iter()
+            .filter_map(|w| w.vitals.stats())
+            .map(|s| s.decode_calls)
+            .sum()
+    }
+
+    fn worker(&self, id: usize) -> Result<&Worker, AdminError> {
+        self.inner
+            .workers
+            .get(id)
+            .ok_or(AdminError::NoSuchWorker(id))
+    }
+
+    /// No new work for worker `id`; what it runs finishes. Lasts until it is restarted.
+    pub fn drain(&self, id: usize) -> Result<(), AdminError> {
+        self.worker(id)?.update(|s| s.draining = true);
+        Ok(())
+    }
+
+    /// Drains worker `id`, waits for its requests to finish (at most `drain_timeout`; what is
+    /// left then moves to the other workers and continues there), stops it and waits until
+    /// its replacement is ready.
+    pub async fn restart(&self, id: usize, drain_timeout: Duration) -> Result<(), AdminError> {
+        let worker = self.worker(id)?;
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(AdminError::ShuttingDown);
         }
-        total
+        worker.update(|s| s.draining = true);
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        while worker.load.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let old_pid = worker.status().pid;
+        worker.restart.notify_one();
+        let ready_timeout = self.inner.launch().ready_timeout;
+        let deadline = tokio::time::Instant::now() + ready_timeout + Duration::from_secs(10);
+        loop {
+            let s = worker.status();
+            if s.state == WorkerState::Ready && s.pid != old_pid && !s.draining {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(AdminError::NotBack(id, ready_timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rolling restart: takes the new plans and launch settings (same number of workers),
+    /// then restarts the workers one at a time, so the others keep serving.
+    pub async fn reload(
+        &self,
+        plans: Vec<WorkerPlan>,
+        launch: LaunchConfig,
+        drain_timeout: Duration,
+    ) -> Result<(), AdminError> {
+        let old = self.inner.workers.len();
+        if plans.len() != old {
+            return Err(AdminError::WorkerCountChanged {
+                old,
+                new: plans.len(),
+            });
+        }
+        *self
+            .inner
+            .launch
+            .write()
+            .expect("launch lock is never poisoned") = launch;
+        for (id, plan) in plans.into_iter().enumerate() {
+            *self.inner.workers[id]
+                .plan
+                .write()
+                .expect("plan lock is never poisoned") = plan;
+            self.restart(id, drain_timeout).await?;
+        }
+        Ok(())
     }
 
     /// Stops every worker: connections close, workers exit on EOF, stragglers are killed.
@@ -288,7 +504,7 @@ impl Pool {
             .inner
             .workers
             .iter()
-            .any(|w| status(w).state != WorkerState::Stopped)
+            .any(|w| w.status().state != WorkerState::Stopped)
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -296,29 +512,65 @@ impl Pool {
     }
 }
 
-fn status(w: &Worker) -> Status {
-    w.status
-        .read()
-        .expect("status lock is never poisoned")
-        .clone()
+/// The prompt length when it is known before a worker tokenizes it (token-id prompts).
+fn known_prompt_len(request: &GenerateRequest) -> u32 {
+    match &request.prompt {
+        Prompt::Tokens(tokens) => {
+            let wanted = request.stopping.max_tokens.unwrap_or(1);
+            u32::try_from(tokens.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(wanted)
+        }
+        Prompt::Text(_) | Prompt::Chat(_) => 0,
+    }
 }
 
-fn update(w: &Worker, f: impl FnOnce(&mut Status)) {
-    f(&mut w.status.write().expect("status lock is never poisoned"));
+/// The refusal of a token prompt that no worker can hold.
+fn too_long(request: &GenerateRequest, largest: u32) -> Refusal {
+    let n_prompt_tokens = match &request.prompt {
+        Prompt::Tokens(tokens) => u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+        Prompt::Text(_) | Prompt::Chat(_) => 0,
+    };
+    Refusal::Request(RequestError::ExceedsContext {
+        n_prompt_tokens,
+        n_requested: request.stopping.max_tokens.unwrap_or(1),
+        n_ctx: largest,
+    })
+}
+
+/// Waits until the worker admitted the request; then the response can be committed.
+async fn accepted(handle: &mut RequestHandle) -> Result<(), Refusal> {
+    loop {
+        let refusal = match handle.events.recv().await {
+            Some(StreamEvent::Accepted) => return Ok(()),
+            Some(StreamEvent::Output(_)) => continue, // a worker accepts before it outputs
+            Some(StreamEvent::Failed(e)) => Refusal::Request(e),
+            Some(StreamEvent::Unavailable(e)) => Refusal::Dispatch(e),
+            None => Refusal::Dispatch(DispatchError::WorkerGone),
+        };
+        handle.guard.finished(); // nothing is left to abort
+        return Err(refusal);
+    }
 }
 
 impl Inner {
-    /// The policy: the ready worker with the fewest requests in flight (lowest index on ties).
-    fn best_worker(&self, exclude: &[usize]) -> Option<usize> {
+    /// The policy: among workers that take work and fit `min_ctx`, the one with the fewest
+    /// requests in flight (lowest index on ties).
+    pub fn best_worker(&self, exclude: &[usize], min_ctx: u32) -> Option<usize> {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(i, w)| !exclude.contains(i) && status(w).state == WorkerState::Ready)
+            .filter(|(i, w)| !exclude.contains(i) && w.takes_work())
+            .filter(|(_, w)| {
+                w.status()
+                    .info
+                    .is_some_and(|info| info.n_ctx_per_seq >= min_ctx)
+            })
             .min_by_key(|(_, w)| w.load.load(Ordering::Acquire))
             .map(|(i, _)| i)
     }
 
-    fn send_to_best(
+    pub fn send_to_best(
         &self,
         mut flight: InFlight,
         exclude: Option<usize>,
@@ -329,12 +581,12 @@ impl Inner {
         // A worker can go away between the choice and the send: try each ready one once.
         let mut tried: Vec<usize> = exclude.into_iter().collect();
         for _ in 0..self.workers.len() {
-            let Some(index) = self.best_worker(&tried) else {
+            let Some(index) = self.best_worker(&tried, flight.min_ctx) else {
                 break;
             };
             tried.push(index);
             let worker = &self.workers[index];
-            let Some(tx) = status(worker).commands else {
+            let Some(tx) = worker.status().commands else {
                 continue;
             };
             // Replacing the ticket gives the previous worker's unit back.
@@ -353,7 +605,7 @@ impl Inner {
     }
 
     /// Requests of a worker that went away move to the others.
-    fn requeue(&self, from: usize, orphans: Vec<InFlight>) {
+    pub fn requeue(&self, from: usize, orphans: Vec<InFlight>) {
         for mut flight in orphans {
             if flight.events.is_closed() {
                 continue;
@@ -374,136 +626,4 @@ impl Inner {
             }
         }
     }
-}
-
-async fn supervise(inner: Arc<Inner>, index: usize) {
-    let worker = &inner.workers[index];
-    let mut shutdown = inner.shutdown.subscribe();
-    let mut failures: u32 = 0;
-    loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        update(worker, |s| {
-            s.state = if s.restarts == 0 && failures == 0 {
-                WorkerState::Starting
-            } else {
-                WorkerState::Restarting
-            }
-        });
-        match start_worker(&inner, index).await {
-            Ok((mut child, stream, info)) => {
-                failures = 0;
-                let (tx, rx) = mpsc::unbounded_channel();
-                let info_pid = info.pid;
-                update(worker, |s| {
-                    s.state = WorkerState::Ready;
-                    s.pid = Some(info.pid);
-                    s.info = Some(info);
-                    s.commands = Some(tx);
-                    s.last_error = None;
-                });
-                tracing::info!(worker = index, pid = info_pid, cpus = %worker.plan.cpus, "worker ready");
-                let connection = connection::run(stream, rx, &inner.metrics);
-                tokio::pin!(connection);
-                let orphans = tokio::select! {
-                    orphans = &mut connection => orphans,
-                    _ = shutdown.changed() => {
-                        // Dropping the sender ends the connection loop after the queued commands.
-                        update(worker, |s| s.commands = None);
-                        connection.await
-                    }
-                };
-                update(worker, |s| {
-                    s.commands = None;
-                    s.state = WorkerState::Restarting;
-                });
-                inner.requeue(index, orphans);
-                stop_child(&mut child).await;
-                update(worker, |s| s.pid = None);
-                if *shutdown.borrow() {
-                    break;
-                }
-                tracing::warn!(worker = index, "worker went away; restarting it");
-            }
-            Err(e) => {
-                tracing::error!(worker = index, error = %e, "worker failed to start");
-                update(worker, |s| s.last_error = Some(e));
-                failures += 1;
-            }
-        }
-        update(worker, |s| s.restarts += 1);
-        let backoff = Duration::from_millis(250u64.saturating_mul(1 << failures.min(7)))
-            .min(Duration::from_secs(30));
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => {}
-        }
-    }
-    update(worker, |s| {
-        s.state = WorkerState::Stopped;
-        s.commands = None;
-    });
-}
-
-/// Waits for the child to exit after its connection closed; kills it if it lingers.
-async fn stop_child(child: &mut Child) {
-    if tokio::time::timeout(Duration::from_secs(5), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
-}
-
-async fn start_worker(
-    inner: &Inner,
-    index: usize,
-) -> Result<(Child, interprocess::local_socket::tokio::Stream, WorkerInfo), String> {
-    let plan = &inner.workers[index].plan;
-    let launch = &inner.launch;
-    let socket = launch.runtime_dir.join(format!("worker-{index}.sock"));
-    let _ = std::fs::remove_file(&socket);
-    let args = plan.worker_args(
-        socket.clone(),
-        launch.model_path.clone(),
-        launch.chat_template.clone(),
-    );
-    let mut cmd = Command::new(&launch.worker_binary);
-    cmd.args(args.to_args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("spawning {}: {e}", launch.worker_binary.display()))?;
-    update(&inner.workers[index], |s| s.pid = child.id());
-    let deadline = tokio::time::Instant::now() + launch.ready_timeout;
-    while !socket.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "the worker exited during start-up ({status}); see its log above"
-            ));
-        }
-        if tokio::time::Instant::now() > deadline {
-            let _ = child.kill().await;
-            return Err(format!(
-                "the worker was not ready within {:?}",
-                launch.ready_timeout
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let name = socket
-        .as_path()
-        .to_fs_name::<GenericFilePath>()
-        .map_err(|e| format!("socket name: {e}"))?;
-    let mut stream = ConnectOptions::new()
-        .name(name)
-        .connect_tokio()
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-    let info = connection::handshake(&mut stream, Duration::from_secs(10)).await?;
-    Ok((child, stream, info))
 }

@@ -1,10 +1,14 @@
-//! Chat and text completions: parse, admit against a bounded capacity (429 when full),
+//! Chat and text completions: admit against a bounded capacity (429 when full), then parse,
 //! dispatch to the pool, and wait for the worker to accept or reject before committing to a
 //! status. After that, a non-streamed request collects its text; a streamed one is fed to an
 //! SSE response by a producer task, and errors become an SSE `{"error": ...}` event.
+//!
+//! A stream whose client stops taking events is aborted after `server.write_timeout_secs`
+//! ([`StreamSink`]), so a client that never reads cannot keep a slot and a permit forever.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -42,23 +46,24 @@ async fn generate(
     body: &[u8],
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
+    // The permit first: parsing a large body (a token array) costs many times its size.
+    let permit = state.admit()?;
     let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
     let valid = parse_generation(body, endpoint, &state.alias, id)?;
-    let permit = state
-        .admission
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::queue_full())?;
-    let mut handle = state.pool.dispatch(valid.generate)?;
-    accepted(&mut handle).await?;
+    // Committed to a status only once a worker accepted the request.
+    let mut handle = state.pool.submit(valid.generate).await?;
     let envelope = Envelope::new(endpoint, &state.alias);
     if valid.stream {
         let (tx, rx) = mpsc::channel(64);
+        let sink = StreamSink {
+            tx,
+            write_timeout: state.write_timeout,
+        };
         tokio::spawn(feed_stream(
             handle,
             envelope,
             valid.include_usage,
-            tx,
+            sink,
             permit,
         ));
         let events = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
@@ -68,17 +73,6 @@ async fn generate(
         let (text, finish) = collect(&mut handle).await?;
         drop(permit);
         Ok(Json(envelope.response(&text, &finish)).into_response())
-    }
-}
-
-/// Waits until the worker admitted the request: only then is the response committed.
-async fn accepted(handle: &mut RequestHandle) -> Result<(), ApiError> {
-    loop {
-        match handle.events.recv().await {
-            Some(StreamEvent::Accepted) => return Ok(()),
-            Some(StreamEvent::Output(_)) => continue, // never before Accepted
-            other => return Err(ended_with(handle, other)),
-        }
     }
 }
 
@@ -122,37 +116,64 @@ fn data(value: &serde_json::Value) -> Event {
     Event::default().data(value.to_string())
 }
 
+/// The producer's end of a stream's event channel. The channel is full only while hyper
+/// does not take events, that is while the client does not take bytes (the socket's buffers
+/// are full, or its HTTP/2 window is closed): a send that waits `write_timeout` gives up. SSE
+/// keep-alive comments come from axum's `Sse` body, not from this channel, so a quiet stream
+/// never times out here.
+struct StreamSink {
+    tx: mpsc::Sender<Event>,
+    write_timeout: Duration,
+}
+
+impl StreamSink {
+    /// Whether the event was queued; false when the client went away or took nothing for
+    /// `write_timeout`.
+    async fn send(&self, event: Event) -> bool {
+        match tokio::time::timeout(self.write_timeout, self.tx.send(event)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::info!(
+                    "aborting a stream: its client took nothing for {:?}",
+                    self.write_timeout
+                );
+                false
+            }
+        }
+    }
+}
+
 /// Feeds one stream: role chunk, text chunks, finish chunk, optional usage chunk, `[DONE]`.
-/// Ends early (and the guard aborts the request) when the client goes away.
+/// Ends early (and the guard aborts the request, the permit is released) when the client
+/// goes away or stops reading for `write_timeout`.
 async fn feed_stream(
     mut handle: RequestHandle,
     envelope: Envelope,
     include_usage: bool,
-    tx: mpsc::Sender<Event>,
+    sink: StreamSink,
     _permit: OwnedSemaphorePermit,
 ) {
-    if envelope.endpoint == Endpoint::Chat && tx.send(data(&envelope.role_chunk())).await.is_err() {
+    if envelope.endpoint == Endpoint::Chat && !sink.send(data(&envelope.role_chunk())).await {
         return;
     }
     loop {
         let output = tokio::select! {
             output = next_output(&mut handle) => output,
-            () = tx.closed() => return,
+            () = sink.tx.closed() => return,
         };
         match output {
             Ok(o) => {
-                if !o.text.is_empty() && tx.send(data(&envelope.text_chunk(&o.text))).await.is_err()
-                {
+                if !o.text.is_empty() && !sink.send(data(&envelope.text_chunk(&o.text))).await {
                     return;
                 }
                 if let Some(finish) = o.finish {
                     handle.guard.finished();
-                    finish_stream(&envelope, &finish, include_usage, &tx).await;
+                    finish_stream(&envelope, &finish, include_usage, &sink).await;
                     return;
                 }
             }
             Err(error) => {
-                let _ = tx.send(data(&error.body_json())).await;
+                sink.send(data(&error.body_json())).await;
                 return;
             }
         }
@@ -163,11 +184,13 @@ async fn finish_stream(
     envelope: &Envelope,
     finish: &Finish,
     include_usage: bool,
-    tx: &mpsc::Sender<Event>,
+    sink: &StreamSink,
 ) {
-    let _ = tx.send(data(&envelope.finish_chunk(finish))).await;
-    if include_usage {
-        let _ = tx.send(data(&envelope.usage_chunk(&finish.usage))).await;
+    if !sink.send(data(&envelope.finish_chunk(finish))).await {
+        return;
     }
-    let _ = tx.send(Event::default().data("[DONE]")).await;
+    if include_usage && !sink.send(data(&envelope.usage_chunk(&finish.usage))).await {
+        return;
+    }
+    sink.send(Event::default().data("[DONE]")).await;
 }

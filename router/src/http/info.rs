@@ -1,18 +1,25 @@
 //! Everything but generation: `/v1/models`, `/health`, `/workers`, `/metrics` (llama-server's
 //! names), and `/tokenize` / `/detokenize`, answered by a worker's control call.
+//!
+//! Tokenize and detokenize hold a permit of their own small limit
+//! ([`super::control_call_limit`]) from before their body is parsed until their reply is
+//! serialized, and their token counts are bounded by `server.max_tokenize_tokens`: a 4 MiB
+//! text can be a million tokens, and each `with_pieces` entry is a JSON object.
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llamapool_common::protocol::{ControlCall, ControlReply};
+use llamapool_common::Token;
+use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{SharedState, ValidJson};
+use super::{LimitedBody, SharedState};
 use crate::dispatch::DispatchError;
 use crate::error::ApiError;
 use crate::metrics::Gauges;
-use crate::openai::request::{DetokenizeBody, TokenizeBody};
+use crate::openai::request::{parse_json, DetokenizeBody, TokenizeBody};
 use crate::openai::InvalidRequest;
 
 /// `GET /health`: 200 while any worker is ready, else 503.
@@ -49,7 +56,7 @@ pub async fn models(State(state): State<SharedState>) -> Json<Value> {
 
 /// `GET /workers`: each worker's state and load.
 pub async fn workers(State(state): State<SharedState>) -> Json<Value> {
-    Json(json!({ "workers": state.pool.views().await }))
+    Json(json!({ "workers": state.pool.views() }))
 }
 
 /// `GET /metrics`: Prometheus text under llama-server's `llamacpp:` names.
@@ -58,7 +65,7 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     let gauges = Gauges {
         processing,
         deferred: processing.saturating_sub(state.pool.total_slots()),
-        decode_calls: state.pool.decode_calls().await,
+        decode_calls: state.pool.decode_calls(),
         ready_workers: state.pool.ready_count(),
     };
     (
@@ -69,11 +76,14 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
 }
 
 /// `POST /tokenize`: `{"content", "add_special"?, "with_pieces"?}` → token ids, or
-/// `{id, piece}` objects (a piece that is not UTF-8 is given as its bytes).
+/// `{id, piece}` objects (a piece that is not UTF-8 is given as its bytes). More than
+/// `server.max_tokenize_tokens` tokens is a 400 naming `content`.
 pub async fn tokenize(
     State(state): State<SharedState>,
-    ValidJson(body): ValidJson<TokenizeBody>,
-) -> Result<Json<Value>, ApiError> {
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    let _permit = state.admit_control()?;
+    let body: TokenizeBody = parse_json(&body)?;
     let content = required(body.content, "content", "content must be a string")?;
     let call = ControlCall::Tokenize {
         content,
@@ -81,39 +91,71 @@ pub async fn tokenize(
         with_pieces: body.with_pieces.unwrap_or(false),
     };
     match state.pool.control(call).await? {
-        ControlReply::Tokenized {
-            tokens,
-            pieces: Some(pieces),
-        } => {
-            let items: Vec<Value> = tokens
-                .iter()
-                .zip(pieces)
-                .map(|(id, piece)| match String::from_utf8(piece) {
-                    Ok(text) => json!({"id": id, "piece": text}),
-                    Err(e) => json!({"id": id, "piece": e.into_bytes()}),
+        ControlReply::Tokenized { tokens, pieces } => {
+            check_token_count(tokens.len(), state.max_tokenize_tokens, "content")?;
+            // Serialized here, under the permit, straight from the reply.
+            Ok(match pieces {
+                Some(pieces) => Json(Tokens {
+                    tokens: tokens
+                        .iter()
+                        .zip(&pieces)
+                        .map(|(&id, piece)| TokenPiece::new(id, piece))
+                        .collect::<Vec<_>>(),
                 })
-                .collect();
-            Ok(Json(json!({ "tokens": items })))
+                .into_response(),
+                None => Json(Tokens { tokens }).into_response(),
+            })
         }
-        ControlReply::Tokenized {
-            tokens,
-            pieces: None,
-        } => Ok(Json(json!({ "tokens": tokens }))),
         ControlReply::Failed { message } => Err(ApiError::refused("content", message)),
         other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
     }
 }
 
-/// `POST /detokenize`: `{"tokens": [ids]}` → `{"content"}`.
+/// `/tokenize`'s answer: `tokens` holds ids or [`TokenPiece`]s.
+#[derive(Serialize)]
+struct Tokens<T: Serialize> {
+    tokens: Vec<T>,
+}
+
+/// One `with_pieces` entry (keys in alphabetical order, like every response object).
+#[derive(Serialize)]
+struct TokenPiece<'a> {
+    id: Token,
+    piece: Piece<'a>,
+}
+
+/// A piece as text, or as its bytes when it is not UTF-8 (part of a multi-byte character).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Piece<'a> {
+    Text(&'a str),
+    Bytes(&'a [u8]),
+}
+
+impl<'a> TokenPiece<'a> {
+    fn new(id: Token, piece: &'a [u8]) -> Self {
+        let piece = match std::str::from_utf8(piece) {
+            Ok(text) => Piece::Text(text),
+            Err(_) => Piece::Bytes(piece),
+        };
+        Self { id, piece }
+    }
+}
+
+/// `POST /detokenize`: `{"tokens": [ids]}` → `{"content"}`. More than
+/// `server.max_tokenize_tokens` ids is a 400 naming `tokens`.
 pub async fn detokenize(
     State(state): State<SharedState>,
-    ValidJson(body): ValidJson<DetokenizeBody>,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Json<Value>, ApiError> {
+    let _permit = state.admit_control()?;
+    let body: DetokenizeBody = parse_json(&body)?;
     let tokens = required(
         body.tokens,
         "tokens",
         "tokens must be an array of token ids",
     )?;
+    check_token_count(tokens.len(), state.max_tokenize_tokens, "tokens")?;
     match state
         .pool
         .control(ControlCall::Detokenize { tokens })
@@ -125,10 +167,45 @@ pub async fn detokenize(
     }
 }
 
+/// Refuses more than `max` tokens (`server.max_tokenize_tokens`), naming `param`.
+fn check_token_count(n: usize, max: usize, param: &str) -> Result<(), InvalidRequest> {
+    if n <= max {
+        return Ok(());
+    }
+    Err(InvalidRequest::Field {
+        param: param.into(),
+        message: format!(
+            "{param} has {n} tokens, more than this server's limit of {max} (server.max_tokenize_tokens)"
+        ),
+    })
+}
+
 /// A field the body must have.
 fn required<T>(value: Option<T>, param: &str, message: &str) -> Result<T, InvalidRequest> {
     value.ok_or_else(|| InvalidRequest::Field {
         param: param.into(),
         message: message.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_are_text_or_bytes_and_counts_are_bounded() {
+        let body = Tokens {
+            tokens: vec![TokenPiece::new(7, b"Hi"), TokenPiece::new(8, b"\xe2\x82")],
+        };
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"tokens":[{"id":7,"piece":"Hi"},{"id":8,"piece":[226,130]}]}"#
+        );
+        check_token_count(1000, 1000, "content").unwrap();
+        let e = check_token_count(1001, 1000, "content").unwrap_err();
+        assert!(
+            matches!(&e, InvalidRequest::Field { param, message } if param == "content" && message.contains("1001")),
+            "{e:?}"
+        );
+    }
 }

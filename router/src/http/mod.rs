@@ -1,10 +1,17 @@
 //! The HTTP layer: the route table (axum on hyper 1.x), the shared [`AppState`], API-key
-//! checks, and request bodies read with a size limit and parsed into typed structs.
+//! checks, admission, and request bodies read with a size limit.
+//!
+//! Bodies are read by the [`LimitedBody`] extractor (bounded by `server.max_body_bytes`, and
+//! in number by `server.max_connections`), but parsed only by the handler once it holds a
+//! permit ([`AppState::admit`], [`AppState::admit_control`]): parsing is where one request can
+//! cost memory many times its size (a JSON array of token ids), so it happens under the same
+//! bound as the work.
 //!
 //! Handlers live in [`generate`] (chat and text completions, streamed or not) and [`info`]
 //! (models, health, workers, metrics, tokenize). Every failure is an [`ApiError`], turned into
 //! a response in one place (`crate::error`).
 
+pub mod admin;
 pub mod generate;
 pub mod info;
 
@@ -19,12 +26,10 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::dispatch::Pool;
 use crate::error::ApiError;
-use crate::openai::request::parse_json;
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -38,12 +43,53 @@ pub struct AppState {
     pub keepalive: Duration,
     /// Slots of the whole pool plus the allowed queue; a request holds a permit until it ends.
     pub admission: Arc<Semaphore>,
+    /// `/tokenize` and `/detokenize` calls at once ([`control_call_limit`]).
+    pub control_calls: Arc<Semaphore>,
+    /// Most tokens `/tokenize` returns and `/detokenize` takes (`server.max_tokenize_tokens`).
+    pub max_tokenize_tokens: usize,
+    /// How long a stream waits for its client to take more events before it is aborted
+    /// (`server.write_timeout_secs`).
+    pub write_timeout: Duration,
     pub next_id: AtomicU64,
     /// Unix time the router started (`created` of `/v1/models`).
     pub started: u64,
+    /// How long an operator's restart waits for a worker's requests to finish.
+    pub drain_timeout: Duration,
+    /// Re-reads the configuration for `POST /admin/reload`.
+    pub reloader: Option<admin::Reloader>,
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// Tokenize and detokenize calls in flight per worker. They get their own small limit rather
+/// than generation permits: a worker answers them one at a time on the thread that also
+/// prepares its generation requests, so more than a couple per worker only wait in the router
+/// holding bodies and replies (up to `server.max_tokenize_tokens` pieces each); and a burst
+/// of them should neither take generation's permits nor be refused because generation is full.
+pub const CONTROL_CALLS_PER_WORKER: usize = 2;
+
+/// The size of [`AppState::control_calls`] for a pool of `workers`.
+pub fn control_call_limit(workers: usize) -> usize {
+    workers.max(1) * CONTROL_CALLS_PER_WORKER
+}
+
+impl AppState {
+    /// A generation permit, held until the response ends; none free is a 429 at once.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::queue_full())
+    }
+
+    /// A tokenize/detokenize permit, held until the reply is serialized; none free is a 429.
+    pub fn admit_control(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.control_calls
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::queue_full())
+    }
+}
 
 /// The route table. `/health` is open; every other route needs the API key when one is set.
 pub fn router(state: SharedState) -> Router {
@@ -58,6 +104,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/models", get(info::models))
         .route("/workers", get(info::workers))
         .route("/metrics", get(info::metrics))
+        .route("/admin/workers/{id}/drain", post(admin::drain))
+        .route("/admin/workers/{id}/restart", post(admin::restart))
+        .route("/admin/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -129,17 +178,4 @@ fn is_length_limit(e: &axum::Error) -> bool {
         source = err.source();
     }
     false
-}
-
-/// A JSON body parsed into `T`; a field of the wrong type is named in the 400.
-#[derive(Debug)]
-pub struct ValidJson<T>(pub T);
-
-impl<T: DeserializeOwned> FromRequest<SharedState> for ValidJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &SharedState) -> Result<Self, ApiError> {
-        let LimitedBody(bytes) = LimitedBody::from_request(request, state).await?;
-        Ok(Self(parse_json(&bytes)?))
-    }
 }

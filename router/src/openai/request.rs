@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use llamapool_common::params::MAX_LOGIT_BIAS;
 use llamapool_common::protocol::{GenerateRequest, Prompt};
 use llamapool_common::{ChatMessage, ParamError, RequestId, SamplingParams, StoppingParams};
 use serde::de::DeserializeOwned;
@@ -372,7 +373,16 @@ fn logit_bias(
                 )
             })?;
             let bias = match *bias {
-                BiasBody::Value(v) => v,
+                BiasBody::Value(v) if v.is_finite() => v,
+                // Beyond f32's range the number became an infinity: -1e39 is not a ban.
+                BiasBody::Value(_) => {
+                    return Err(InvalidRequest::field(
+                        "logit_bias",
+                        format!(
+                            "logit_bias for token {token} must be a number between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}, or false to ban it"
+                        ),
+                    ))
+                }
                 BiasBody::Ban(false) => f32::NEG_INFINITY,
                 BiasBody::Ban(true) => {
                     return Err(InvalidRequest::field(

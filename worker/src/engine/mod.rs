@@ -17,7 +17,7 @@ pub mod text;
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use llamapool_common::{
     Finish, FinishReason, GenerationEvent, RequestError, RequestId, SamplingParams, SeqOutput,
@@ -75,7 +75,8 @@ impl From<Sender<GenerationEvent>> for EventSender {
     }
 }
 
-/// A snapshot of the engine's load, answered between steps.
+/// A snapshot of the engine's progress and load, taken between loop iterations: answered to
+/// [`EngineHandle::stats`] and given to the `on_iteration_end` hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EngineStats {
     /// Sequence ids in all (`n_seq_max`).
@@ -87,7 +88,16 @@ pub struct EngineStats {
     pub waiting: usize,
     /// `decode` calls since the engine started.
     pub decode_calls: u64,
+    /// Steps (loop iterations that decoded) since the engine started. Grows at every step
+    /// while the engine has work: the router's hang watchdog reads it.
+    pub steps: u64,
+    /// When the last step ran; `None` before the first.
+    pub last_step: Option<SystemTime>,
 }
+
+/// The `on_iteration_end` hook: called on the engine thread after every loop iteration with
+/// the snapshot of that moment.
+pub type IterationHook = Box<dyn FnMut(&EngineStats) + Send>;
 
 enum Command {
     Submit {
@@ -169,9 +179,10 @@ pub struct EngineHooks {
     /// from it, inherit its CPU mask).
     pub on_start: Option<Box<dyn FnOnce() + Send>>,
     /// Runs after each loop iteration (commands applied, at most one step), when every event
-    /// of that iteration has been sent: the IPC writer flushes them as one frame. Dropped when
-    /// the engine thread ends, after its last iteration.
-    pub on_iteration_end: Option<Box<dyn FnMut() + Send>>,
+    /// of that iteration has been sent, with the engine's stats at that point: the IPC writer
+    /// flushes the events as one frame and pushes the progress. Dropped when the engine thread
+    /// ends, after its last iteration.
+    pub on_iteration_end: Option<IterationHook>,
 }
 
 impl std::fmt::Debug for EngineHooks {
@@ -317,7 +328,9 @@ struct Engine<B: Backend> {
     piece: Vec<u8>,
     accepting: bool,
     decode_calls: u64,
-    on_iteration_end: Option<Box<dyn FnMut() + Send>>,
+    steps: u64,
+    last_step: Option<SystemTime>,
+    on_iteration_end: Option<IterationHook>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -333,6 +346,8 @@ impl<B: Backend> Engine<B> {
             piece: Vec::new(),
             accepting: true,
             decode_calls: 0,
+            steps: 0,
+            last_step: None,
             on_iteration_end: None,
         }
     }
@@ -364,8 +379,9 @@ impl<B: Backend> Engine<B> {
             if !self.is_idle() {
                 self.step();
             }
+            let stats = self.snapshot();
             if let Some(hook) = &mut self.on_iteration_end {
-                hook();
+                hook(&stats);
             }
         }
         tracing::debug!("engine stopped");
@@ -397,6 +413,8 @@ impl<B: Backend> Engine<B> {
             running: self.active.len(),
             waiting: self.waiting.len(),
             decode_calls: self.decode_calls,
+            steps: self.steps,
+            last_step: self.last_step,
         }
     }
 
@@ -560,6 +578,8 @@ impl<B: Backend> Engine<B> {
         if self.batch.is_empty() {
             return;
         }
+        self.steps += 1;
+        self.last_step = Some(SystemTime::now());
         match self.execute() {
             Ok(()) => self.update_from_output(&chunks, &samples),
             Err(failure) => self.on_decode_failure(&failure),

@@ -1,7 +1,7 @@
 //! Step-by-step engine tests against the scripted fake backend.
 
 use std::sync::mpsc::{self, Receiver};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use super::*;
 use crate::backend::fake::FakeBackend;
@@ -370,4 +370,56 @@ fn resumed_tokens_restore_stop_string_state_after_a_move() {
     });
     h.run_until_idle();
     assert_eq!(collect(&fresh).1, "llo");
+}
+
+#[test]
+fn the_iteration_hook_sees_steps_grow_and_the_load_change() {
+    let (commands, inbox) = mpsc::channel();
+    let (seen_tx, seen) = mpsc::channel();
+    let mut engine = Engine::new(FakeBackend::new(limits(16, 2, 64)));
+    engine.on_iteration_end = Some(Box::new(move |stats: &EngineStats| {
+        let _ = seen_tx.send(*stats);
+    }));
+    // Three requests for two sequence ids, then a drain: all queued before the loop starts,
+    // so the first iteration applies them all and the run is deterministic.
+    let (tx, rx) = mpsc::channel();
+    for id in 1..=3 {
+        commands
+            .send(Command::Submit {
+                request: request(id, vec![1, 2], 3),
+                events: tx.clone().into(),
+                submitted: Instant::now(),
+            })
+            .unwrap();
+    }
+    commands.send(Command::Shutdown { drain: true }).unwrap();
+    let start = SystemTime::now();
+    engine.run(&inbox);
+    let seen: Vec<EngineStats> = seen.try_iter().collect();
+
+    let first = seen[0];
+    assert_eq!((first.running, first.waiting, first.steps), (2, 1, 1));
+    assert!(first.last_step.is_some_and(|t| t >= start));
+    let last = *seen.last().unwrap();
+    assert_eq!(
+        (last.running, last.waiting),
+        (0, 0),
+        "the last request left"
+    );
+    assert_eq!(
+        last.steps,
+        seen.len() as u64,
+        "every iteration had work to step"
+    );
+    assert_eq!(last.steps, last.decode_calls);
+    for pair in seen.windows(2) {
+        assert_eq!(pair[1].steps, pair[0].steps + 1);
+        assert!(pair[1].last_step >= pair[0].last_step);
+    }
+    assert!(
+        seen.iter().any(|s| (s.running, s.waiting) == (1, 0)),
+        "the third request ran alone at the end: {seen:?}"
+    );
+    let finals = rx.try_iter().filter(GenerationEvent::is_final).count();
+    assert_eq!(finals, 3);
 }

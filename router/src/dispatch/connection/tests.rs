@@ -14,6 +14,7 @@ use tokio_util::codec::Framed;
 
 use super::*;
 use crate::dispatch::Load;
+use llamapool_common::protocol::WorkerStats;
 
 type WorkerSide = Framed<DuplexStream, FrameCodec<ToWorker, FromWorker>>;
 
@@ -22,21 +23,36 @@ struct Harness {
     commands: mpsc::UnboundedSender<ConnCommand>,
     connection: JoinHandle<Vec<InFlight>>,
     load: Load,
+    vitals: Arc<Vitals>,
 }
 
-fn harness() -> Harness {
+/// A connection that pings every `ping_interval`.
+fn harness_pinging(ping_interval: Duration) -> Harness {
     let (router_end, worker_end) = tokio::io::duplex(1 << 16);
     let (commands, rx) = mpsc::unbounded_channel();
+    let vitals = Arc::new(Vitals::default());
+    let shared = vitals.clone();
     let connection = tokio::spawn(async move {
         let metrics = Metrics::default();
-        run(router_end, rx, &metrics).await
+        let watch = Watch {
+            metrics: &metrics,
+            vitals: &shared,
+            ping_interval,
+        };
+        run(router_end, rx, watch).await
     });
     Harness {
         worker: Framed::new(worker_end, FrameCodec::new()),
         commands,
         connection,
         load: Arc::new(AtomicUsize::new(0)),
+        vitals,
     }
+}
+
+/// A connection that does not ping during a test.
+fn harness() -> Harness {
+    harness_pinging(Duration::from_secs(3600))
 }
 
 fn flight(
@@ -58,6 +74,7 @@ fn flight(
         current: Arc::new(AtomicUsize::new(0)),
         moves: 0,
         ticket: Some(LoadTicket::take(load)),
+        min_ctx: 0,
     };
     (flight, rx)
 }
@@ -311,4 +328,27 @@ async fn control_calls_get_their_own_reply() {
             content: "x".into()
         }
     );
+}
+
+#[tokio::test]
+async fn pings_go_out_and_progress_and_pongs_are_signs_of_life() {
+    let mut h = harness_pinging(Duration::from_millis(20));
+    let ToWorker::Ping { nonce } = h.received().await else {
+        panic!("expected a ping")
+    };
+    let before = h.vitals.snapshot().alive_at;
+    h.worker.send(FromWorker::Pong { nonce }).await.unwrap();
+    let stats = WorkerStats {
+        steps: 3,
+        running: 1,
+        ..WorkerStats::default()
+    };
+    h.worker.send(FromWorker::Progress(stats)).await.unwrap();
+    // The next ping proves both frames were read before it.
+    let ToWorker::Ping { nonce: next } = h.received().await else {
+        panic!("expected a ping")
+    };
+    assert!(next > nonce);
+    assert_eq!(h.vitals.stats(), Some(stats));
+    assert!(h.vitals.snapshot().alive_at > before);
 }

@@ -212,3 +212,68 @@ fn tokenize_and_detokenize_bodies() {
     let e = parse_json::<DetokenizeBody>(br#"{"tokens":[1,"x"]}"#).unwrap_err();
     assert_eq!(param_of(&e), Some("tokens[1]"));
 }
+
+/// The bounds of `SamplingParams::validate` and `StoppingParams::validate` reach the client as
+/// a 400 naming the field; values past f32's range are infinities and refused as such.
+#[test]
+fn unbounded_values_name_their_field() {
+    let long_stop = "s".repeat(StoppingParams::MAX_STOP_BYTES + 1);
+    let cases = [
+        (r#""logit_bias":{"12":1e39}"#.to_string(), "logit_bias"),
+        (r#""logit_bias":{"12":-1e39}"#.to_string(), "logit_bias"),
+        (r#""logit_bias":{"12":100.5}"#.to_string(), "logit_bias"),
+        (r#""logit_bias":{"-3":1}"#.to_string(), "logit_bias"),
+        (r#""temperature":1e39"#.to_string(), "temperature"),
+        (r#""temperature":-1e-40"#.to_string(), "temperature"),
+        (r#""top_p":1e39"#.to_string(), "top_p"),
+        (r#""repeat_penalty":1e39"#.to_string(), "repeat_penalty"),
+        (
+            r#""presence_penalty":-1e39"#.to_string(),
+            "presence_penalty",
+        ),
+        (r#""top_k":1e39"#.to_string(), "top_k"),
+        (r#""top_k":3000000000"#.to_string(), "top_k"),
+        (format!(r#""stop":"{long_stop}""#), "stop"),
+        (format!(r#""stop":["a","{long_stop}"]"#), "stop"),
+        (
+            format!(r#""stop":{}"#, serde_json::json!(vec!["x"; 17])),
+            "stop",
+        ),
+        (r#""stop":[""]"#.to_string(), "stop"),
+        (r#""max_tokens":1e39"#.to_string(), "max_tokens"),
+        (r#""max_tokens":5000000000"#.to_string(), "max_tokens"),
+    ];
+    for (field, param) in cases {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#);
+        let e = chat(&body).unwrap_err();
+        assert_eq!(param_of(&e), Some(param), "{field}: {e:?}");
+        assert!(e.to_string().contains(param), "{field}: {e}");
+    }
+}
+
+#[test]
+fn bounds_are_inclusive_and_tiny_temperatures_are_greedy() {
+    let ok = |field: &str| {
+        chat(&format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{field}: {e:?}"))
+        .generate
+    };
+    let g = ok(r#""temperature":1e-40"#);
+    assert!(g.sampling.temperature >= 0.0);
+    assert!(g.sampling.is_greedy(), "{}", g.sampling.temperature);
+    assert!(ok(r#""temperature":0"#).sampling.is_greedy());
+    assert!(!ok(r#""temperature":0.5"#).sampling.is_greedy());
+    assert_eq!(
+        ok(r#""logit_bias":{"5":100,"6":-100,"7":false}"#)
+            .sampling
+            .logit_bias,
+        vec![(5, 100.0), (6, -100.0), (7, f32::NEG_INFINITY)]
+    );
+    let longest = "s".repeat(StoppingParams::MAX_STOP_BYTES);
+    assert_eq!(
+        ok(&format!(r#""stop":"{longest}""#)).stopping.stop,
+        vec![longest]
+    );
+}

@@ -1,0 +1,55 @@
+//! The operator's routes (behind the API key when one is set): drain a worker, restart one
+//! (drain, then respawn), and reload the configuration with a rolling restart, one worker at
+//! a time, so a new model file or worker setting takes effect without a failed request.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use llamapool_common::settings::WorkerPlan;
+use serde_json::{json, Value};
+
+use super::SharedState;
+use crate::dispatch::pool::LaunchConfig;
+use crate::error::ApiError;
+
+/// Reads the configuration again (the same file, environment and flags the router started
+/// with) and plans the workers from it.
+pub trait ReloadSource: std::fmt::Debug + Send + Sync {
+    fn reload(&self) -> Result<(Vec<WorkerPlan>, LaunchConfig), String>;
+}
+
+pub type Reloader = Arc<dyn ReloadSource>;
+
+/// `POST /admin/workers/{id}/drain`: no new work for that worker; what it runs finishes.
+pub async fn drain(
+    State(state): State<SharedState>,
+    Path(id): Path<usize>,
+) -> Result<Json<Value>, ApiError> {
+    state.pool.drain(id)?;
+    Ok(Json(json!({ "worker": id, "state": "draining" })))
+}
+
+/// `POST /admin/workers/{id}/restart`: drain, then respawn; answers when the new process is
+/// ready.
+pub async fn restart(
+    State(state): State<SharedState>,
+    Path(id): Path<usize>,
+) -> Result<Json<Value>, ApiError> {
+    state.pool.restart(id, state.drain_timeout).await?;
+    let view = state.pool.views().into_iter().nth(id);
+    Ok(Json(json!({ "worker": view })))
+}
+
+/// `POST /admin/reload`: re-reads the configuration and restarts every worker in turn.
+pub async fn reload(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let reloader = state.reloader.clone().ok_or_else(|| {
+        ApiError::reload_failed("this server was started without a reloadable configuration")
+    })?;
+    let (plans, launch) = reloader.reload().map_err(ApiError::reload_failed)?;
+    state
+        .pool
+        .reload(plans, launch, state.drain_timeout)
+        .await?;
+    Ok(Json(json!({ "workers": state.pool.views() })))
+}

@@ -1,0 +1,553 @@
+//! The server around the route table: binds `server.listen`, starts the pool, builds the
+//! shared [`AppState`], accepts client connections within bounds, and on SIGINT/SIGTERM stops
+//! accepting, drains and stops the workers. Called by `main` once the configuration is loaded.
+//!
+//! What keeps one client, or a thousand, from holding the server (each a `server.*` key):
+//!
+//! - `max_connections`: the accept loop takes a slot before it accepts, so at the cap it stops
+//!   accepting and new connections wait in the kernel's listen backlog until one closes. (Not
+//!   accept-and-close: that answers nothing useful either, costs an accept and a close per
+//!   attempt, and throws away clients that a moment later could have been served.)
+//! - Accept errors (EMFILE, ENFILE, ENOBUFS: they repeat until something is freed) back off
+//!   from 10 ms doubling to 1 s, logged once per burst ([`AcceptBackoff`]).
+//! - `header_read_timeout_secs`: hyper's HTTP/1 timer for each request head. hyper starts it
+//!   whenever it waits for a head, so it also bounds the wait for the next request of a
+//!   keep-alive connection. It does not cover the bytes hyper-util reads first to tell HTTP/1
+//!   from HTTP/2, nor HTTP/2, so the [`Activity`] watchdog also closes a connection that has
+//!   not started its first request within that time.
+//! - `idle_timeout_secs`: the [`Activity`] watchdog closes a connection with no request in
+//!   flight (from the request head to the end of its response body) for that long.
+//! - `write_timeout_secs`: [`WriteGuard`] fails the connection's writes once they have been
+//!   refused that long; hyper then drops the connection and its responses, which aborts their
+//!   requests. `TCP_NOTSENT_LOWAT` keeps the kernel from buffering megabytes on behalf of a
+//!   client that does not read, so a refused write means that the client stopped taking bytes.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use axum::body::{Body, Bytes};
+use axum::Router;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use llamapool_common::settings::{ServerSettings, Settings, WorkerPlan};
+use llamapool_router::dispatch::pool::LaunchConfig;
+use llamapool_router::dispatch::{Pool, SupervisionPolicy};
+use llamapool_router::http::{self, AppState};
+use llamapool_router::metrics::Metrics;
+use llamapool_router::reload::{ConfigReload, ConfigSource};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// Unsent bytes the kernel may hold for one connection before a write is refused
+/// (`TCP_NOTSENT_LOWAT`). Without it Linux buffers up to `tcp_wmem` (4 MiB) per connection:
+/// thousands of stream chunks, more than a whole generation, so a client that never reads
+/// would never be noticed. 16 KiB is well above one write of any response the router sends
+/// in a round trip on loopback or a LAN.
+const NOTSENT_LOWAT: u32 = 16 * 1024;
+
+/// Serves until SIGINT/SIGTERM: binds, starts the pool, accepts, then drains and stops the
+/// workers. `runtime_dir` is the private socket directory to create (see `main`).
+pub async fn run(
+    settings: Settings,
+    model_path: PathBuf,
+    plans: Vec<WorkerPlan>,
+    runtime_dir: impl FnOnce(Option<&PathBuf>) -> Result<PathBuf>,
+    source: ConfigSource,
+) -> Result<()> {
+    let server_settings = &settings.server;
+    let worker_binary = match &server_settings.worker_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("llamapool-worker"),
+    };
+    if !worker_binary.is_file() {
+        bail!(
+            "configuration key server.worker_binary: {} does not exist",
+            worker_binary.display()
+        );
+    }
+    let runtime_dir = runtime_dir(server_settings.runtime_dir.as_ref())?;
+    let listener = TcpListener::bind(&server_settings.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "configuration key server.listen: cannot bind {}",
+                server_settings.listen
+            )
+        })?;
+    let local: SocketAddr = listener.local_addr()?;
+    let metrics = Arc::new(Metrics::default());
+    let n_workers = plans.len();
+    let pool = Pool::start(
+        plans,
+        LaunchConfig {
+            worker_binary: worker_binary.clone(),
+            runtime_dir: runtime_dir.clone(),
+            model_path,
+            chat_template: settings.model.chat_template.clone(),
+            ready_timeout: Duration::from_secs(server_settings.ready_timeout_secs),
+        },
+        SupervisionPolicy {
+            hang_timeout: Duration::from_secs(server_settings.hang_timeout_secs.max(1)),
+            crash_deaths: server_settings.crash_loop_deaths.max(1),
+            crash_window: Duration::from_secs(server_settings.crash_loop_window_secs),
+            failed_retry: Duration::from_secs(server_settings.failed_retry_secs),
+        },
+        metrics,
+    );
+    let limits = ConnLimits::from_settings(server_settings);
+    let state = Arc::new(AppState {
+        pool: pool.clone(),
+        alias: settings.model.alias.clone(),
+        api_key: server_settings.api_key.clone(),
+        max_body_bytes: server_settings.max_body_bytes,
+        keepalive: Duration::from_secs(server_settings.keepalive_secs.max(1)),
+        admission: Arc::new(Semaphore::new(
+            pool.total_slots() + server_settings.max_queued,
+        )),
+        control_calls: Arc::new(Semaphore::new(http::control_call_limit(n_workers))),
+        max_tokenize_tokens: server_settings.max_tokenize_tokens,
+        write_timeout: limits.write_timeout,
+        next_id: AtomicU64::new(1),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        drain_timeout: Duration::from_secs(server_settings.drain_timeout_secs),
+        reloader: Some(Arc::new(ConfigReload {
+            source,
+            worker_binary,
+            runtime_dir: runtime_dir.clone(),
+        })),
+    });
+    // The line tests and scripts wait for.
+    println!("llamapool listening on http://{local} ({n_workers} workers starting)");
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let graceful = GracefulShutdown::new();
+    tokio::select! {
+        () = accept_loop(&listener, http::router(state), limits, &graceful) => {}
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    drop(listener);
+    let drain = Duration::from_secs(server_settings.drain_timeout_secs);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {drain:?}");
+    }
+    pool.shutdown(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&runtime_dir);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The per-connection bounds, from `server.*` (each at least 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl ConnLimits {
+    pub fn from_settings(s: &ServerSettings) -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(s.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(s.idle_timeout_secs.max(1)),
+            write_timeout: Duration::from_secs(s.write_timeout_secs.max(1)),
+            max_connections: s.max_connections.max(1),
+        }
+    }
+}
+
+/// Accepts connections and serves each on its own task, until dropped. Never returns.
+async fn accept_loop(
+    listener: &TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    graceful: &GracefulShutdown,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut at_cap = false;
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                if std::mem::take(&mut at_cap) {
+                    tracing::info!("below server.max_connections again: accepting");
+                }
+                slot
+            }
+            Err(_) => {
+                if !std::mem::replace(&mut at_cap, true) {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "server.max_connections reached: not accepting until a connection closes"
+                    );
+                }
+                slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the connection semaphore is never closed")
+            }
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                if let Some(errors) = backoff.succeeded() {
+                    tracing::info!(errors, "accepting connections again");
+                }
+                stream
+            }
+            Err(error) => {
+                let (delay, first) = backoff.failed();
+                if first {
+                    tracing::warn!(%error, "accept failed; retrying with back-off (10 ms doubling to 1 s) until it succeeds");
+                }
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        serve_connection(stream, &app, &builder, limits, graceful, slot);
+    }
+}
+
+/// Serves one connection on its own task, which holds the connection's `slot`.
+fn serve_connection(
+    stream: TcpStream,
+    app: &Router,
+    builder: &auto::Builder<TokioExecutor>,
+    limits: ConnLimits,
+    graceful: &GracefulShutdown,
+    slot: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    if let Err(error) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!(%error, "TCP_NOTSENT_LOWAT not set");
+    }
+    let activity = Arc::new(Activity::new());
+    let service = Tracked {
+        inner: TowerToHyperService::new(app.clone()),
+        activity: activity.clone(),
+    };
+    let io = TokioIo::new(WriteGuard::new(stream, limits.write_timeout));
+    let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+    tokio::spawn(async move {
+        let _slot = slot;
+        tokio::select! {
+            result = conn => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+            }
+            () = activity.expired(limits.header_read_timeout, limits.idle_timeout) => {
+                tracing::debug!("closing an idle connection");
+            }
+        }
+    });
+}
+
+/// The delay after each failed `accept` of a burst: 10 ms doubling to 1 s.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// Failures since the last success.
+    errors: u32,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// After a failure: how long to wait, and whether it is the first of its burst (to log).
+    fn failed(&mut self) -> (Duration, bool) {
+        self.errors = self.errors.saturating_add(1);
+        let factor = 1u32.checked_shl(self.errors - 1).unwrap_or(u32::MAX);
+        (
+            Self::FIRST.saturating_mul(factor).min(Self::MAX),
+            self.errors == 1,
+        )
+    }
+
+    /// After a success: how many failures the burst it ends had, if there was one.
+    fn succeeded(&mut self) -> Option<u32> {
+        (self.errors > 0).then(|| std::mem::take(&mut self.errors))
+    }
+}
+
+/// A connection's requests in flight, watched by [`Activity::expired`].
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<Idle>,
+    changed: Notify,
+}
+
+/// Whether a connection has requests in flight, and since when it has had none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Idle {
+    in_flight: usize,
+    /// Whether any request has started (before that, the header read timeout applies).
+    started: bool,
+    /// When the last request ended, or when the connection was accepted.
+    since: Instant,
+}
+
+impl Idle {
+    /// When the connection is to be closed if nothing changes; `None` while a request is in
+    /// flight. Before its first request a connection gets `first`, between requests `idle`.
+    fn deadline(&self, first: Duration, idle: Duration) -> Option<Instant> {
+        (self.in_flight == 0).then(|| self.since + if self.started { idle } else { first })
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(Idle {
+                in_flight: 0,
+                started: false,
+                since: Instant::now(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Idle)) {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
+        self.changed.notify_one();
+    }
+
+    fn deadline(&self, first: Duration, idle: Duration) -> Option<Instant> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .deadline(first, idle)
+    }
+
+    /// A request started; it is in flight until the guard drops (with its response body).
+    fn begin(self: &Arc<Self>) -> InFlightGuard {
+        self.update(|s| {
+            s.in_flight += 1;
+            s.started = true;
+        });
+        InFlightGuard(self.clone())
+    }
+
+    /// Completes when the connection has been idle past its deadline (see [`Idle::deadline`]).
+    async fn expired(&self, first: Duration, idle: Duration) {
+        loop {
+            // Registered before the state is read, so no change between the two is missed.
+            let changed = self.changed.notified();
+            match self.deadline(first, idle) {
+                None => changed.await,
+                Some(at) if at <= Instant::now() => return,
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = changed => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One request in flight on a connection.
+#[derive(Debug)]
+struct InFlightGuard(Arc<Activity>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.update(|s| {
+            s.in_flight -= 1;
+            if s.in_flight == 0 {
+                s.since = Instant::now();
+            }
+        });
+    }
+}
+
+/// The route table as a hyper service that counts a connection's requests in flight: from
+/// the call to the end (or drop) of the response body, so a stream is a request in flight.
+#[derive(Debug, Clone)]
+struct Tracked {
+    inner: TowerToHyperService<Router>,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
+    type Response = hyper::Response<TrackedBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
+        let guard = self.activity.begin();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| TrackedBody {
+                inner: body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request in flight until it is dropped.
+#[derive(Debug)]
+struct TrackedBody {
+    inner: Body,
+    _guard: InFlightGuard,
+}
+
+impl HttpBody for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client's TCP stream whose writes fail with `TimedOut` once they have been refused for
+/// `timeout` without a byte accepted in between. Reads are untouched.
+#[derive(Debug)]
+struct WriteGuard {
+    stream: TcpStream,
+    timeout: Duration,
+    /// Running while writes are refused; cleared when a write makes progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl WriteGuard {
+    fn new(stream: TcpStream, timeout: Duration) -> Self {
+        Self {
+            stream,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// Called when a write or flush is refused: the error once the stall lasted `timeout`.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let timeout = self.timeout;
+        let stall = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        stall.as_mut().poll(cx).map(|()| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took no bytes for {timeout:?}"),
+            )
+        })
+    }
+
+    fn on_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Pending => self.poll_stall(cx).map(Err),
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.stalled = None;
+                Poll::Ready(Ok(n))
+            }
+            ready => ready,
+        }
+    }
+
+    fn on_other(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<()>>,
+    ) -> Poll<io::Result<()>> {
+        match result {
+            Poll::Pending => self.poll_stall(cx).map(Err),
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncRead for WriteGuard {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteGuard {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.on_write(cx, result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.on_write(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.stream).poll_flush(cx);
+        this.on_other(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.on_other(cx, result)
+    }
+}
+
+#[cfg(test)]
+mod tests;
