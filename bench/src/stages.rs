@@ -720,6 +720,7 @@ fn ipc_load(
         let (id, sampling, stopping, prompt) = request_for(i, &prompts[i], max_tokens);
         let request = GenerateRequest {
             id,
+            request_id: id.to_string(),
             prompt: Prompt::Tokens(prompt),
             sampling,
             stopping,

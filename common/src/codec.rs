@@ -210,6 +210,7 @@ mod tests {
         ] {
             round_trip(ToWorker::Generate(GenerateRequest {
                 id: RequestId(7),
+                request_id: "client-chosen id".into(),
                 prompt,
                 sampling: SamplingParams {
                     seed: Some(3),
@@ -304,6 +305,7 @@ mod tests {
             running: 2,
             waiting: 1,
             decode_calls: 99,
+            kv_cells_used: 1234,
         }));
         round_trip(FromWorker::Pong { nonce: 9 });
         round_trip(FromWorker::Control {

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +28,10 @@ pub enum Prompt {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub id: RequestId,
+    /// The HTTP request's `x-request-id` (the client's, or one the router made): for log
+    /// lines only, so the worker's lines about this request carry it. `id` is what the
+    /// protocol and the engine use.
+    pub request_id: String,
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub stopping: StoppingParams,
@@ -99,6 +103,9 @@ pub struct WorkerStats {
     pub waiting: u32,
     /// `decode` calls since the worker started.
     pub decode_calls: u64,
+    /// KV cache cells held by the running sequences (each sequence's prompt and generated
+    /// tokens decoded so far, summed).
+    pub kv_cells_used: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -26,8 +26,21 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Address the HTTP server binds.
     pub listen: String,
-    /// When set, requests need `Authorization: Bearer <api_key>`.
+    /// An API key; with any key configured (this, `api_keys` or `api_key_file`), every route
+    /// but `/health` and the web page needs one of them (`Authorization: Bearer <key>` or
+    /// `X-Api-Key: <key>`).
     pub api_key: Option<String>,
+    /// More API keys. From the environment or `--set`, one comma-separated string.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line; blank lines and lines starting with `#` are ignored.
+    /// Read at start-up (see [`ServerSettings::api_keys`]).
+    pub api_key_file: Option<PathBuf>,
+    /// Origins (`scheme://host[:port]`) whose web pages may call the API (CORS). Empty, the
+    /// default, allows every origin, as llama-server does; `"*"` in the list does too. From the
+    /// environment or `--set`, one comma-separated string.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub cors_origins: Vec<String>,
     /// Request bodies over this many bytes get 413.
     pub max_body_bytes: usize,
     /// Requests allowed to wait beyond the pool's slots before 429.
@@ -75,6 +88,9 @@ pub struct ServerSettings {
     pub crash_loop_deaths: usize,
     pub crash_loop_window_secs: u64,
     pub failed_retry_secs: u64,
+    /// How the router and its workers write their log lines to stderr: `text` or `json`.
+    /// Read at start-up only (`/admin/reload` does not change it).
+    pub log_format: LogFormat,
 }
 
 impl Default for ServerSettings {
@@ -82,6 +98,9 @@ impl Default for ServerSettings {
         Self {
             listen: "127.0.0.1:8080".into(),
             api_key: None,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            cors_origins: Vec::new(),
             max_body_bytes: 4 * 1024 * 1024,
             max_queued: 256,
             ready_timeout_secs: 300,
@@ -99,7 +118,62 @@ impl Default for ServerSettings {
             crash_loop_deaths: 5,
             crash_loop_window_secs: 300,
             failed_retry_secs: 60,
+            log_format: LogFormat::Text,
         }
+    }
+}
+
+/// The environment variable through which the router gives its workers `server.log_format`
+/// (they inherit it; a worker started by hand may set it too).
+pub const LOG_FORMAT_ENV: &str = "LLAMAPOOL_LOG_FORMAT";
+
+/// How log lines are written (`server.log_format`). Text has colours only on a terminal;
+/// JSON is one object per line, never coloured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A log format that is not `text` or `json`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("log_format must be text or json, got {0:?}")]
+pub struct UnknownLogFormat(pub String);
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = UnknownLogFormat;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(UnknownLogFormat(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = UnknownLogFormat;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<LogFormat> for &'static str {
+    fn from(format: LogFormat) -> Self {
+        format.as_str()
     }
 }
 
@@ -223,6 +297,138 @@ fn bad(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
     }
 }
 
+/// A list of strings given as a list, or as one comma-separated string (what the environment
+/// and `--set` can give): `"a, b,,c"` is `["a", "b", "c"]`.
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct ListOrCommas;
+    impl<'de> serde::de::Visitor<'de> for ListOrCommas {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of strings or a comma-separated string")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(split_commas(text))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    d.deserialize_any(ListOrCommas)
+}
+
+fn split_commas(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// The keys of an `api_key_file`: one per line, surrounding whitespace dropped, blank lines
+/// and lines whose first non-blank character is `#` ignored.
+pub fn parse_api_key_file(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+/// Why `key` cannot be an API key: a client could never send it in a header.
+fn check_api_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("an API key must not be empty (leave the key out for none)".into());
+    }
+    if key.trim() != key {
+        return Err("an API key must not start or end with whitespace".into());
+    }
+    if key.chars().any(char::is_control) {
+        return Err("an API key must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// `origin` as [`ServerSettings::cors_origins`] takes it: `*`, or `scheme://host[:port]` with
+/// at most a trailing `/`, which is dropped. Returns the normalized origin.
+pub fn parse_cors_origin(origin: &str) -> Result<&str, String> {
+    if origin == "*" {
+        return Ok(origin);
+    }
+    let normalized = origin.strip_suffix('/').unwrap_or(origin);
+    let valid = normalized.split_once("://").is_some_and(|(scheme, host)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && !host.is_empty()
+            && !host.contains('/')
+            && host.chars().all(|c| c.is_ascii_graphic())
+    });
+    if valid {
+        Ok(normalized)
+    } else {
+        Err(format!(
+            "{origin:?} is not an origin: expected scheme://host[:port] (as browsers send in \
+             the Origin header) or \"*\""
+        ))
+    }
+}
+
+impl ServerSettings {
+    /// The pure checks of the access settings: every key in `api_key` and `api_keys` could
+    /// be sent in a header, every entry of `cors_origins` is an origin.
+    pub fn check_access(&self) -> Result<(), SettingsError> {
+        if let Some(key) = &self.api_key {
+            check_api_key(key).map_err(|e| bad("server.api_key", e))?;
+        }
+        for (i, key) in self.api_keys.iter().enumerate() {
+            check_api_key(key).map_err(|e| bad(format!("server.api_keys[{i}]"), e))?;
+        }
+        for (i, origin) in self.cors_origins.iter().enumerate() {
+            parse_cors_origin(origin).map_err(|e| bad(format!("server.cors_origins[{i}]"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Every accepted API key: `api_key`, `api_keys`, then the keys of `api_key_file`, which
+    /// is read now; duplicates are dropped. Empty: no key is needed. A key file that cannot be
+    /// read, or holds no key, is an error (a file meant to protect the server must not leave
+    /// it open).
+    pub fn api_keys(&self) -> Result<Vec<String>, SettingsError> {
+        self.check_access()?;
+        let mut keys: Vec<String> = self.api_key.iter().chain(&self.api_keys).cloned().collect();
+        if let Some(path) = &self.api_key_file {
+            let key = "server.api_key_file";
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+            let from_file = parse_api_key_file(&text);
+            if from_file.is_empty() {
+                return Err(bad(
+                    key,
+                    format!(
+                        "{} holds no key (only blank lines and # comments)",
+                        path.display()
+                    ),
+                ));
+            }
+            for (i, k) in from_file.iter().enumerate() {
+                check_api_key(k).map_err(|e| bad(key, format!("key {}: {e}", i + 1)))?;
+            }
+            keys.extend(from_file);
+        }
+        let mut seen = std::collections::HashSet::new();
+        keys.retain(|k| seen.insert(k.clone()));
+        Ok(keys)
+    }
+}
+
 /// Where `scripts/setup` keeps models: `$LLAMAPOOL_MODELS`, else `~/.cache/llamapool/models`.
 pub fn models_dir() -> PathBuf {
     std::env::var_os("LLAMAPOOL_MODELS")
@@ -266,6 +472,7 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return Err(bad("server.max_body_bytes", "must be at least 1024"));
         }
+        self.server.check_access()?;
         let entries = self.worker_entries(allowed);
         if entries.is_empty() {
             return Err(bad("workers", "no CPU is available to run a worker on"));
@@ -509,6 +716,110 @@ mod tests {
     }
 
     #[test]
+    fn access_lists_take_a_list_or_a_comma_separated_string() {
+        let s: Settings = toml::from_str(
+            "[server]\napi_keys = [\"k1\", \"k2\"]\ncors_origins = \"http://a.example, https://b.example:8443/,\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.server.api_keys, ["k1", "k2"]);
+        assert_eq!(
+            s.server.cors_origins,
+            ["http://a.example", "https://b.example:8443/"]
+        );
+        s.plan_workers(&allowed()).unwrap();
+        assert!(toml::from_str::<Settings>("[server]\napi_keys = 3\n").is_err());
+    }
+
+    #[test]
+    fn api_keys_come_from_all_three_keys_and_must_be_sendable() {
+        let dir = std::env::temp_dir().join(format!("llamapool-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# operators\n\n  k3  \r\n#k4\nk1\n").unwrap();
+        let server = ServerSettings {
+            api_key: Some("k1".into()),
+            api_keys: vec!["k2".into()],
+            api_key_file: Some(file.clone()),
+            ..ServerSettings::default()
+        };
+        assert_eq!(server.api_keys().unwrap(), ["k1", "k2", "k3"]);
+        assert_eq!(
+            ServerSettings::default().api_keys().unwrap(),
+            Vec::<String>::new()
+        );
+        std::fs::write(&file, "# nothing\n\n").unwrap();
+        let err = server.api_keys().unwrap_err();
+        assert_eq!(err.key, "server.api_key_file");
+        assert!(err.message.contains("no key"), "{err}");
+        let missing = ServerSettings {
+            api_key_file: Some(dir.join("none")),
+            ..ServerSettings::default()
+        };
+        assert_eq!(missing.api_keys().unwrap_err().key, "server.api_key_file");
+        std::fs::remove_dir_all(&dir).unwrap();
+        for (server, key) in [
+            (
+                ServerSettings {
+                    api_key: Some(String::new()),
+                    ..ServerSettings::default()
+                },
+                "server.api_key",
+            ),
+            (
+                ServerSettings {
+                    api_keys: vec!["ok".into(), " padded".into()],
+                    ..ServerSettings::default()
+                },
+                "server.api_keys[1]",
+            ),
+            (
+                ServerSettings {
+                    api_keys: vec!["a\u{7}b".into()],
+                    ..ServerSettings::default()
+                },
+                "server.api_keys[0]",
+            ),
+            (
+                ServerSettings {
+                    cors_origins: vec!["https://a.example/path".into()],
+                    ..ServerSettings::default()
+                },
+                "server.cors_origins[0]",
+            ),
+        ] {
+            assert_eq!(server.check_access().unwrap_err().key, key);
+            let settings = Settings {
+                server,
+                ..Settings::default()
+            };
+            assert_eq!(settings.plan_workers(&allowed()).unwrap_err().key, key);
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_scheme_host_and_port() {
+        for (given, normalized) in [
+            ("*", "*"),
+            ("http://localhost:3000", "http://localhost:3000"),
+            ("https://web.example/", "https://web.example"),
+            ("chrome-extension://abcdef", "chrome-extension://abcdef"),
+        ] {
+            assert_eq!(parse_cors_origin(given), Ok(normalized));
+        }
+        for bad in [
+            "",
+            "web.example",
+            "https://",
+            "https://a.example/x",
+            "https://a b",
+            "1http://a",
+            "ht tp://a",
+        ] {
+            assert!(parse_cors_origin(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
     fn defaults_are_the_context_defaults() {
         let plans = Settings::default().plan_workers(&allowed()).unwrap();
         assert_eq!(
@@ -537,6 +848,21 @@ mod tests {
             let allowed = CpuList::parse("0-7").unwrap();
             s.plan_workers(&allowed)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let parse = |text: &str| toml::from_str::<Settings>(text).map(|s| s.server.log_format);
+        assert_eq!(parse("").unwrap(), LogFormat::Text);
+        assert_eq!(
+            parse("[server]\nlog_format = \"json\"").unwrap(),
+            LogFormat::Json
+        );
+        let err = parse("[server]\nlog_format = \"yaml\"").unwrap_err();
+        assert!(err.to_string().contains("text or json"), "{err}");
+        for format in [LogFormat::Text, LogFormat::Json] {
+            assert_eq!(format.as_str().parse::<LogFormat>(), Ok(format));
         }
     }
 }

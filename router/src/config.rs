@@ -66,9 +66,11 @@ pub fn worker_binary(server: &ServerSettings) -> std::io::Result<PathBuf> {
 }
 
 /// What the router needs from this machine before it starts anything: the worker executable
-/// exists, and `server.listen` can be bound (it is bound and released at once). A failure here
-/// is a configuration error like a bad key: restarting does not help.
+/// exists, `server.api_key_file` (if set) can be read and holds keys, and `server.listen` can
+/// be bound (it is bound and released at once). A failure here is a configuration error like
+/// a bad key: restarting does not help.
 pub fn check_host(server: &ServerSettings) -> Result<(), SettingsError> {
+    server.api_keys()?;
     let binary = worker_binary(server).map_err(|e| SettingsError {
         key: "server.worker_binary".into(),
         message: format!("cannot locate the default (next to this executable): {e}"),
@@ -177,6 +179,41 @@ mod tests {
             let err = load_with_env(None, env(&[bad]), &[]).unwrap_err();
             assert!(matches!(err, ConfigError::Load(_)), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn access_lists_are_comma_separated_in_the_environment_and_overrides() {
+        let s = load_with_env(
+            None,
+            env(&[
+                ("LLAMAPOOL__SERVER__API_KEYS", "k1, k2"),
+                ("LLAMAPOOL__SERVER__CORS_ORIGINS", "http://a.example"),
+            ]),
+            &[(
+                "server.cors_origins".into(),
+                "http://b.example,https://c.example".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(s.server.api_keys, ["k1", "k2"]);
+        assert_eq!(
+            s.server.cors_origins,
+            ["http://b.example", "https://c.example"]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[server]\napi_keys = [\"a\", \"b,c\"]\ncors_origins = [\"*\"]\n",
+        )
+        .unwrap();
+        let s = load_with_env(Some(&file), [], &[]).unwrap();
+        assert_eq!(
+            s.server.api_keys,
+            ["a", "b,c"],
+            "a TOML list is taken as is"
+        );
+        assert_eq!(s.server.cors_origins, ["*"]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::io::IsTerminal;
 use anyhow::{Context, Result};
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
+use llamapool_common::settings::{LogFormat, LOG_FORMAT_ENV};
 use llamapool_router::config;
 
 #[derive(Debug, Parser)]
@@ -57,13 +58,6 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_CONFIG: u8 = 78;
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let status = match Args::try_parse() {
         Ok(args) => match run(args) {
             Ok(()) => EXIT_OK,
@@ -83,6 +77,31 @@ fn main() -> std::process::ExitCode {
         }
     };
     std::process::ExitCode::from(status)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in `server.log_format`: text
+/// (colours only on a terminal) or JSON (none; one object per line, the event's fields at the
+/// top level, the current span's, such as a request's `request_id`, under `span`). Nothing is
+/// logged before the configuration is loaded; its errors are printed by `main`.
+///
+/// Also sets [`LOG_FORMAT_ENV`], which every worker inherits: call it before any thread exists.
+fn init_logging(format: LogFormat) {
+    std::env::set_var(LOG_FORMAT_ENV, format.as_str());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_ansi(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 /// [`EXIT_CONFIG`] when the error is, or wraps, a configuration error; else [`EXIT_FAILURE`].
@@ -135,6 +154,7 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let settings = config::load(args.config.as_deref(), &overrides)?;
+    init_logging(settings.server.log_format);
     let model_path = settings.resolve_model_path(&config::models_dir())?;
     let allowed = CpuList::allowed();
     let plans = settings.plan_workers(&allowed)?;

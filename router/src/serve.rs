@@ -112,7 +112,8 @@ pub async fn run(
     let state = Arc::new(AppState {
         pool: pool.clone(),
         alias: settings.model.alias.clone(),
-        api_key: server_settings.api_key.clone(),
+        api_keys: http::auth::ApiKeys::new(server_settings.api_keys()?),
+        cors: http::cors::CorsPolicy::new(&server_settings.cors_origins),
         max_body_bytes: server_settings.max_body_bytes,
         keepalive: Duration::from_secs(server_settings.keepalive_secs.max(1)),
         admission: Arc::new(Semaphore::new(

@@ -252,6 +252,15 @@ fn a_drained_worker_gets_no_new_work_and_a_restart_brings_it_back() {
         0,
         "a draining worker takes nothing"
     );
+    let r = server.post(
+        "/v1/completions",
+        &json!({"model": "smol", "prompt": "Hello", "max_tokens": 2}),
+    );
+    assert_eq!(
+        r.header("x-llamapool-worker"),
+        Some("1"),
+        "served by the other worker"
+    );
     for s in streams {
         assert_eq!(finish_stream(s), Ok(20));
     }
@@ -260,12 +269,11 @@ fn a_drained_worker_gets_no_new_work_and_a_restart_brings_it_back() {
     let w = worker(&server, 0);
     assert_eq!(w["state"], "ready");
     assert_ne!(w["pid"].as_u64(), Some(pid));
-    assert_eq!(
-        server
-            .request("POST", "/admin/workers/7/drain", Some(b""))
-            .status,
-        404
-    );
+    for bad in ["/admin/workers/7/drain", "/admin/workers/x/restart"] {
+        let r = server.request("POST", bad, Some(b""));
+        assert_eq!(r.status, 404, "{bad}");
+        assert_eq!(r.json()["error"]["type"], "not_found_error", "{bad}");
+    }
 }
 
 #[test]

@@ -13,6 +13,10 @@
 //!   rejections become one `Events` frame, followed by that iteration's `Progress` (when it
 //!   stepped or its load changed), in one write. Other frames (replies, `Pong`, rejections
 //!   made before a request reaches the engine) go out at once and leave held events held.
+//!
+//! Logs: each request is prepared inside a `request` span carrying its `request_id` (the
+//! HTTP `x-request-id` the router forwards) and protocol `id`, and its end (finish with usage
+//! and timings, or rejection) is one `info` line in that span, from whichever thread sees it.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
@@ -88,6 +92,7 @@ fn progress(stats: &EngineStats) -> WorkerStats {
         running: u32::try_from(stats.running).unwrap_or(u32::MAX),
         waiting: u32::try_from(stats.waiting).unwrap_or(u32::MAX),
         decode_calls: stats.decode_calls,
+        kv_cells_used: u32::try_from(stats.kv_cells).unwrap_or(u32::MAX),
     }
 }
 
@@ -268,6 +273,12 @@ impl Preparer {
             match job {
                 Job::Generate(request) => {
                     let id = request.id;
+                    let span = tracing::info_span!(
+                        "request",
+                        request_id = request.request_id.as_str(),
+                        id = %id
+                    );
+                    let _in_span = span.enter();
                     // Aborted while it waited in the queue: skip the work.
                     let prepared =
                         (!self.preparing.is_aborted(id)).then(|| engine_request(request, model));
@@ -288,12 +299,18 @@ impl Preparer {
     /// Submits a prepared request unless it was aborted meanwhile. A request that does not
     /// reach the engine still gets its final event, in a frame of its own: `Rejected` when it
     /// could not be prepared, `Accepted` then a `Cancelled` finish when it was aborted (what
-    /// the engine answers for a request cancelled while queued).
+    /// the engine answers for a request cancelled while queued). The request's end is logged
+    /// in the current span (`run` enters the request's).
     fn hand_over(&self, id: RequestId, prepared: Option<Result<EngineRequest, RequestError>>) {
+        let span = tracing::Span::current();
         let events = match prepared {
             Some(Ok(request)) => {
                 let tx = self.out.clone();
+                let span = span.clone();
                 let events = EventSender::new(move |event| {
+                    if event.is_final() {
+                        span.in_scope(|| log_end(&event));
+                    }
                     tx.send(Outgoing::Event(event)).map_err(|_| Disconnected)
                 });
                 if self
@@ -313,8 +330,41 @@ impl Preparer {
                 cancelled_before_start(id)
             }
         };
+        span.in_scope(|| events.iter().filter(|e| e.is_final()).for_each(log_end));
         let _ = self.out.send(Outgoing::Frame(FromWorker::Events(events)));
     }
+}
+
+/// The one log line of a request's end, in its span: how it finished, its usage and the
+/// worker's timings, or why it was rejected.
+fn log_end(event: &GenerationEvent) {
+    match event {
+        GenerationEvent::Output(SeqOutput {
+            finish: Some(finish),
+            ..
+        }) => tracing::info!(
+            reason = match finish.reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+                FinishReason::Cancelled => "cancelled",
+            },
+            prompt_tokens = finish.usage.prompt_tokens,
+            generated_tokens = finish.usage.completion_tokens,
+            queue_ms = tenths(finish.timings.queue_ms),
+            prompt_ms = tenths(finish.timings.prompt_ms),
+            predicted_ms = tenths(finish.timings.predicted_ms),
+            "request finished"
+        ),
+        GenerationEvent::Rejected { error, .. } => {
+            tracing::info!(%error, "request rejected");
+        }
+        _ => {}
+    }
+}
+
+/// Milliseconds to a tenth, for reading.
+fn tenths(ms: f64) -> f64 {
+    (ms * 10.0).round() / 10.0
 }
 
 /// The events of a request aborted before it reached the engine.
@@ -485,6 +535,7 @@ mod tests {
             running,
             waiting,
             decode_calls: steps,
+            kv_cells_used: 0,
         }
     }
 
@@ -636,14 +687,18 @@ mod tests {
     }
 
     fn fake_engine() -> RunningEngine {
+        // Room for far more tokens than the engine can make before a test's abort lands (the
+        // fake backend steps in microseconds).
         RunningEngine::spawn(FakeBackend::new(BackendLimits {
             n_batch: 16,
             n_seq_max: 2,
-            n_ctx_per_seq: 512,
+            n_ctx_per_seq: 1 << 20,
             n_vocab: 100,
         }))
         .unwrap()
     }
+
+    const MANY_TOKENS: u32 = 1 << 19;
 
     fn prepared(id: u64) -> Option<Result<EngineRequest, RequestError>> {
         Some(Ok(EngineRequest {
@@ -651,7 +706,7 @@ mod tests {
             prompt: vec![1, 2, 3],
             sampling: SamplingParams::greedy(),
             stopping: StoppingParams {
-                max_tokens: Some(400),
+                max_tokens: Some(MANY_TOKENS),
                 ignore_eos: true,
                 ..StoppingParams::default()
             },
@@ -720,7 +775,7 @@ mod tests {
                 ..
             })) => {
                 assert_eq!(finish.reason, FinishReason::Cancelled);
-                assert!(finish.usage.completion_tokens < 400);
+                assert!(finish.usage.completion_tokens < MANY_TOKENS);
             }
             other => panic!("expected a cancelled finish, got {other:?}"),
         }

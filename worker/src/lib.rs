@@ -5,11 +5,13 @@
 //! - [`backend`] is mechanism: the trait the engine drives, the llama.cpp implementation (the
 //!   only module that names `llama_cpp_2`) and a scripted fake for step-by-step tests.
 //! - [`cli`] is the worker's command line (what `llamapool_common::worker::WorkerArgs` writes).
+//! - [`peer`] decides who may connect to the worker's socket: only its router.
 
 pub mod backend;
 pub mod cli;
 pub mod engine;
 pub mod ipc;
+pub mod peer;
 pub mod pin;
 
 pub use backend::llama::{LlamaCppBackend, LoadError, Model, ModelOptions};

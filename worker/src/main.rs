@@ -3,7 +3,8 @@
 //! Started by the router (one per `[[workers]]` entry). Pins itself before any thread exists,
 //! loads the model, starts the engine, and only then binds its Unix socket, so a socket that
 //! exists means a worker that is ready. It serves exactly one router connection and exits
-//! when that connection closes (or its parent dies).
+//! when that connection closes (or its parent dies). Only its parent, the router, may be that
+//! connection: others are refused ([`peer`]).
 //!
 //! Signals: SIGINT and SIGTERM are ignored. Ctrl-C in a terminal and systemd's
 //! `KillMode=control-group` signal every process of the group or cgroup, but a worker must
@@ -13,6 +14,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -20,10 +22,11 @@ use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use llamapool_common::cpus::CpuList;
 use llamapool_common::protocol::{WorkerInfo, PROTOCOL_VERSION};
+use llamapool_common::settings::{LogFormat, LOG_FORMAT_ENV};
 use llamapool_common::worker::WorkerArgs;
 use llamapool_worker::cli::{check_parent, Cli, ROUTER_PID_ENV};
 use llamapool_worker::engine::EngineHooks;
-use llamapool_worker::{ipc, pin, Model, ModelOptions, RunningEngine};
+use llamapool_worker::{ipc, peer, pin, Model, ModelOptions, RunningEngine};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,14 +50,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let args = cli.into_worker_args(pinned.len());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,llamapool_worker=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging();
     // A panic is a bug in an invariant; a worker with a dead engine thread would accept and
     // never answer, so end the process: the router sees EOF, moves the requests, respawns.
     let report = std::panic::take_hook();
@@ -69,6 +65,34 @@ fn main() -> ExitCode {
             eprintln!("llamapool-worker: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: warnings, and this crate's info lines),
+/// as text or JSON by [`LOG_FORMAT_ENV`] (the router sets it from `server.log_format`). Text
+/// has colours only on a terminal; JSON has none, one object per line with the event's fields
+/// at the top level and the current span's (a request's `request_id`) under `span`.
+fn init_logging() {
+    let format = std::env::var(LOG_FORMAT_ENV).ok();
+    let format = format.as_deref().map(str::parse::<LogFormat>);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,llamapool_worker=info".into()),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        Some(Ok(LogFormat::Json)) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_ansi(false)
+            .init(),
+        _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+    if let Some(Err(e)) = format {
+        tracing::warn!("{LOG_FORMAT_ENV}: {e}; writing text");
     }
 }
 
@@ -117,10 +141,45 @@ impl Write for SharedStream {
     }
 }
 
+/// Accepts connections until one comes from the router ([`peer::check_peer`]: the parent
+/// process, same uid, as `SO_PEERCRED` tells); any other is closed at once and logged with
+/// its pid and uid.
+fn accept_router(
+    listener: &interprocess::local_socket::Listener,
+    socket: &std::path::Path,
+) -> Result<interprocess::local_socket::Stream> {
+    let router = peer::Router {
+        pid: nix::unistd::getppid().as_raw(),
+        uid: nix::unistd::geteuid().as_raw(),
+    };
+    loop {
+        let conn = listener
+            .accept()
+            .context("accepting the router's connection")?;
+        let creds = conn
+            .peer_creds()
+            .map(|c| peer::Peer {
+                pid: c.pid(),
+                uid: c.euid(),
+            })
+            .map_err(|e| e.to_string());
+        match peer::check_peer(creds, router) {
+            Ok(()) => return Ok(conn),
+            Err(refused) => tracing::warn!(
+                socket = %socket.display(),
+                "refused a connection: {refused}"
+            ),
+        }
+    }
+}
+
 fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
     let config = &args.context;
     // Before the model load, which can take a while.
     config.validate().context("invalid context configuration")?;
+    let bytes = std::fs::metadata(&args.model).map(|m| m.len()).ok();
+    tracing::info!(model = %args.model.display(), bytes, "loading the model");
+    let started = Instant::now();
     let model = Model::load(
         &args.model,
         &ModelOptions {
@@ -128,6 +187,11 @@ fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
             chat_template: args.chat_template.clone(),
         },
     )?;
+    tracing::info!(
+        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        n_params = model.info().n_params,
+        "model loaded"
+    );
     let backend = model.new_backend(config)?;
     let outbox = ipc::outbox();
     let engine = RunningEngine::spawn_with(
@@ -171,9 +235,7 @@ fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
         slots = config.slots,
         "worker ready"
     );
-    let conn = listener
-        .accept()
-        .context("accepting the router's connection")?;
+    let conn = accept_router(&listener, &args.socket)?;
     drop(listener); // one router, one connection: nobody else may connect
     let conn = Arc::new(conn);
     let result = ipc::serve(

@@ -103,6 +103,7 @@ impl Drop for Peer {
 fn generate(id: u64, text: &str, max_tokens: u32) -> ToWorker {
     ToWorker::Generate(GenerateRequest {
         id: RequestId(id),
+        request_id: format!("test-{id}"),
         prompt: Prompt::Text(text.into()),
         sampling: SamplingParams::greedy(),
         stopping: StoppingParams {

@@ -46,7 +46,8 @@ pub struct InFlight {
 
 #[derive(Debug)]
 pub enum ConnCommand {
-    Generate(InFlight),
+    /// Boxed: a request is far larger than the other commands.
+    Generate(Box<InFlight>),
     Abort(RequestId),
     Control {
         body: ControlCall,
@@ -171,7 +172,7 @@ where
 impl<W: AsyncWrite> Connection<'_, W> {
     async fn on_command(&mut self, command: ConnCommand) -> Flow {
         match command {
-            ConnCommand::Generate(flight) => self.start(flight).await,
+            ConnCommand::Generate(flight) => self.start(*flight).await,
             ConnCommand::Abort(id) => self.abort(id).await,
             ConnCommand::Control { body, reply } => {
                 self.next_call += 1;
@@ -299,7 +300,7 @@ impl<W: AsyncWrite> Connection<'_, W> {
         let mut orphans: Vec<InFlight> = self.running.into_values().map(|r| r.flight).collect();
         while let Ok(command) = commands.try_recv() {
             if let ConnCommand::Generate(flight) = command {
-                orphans.push(flight);
+                orphans.push(*flight);
             }
         }
         orphans

@@ -88,6 +88,13 @@ pub struct RequestHandle {
     pub guard: AbortGuard,
 }
 
+impl RequestHandle {
+    /// The worker running the request now (it changes when the request moves).
+    pub fn worker(&self) -> usize {
+        self.guard.current.load(Ordering::Acquire)
+    }
+}
+
 /// Sends `Abort` to the request's current worker on drop, unless the request finished.
 #[derive(Debug)]
 pub struct AbortGuard {
@@ -107,6 +114,9 @@ impl AbortGuard {
 impl Drop for AbortGuard {
     fn drop(&mut self) {
         if !self.finished {
+            // Unfinished means its client went away (or stopped reading): every other end
+            // marks the guard finished.
+            self.pool.metrics().record_cancellation();
             self.pool
                 .abort(self.current.load(Ordering::Acquire), self.id);
         }

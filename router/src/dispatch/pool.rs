@@ -20,7 +20,7 @@ use super::connection::{ConnCommand, InFlight};
 use super::supervisor::{supervise, SupervisionPolicy};
 use super::vitals::Vitals;
 use super::{AbortGuard, DispatchError, Load, LoadTicket, RequestHandle, StreamEvent};
-use crate::metrics::Metrics;
+use crate::metrics::{Gauges, Metrics, WorkerGauges};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -35,6 +35,32 @@ pub enum WorkerState {
     /// Died too often in a short time (a crash loop): retried slowly.
     Failed,
     Stopped,
+}
+
+impl WorkerState {
+    /// Every state, in the order `/metrics` lists them.
+    pub const ALL: [Self; 7] = [
+        Self::Starting,
+        Self::Ready,
+        Self::Draining,
+        Self::Hung,
+        Self::Restarting,
+        Self::Failed,
+        Self::Stopped,
+    ];
+
+    /// The name `/workers` and `/metrics` show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Hung => "hung",
+            Self::Restarting => "restarting",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -214,7 +240,7 @@ impl Pool {
         Self { inner }
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }
 
@@ -423,6 +449,47 @@ impl Pool {
             .sum()
     }
 
+    /// The pool as `/metrics` shows it at this moment.
+    pub fn gauges(&self) -> Gauges {
+        let processing = self.in_flight();
+        let workers = self
+            .views()
+            .into_iter()
+            .zip(&self.inner.workers)
+            .map(|(view, w)| {
+                let live = view.state == WorkerState::Ready || view.state == WorkerState::Draining;
+                let kv_cells_used = w
+                    .vitals
+                    .stats()
+                    .filter(|_| live)
+                    .map_or(0, |s| s.kv_cells_used);
+                let kv_cells = w
+                    .status()
+                    .info
+                    .filter(|_| live)
+                    .map_or(0, |i| u64::from(i.slots) * u64::from(i.n_ctx_per_seq));
+                WorkerGauges {
+                    state: view.state.name(),
+                    slots: view.slots,
+                    running: view.running.unwrap_or(0),
+                    waiting: view.waiting.unwrap_or(0),
+                    kv_cells_used,
+                    kv_cells,
+                    in_flight: view.in_flight,
+                    restarts: view.restarts,
+                }
+            })
+            .collect();
+        Gauges {
+            processing,
+            deferred: processing.saturating_sub(self.total_slots()),
+            decode_calls: self.decode_calls(),
+            ready_workers: self.ready_count(),
+            states: WorkerState::ALL.map(WorkerState::name).to_vec(),
+            workers,
+        }
+    }
+
     fn worker(&self, id: usize) -> Result<&Worker, AdminError> {
         self.inner
             .workers
@@ -592,10 +659,10 @@ impl Inner {
             // Replacing the ticket gives the previous worker's unit back.
             flight.ticket = Some(LoadTicket::take(&worker.load));
             flight.current.store(index, Ordering::Release);
-            match tx.send(ConnCommand::Generate(flight)) {
+            match tx.send(ConnCommand::Generate(Box::new(flight))) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(ConnCommand::Generate(back))) => {
-                    flight = back;
+                    flight = *back;
                     flight.ticket = None;
                 }
                 Err(_) => unreachable!("the command sent was Generate"),
@@ -620,10 +687,26 @@ impl Inner {
                     )));
                 continue;
             }
-            tracing::info!(id = %flight.request.id, from, tokens = flight.generated.len(), "moving a request off a failed worker");
-            if let Err((flight, error)) = self.send_to_best(flight, Some(from)) {
-                let _ = flight.events.send(StreamEvent::Unavailable(error));
+            tracing::info!(request_id = %flight.request.request_id, id = %flight.request.id, from, tokens = flight.generated.len(), "moving a request off a failed worker");
+            let resumed = !flight.generated.is_empty();
+            match self.send_to_best(flight, Some(from)) {
+                Ok(()) => self.metrics.record_move(resumed),
+                Err((flight, error)) => {
+                    let _ = flight.events.send(StreamEvent::Unavailable(error));
+                }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_what_workers_shows() {
+        for state in WorkerState::ALL {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.name());
         }
     }
 }

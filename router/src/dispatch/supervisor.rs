@@ -140,9 +140,11 @@ pub(super) async fn supervise(inner: Arc<Inner>, index: usize) {
             Duration::from_millis(250u64.saturating_mul(1 << start_failures.min(7)))
                 .min(Duration::from_secs(30))
         };
+        // An operator's restart cuts the wait short (also for a failed worker).
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => {}
+            () = worker.restart.notified() => {}
         }
     }
     worker.update(|s| {
@@ -192,6 +194,7 @@ async fn run_round(
         }
         () = watchdog(worker, inner.policy) => {
             tracing::error!(worker = index, pid, timeout = ?inner.policy.hang_timeout, "worker is hung: no progress; killing it");
+            inner.metrics.record_hung_kill(index);
             worker.update(|s| {
                 s.state = WorkerState::Hung;
                 s.commands = None;
@@ -294,11 +297,24 @@ async fn start_worker(
         .as_path()
         .to_fs_name::<GenericFilePath>()
         .map_err(|e| format!("socket name: {e}"))?;
-    let mut stream = ConnectOptions::new()
-        .name(name)
-        .connect_tokio()
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    // The socket file appears at bind(), a moment before listen(): a refusal then is the
+    // worker still getting ready, not a failure.
+    let mut stream = loop {
+        match ConnectOptions::new()
+            .name(name.clone())
+            .connect_tokio()
+            .await
+        {
+            Ok(stream) => break stream,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(format!("connecting to {}: {e}", socket.display())),
+        }
+    };
     let info = connection::handshake(&mut stream, Duration::from_secs(10)).await?;
     Ok((child, stream, info))
 }

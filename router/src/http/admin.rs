@@ -24,8 +24,9 @@ pub type Reloader = Arc<dyn ReloadSource>;
 /// `POST /admin/workers/{id}/drain`: no new work for that worker; what it runs finishes.
 pub async fn drain(
     State(state): State<SharedState>,
-    Path(id): Path<usize>,
+    Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let id = worker_id(&id)?;
     state.pool.drain(id)?;
     Ok(Json(json!({ "worker": id, "state": "draining" })))
 }
@@ -34,8 +35,9 @@ pub async fn drain(
 /// ready.
 pub async fn restart(
     State(state): State<SharedState>,
-    Path(id): Path<usize>,
+    Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let id = worker_id(&id)?;
     state.pool.restart(id, state.drain_timeout).await?;
     let view = state.pool.views().into_iter().nth(id);
     Ok(Json(json!({ "worker": view })))
@@ -52,4 +54,10 @@ pub async fn reload(State(state): State<SharedState>) -> Result<Json<Value>, Api
         .reload(plans, launch, state.drain_timeout)
         .await?;
     Ok(Json(json!({ "workers": state.pool.views() })))
+}
+
+/// A worker id from the path; anything but a number names no worker (404 in the error shape).
+fn worker_id(raw: &str) -> Result<usize, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::no_route("POST", &format!("/admin/workers/{raw}")))
 }

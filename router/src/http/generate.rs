@@ -5,6 +5,9 @@
 //!
 //! A stream whose client stops taking events is aborted after `server.write_timeout_secs`
 //! ([`StreamSink`]), so a client that never reads cannot keep a slot and a permit forever.
+//!
+//! Each request runs in its `request` span ([`RequestLog`]), a stream's producer task too; the
+//! request's `x-request-id` goes to the worker in the `GenerateRequest`.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -18,38 +21,70 @@ use futures_util::StreamExt;
 use llamapool_common::{Finish, RequestId, SeqOutput};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
+use super::request_id::XRequestId;
+use super::request_log::RequestLog;
 use super::{LimitedBody, SharedState};
 use crate::dispatch::{RequestHandle, StreamEvent};
 use crate::error::ApiError;
+use crate::metrics::RequestTimer;
 use crate::openai::request::parse_generation;
 use crate::openai::{Endpoint, Envelope};
 
 /// `POST /v1/chat/completions` (and `/chat/completions`).
 pub async fn chat(
     State(state): State<SharedState>,
+    XRequestId(request_id): XRequestId,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
-    generate(&state, &body, Endpoint::Chat).await
+    generate(&state, request_id, &body, Endpoint::Chat).await
 }
 
 /// `POST /v1/completions` (and `/completions`).
 pub async fn completions(
     State(state): State<SharedState>,
+    XRequestId(request_id): XRequestId,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
-    generate(&state, &body, Endpoint::Completions).await
+    generate(&state, request_id, &body, Endpoint::Completions).await
 }
 
+/// [`respond`] in the request's span; an error response ends the request's log.
 async fn generate(
     state: &SharedState,
+    request_id: String,
     body: &[u8],
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
+    let log = RequestLog::start(endpoint, &request_id);
+    let span = log.span().clone();
+    let mut log = Some(log);
+    let result = respond(state, request_id, body, endpoint, &mut log)
+        .instrument(span)
+        .await;
+    if let (Err(error), Some(log)) = (&result, log.as_mut()) {
+        log.failed(error);
+    }
+    result
+}
+
+/// Admits, parses, dispatches and answers. A stream takes `log` to its producer task; else
+/// it stays with the caller, who drops it (writing its line) when the handler ends or is
+/// dropped.
+async fn respond(
+    state: &SharedState,
+    request_id: String,
+    body: &[u8],
+    endpoint: Endpoint,
+    log: &mut Option<RequestLog>,
+) -> Result<Response, ApiError> {
+    let timer = RequestTimer::start(state.pool.metrics().clone());
     // The permit first: parsing a large body (a token array) costs many times its size.
     let permit = state.admit()?;
     let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
-    let valid = parse_generation(body, endpoint, &state.alias, id)?;
+    let mut valid = parse_generation(body, endpoint, &state.alias, id)?;
+    valid.generate.request_id = request_id;
     // Committed to a status only once a worker accepted the request.
     let mut handle = state.pool.submit(valid.generate).await?;
     let envelope = Envelope::new(endpoint, &state.alias);
@@ -59,21 +94,40 @@ async fn generate(
             tx,
             write_timeout: state.write_timeout,
         };
-        tokio::spawn(feed_stream(
-            handle,
-            envelope,
-            valid.include_usage,
-            sink,
-            permit,
-        ));
+        let mut log = log.take().expect("only a stream takes the log");
+        log.on_worker(handle.worker());
+        let served_by = worker_header(handle.worker());
+        log.committed(200);
+        tokio::spawn(
+            feed_stream(
+                handle,
+                envelope,
+                valid.include_usage,
+                sink,
+                permit,
+                timer,
+                log,
+            )
+            .instrument(tracing::Span::current()),
+        );
         let events = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
         let keepalive = KeepAlive::new().interval(state.keepalive).text("ping");
-        Ok(Sse::new(events).keep_alive(keepalive).into_response())
+        Ok((served_by, Sse::new(events).keep_alive(keepalive)).into_response())
     } else {
-        let (text, finish) = collect(&mut handle).await?;
+        let log = log.as_mut().expect("a non-streamed request keeps its log");
+        log.on_worker(handle.worker());
+        let (text, finish) = collect(&mut handle, timer, log).await?;
+        log.finished(&finish);
         drop(permit);
-        Ok(Json(envelope.response(&text, &finish)).into_response())
+        let served_by = worker_header(handle.worker());
+        Ok((served_by, Json(envelope.response(&text, &finish))).into_response())
     }
+}
+
+/// `x-llamapool-worker`: the worker that accepted a stream, or finished a request (a moved
+/// request ends on another worker than it started on).
+fn worker_header(worker: usize) -> [(&'static str, String); 1] {
+    [("x-llamapool-worker", worker.to_string())]
 }
 
 /// The next output of a request, or the error that ended it (then nothing is left to abort).
@@ -100,13 +154,20 @@ fn ended_with(handle: &mut RequestHandle, event: Option<StreamEvent>) -> ApiErro
 }
 
 /// A non-streamed request's whole text and its finish.
-async fn collect(handle: &mut RequestHandle) -> Result<(String, Finish), ApiError> {
+async fn collect(
+    handle: &mut RequestHandle,
+    mut timer: RequestTimer,
+    log: &mut RequestLog,
+) -> Result<(String, Finish), ApiError> {
     let mut text = String::new();
     loop {
         let output = next_output(handle).await?;
+        timer.on_output(output.tokens.len());
+        log.on_output(&output, handle.worker());
         text.push_str(&output.text);
         if let Some(finish) = output.finish {
             handle.guard.finished();
+            timer.finish();
             return Ok((text, finish));
         }
     }
@@ -145,13 +206,15 @@ impl StreamSink {
 
 /// Feeds one stream: role chunk, text chunks, finish chunk, optional usage chunk, `[DONE]`.
 /// Ends early (and the guard aborts the request, the permit is released) when the client
-/// goes away or stops reading for `write_timeout`.
+/// goes away or stops reading for `write_timeout`: then `log` ends as cancelled.
 async fn feed_stream(
     mut handle: RequestHandle,
     envelope: Envelope,
     include_usage: bool,
     sink: StreamSink,
     _permit: OwnedSemaphorePermit,
+    mut timer: RequestTimer,
+    mut log: RequestLog,
 ) {
     if envelope.endpoint == Endpoint::Chat && !sink.send(data(&envelope.role_chunk())).await {
         return;
@@ -163,16 +226,21 @@ async fn feed_stream(
         };
         match output {
             Ok(o) => {
+                timer.on_output(o.tokens.len());
+                log.on_output(&o, handle.worker());
                 if !o.text.is_empty() && !sink.send(data(&envelope.text_chunk(&o.text))).await {
                     return;
                 }
                 if let Some(finish) = o.finish {
                     handle.guard.finished();
+                    timer.finish();
+                    log.finished(&finish);
                     finish_stream(&envelope, &finish, include_usage, &sink).await;
                     return;
                 }
             }
             Err(error) => {
+                log.failed(&error);
                 sink.send(data(&error.body_json())).await;
                 return;
             }

@@ -1,13 +1,15 @@
-//! Everything but generation: `/v1/models`, `/health`, `/workers`, `/metrics` (llama-server's
-//! names), and `/tokenize` / `/detokenize`, answered by a worker's control call.
+//! Everything but generation: `/v1/models`, `/health`, `/workers`, `/metrics` (and the
+//! middleware that counts every response for it), and `/tokenize` / `/detokenize`, answered
+//! by a worker's control call.
 //!
 //! Tokenize and detokenize hold a permit of their own small limit
 //! ([`super::control_call_limit`]) from before their body is parsed until their reply is
 //! serialized, and their token counts are bounded by `server.max_tokenize_tokens`: a 4 MiB
 //! text can be a million tokens, and each `with_pieces` entry is a JSON object.
 
-use axum::extract::State;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llamapool_common::protocol::{ControlCall, ControlReply};
@@ -18,7 +20,7 @@ use serde_json::{json, Value};
 use super::{LimitedBody, SharedState};
 use crate::dispatch::DispatchError;
 use crate::error::ApiError;
-use crate::metrics::Gauges;
+use crate::metrics;
 use crate::openai::request::{parse_json, DetokenizeBody, TokenizeBody};
 use crate::openai::InvalidRequest;
 
@@ -59,20 +61,32 @@ pub async fn workers(State(state): State<SharedState>) -> Json<Value> {
     Json(json!({ "workers": state.pool.views() }))
 }
 
-/// `GET /metrics`: Prometheus text under llama-server's `llamacpp:` names.
+/// `GET /metrics`: Prometheus text (llama-server's `llamacpp:` names and llamapool's own;
+/// `crate::metrics`).
 pub async fn metrics(State(state): State<SharedState>) -> Response {
-    let processing = state.pool.in_flight();
-    let gauges = Gauges {
-        processing,
-        deferred: processing.saturating_sub(state.pool.total_slots()),
-        decode_calls: state.pool.decode_calls(),
-        ready_workers: state.pool.ready_count(),
-    };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.pool.metrics().render(gauges),
-    )
-        .into_response()
+    let text = state.pool.metrics().render(&state.pool.gauges());
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// Middleware on the whole route table: counts every response by its matched route (not the
+/// raw path, which a client chooses) and status, 4xx and 5xx included. A stream counts when
+/// its headers go out.
+pub async fn record_response(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(metrics::UNMATCHED, MatchedPath::as_str)
+        .to_owned();
+    let response = next.run(request).await;
+    state
+        .pool
+        .metrics()
+        .record_response(&endpoint, response.status().as_u16());
+    response
 }
 
 /// `POST /tokenize`: `{"content", "add_special"?, "with_pieces"?}` → token ids, or

@@ -12,18 +12,22 @@
 //! a response in one place (`crate::error`).
 
 pub mod admin;
+pub mod auth;
+pub mod cors;
 pub mod generate;
 pub mod info;
+pub mod request_id;
+pub mod request_log;
+pub mod ui;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, Request};
 use axum::http::{header, Method, Uri};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -37,7 +41,10 @@ pub struct AppState {
     pub pool: Pool,
     /// The one model name served.
     pub alias: String,
-    pub api_key: Option<String>,
+    /// Accepted API keys (none: nothing is checked); see [`auth`].
+    pub api_keys: auth::ApiKeys,
+    /// Origins allowed to call from a web page; see [`cors`].
+    pub cors: cors::CorsPolicy,
     pub max_body_bytes: usize,
     /// Idle time after which a quiet stream gets an SSE comment.
     pub keepalive: Duration,
@@ -91,9 +98,10 @@ impl AppState {
     }
 }
 
-/// The route table. `/health` is open; every other route needs the API key when one is set.
+/// The route table. `/health` and the web page ([`ui`]) are open; every other route needs the
+/// API key when one is set ([`auth::needs_key`]).
 pub fn router(state: SharedState) -> Router {
-    let protected = Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(generate::chat))
         .route("/chat/completions", post(generate::chat))
         .route("/v1/completions", post(generate::completions))
@@ -106,17 +114,29 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", get(info::metrics))
         .route("/admin/workers/{id}/drain", post(admin::drain))
         .route("/admin/workers/{id}/restart", post(admin::restart))
-        .route("/admin/reload", post(admin::reload))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
-    Router::new()
+        .route("/admin/reload", post(admin::reload));
+    let routes = Router::new()
         .route("/health", get(info::health))
-        .merge(protected)
+        // The web page (`/`, `/ui`, `/ui/{file}`) is open: it holds no data, and its script
+        // sends the user's key with every API call.
+        .merge(ui::routes())
+        .merge(api)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        // Keys are checked by path before routing (auth::needs_key), 404s included; CORS is
+        // outside it, so preflights need no key and 401s carry the CORS headers.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), cors::cors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            info::record_response,
+        ))
+        .with_state(state);
+    // Outermost, so that every answer has an `x-request-id`, also those of the layers above.
+    request_id::with_request_ids(routes)
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
@@ -125,24 +145,6 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
-}
-
-async fn require_api_key(
-    State(state): State<SharedState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if let Some(key) = &state.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return Err(ApiError::unauthorized());
-        }
-    }
-    Ok(next.run(request).await)
 }
 
 /// A request body of at most `server.max_body_bytes` (413 beyond).

@@ -294,6 +294,8 @@ impl GenerationBody {
                 .unwrap_or(false),
             generate: GenerateRequest {
                 id,
+                // The handler sets it from the request's `x-request-id`.
+                request_id: String::new(),
                 prompt,
                 sampling,
                 stopping,

@@ -31,18 +31,31 @@ impl Router {
         Self::launch_with(Command::new(binary("llamapool-router")?), config)
     }
 
-    /// [`Router::launch`] with another command, which gets `--config FILE` appended.
-    pub fn launch_with(mut command: Command, config: &str) -> Result<Self, Error> {
+    /// [`Router::launch`] with another command, which gets `--config FILE` appended, and
+    /// `RUST_LOG=warn` unless it sets `RUST_LOG` itself.
+    pub fn launch_with(command: Command, config: &str) -> Result<Self, Error> {
+        Self::launch_with_stderr(command, config, Stdio::inherit())
+    }
+
+    /// [`Router::launch_with`], the router's stderr (which its workers inherit) going to
+    /// `stderr` (say, a file) instead of the caller's.
+    pub fn launch_with_stderr(
+        mut command: Command,
+        config: &str,
+        stderr: Stdio,
+    ) -> Result<Self, Error> {
         let dir = scratch_dir("router").map_err(Error::io("creating the config directory"))?;
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config).map_err(Error::io("writing the router config"))?;
+        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            command.env("RUST_LOG", "warn");
+        }
         let mut child = command
             .arg("--config")
             .arg(&path)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .map_err(Error::io("starting the router"))?;
         let stdout = child.stdout.take().expect("stdout is piped");

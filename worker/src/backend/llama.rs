@@ -83,6 +83,20 @@ fn backend() -> Result<&'static LlamaBackend, LoadError> {
     Ok(BACKEND.get_or_init(|| b))
 }
 
+/// llama.cpp's load progress (0 to 1) as an info line at most once a second: a quick load
+/// writes none, a slow one (a large file, a cold page cache, GPU offload) shows it moves.
+fn load_progress() -> impl FnMut(f32) -> bool + 'static {
+    let mut last = std::time::Instant::now();
+    move |progress| {
+        if last.elapsed() >= std::time::Duration::from_secs(1) {
+            last = std::time::Instant::now();
+            let percent = (progress.clamp(0.0, 1.0) * 100.0).round() as u32;
+            tracing::info!(percent, "loading the model");
+        }
+        true
+    }
+}
+
 impl Model {
     /// Loads a GGUF file. The model is kept for the rest of the process: contexts borrow it
     /// for `'static`, so the engine thread and the IPC thread can share it without locks.
@@ -90,7 +104,9 @@ impl Model {
         if !path.is_file() {
             return Err(LoadError::MissingFile(path.to_path_buf()));
         }
-        let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(options.gpu_layers)
+            .with_progress_callback(load_progress());
         let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| {
             LoadError::Model {
                 path: path.to_path_buf(),

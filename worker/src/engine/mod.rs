@@ -93,6 +93,8 @@ pub struct EngineStats {
     pub steps: u64,
     /// When the last step ran; `None` before the first.
     pub last_step: Option<SystemTime>,
+    /// KV cells held by the running sequences: the sum of their decoded tokens.
+    pub kv_cells: usize,
 }
 
 /// The `on_iteration_end` hook: called on the engine thread after every loop iteration with
@@ -415,6 +417,7 @@ impl<B: Backend> Engine<B> {
             decode_calls: self.decode_calls,
             steps: self.steps,
             last_step: self.last_step,
+            kv_cells: self.active.iter().map(|a| a.n_kv).sum(),
         }
     }
 

@@ -399,6 +399,7 @@ fn the_iteration_hook_sees_steps_grow_and_the_load_change() {
 
     let first = seen[0];
     assert_eq!((first.running, first.waiting, first.steps), (2, 1, 1));
+    assert_eq!(first.kv_cells, 4, "two prompts of two tokens decoded");
     assert!(first.last_step.is_some_and(|t| t >= start));
     let last = *seen.last().unwrap();
     assert_eq!(
@@ -406,6 +407,7 @@ fn the_iteration_hook_sees_steps_grow_and_the_load_change() {
         (0, 0),
         "the last request left"
     );
+    assert_eq!(last.kv_cells, 0, "no sequence holds cells");
     assert_eq!(
         last.steps,
         seen.len() as u64,

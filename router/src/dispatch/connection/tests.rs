@@ -64,6 +64,7 @@ fn flight(
     let flight = InFlight {
         request: GenerateRequest {
             id: RequestId(id),
+            request_id: String::new(),
             prompt: Prompt::Tokens(vec![1, 2, 3]),
             sampling: SamplingParams::greedy(),
             stopping: StoppingParams::default(),
@@ -118,7 +119,9 @@ impl Harness {
         generated: Vec<Token>,
     ) -> mpsc::UnboundedReceiver<StreamEvent> {
         let (flight, rx) = flight(id, generated, &self.load);
-        self.commands.send(ConnCommand::Generate(flight)).unwrap();
+        self.commands
+            .send(ConnCommand::Generate(Box::new(flight)))
+            .unwrap();
         rx
     }
 
@@ -293,7 +296,7 @@ async fn requests_queued_but_never_sent_are_handed_back_too() {
     // connection task sees both only after this test's next await).
     drop(h.worker);
     let (flight2, _rx2) = flight(2, Vec::new(), &h.load);
-    let _ = h.commands.send(ConnCommand::Generate(flight2));
+    let _ = h.commands.send(ConnCommand::Generate(Box::new(flight2)));
     let orphans = h.connection.await.unwrap();
     let mut ids: Vec<u64> = orphans.iter().map(|f| f.request.id.0).collect();
     ids.sort_unstable();
