@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::procs;
-use crate::Args;
+use crate::{completion_body, Args};
 
 /// The model name the chaos router serves.
 const ALIAS: &str = "chaos";
@@ -228,27 +228,13 @@ fn prompt(i: usize) -> String {
 
 /// One streaming request, classified.
 fn stream_one(addr: &str, i: usize, max_tokens: u32, stall: Duration) -> Outcome {
-    let body = json!({
-        "model": ALIAS,
-        "prompt": prompt(i),
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": true,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
+    let body = completion_body(ALIAS, prompt(i), max_tokens, true);
     let start = Instant::now();
     let mut last_progress = start;
     // The read timeout ends a silent stream; the time since the last event tells a stall from
     // a connection that was closed.
     let stalled = |last: Instant| last.elapsed() >= stall.mul_f64(0.9);
-    let stream = match http::send(
-        addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    ) {
+    let stream = match http::post_json(addr, "/v1/completions", &body) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("request {i} lost: connecting: {e}");
@@ -481,22 +467,9 @@ enum Answer {
 }
 
 fn request_one(addr: &str, i: usize, max_tokens: u32, stall: Duration) -> Answer {
-    let body = json!({
-        "model": ALIAS,
-        "prompt": prompt(i),
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": true,
-    });
+    let body = completion_body(ALIAS, prompt(i), max_tokens, false);
     let start = Instant::now();
-    let response = http::send(
-        addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .and_then(|mut stream| {
+    let response = http::post_json(addr, "/v1/completions", &body).and_then(|mut stream| {
         stream.set_read_timeout(Some(stall))?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw)?;

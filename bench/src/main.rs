@@ -146,6 +146,28 @@ impl Args {
     }
 }
 
+/// A `/v1/completions` body of the HTTP stages and the chaos run: greedy, exactly `max_tokens`
+/// generated (`ignore_eos`), and when `stream`, streamed with a final usage chunk.
+fn completion_body(
+    model: &str,
+    prompt: impl serde::Serialize,
+    max_tokens: u32,
+    stream: bool,
+) -> serde_json::Value {
+    let mut body = json!({
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+    });
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.busy_loop {

@@ -32,7 +32,7 @@ use llamapool_worker::{
 use serde_json::json;
 
 use crate::procs;
-use crate::Args;
+use crate::{completion_body, Args};
 
 /// The model and one exactly-`prompt_tokens`-long prompt per request.
 pub struct Workload {
@@ -462,7 +462,9 @@ fn raw_loop(
 ) -> Vec<RequestRecord> {
     let mut ids = SeqIdPool::new(backend.limits().n_seq_max);
     let greedy = SamplingParams::greedy();
-    let mut sampler = backend.new_sampler(&greedy, true, &[]);
+    let mut sampler = backend
+        .new_sampler(&greedy, true, &[], 0)
+        .expect("a sampler without a grammar is always built");
     let mut records = vec![RequestRecord::default(); prompts.len()];
     let mut running: Vec<RawSeq> = Vec::new();
     let mut next = 0;
@@ -808,23 +810,9 @@ fn http_request(
     prompt: &[Token],
     max_tokens: u32,
 ) -> Result<RequestRecord> {
-    let body = json!({
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": true,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
+    let body = completion_body(model, prompt, max_tokens, true);
     let start = Instant::now();
-    let stream = http::send(
-        addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )?;
+    let stream = http::post_json(addr, "/v1/completions", &body)?;
     let mut sse = SseReader::new(stream)?;
     if sse.status != 200 {
         let status = sse.status;

@@ -259,6 +259,7 @@ mod tests {
                 n_vocab: 49152,
                 size: 98,
                 has_chat_template: true,
+                chat_template: "chatml".into(),
             },
         }));
         round_trip(FromWorker::Events(vec![
@@ -284,6 +285,7 @@ mod tests {
                         prompt_ms: 1.5,
                         predicted_ms: 2.5,
                     },
+                    stop_word: None,
                 }),
             }),
             GenerationEvent::Rejected {

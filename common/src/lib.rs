@@ -3,10 +3,13 @@
 //! the configuration and the shape and command line of a worker.
 //!
 //! Everything here is plain data with validation at construction; nothing here talks to a
-//! model, a socket or a thread.
+//! model, a socket or a thread. (The `logging` feature adds [`logging::init`], the binaries'
+//! log set-up.)
 
 pub mod codec;
 pub mod cpus;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod params;
 pub mod protocol;
 pub mod results;

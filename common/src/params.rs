@@ -27,6 +27,10 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
     /// Added to the logits of the given tokens before sampling; `f32::NEG_INFINITY` bans a token.
     pub logit_bias: Vec<(Token, f32)>,
+    /// A GBNF grammar (llama.cpp's format, start rule `root`) every generated text must match.
+    /// The worker parses it before accepting the request; a grammar llama.cpp refuses is a
+    /// request error naming `grammar`.
+    pub grammar: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -42,6 +46,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -71,6 +76,9 @@ impl SamplingParams {
                 || self.frequency_penalty != 0.0)
     }
 
+    /// Longest grammar accepted, in bytes (a JSON schema's grammar is a few KiB).
+    pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
+
     /// Checks ranges; the error names the field.
     pub fn validate(&self) -> Result<(), ParamError> {
         let bounds = [
@@ -99,8 +107,33 @@ impl SamplingParams {
                 ),
             ));
         }
-        self.logit_bias.iter().try_for_each(check_bias)
+        self.logit_bias.iter().try_for_each(check_bias)?;
+        self.grammar.as_deref().map_or(Ok(()), check_grammar)
     }
+}
+
+/// What can be checked without llama.cpp's parser: size, NUL bytes, a `root` rule to start from.
+fn check_grammar(grammar: &str) -> Result<(), ParamError> {
+    if grammar.len() > SamplingParams::MAX_GRAMMAR_BYTES {
+        return Err(ParamError::new(
+            "grammar",
+            format!(
+                "grammar may be at most {} bytes, got {}",
+                SamplingParams::MAX_GRAMMAR_BYTES,
+                grammar.len()
+            ),
+        ));
+    }
+    if grammar.contains('\0') {
+        return Err(ParamError::new("grammar", "grammar contains a NUL byte"));
+    }
+    if !grammar.contains("root") {
+        return Err(ParamError::new(
+            "grammar",
+            "grammar has no `root` rule to start from",
+        ));
+    }
+    Ok(())
 }
 
 /// Largest logit bias magnitude (OpenAI's range); `-inf` (a ban) is also accepted.
@@ -336,6 +369,19 @@ mod tests {
         ] {
             assert_eq!(p.validate().unwrap_err().param, param);
         }
+        for grammar in ["", "start ::= \"x\"", "root ::= \"\0\""] {
+            let p = SamplingParams {
+                grammar: Some(grammar.into()),
+                ..SamplingParams::default()
+            };
+            assert_eq!(p.validate().unwrap_err().param, "grammar");
+        }
+        SamplingParams {
+            grammar: Some("root ::= \"yes\" | \"no\"".into()),
+            ..SamplingParams::default()
+        }
+        .validate()
+        .unwrap();
         SamplingParams {
             logit_bias: vec![(1, f32::NEG_INFINITY), (2, -100.0), (3, 100.0)],
             ..SamplingParams::default()

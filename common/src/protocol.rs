@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +51,11 @@ pub enum ControlCall {
     },
     Detokenize {
         tokens: Vec<Token>,
+    },
+    /// Renders messages with the chat template, as a chat request's prompt would be, and
+    /// returns the text (llama-server's `/apply-template`). Answered with `Rendered`.
+    ApplyTemplate {
+        messages: Vec<ChatMessage>,
     },
 }
 
@@ -116,6 +121,9 @@ pub enum ControlReply {
     },
     Detokenized {
         content: String,
+    },
+    Rendered {
+        prompt: String,
     },
     Failed {
         message: String,

@@ -45,6 +45,9 @@ pub struct Finish {
     pub reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
+    /// The stop string that ended the generation (`reason` is then `Stop`); `None` for an
+    /// end-of-generation token and every other finish. llama-server's `stopping_word`.
+    pub stop_word: Option<String>,
 }
 
 /// One step's worth of output for one request. `text` holds only complete UTF-8 and never
@@ -55,6 +58,18 @@ pub struct SeqOutput {
     pub tokens: Vec<Token>,
     pub text: String,
     pub finish: Option<Finish>,
+}
+
+impl SeqOutput {
+    /// A last output that only carries `finish` (no new tokens or text).
+    pub fn finished(id: RequestId, finish: Finish) -> Self {
+        Self {
+            id,
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: Some(finish),
+        }
+    }
 }
 
 /// A request-scoped failure: the request ends, nothing else is affected.
@@ -137,6 +152,9 @@ pub struct ModelInfo {
     pub n_vocab: u32,
     pub size: u64,
     pub has_chat_template: bool,
+    /// The chat template's text (the GGUF's, or `model.chat_template` as given: a built-in
+    /// name or template text); empty when there is none. For `/props`.
+    pub chat_template: String,
 }
 
 /// One chat message, after the router has flattened content parts into text.
@@ -165,6 +183,7 @@ mod tests {
             reason: FinishReason::Stop,
             usage: Usage::default(),
             timings: Timings::default(),
+            stop_word: None,
         };
         let rejected = GenerationEvent::Rejected {
             id,

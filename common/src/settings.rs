@@ -19,6 +19,8 @@ pub struct Settings {
     pub model: ModelSettings,
     pub worker_defaults: WorkerDefaults,
     pub workers: Vec<WorkerSettings>,
+    /// Server-wide defaults for generation requests that leave a field out.
+    pub generation: GenerationDefaults,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +189,9 @@ pub struct ModelSettings {
     pub alias: String,
     /// A llama.cpp built-in template name or template text, for models without one.
     pub chat_template: Option<String>,
+    /// When true, a request's `model` must equal `alias` (404 otherwise); when false (the
+    /// default, llama-server's behaviour) any name is accepted and answered as `alias`.
+    pub strict_name: bool,
 }
 
 impl Default for ModelSettings {
@@ -195,7 +200,74 @@ impl Default for ModelSettings {
             path: PathBuf::from("SmolLM2-135M-Instruct.Q4_1.gguf"),
             alias: "smollm2-135m-instruct".into(),
             chat_template: None,
+            strict_name: false,
         }
+    }
+}
+
+/// `[generation]`: values a generation request gets for the fields it leaves out, on every
+/// endpoint (OpenAI's and llama-server's native ones), and shown by `/props` as
+/// `default_generation_settings`. A key left out keeps the built-in default
+/// (`SamplingParams::default()`; no token limit). llama-server's flags map onto them:
+/// `-n` → `n_predict`, `--temp` → `temperature`, `--seed` → `seed`, `--top-k` → `top_k`,
+/// `--top-p` → `top_p`, `--min-p` → `min_p`, `--repeat-penalty` → `repeat_penalty`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationDefaults {
+    /// Tokens to generate (`max_tokens`, `n_predict`); -1 or absent: until the context is full.
+    pub n_predict: Option<i64>,
+    pub temperature: Option<f32>,
+    /// -1 or absent: a random seed per request.
+    pub seed: Option<i64>,
+    pub top_k: Option<i32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+}
+
+impl GenerationDefaults {
+    /// `n_predict` as a token limit: `None` for no limit (absent, or negative as in
+    /// llama-server's `-n -1`).
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.n_predict
+            .filter(|&n| n >= 0)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// `seed` as llama.cpp takes it (its low 32 bits); `None` (absent or -1) draws one per
+    /// request.
+    pub fn seed(&self) -> Option<u32> {
+        self.seed
+            .filter(|&s| s != -1)
+            .map(|s| (s as u64 & 0xffff_ffff) as u32)
+    }
+
+    /// The sampling parameters a request that gives none gets.
+    pub fn sampling(&self) -> crate::SamplingParams {
+        let d = crate::SamplingParams::default();
+        crate::SamplingParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            seed: self.seed(),
+            ..d
+        }
+    }
+
+    /// The ranges requests are held to; `n_predict` 0 is refused (a request cannot ask for
+    /// zero tokens either).
+    pub fn check(&self) -> Result<(), SettingsError> {
+        if self.n_predict == Some(0) || self.n_predict.is_some_and(|n| n < -1) {
+            return Err(bad(
+                "generation.n_predict",
+                "must be at least 1, or -1 for no limit",
+            ));
+        }
+        self.sampling()
+            .validate()
+            .map_err(|e| bad(format!("generation.{}", e.param), e.message))
     }
 }
 
@@ -473,6 +545,7 @@ impl Settings {
             return Err(bad("server.max_body_bytes", "must be at least 1024"));
         }
         self.server.check_access()?;
+        self.generation.check()?;
         let entries = self.worker_entries(allowed);
         if entries.is_empty() {
             return Err(bad("workers", "no CPU is available to run a worker on"));
@@ -584,6 +657,22 @@ mod tests {
         CpuList::parse("0-3").unwrap()
     }
 
+    /// A `[[workers]]` entry with only `cpus` set.
+    fn on_cpus(cpus: &str) -> WorkerSettings {
+        WorkerSettings {
+            cpus: Some(cpus.into()),
+            ..WorkerSettings::default()
+        }
+    }
+
+    /// Settings with these `[[workers]]` entries.
+    fn with_workers(workers: Vec<WorkerSettings>) -> Settings {
+        Settings {
+            workers,
+            ..Settings::default()
+        }
+    }
+
     #[test]
     fn no_workers_means_one_per_cpu() {
         let plans = Settings::default().plan_workers(&allowed()).unwrap();
@@ -596,20 +685,13 @@ mod tests {
 
     #[test]
     fn explicit_workers_inherit_defaults() {
-        let s = Settings {
-            workers: vec![
-                WorkerSettings {
-                    cpus: Some("0-1".into()),
-                    ..WorkerSettings::default()
-                },
-                WorkerSettings {
-                    cpus: Some("2".into()),
-                    slots: Some(4),
-                    ..WorkerSettings::default()
-                },
-            ],
-            ..Settings::default()
-        };
+        let s = with_workers(vec![
+            on_cpus("0-1"),
+            WorkerSettings {
+                slots: Some(4),
+                ..on_cpus("2")
+            },
+        ]);
         let plans = s.plan_workers(&allowed()).unwrap();
         assert_eq!(plans[0].context.threads, 2);
         assert_eq!(plans[0].context.slots, 8);
@@ -618,18 +700,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let with = |w: WorkerSettings| Settings {
-            workers: vec![w],
-            ..Settings::default()
-        };
         let cases = [
-            (
-                WorkerSettings {
-                    cpus: Some("9".into()),
-                    ..Default::default()
-                },
-                "workers[0].cpus",
-            ),
+            (on_cpus("9"), "workers[0].cpus"),
             (
                 WorkerSettings {
                     slots: Some(0),
@@ -646,22 +718,12 @@ mod tests {
             ),
         ];
         for (worker, key) in cases {
-            let err = with(worker).plan_workers(&allowed()).unwrap_err();
+            let err = with_workers(vec![worker])
+                .plan_workers(&allowed())
+                .unwrap_err();
             assert_eq!(err.key, key);
         }
-        let overlapping = Settings {
-            workers: vec![
-                WorkerSettings {
-                    cpus: Some("0-1".into()),
-                    ..Default::default()
-                },
-                WorkerSettings {
-                    cpus: Some("1-2".into()),
-                    ..Default::default()
-                },
-            ],
-            ..Settings::default()
-        };
+        let overlapping = with_workers(vec![on_cpus("0-1"), on_cpus("1-2")]);
         let err = overlapping.plan_workers(&allowed()).unwrap_err();
         assert_eq!(err.key, "workers[1].cpus");
         assert!(err.message.contains("[1]"));
@@ -864,5 +926,31 @@ mod tests {
         for format in [LogFormat::Text, LogFormat::Json] {
             assert_eq!(format.as_str().parse::<LogFormat>(), Ok(format));
         }
+    }
+
+    #[test]
+    fn generation_defaults_fill_sampling_and_are_checked() {
+        let g: GenerationDefaults =
+            toml::from_str("n_predict = 5\ntemperature = 0.0\nseed = -1\ntop_k = 3").unwrap();
+        assert_eq!(g.max_tokens(), Some(5));
+        let s = g.sampling();
+        assert_eq!((s.temperature, s.top_k, s.seed), (0.0, 3, None));
+        assert_eq!(s.top_p, crate::SamplingParams::default().top_p);
+        g.check().unwrap();
+        let unlimited = GenerationDefaults {
+            n_predict: Some(-1),
+            seed: Some(7),
+            ..GenerationDefaults::default()
+        };
+        assert_eq!((unlimited.max_tokens(), unlimited.seed()), (None, Some(7)));
+        for (bad_one, key) in [
+            ("n_predict = 0", "generation.n_predict"),
+            ("temperature = 5.0", "generation.temperature"),
+            ("top_p = 0.0", "generation.top_p"),
+        ] {
+            let g: GenerationDefaults = toml::from_str(bad_one).unwrap();
+            assert_eq!(g.check().unwrap_err().key, key, "{bad_one}");
+        }
+        assert!(toml::from_str::<GenerationDefaults>("max_tokens = 3").is_err());
     }
 }

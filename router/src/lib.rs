@@ -9,12 +9,14 @@
 //! - [`error`]: the one mapping of every layer's errors to HTTP.
 //! - [`dispatch`]: the pool, worker connections, abort guards; no HTTP types.
 //! - [`metrics`]: Prometheus counters.
+//! - [`llama_flags`]: llama-server's command line, as configuration overrides.
 //! - [`reload`]: the configuration source of `POST /admin/reload`.
 
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod http;
+pub mod llama_flags;
 pub mod metrics;
 pub mod openai;
 pub mod reload;

@@ -10,31 +10,32 @@ mod serve;
 use llamapool_router::reload::ConfigSource;
 use std::path::PathBuf;
 
-use std::io::IsTerminal;
-
 use anyhow::{Context, Result};
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
 use llamapool_common::settings::{LogFormat, LOG_FORMAT_ENV};
 use llamapool_router::config;
+use llamapool_router::llama_flags::{self, FlagError, LlamaFlags, OwnFlag};
 
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "OpenAI-compatible LLM server over a pool of pinned llama.cpp workers"
+    about = "OpenAI-compatible LLM server over a pool of pinned llama.cpp workers",
+    after_help = llama_flags::help()
 )]
 struct Args {
-    /// TOML configuration file (then LLAMAPOOL__SECTION__KEY variables, then these flags).
+    /// TOML configuration file (then LLAMAPOOL__SECTION__KEY variables, then these flags);
+    /// `-c` with a number is llama-server's --ctx-size.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Overrides server.listen.
     #[arg(long)]
     listen: Option<String>,
     /// Overrides model.path.
-    #[arg(long)]
+    #[arg(long, short)]
     model: Option<String>,
     /// Overrides model.alias.
-    #[arg(long)]
+    #[arg(long, short)]
     alias: Option<String>,
     /// Any key: --set server.max_queued=16 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
@@ -42,6 +43,56 @@ struct Args {
     /// Validate the configuration, print the worker plan, and exit.
     #[arg(long)]
     check: bool,
+    /// llama-server's flags, taken out of the command line before clap parses it.
+    #[arg(skip)]
+    llama: LlamaFlags,
+}
+
+impl Args {
+    /// Parses the command line: llama-server's flags first ([`llama_flags::extract`]), then
+    /// the router's own through clap.
+    fn parse_command_line() -> Result<Self, ParseError> {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Self::command();
+        command.build();
+        let own: Vec<OwnFlag> = command
+            .get_arguments()
+            .flat_map(|a| {
+                let takes_value = a.get_action().takes_values();
+                a.get_long()
+                    .map(|l| format!("--{l}"))
+                    .into_iter()
+                    .chain(a.get_short().map(|s| format!("-{s}")))
+                    .map(move |name| OwnFlag { name, takes_value })
+            })
+            .collect();
+        let (rest, llama) = llama_flags::extract(std::env::args_os(), &own)?;
+        let matches = command.try_get_matches_from(rest)?;
+        let mut args = Self::from_arg_matches(&matches)?;
+        args.llama = llama;
+        Ok(args)
+    }
+}
+
+/// Why the command line was not taken.
+#[derive(Debug)]
+enum ParseError {
+    /// A llama-server flag that is not supported, or a bad value of one.
+    Flag(FlagError),
+    /// clap's: a usage error, or `--help`/`--version`.
+    Clap(clap::Error),
+}
+
+impl From<FlagError> for ParseError {
+    fn from(e: FlagError) -> Self {
+        Self::Flag(e)
+    }
+}
+
+impl From<clap::Error> for ParseError {
+    fn from(e: clap::Error) -> Self {
+        Self::Clap(e)
+    }
 }
 
 /// Stopped on request (SIGINT/SIGTERM, after draining), or `--check`, `--help`, `--version`.
@@ -50,7 +101,8 @@ pub const EXIT_OK: u8 = 0;
 /// restarts the router after this status and after a death by signal).
 pub const EXIT_FAILURE: u8 = 1;
 /// The command line is wrong: an unknown flag, a missing value, `--set` without `=`
-/// (clap's status for usage errors).
+/// (clap's status for usage errors), llama-server flags that do not fit the configuration
+/// ([`FlagError`]).
 pub const EXIT_USAGE: u8 = 2;
 /// The configuration cannot work: an unknown key or a bad value, a missing configuration
 /// file, model file or worker binary, a listen address that cannot be bound. `EX_CONFIG` of
@@ -58,7 +110,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_CONFIG: u8 = 78;
 
 fn main() -> std::process::ExitCode {
-    let status = match Args::try_parse() {
+    let status = match Args::parse_command_line() {
         Ok(args) => match run(args) {
             Ok(()) => EXIT_OK,
             Err(e) => {
@@ -66,7 +118,11 @@ fn main() -> std::process::ExitCode {
                 exit_status(&e)
             }
         },
-        Err(e) => {
+        Err(ParseError::Flag(e)) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE
+        }
+        Err(ParseError::Clap(e)) => {
             // Help and version print to stdout and succeed; usage errors go to stderr.
             let _ = e.print();
             if e.use_stderr() {
@@ -87,25 +143,15 @@ fn main() -> std::process::ExitCode {
 /// Also sets [`LOG_FORMAT_ENV`], which every worker inherits: call it before any thread exists.
 fn init_logging(format: LogFormat) {
     std::env::set_var(LOG_FORMAT_ENV, format.as_str());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_ansi(false)
-            .init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    llamapool_common::logging::init(format, "info");
 }
 
-/// [`EXIT_CONFIG`] when the error is, or wraps, a configuration error; else [`EXIT_FAILURE`].
+/// [`EXIT_USAGE`] for llama-server flags that do not fit the configuration, [`EXIT_CONFIG`]
+/// when the error is, or wraps, a configuration error; else [`EXIT_FAILURE`].
 fn exit_status(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|e| e.is::<FlagError>()) {
+        return EXIT_USAGE;
+    }
     let is_config = error.chain().any(|e| {
         e.is::<config::ConfigError>() || e.is::<llamapool_common::settings::SettingsError>()
     });
@@ -153,10 +199,28 @@ fn run(args: Args) -> Result<()> {
             overrides.push((key.to_string(), v.clone()));
         }
     }
-    let settings = config::load(args.config.as_deref(), &overrides)?;
-    init_logging(settings.server.log_format);
-    let model_path = settings.resolve_model_path(&config::models_dir())?;
     let allowed = CpuList::allowed();
+    let mut settings = config::load(args.config.as_deref(), &overrides)?;
+    if !args.llama.is_empty() {
+        if args.listen.is_some() && (args.llama.host.is_some() || args.llama.port.is_some()) {
+            return Err(FlagError::Conflict(
+                "--listen and --host/--port: give one or the other".into(),
+            )
+            .into());
+        }
+        // llama-server's flags come after --set; the pool's shape needs the settings without
+        // them (the number of workers, the configured address).
+        overrides.extend(llama_flags::overrides(&args.llama, &settings, &allowed)?);
+        settings = config::load(args.config.as_deref(), &overrides)?;
+    }
+    init_logging(settings.server.log_format);
+    if !args.llama.ignored.is_empty() {
+        tracing::info!(
+            flags = %args.llama.ignored.join(" "),
+            "llama-server flags accepted and ignored"
+        );
+    }
+    let model_path = settings.resolve_model_path(&config::models_dir())?;
     let plans = settings.plan_workers(&allowed)?;
     if args.check {
         println!(
@@ -164,6 +228,10 @@ fn run(args: Args) -> Result<()> {
             model_path.display(),
             settings.model.alias
         );
+        println!("listen: {}", settings.server.listen);
+        if !args.llama.ignored.is_empty() {
+            println!("ignored: {}", args.llama.ignored.join(" "));
+        }
         for p in &plans {
             let c = &p.context;
             let gpu = p.gpu.map(|g| format!(" gpu {g}")).unwrap_or_default();

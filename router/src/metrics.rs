@@ -497,6 +497,7 @@ mod tests {
                 prompt_ms: 250.0,
                 predicted_ms: 1500.0,
             },
+            stop_word: None,
         }
     }
 

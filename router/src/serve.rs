@@ -45,6 +45,7 @@ use llamapool_router::dispatch::pool::LaunchConfig;
 use llamapool_router::dispatch::{Pool, SupervisionPolicy};
 use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
+use llamapool_router::openai::request::ServedModel;
 use llamapool_router::reload::{ConfigReload, ConfigSource};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,6 +92,7 @@ pub async fn run(
     let local: SocketAddr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::default());
     let n_workers = plans.len();
+    let model_path_text = model_path.display().to_string();
     let pool = Pool::start(
         plans,
         LaunchConfig {
@@ -111,7 +113,12 @@ pub async fn run(
     let limits = ConnLimits::from_settings(server_settings);
     let state = Arc::new(AppState {
         pool: pool.clone(),
-        alias: settings.model.alias.clone(),
+        served: ServedModel {
+            alias: settings.model.alias.clone(),
+            strict_name: settings.model.strict_name,
+            defaults: settings.generation.clone(),
+        },
+        model_path: model_path_text,
         api_keys: http::auth::ApiKeys::new(server_settings.api_keys()?),
         cors: http::cors::CorsPolicy::new(&server_settings.cors_origins),
         max_body_bytes: server_settings.max_body_bytes,

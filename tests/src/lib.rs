@@ -1,32 +1,65 @@
 //! The end-to-end harness: starts the real `llamapool-router` (which starts real workers with
 //! the real SmolLM2 model) through `llamapool-testkit` and talks to it over real sockets with the
 //! kit's minimal HTTP/1.1 client (so tests control exactly when a connection goes away). What
-//! is here is only what the tests share beyond the kit: the standard two-worker config,
-//! panicking constructors, and `/proc` probes.
+//! is here is only what the tests share beyond the kit: the SmolLM2 config builder and the
+//! standard two-worker config, panicking constructors, and `/proc` probes.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 pub use llamapool_common::settings::models_dir;
 pub use llamapool_testkit::{bin_dir, http, scratch_dir, HttpResponse, Router, SseReader};
+use serde_json::{json, Value};
 
-/// Two SmolLM2 workers pinned to CPUs 0 and 1, 4 slots of 1024 tokens each.
-pub const TWO_WORKERS: &str = r#"
+/// A config serving SmolLM2 as `smol` on a free port (`listen = "127.0.0.1:0"`): `server`
+/// holds more `[server]` lines, `(slots, context)` are the `[worker_defaults]`, and each entry
+/// of `workers` is the lines of one `[[workers]]` table (see [`PINNED_0`], [`PINNED_0_1`]).
+pub fn smol_config(server: &str, (slots, context): (u32, u32), workers: &[&str]) -> String {
+    let mut config = format!(
+        r#"
 [server]
 listen = "127.0.0.1:0"
-keepalive_secs = 1
-max_body_bytes = 65536
+{server}
 [model]
 path = "SmolLM2-135M-Instruct.Q4_1.gguf"
 alias = "smol"
 [worker_defaults]
-slots = 4
-context = 4096
-[[workers]]
-cpus = "0"
-[[workers]]
-cpus = "1"
-"#;
+slots = {slots}
+context = {context}
+"#
+    );
+    for worker in workers {
+        config.push_str(&format!("[[workers]]\n{worker}\n"));
+    }
+    config
+}
+
+/// One worker, pinned to CPU 0 (for [`smol_config`]).
+pub const PINNED_0: &[&str] = &[r#"cpus = "0""#];
+
+/// Two workers, pinned to CPUs 0 and 1 (for [`smol_config`]).
+pub const PINNED_0_1: &[&str] = &[r#"cpus = "0""#, r#"cpus = "1""#];
+
+/// Two SmolLM2 workers pinned to CPUs 0 and 1, 4 slots of 1024 tokens each.
+pub static TWO_WORKERS: LazyLock<String> = LazyLock::new(|| {
+    smol_config(
+        "keepalive_secs = 1\nmax_body_bytes = 65536",
+        (4, 4096),
+        PINNED_0_1,
+    )
+});
+
+/// A greedy one-message `/v1/chat/completions` body for `smol`.
+pub fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "smol",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    })
+}
 
 /// A running router ([`Router`]: `addr`, `get`, `post`, `stream`, `workers`, `terminate`, ...);
 /// stopped (SIGTERM, then SIGKILL) on drop. Start-up failures panic.

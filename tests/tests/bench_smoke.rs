@@ -93,7 +93,7 @@ fn sweep_writes_json_and_svg_and_url_mode_measures_a_server() {
     assert_eq!(json["stages"].as_array().unwrap().len(), 4);
     drop(dir);
 
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     let url = format!("http://{}", server.addr);
     let report = bench(&["--url", &url, "--served-model", "smol"]);
     let rows = report["stages"].as_array().unwrap();

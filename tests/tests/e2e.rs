@@ -5,15 +5,11 @@ use std::time::{Duration, Instant};
 use llamapool_tests::*;
 use serde_json::{json, Value};
 
+/// [`llamapool_tests::chat`] that asks for a usage chunk at the end of a stream.
 fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
-    json!({
-        "model": "smol",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-        "stream_options": {"include_usage": true},
-    })
+    let mut body = llamapool_tests::chat(content, max_tokens, stream);
+    body["stream_options"] = json!({"include_usage": true});
+    body
 }
 
 fn completion(prompt: &str, max_tokens: u32, stream: bool) -> Value {
@@ -87,7 +83,7 @@ fn check_stream(payloads: &[String], object: &str, chat: bool) -> (String, Strin
 
 #[test]
 fn chat_and_completions_give_the_same_text_streaming_or_not() {
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     // Chat.
     let r = server.post(
         "/v1/chat/completions",
@@ -153,7 +149,7 @@ fn chat_and_completions_give_the_same_text_streaming_or_not() {
 
 #[test]
 fn eight_concurrent_streams_end_with_done_and_correct_usage() {
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8u32)
             .map(|i| {
@@ -183,7 +179,7 @@ fn eight_concurrent_streams_end_with_done_and_correct_usage() {
 
 #[test]
 fn models_health_workers_and_metrics_show_two_pinned_workers() {
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     let models = server.get("/v1/models").json();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "smol");
@@ -257,7 +253,7 @@ fn wait_until_idle(server: &Server, timeout: Duration) {
 
 #[test]
 fn a_client_disconnect_frees_the_sequence() {
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     let mut body = chat("Write a very long story.", 900, true);
     body["ignore_eos"] = json!(true);
     let mut reader = server.stream("/v1/chat/completions", &body);
@@ -286,7 +282,9 @@ fn a_client_disconnect_frees_the_sequence() {
 
 #[test]
 fn bad_inputs_get_openai_errors_and_harm_nothing() {
-    let server = Server::start(TWO_WORKERS);
+    // With model.strict_name, an unknown model name is a 404 (by default any name is served).
+    let strict = TWO_WORKERS.replace("alias = \"smol\"", "alias = \"smol\"\nstrict_name = true");
+    let server = Server::start(&strict);
     let pids: Vec<Value> = server.workers().iter().map(|w| w["pid"].clone()).collect();
     let long_prompt = "hello ".repeat(3000);
     let big_body = format!("{{\"prompt\":\"{}\"}}", "x".repeat(200_000));
@@ -458,22 +456,11 @@ fn bad_inputs_get_openai_errors_and_harm_nothing() {
 
 #[test]
 fn api_key_and_queue_limits() {
-    let server = Server::start(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-api_key = "sesame"
-max_queued = 0
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-[worker_defaults]
-slots = 1
-context = 2048
-[[workers]]
-cpus = "0"
-"#,
-    );
+    let server = Server::start(&smol_config(
+        "api_key = \"sesame\"\nmax_queued = 0",
+        (1, 2048),
+        PINNED_0,
+    ));
     let r = server.post("/v1/chat/completions", &chat("Hi", 2, false));
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["type"], "authentication_error");
@@ -531,7 +518,7 @@ cpus = "0"
 
 #[test]
 fn a_killed_worker_is_respawned_and_its_stream_continues_elsewhere() {
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     let mut body = chat("Write a long story about a ship.", 120, true);
     body["ignore_eos"] = json!(true);
     let mut reader = server.stream("/v1/chat/completions", &body);
@@ -586,7 +573,7 @@ fn a_killed_worker_is_respawned_and_its_stream_continues_elsewhere() {
 
 #[test]
 fn sigterm_drains_in_flight_requests_and_leaves_no_worker_behind() {
-    let mut server = Server::start(TWO_WORKERS);
+    let mut server = Server::start(&TWO_WORKERS);
     let pids: Vec<u32> = server
         .workers()
         .iter()
@@ -615,7 +602,7 @@ fn sigterm_drains_in_flight_requests_and_leaves_no_worker_behind() {
 
 #[test]
 fn the_official_openai_python_client_works() {
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     let script = r#"
 import sys, openai
 client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")

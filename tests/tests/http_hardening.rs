@@ -11,21 +11,10 @@ use serde_json::{json, Value};
 
 /// One worker on CPU 0 with `server` lines added to the `[server]` table.
 fn one_worker(server: &str, slots: u32, context: u32) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-max_body_bytes = 65536
-{server}
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-[worker_defaults]
-slots = {slots}
-context = {context}
-[[workers]]
-cpus = "0"
-"#
+    smol_config(
+        &format!("max_body_bytes = 65536\n{server}"),
+        (slots, context),
+        PINNED_0,
     )
 }
 

@@ -13,20 +13,10 @@ use serde_json::{json, Value};
 
 /// One SmolLM2 worker; `log_format` as given.
 fn config(log_format: &str, cpus: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-log_format = "{log_format}"
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-[worker_defaults]
-slots = 2
-context = 2048
-[[workers]]
-cpus = "{cpus}"
-"#
+    smol_config(
+        &format!("log_format = \"{log_format}\""),
+        (2, 2048),
+        &[&format!("cpus = \"{cpus}\"")],
     )
 }
 

@@ -11,34 +11,11 @@ use llamapool_tests::*;
 use serde_json::{json, Value};
 
 /// Two workers of one slot each and no queue: two long requests fill the pool.
-const TWO_SINGLE_SLOT_WORKERS: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-keepalive_secs = 1
-max_queued = 0
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-[worker_defaults]
-slots = 1
-context = 2048
-[[workers]]
-cpus = "0"
-[[workers]]
-cpus = "1"
-"#;
+fn two_single_slot_workers() -> String {
+    smol_config("keepalive_secs = 1\nmax_queued = 0", (1, 2048), PINNED_0_1)
+}
 
 const CHAT: &str = "/v1/chat/completions";
-
-fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
-    json!({
-        "model": "smol",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-    })
-}
 
 /// Parses an exposition with `prometheus_client` and prints every family's type and sample.
 const PARSE: &str = r#"
@@ -177,7 +154,7 @@ fn in_flight(server: &Server) -> u64 {
 
 #[test]
 fn counts_move_with_requests_and_every_worker_has_its_gauges() {
-    let server = Server::start(TWO_SINGLE_SLOT_WORKERS);
+    let server = Server::start(&two_single_slot_workers());
     let before = Scrape::take(&server);
     for (family, kind) in [
         ("llamacpp:prompt_tokens", "counter"),
@@ -358,7 +335,7 @@ fn counts_move_with_requests_and_every_worker_has_its_gauges() {
 
 #[test]
 fn cancellations_moves_and_restarts_are_counted() {
-    let server = Server::start(TWO_WORKERS);
+    let server = Server::start(&TWO_WORKERS);
     let before = Scrape::take(&server);
 
     // A client that leaves mid-stream is a cancellation.

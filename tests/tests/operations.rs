@@ -27,10 +27,7 @@ const PROMPT: Duration = Duration::from_secs(5);
 
 /// One SmolLM2 worker on CPU 0: enough to listen, cheap to restart.
 fn one_worker(listen: &str) -> String {
-    format!(
-        "[server]\nlisten = \"{listen}\"\n[model]\npath = \"SmolLM2-135M-Instruct.Q4_1.gguf\"\nalias = \"smol\"\n\
-         [worker_defaults]\nslots = 2\ncontext = 1024\n[[workers]]\ncpus = \"0\"\n"
-    )
+    smol_config("", (2, 1024), PINNED_0).replace("127.0.0.1:0", listen)
 }
 
 fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {

@@ -15,21 +15,7 @@ use serde_json::json;
 
 /// One small worker; `server` goes into `[server]`.
 fn config(server: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-{server}
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-[worker_defaults]
-slots = 2
-context = 2048
-[[workers]]
-cpus = "0"
-"#
-    )
+    smol_config(server, (2, 2048), PINNED_0)
 }
 
 fn call(server: &Server, method: &str, path: &str, headers: &[(&str, &str)]) -> HttpResponse {

@@ -53,7 +53,7 @@ fn sigint_to_the_routers_process_group_finishes_the_stream_and_leaves_nothing_be
     let mut command = Command::new(binary("llamapool-router").unwrap_or_else(|e| panic!("{e}")));
     // Its own process group, like a job started from an interactive shell.
     command.process_group(0);
-    let mut router = Router::launch_with(command, TWO_WORKERS).unwrap_or_else(|e| panic!("{e}"));
+    let mut router = Router::launch_with(command, &TWO_WORKERS).unwrap_or_else(|e| panic!("{e}"));
     router
         .wait_ready(Duration::from_secs(120), None)
         .unwrap_or_else(|e| panic!("{e}"));

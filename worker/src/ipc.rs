@@ -34,8 +34,11 @@ use llamapool_common::{
     Finish, FinishReason, GenerationEvent, RequestError, RequestId, SeqOutput, Timings, Usage,
 };
 
-use crate::engine::{Disconnected, EngineRequest, EngineStats, EventSender, IterationHook};
-use crate::{EngineHandle, Model};
+use crate::backend::Backend;
+use crate::engine::{
+    Disconnected, EngineHooks, EngineRequest, EngineStats, EventSender, IterationHook,
+};
+use crate::{EngineHandle, Model, RunningEngine};
 
 /// What the writer thread sends.
 pub enum Outgoing {
@@ -50,10 +53,30 @@ pub enum Outgoing {
     EngineStopped,
 }
 
+/// The writer's queue, as [`outbox`] makes it and [`serve`] takes it.
+pub type Outbox = (Sender<Outgoing>, Receiver<Outgoing>);
+
 /// The writer's queue; create it before the engine so the engine can be given
-/// [`iteration_hook`].
-pub fn outbox() -> (Sender<Outgoing>, Receiver<Outgoing>) {
+/// [`iteration_hook`] (as [`spawn_engine`] does).
+pub fn outbox() -> Outbox {
     mpsc::channel()
+}
+
+/// Starts the engine thread over `backend` with this writer's [`iteration_hook`]; returns it
+/// and the outbox to give [`serve`].
+pub fn spawn_engine<B>(backend: B) -> std::io::Result<(RunningEngine, Outbox)>
+where
+    B: Backend + Send + 'static,
+{
+    let outbox = outbox();
+    let engine = RunningEngine::spawn_with(
+        backend,
+        EngineHooks {
+            on_start: None,
+            on_iteration_end: Some(iteration_hook(&outbox.0)),
+        },
+    )?;
+    Ok((engine, outbox))
 }
 
 /// The engine's `on_iteration_end` hook for this writer: ends the iteration's batch of events
@@ -100,7 +123,7 @@ fn progress(stats: &EngineStats) -> WorkerStats {
 pub fn serve<R, W>(
     recv: R,
     send: W,
-    (out_tx, out_rx): (Sender<Outgoing>, Receiver<Outgoing>),
+    (out_tx, out_rx): Outbox,
     model: Model,
     engine: &EngineHandle,
     info: &WorkerInfo,
@@ -371,20 +394,16 @@ fn tenths(ms: f64) -> f64 {
 fn cancelled_before_start(id: RequestId) -> Vec<GenerationEvent> {
     vec![
         GenerationEvent::Accepted { id },
-        GenerationEvent::Output(SeqOutput {
+        GenerationEvent::Output(SeqOutput::finished(
             id,
-            tokens: Vec::new(),
-            text: String::new(),
-            finish: Some(Finish {
+            Finish {
                 reason: FinishReason::Cancelled,
                 // Nothing of it was evaluated.
-                usage: Usage {
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                },
+                usage: Usage::default(),
                 timings: Timings::default(),
-            }),
-        }),
+                stop_word: None,
+            },
+        )),
     ]
 }
 
@@ -439,6 +458,12 @@ fn control(call: ControlCall, model: Model) -> ControlReply {
                 },
             }
         }
+        ControlCall::ApplyTemplate { messages } => match model.render_chat(&messages) {
+            Ok(prompt) => ControlReply::Rendered { prompt },
+            Err(e) => ControlReply::Failed {
+                message: e.to_string(),
+            },
+        },
     }
 }
 
@@ -513,7 +538,6 @@ mod tests {
     use super::*;
     use crate::backend::fake::FakeBackend;
     use crate::backend::BackendLimits;
-    use crate::RunningEngine;
 
     fn output(id: u64, text: &str) -> GenerationEvent {
         GenerationEvent::Output(SeqOutput {

@@ -11,7 +11,7 @@
 //! outlive its router's drain: the router stops it by closing the connection, and SIGKILLs
 //! one that does not go. The parent-death signal is SIGKILL for the same reason.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,12 +21,12 @@ use clap::Parser;
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use llamapool_common::cpus::CpuList;
+use llamapool_common::logging;
 use llamapool_common::protocol::{WorkerInfo, PROTOCOL_VERSION};
 use llamapool_common::settings::{LogFormat, LOG_FORMAT_ENV};
 use llamapool_common::worker::WorkerArgs;
 use llamapool_worker::cli::{check_parent, Cli, ROUTER_PID_ENV};
-use llamapool_worker::engine::EngineHooks;
-use llamapool_worker::{ipc, peer, pin, Model, ModelOptions, RunningEngine};
+use llamapool_worker::{ipc, peer, pin, Model, ModelOptions};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -75,22 +75,11 @@ fn main() -> ExitCode {
 fn init_logging() {
     let format = std::env::var(LOG_FORMAT_ENV).ok();
     let format = format.as_deref().map(str::parse::<LogFormat>);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,llamapool_worker=info".into()),
-        )
-        .with_writer(std::io::stderr);
-    match format {
-        Some(Ok(LogFormat::Json)) => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_ansi(false)
-            .init(),
-        _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    let shown = match format {
+        Some(Ok(format)) => format,
+        _ => LogFormat::Text,
+    };
+    logging::init(shown, "warn,llamapool_worker=info");
     if let Some(Err(e)) = format {
         tracing::warn!("{LOG_FORMAT_ENV}: {e}; writing text");
     }
@@ -193,14 +182,7 @@ fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
         "model loaded"
     );
     let backend = model.new_backend(config)?;
-    let outbox = ipc::outbox();
-    let engine = RunningEngine::spawn_with(
-        backend,
-        EngineHooks {
-            on_start: None,
-            on_iteration_end: Some(ipc::iteration_hook(&outbox.0)),
-        },
-    )?;
+    let (engine, outbox) = ipc::spawn_engine(backend)?;
     let limits = engine.handle.limits();
     let info = WorkerInfo {
         version: PROTOCOL_VERSION,

@@ -380,3 +380,64 @@ fn chat_templates_from_the_model_or_the_configuration() {
     );
     assert!(bad.is_err(), "an unknown template name must fail at load");
 }
+
+#[test]
+fn a_grammar_constrains_greedy_ignore_eos_and_resumed_requests() {
+    let engine = engine(2, 1024, 256);
+    let h = &engine.handle;
+    let with_grammar = |id: u64, prompt: &str, max: u32, grammar: &str| {
+        let mut r = greedy(id, prompt, max);
+        r.sampling.grammar = Some(grammar.to_string());
+        r
+    };
+    let answer = r#"root ::= "The answer is " ("yes" | "no") "." "#;
+    let whole = run(h, with_grammar(1, "Is the sky blue?", 32, answer));
+    assert!(
+        ["The answer is yes.", "The answer is no."].contains(&whole.text.as_str()),
+        "{whole:?}"
+    );
+    assert_eq!(whole.finish.as_ref().unwrap().reason, FinishReason::Stop);
+
+    // At the grammar's end only end-of-generation is allowed, and ignore_eos bans it: the
+    // sequence runs to max_tokens without any more text instead of aborting the process.
+    let mut banned = with_grammar(2, "Is the sky blue?", 24, answer);
+    banned.stopping.ignore_eos = true;
+    let out = run(h, banned);
+    assert_eq!(out.text, whole.text);
+    assert_eq!(out.finish.as_ref().unwrap().reason, FinishReason::Length);
+
+    // A request moved after two tokens replays them into the grammar and continues the same.
+    let mut moved = with_grammar(3, "Is the sky blue?", 30, answer);
+    moved.prompt.extend_from_slice(&whole.tokens[..2]);
+    moved.resumed = 2;
+    let rest = run(h, moved);
+    assert_eq!(rest.tokens, whole.tokens[2..], "{rest:?}");
+    // Resumed tokens the grammar does not allow, and grammars llama.cpp refuses, are
+    // rejections naming `grammar`; the engine goes on serving.
+    let mut wrong = with_grammar(4, "Is the sky blue?", 30, r#"root ::= "x""#);
+    wrong.prompt.extend_from_slice(&whole.tokens[..2]);
+    wrong.resumed = 2;
+    for (request, what) in [
+        (wrong, "resumed"),
+        (
+            with_grammar(5, "Hi", 4, "root ::= \"unterminated"),
+            "syntax",
+        ),
+        (
+            with_grammar(6, "Hi", 4, "root ::= root \"a\""),
+            "left recursion",
+        ),
+        (
+            with_grammar(7, "Hi", 4, "root ::= undefined"),
+            "undefined rule",
+        ),
+    ] {
+        match run(h, request).error {
+            Some(RequestError::InvalidParam { param, .. }) => assert_eq!(param, "grammar"),
+            other => panic!("{what}: expected InvalidParam, got {other:?}"),
+        }
+    }
+    assert_eq!(run(h, greedy(8, "Hello", 3)).tokens.len(), 3);
+    assert_eq!(h.stats().unwrap().free_ids, 2);
+    engine.stop(true);
+}

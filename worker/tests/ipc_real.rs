@@ -15,8 +15,7 @@ use llamapool_common::protocol::{
     WorkerStats, PROTOCOL_VERSION,
 };
 use llamapool_common::{FinishReason, GenerationEvent, RequestId, SamplingParams, StoppingParams};
-use llamapool_worker::engine::EngineHooks;
-use llamapool_worker::{ipc, ContextConfig, RunningEngine};
+use llamapool_worker::{ipc, ContextConfig};
 use support::smollm2;
 
 /// The router's end of a connection to a worker served by `ipc::serve` on a thread.
@@ -40,15 +39,7 @@ impl Peer {
                 ..ContextConfig::default()
             })
             .expect("context");
-        let outbox = ipc::outbox();
-        let engine = RunningEngine::spawn_with(
-            backend,
-            EngineHooks {
-                on_start: None,
-                on_iteration_end: Some(ipc::iteration_hook(&outbox.0)),
-            },
-        )
-        .expect("engine thread");
+        let (engine, outbox) = ipc::spawn_engine(backend).expect("engine thread");
         let (router, worker) = UnixStream::pair().expect("socket pair");
         let info = WorkerInfo {
             version: PROTOCOL_VERSION,

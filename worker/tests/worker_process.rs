@@ -102,30 +102,26 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitS
 #[test]
 fn a_worker_whose_router_is_already_gone_exits_before_loading_the_model() {
     let scratch = Scratch::new("orphan");
+    // Runs a worker told that its router is `router_pid`; it must fail: returns its stderr.
+    let failing_run = |router_pid: &str| {
+        let out = Command::new(WORKER)
+            .args(["--model", "/nonexistent/model.gguf", "--socket"])
+            .arg(scratch.socket())
+            .env(ROUTER_PID_ENV, router_pid)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the worker");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     // pid 1 is not this test: the "router" died and the worker was reparented.
-    let out = Command::new(WORKER)
-        .args(["--model", "/nonexistent/model.gguf", "--socket"])
-        .arg(scratch.socket())
-        .env(ROUTER_PID_ENV, "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the worker");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = failing_run("1");
     assert!(
         stderr.contains("the router (pid 1) is gone") && !stderr.contains("nonexistent"),
         "{stderr}"
     );
     // With the right parent the check passes and the model load is what fails.
-    let out = Command::new(WORKER)
-        .args(["--model", "/nonexistent/model.gguf", "--socket"])
-        .arg(scratch.socket())
-        .env(ROUTER_PID_ENV, std::process::id().to_string())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the worker");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = failing_run(&std::process::id().to_string());
     assert!(
         !stderr.contains("is gone") && stderr.contains("nonexistent"),
         "{stderr}"

@@ -106,26 +106,28 @@ mod tests {
 
     const HANG: Duration = Duration::from_secs(10);
 
-    #[test]
-    fn a_busy_engine_without_steps_is_hung_even_if_it_answers_pings() {
+    /// Vitals that got `running` requests' progress at `t0`, then a pong every second up to
+    /// `t0 + pongs` seconds.
+    fn answering_pings(running: u32, pongs: u64) -> (Vitals, Instant) {
         let t0 = Instant::now();
         let v = Vitals::new(t0);
-        v.on_progress(stats(2, 0), t0);
-        for s in 1..=11 {
+        v.on_progress(stats(running, 0), t0);
+        for s in 1..=pongs {
             v.on_pong(t0 + Duration::from_secs(s));
         }
+        (v, t0)
+    }
+
+    #[test]
+    fn a_busy_engine_without_steps_is_hung_even_if_it_answers_pings() {
+        let (v, t0) = answering_pings(2, 11);
         assert!(!v.is_hung(HANG, t0 + Duration::from_secs(9)));
         assert!(v.is_hung(HANG, t0 + Duration::from_secs(11)));
     }
 
     #[test]
     fn an_idle_worker_is_alive_while_it_answers_pings() {
-        let t0 = Instant::now();
-        let v = Vitals::new(t0);
-        v.on_progress(stats(0, 0), t0);
-        for s in 1..=30 {
-            v.on_pong(t0 + Duration::from_secs(s));
-        }
+        let (v, t0) = answering_pings(0, 30);
         assert!(!v.is_hung(HANG, t0 + Duration::from_secs(31)));
         assert!(v.answers_within(Duration::from_secs(2), t0 + Duration::from_secs(31)));
     }

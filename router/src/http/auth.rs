@@ -78,12 +78,12 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     Some(&token[start..])
 }
 
-/// Whether a request needs a key (when keys are set). Open: `/health` (probes), CORS
+/// Whether a request needs a key (when keys are set). Open: `/health` and `/v1/health` (probes), CORS
 /// preflights (`OPTIONS`: browsers never send credentials on them), and `GET`/`HEAD` of the
 /// web page: `/`, `/ui` and everything under `/ui/` (it holds no data; its script sends the
 /// user's key with each API call).
 pub fn needs_key(method: &Method, path: &str) -> bool {
-    if path == "/health" || method == Method::OPTIONS {
+    if path == "/health" || path == "/v1/health" || method == Method::OPTIONS {
         return false;
     }
     let web_page = path == "/" || path == "/ui" || path.starts_with("/ui/");

@@ -83,11 +83,11 @@ async fn respond(
     // The permit first: parsing a large body (a token array) costs many times its size.
     let permit = state.admit()?;
     let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
-    let mut valid = parse_generation(body, endpoint, &state.alias, id)?;
+    let mut valid = parse_generation(body, endpoint, &state.served, id)?;
     valid.generate.request_id = request_id;
     // Committed to a status only once a worker accepted the request.
     let mut handle = state.pool.submit(valid.generate).await?;
-    let envelope = Envelope::new(endpoint, &state.alias);
+    let envelope = Envelope::new(endpoint, &state.served.alias);
     if valid.stream {
         let (tx, rx) = mpsc::channel(64);
         let sink = StreamSink {
@@ -126,14 +126,14 @@ async fn respond(
 
 /// `x-llamapool-worker`: the worker that accepted a stream, or finished a request (a moved
 /// request ends on another worker than it started on).
-fn worker_header(worker: usize) -> [(&'static str, String); 1] {
+pub(super) fn worker_header(worker: usize) -> [(&'static str, String); 1] {
     [("x-llamapool-worker", worker.to_string())]
 }
 
 /// The next output of a request, or the error that ended it (then nothing is left to abort).
 /// A worker that takes over a moved request accepts it again: that is no output.
 /// Cancel-safe: nothing happens before the receive completes.
-async fn next_output(handle: &mut RequestHandle) -> Result<SeqOutput, ApiError> {
+pub(super) async fn next_output(handle: &mut RequestHandle) -> Result<SeqOutput, ApiError> {
     loop {
         match handle.events.recv().await {
             Some(StreamEvent::Output(o)) => return Ok(o),
@@ -173,7 +173,7 @@ async fn collect(
     }
 }
 
-fn data(value: &serde_json::Value) -> Event {
+pub(super) fn data(value: &serde_json::Value) -> Event {
     Event::default().data(value.to_string())
 }
 
@@ -182,15 +182,15 @@ fn data(value: &serde_json::Value) -> Event {
 /// are full, or its HTTP/2 window is closed): a send that waits `write_timeout` gives up. SSE
 /// keep-alive comments come from axum's `Sse` body, not from this channel, so a quiet stream
 /// never times out here.
-struct StreamSink {
-    tx: mpsc::Sender<Event>,
-    write_timeout: Duration,
+pub(super) struct StreamSink {
+    pub(super) tx: mpsc::Sender<Event>,
+    pub(super) write_timeout: Duration,
 }
 
 impl StreamSink {
     /// Whether the event was queued; false when the client went away or took nothing for
     /// `write_timeout`.
-    async fn send(&self, event: Event) -> bool {
+    pub(super) async fn send(&self, event: Event) -> bool {
         match tokio::time::timeout(self.write_timeout, self.tx.send(event)).await {
             Ok(sent) => sent.is_ok(),
             Err(_) => {

@@ -47,7 +47,7 @@ pub async fn models(State(state): State<SharedState>) -> Json<Value> {
     Json(json!({
         "object": "list",
         "data": [{
-            "id": state.alias,
+            "id": state.served.alias,
             "object": "model",
             "created": state.started,
             "owned_by": "llamapool",

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cors;
 pub mod generate;
 pub mod info;
+pub mod native;
 pub mod request_id;
 pub mod request_log;
 pub mod ui;
@@ -34,13 +35,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::dispatch::Pool;
 use crate::error::ApiError;
+use crate::openai::request::ServedModel;
 
 /// What the handlers share.
 #[derive(Debug)]
 pub struct AppState {
     pub pool: Pool,
-    /// The one model name served.
-    pub alias: String,
+    /// The one model served (its alias), the model-name rule and the `[generation]` defaults.
+    pub served: ServedModel,
+    /// `model.path` as resolved at start-up (`/props`' `model_path`).
+    pub model_path: String,
     /// Accepted API keys (none: nothing is checked); see [`auth`].
     pub api_keys: auth::ApiKeys,
     /// Origins allowed to call from a web page; see [`cors`].
@@ -105,7 +109,13 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat/completions", post(generate::chat))
         .route("/chat/completions", post(generate::chat))
         .route("/v1/completions", post(generate::completions))
-        .route("/completions", post(generate::completions))
+        // llama-server's native API; `/completions` is its native one too (OpenAI's is
+        // `/v1/completions` only).
+        .route("/completion", post(native::completion))
+        .route("/completions", post(native::completion))
+        .route("/props", get(native::props))
+        .route("/slots", get(native::slots))
+        .route("/apply-template", post(native::apply_template))
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/v1/models", get(info::models))
@@ -117,6 +127,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/admin/reload", post(admin::reload));
     let routes = Router::new()
         .route("/health", get(info::health))
+        .route("/v1/health", get(info::health))
         // The web page (`/`, `/ui`, `/ui/{file}`) is open: it holds no data, and its script
         // sends the user's key with every API call.
         .merge(ui::routes())

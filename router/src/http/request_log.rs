@@ -272,6 +272,7 @@ mod tests {
                             completion_tokens: 3,
                         },
                         timings: Timings::default(),
+                        stop_word: None,
                     }),
                 ),
                 1,
@@ -283,6 +284,7 @@ mod tests {
                     completion_tokens: 3,
                 },
                 timings: Timings::default(),
+                stop_word: None,
             });
         });
         assert_eq!(lines.len(), 2, "{lines:?}");

@@ -2,6 +2,7 @@
 //! pool runs (every rejection names its field); [`response`] builds response bodies and stream
 //! chunks. The endpoints and their deviations from OpenAI and llama-server are in docs/API.md.
 
+pub mod grammar;
 pub mod request;
 pub mod response;
 

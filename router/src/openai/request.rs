@@ -3,17 +3,42 @@
 //! Bodies are deserialized with `serde` through `serde_path_to_error`, so a field of the wrong
 //! type is reported with its path (`messages[0].content`, `max_tokens`). Unknown fields are
 //! ignored, as OpenAI's and llama-server's servers do; fields this server cannot honour yet
-//! (tools, structured output, log probabilities, several choices) are named in a 400 instead
+//! (tools, log probabilities, several choices) are named in a 400 instead
 //! of being silently dropped. Nothing past [`parse_generation`] sees JSON.
 
 use std::collections::BTreeMap;
 
 use llamapool_common::params::MAX_LOGIT_BIAS;
 use llamapool_common::protocol::{GenerateRequest, Prompt};
-use llamapool_common::{ChatMessage, ParamError, RequestId, SamplingParams, StoppingParams};
+use llamapool_common::settings::GenerationDefaults;
+use llamapool_common::{ChatMessage, ParamError, RequestId, SamplingParams, StoppingParams, Token};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
+
+use super::grammar;
+
+/// The model a server answers for, and what a request gets for the fields it leaves out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServedModel {
+    /// The one model name served (`model.alias`); responses report it.
+    pub alias: String,
+    /// `model.strict_name`: a request's `model` must equal the alias (404 otherwise). When
+    /// false, any name is accepted, as llama-server does.
+    pub strict_name: bool,
+    /// `[generation]`: server-wide defaults.
+    pub defaults: GenerationDefaults,
+}
+
+impl ServedModel {
+    /// Serves `alias` with the built-in defaults and any model name accepted.
+    pub fn new(alias: impl Into<String>) -> Self {
+        Self {
+            alias: alias.into(),
+            ..Self::default()
+        }
+    }
+}
 
 /// Which endpoint a generation request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +105,8 @@ pub struct GenerationBody {
     pub prompt: Option<PromptBody>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
+    /// llama-server's name for the token limit; -1 (any negative) is no limit.
+    pub n_predict: Option<i64>,
     pub temperature: Option<f32>,
     pub top_k: Option<i64>,
     pub top_p: Option<f32>,
@@ -95,6 +122,13 @@ pub struct GenerationBody {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// llama-server's native endpoints: also return the generated token ids.
+    pub return_tokens: Option<bool>,
+    /// Structured output (see [`GenerationBody::grammar`]): OpenAI's `response_format`,
+    /// llama-server's `json_schema` and `grammar`.
+    pub response_format: Option<Value>,
+    pub json_schema: Option<Value>,
+    pub grammar: Option<Value>,
     #[serde(flatten)]
     pub unsupported: UnsupportedFields,
 }
@@ -107,21 +141,18 @@ pub struct UnsupportedFields {
     tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
-    response_format: Option<Value>,
     logprobs: Option<Value>,
     top_logprobs: Option<Value>,
     best_of: Option<Value>,
     echo: Option<Value>,
     suffix: Option<Value>,
-    grammar: Option<Value>,
-    json_schema: Option<Value>,
     n_probs: Option<Value>,
 }
 
 impl UnsupportedFields {
     /// The first field given a value that would need a feature this server lacks.
     fn check(&self) -> Result<(), InvalidRequest> {
-        let fields: [(&'static str, &Option<Value>, NeutralTest); 13] = [
+        let fields: [(&'static str, &Option<Value>, NeutralTest); 10] = [
             ("tools", &self.tools, is_neutral),
             ("tool_choice", &self.tool_choice, |v| {
                 is_neutral(v) || v == "none" || v == "auto"
@@ -130,9 +161,6 @@ impl UnsupportedFields {
             ("function_call", &self.function_call, |v| {
                 is_neutral(v) || v == "none" || v == "auto"
             }),
-            ("response_format", &self.response_format, |v| {
-                is_neutral(v) || v.get("type").is_some_and(|t| t == "text")
-            }),
             ("logprobs", &self.logprobs, is_neutral),
             ("top_logprobs", &self.top_logprobs, is_neutral),
             ("best_of", &self.best_of, |v| {
@@ -140,8 +168,6 @@ impl UnsupportedFields {
             }),
             ("echo", &self.echo, is_neutral),
             ("suffix", &self.suffix, is_neutral),
-            ("grammar", &self.grammar, is_neutral),
-            ("json_schema", &self.json_schema, is_neutral),
             ("n_probs", &self.n_probs, is_neutral),
         ];
         for (param, value, neutral) in fields {
@@ -244,25 +270,37 @@ pub struct ValidRequest {
     pub generate: GenerateRequest,
 }
 
-/// Parses and validates a generation body for `endpoint`. `alias` is the only model served.
+/// Parses and validates a generation body for `endpoint`, with `served`'s model-name rule
+/// and defaults.
 pub fn parse_generation(
     body: &[u8],
     endpoint: Endpoint,
-    alias: &str,
+    served: &ServedModel,
     id: RequestId,
 ) -> Result<ValidRequest, InvalidRequest> {
     let body: GenerationBody = parse_json(body)?;
-    body.into_valid(endpoint, alias, id)
+    body.into_valid(endpoint, served, id)
 }
 
 impl GenerationBody {
     pub fn into_valid(
-        self,
+        mut self,
         endpoint: Endpoint,
-        alias: &str,
+        served: &ServedModel,
         id: RequestId,
     ) -> Result<ValidRequest, InvalidRequest> {
-        self.check_model(alias)?;
+        self.check_common(served)?;
+        let sampling = self.sampling(&served.defaults)?;
+        let prompt = match endpoint {
+            Endpoint::Chat => Prompt::Chat(chat_messages(self.messages.take())?),
+            Endpoint::Completions => completion_prompt(self.prompt.take())?,
+        };
+        self.finish_valid(endpoint, served, id, prompt, sampling)
+    }
+
+    /// The checks every endpoint makes first: the model name, unsupported fields, `n`.
+    pub(crate) fn check_common(&self, served: &ServedModel) -> Result<(), InvalidRequest> {
+        self.check_model(served)?;
         self.unsupported.check()?;
         if let Some(n) = self.n.filter(|&n| n != 1) {
             return Err(InvalidRequest::field(
@@ -270,13 +308,21 @@ impl GenerationBody {
                 format!("only n = 1 is supported, got {n}"),
             ));
         }
-        let sampling = self.sampling()?;
-        let prompt = match endpoint {
-            Endpoint::Chat => Prompt::Chat(chat_messages(self.messages)?),
-            Endpoint::Completions => completion_prompt(self.prompt)?,
-        };
+        Ok(())
+    }
+
+    /// The stopping fields checked, and the request assembled around `prompt`.
+    pub(crate) fn finish_valid(
+        self,
+        endpoint: Endpoint,
+        served: &ServedModel,
+        id: RequestId,
+        prompt: Prompt,
+        sampling: SamplingParams,
+    ) -> Result<ValidRequest, InvalidRequest> {
         let stopping = StoppingParams {
-            max_tokens: max_tokens(self.max_completion_tokens, self.max_tokens)?,
+            max_tokens: max_tokens(self.max_completion_tokens, self.max_tokens, self.n_predict)?
+                .unwrap_or_else(|| served.defaults.max_tokens()),
             stop: match self.stop {
                 None => Vec::new(),
                 Some(StopBody::One(s)) => vec![s],
@@ -304,18 +350,26 @@ impl GenerationBody {
         })
     }
 
-    fn check_model(&self, alias: &str) -> Result<(), InvalidRequest> {
+    /// Any name is accepted unless `model.strict_name` is set (llama-server serves whatever
+    /// name a client hard-codes, such as `gpt-3.5-turbo`).
+    fn check_model(&self, served: &ServedModel) -> Result<(), InvalidRequest> {
         match &self.model {
-            Some(name) if name != alias => Err(InvalidRequest::UnknownModel {
-                requested: name.clone(),
-                served: alias.to_string(),
-            }),
+            Some(name) if served.strict_name && *name != served.alias => {
+                Err(InvalidRequest::UnknownModel {
+                    requested: name.clone(),
+                    served: served.alias.clone(),
+                })
+            }
             _ => Ok(()),
         }
     }
 
-    fn sampling(&self) -> Result<SamplingParams, InvalidRequest> {
-        let defaults = SamplingParams::default();
+    /// The request's sampling fields over the server's defaults (`[generation]`).
+    pub(crate) fn sampling(
+        &self,
+        server: &GenerationDefaults,
+    ) -> Result<SamplingParams, InvalidRequest> {
+        let defaults = server.sampling();
         let top_k = match self.top_k {
             None => defaults.top_k,
             Some(k) => i32::try_from(k)
@@ -330,23 +384,34 @@ impl GenerationBody {
             repeat_last_n: defaults.repeat_last_n,
             presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
             frequency_penalty: self.frequency_penalty.unwrap_or(defaults.frequency_penalty),
-            seed: self.seed.map(|s| (s as u64 & 0xffff_ffff) as u32),
+            // -1 is llama-server's "random".
+            seed: match self.seed {
+                None => defaults.seed,
+                Some(-1) => None,
+                Some(s) => Some((s as u64 & 0xffff_ffff) as u32),
+            },
             logit_bias: logit_bias(self.logit_bias.as_ref())?,
+            grammar: self.grammar()?,
         };
         sampling.validate()?;
         Ok(sampling)
     }
 }
 
-/// `max_completion_tokens` wins over the older `max_tokens`; the error names the one given.
+/// `max_completion_tokens` wins over the older `max_tokens`, which wins over llama-server's
+/// `n_predict` (negative: no limit); the error names the one given. `None`: none was given
+/// (the server's default applies); `Some(None)`: no limit.
 fn max_tokens(
     max_completion_tokens: Option<i64>,
     max_tokens: Option<i64>,
-) -> Result<Option<u32>, InvalidRequest> {
-    let (name, value) = match (max_completion_tokens, max_tokens) {
-        (Some(v), _) => ("max_completion_tokens", v),
-        (None, Some(v)) => ("max_tokens", v),
-        (None, None) => return Ok(None),
+    n_predict: Option<i64>,
+) -> Result<Option<Option<u32>>, InvalidRequest> {
+    let (name, value) = match (max_completion_tokens, max_tokens, n_predict) {
+        (Some(v), _, _) => ("max_completion_tokens", v),
+        (None, Some(v), _) => ("max_tokens", v),
+        (None, None, Some(v)) if v < 0 => return Ok(Some(None)),
+        (None, None, Some(v)) => ("n_predict", v),
+        (None, None, None) => return Ok(None),
     };
     if value < 1 {
         return Err(InvalidRequest::field(
@@ -355,7 +420,7 @@ fn max_tokens(
         ));
     }
     u32::try_from(value)
-        .map(Some)
+        .map(|v| Some(Some(v)))
         .map_err(|_| InvalidRequest::field(name, format!("{name} is too large: {value}")))
 }
 
@@ -400,7 +465,9 @@ fn logit_bias(
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "developer", "tool"];
 
-fn chat_messages(messages: Option<Vec<MessageBody>>) -> Result<Vec<ChatMessage>, InvalidRequest> {
+pub(crate) fn chat_messages(
+    messages: Option<Vec<MessageBody>>,
+) -> Result<Vec<ChatMessage>, InvalidRequest> {
     let messages =
         messages.ok_or_else(|| InvalidRequest::field("messages", "messages is required"))?;
     if messages.is_empty() {
@@ -481,6 +548,130 @@ fn completion_prompt(prompt: Option<PromptBody>) -> Result<Prompt, InvalidReques
         )),
         _ => Err(bad()),
     }
+}
+
+/// A prompt of llama-server's native `/completion`: ready to send, or a list mixing text
+/// and token ids whose text parts still have to be tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NativePrompt {
+    Ready(Prompt),
+    Mixed(Vec<PromptPart>),
+}
+
+/// One element of a mixed prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptPart {
+    Text(String),
+    Token(Token),
+}
+
+/// The native `prompt`: a string, token ids, one string in a list, or a list mixing strings
+/// and token ids (one prompt, as llama-server reads it). Several strings are several prompts,
+/// which this server does not run.
+pub fn native_prompt(prompt: Option<PromptBody>) -> Result<NativePrompt, InvalidRequest> {
+    if let Some(PromptBody::List(items)) = &prompt {
+        let has_text = items.iter().any(Value::is_string);
+        let has_number = items.iter().any(Value::is_number);
+        if has_text && has_number {
+            return items
+                .iter()
+                .map(|item| match item {
+                    Value::String(text) => Ok(PromptPart::Text(text.clone())),
+                    other => other
+                        .as_i64()
+                        .and_then(|t| Token::try_from(t).ok())
+                        .map(PromptPart::Token)
+                        .ok_or_else(|| {
+                            InvalidRequest::field(
+                                "prompt",
+                                "a mixed prompt holds only strings and token ids",
+                            )
+                        }),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(NativePrompt::Mixed);
+        }
+    }
+    completion_prompt(prompt).map(NativePrompt::Ready)
+}
+
+/// Structured output: at most one of `response_format` (`text`, `json_object` with an
+/// optional `schema`, `json_schema` with `json_schema.schema`), llama-server's `json_schema`
+/// (a schema) and `grammar` (GBNF text), turned into one GBNF grammar. Neutral values
+/// (`null`, `""`, `{}`, `{"type": "text"}`) ask for nothing. A schema outside what
+/// [`grammar::schema_grammar`] supports is a 400 naming the field it came in.
+impl GenerationBody {
+    fn grammar(&self) -> Result<Option<String>, InvalidRequest> {
+        let mut found: Vec<(&'static str, String)> = Vec::new();
+        if let Some(format) = self.response_format.as_ref().filter(|v| !is_neutral(v)) {
+            if let Some(g) = response_format_grammar(format)? {
+                found.push(("response_format", g));
+            }
+        }
+        if let Some(schema) = self.json_schema.as_ref().filter(|v| !v.is_null()) {
+            found.push(("json_schema", schema_grammar("json_schema", schema)?));
+        }
+        match &self.grammar {
+            None | Some(Value::Null) => {}
+            Some(Value::String(g)) if g.is_empty() => {}
+            Some(Value::String(g)) => found.push(("grammar", g.clone())),
+            Some(_) => {
+                return Err(InvalidRequest::field(
+                    "grammar",
+                    "grammar must be a string of GBNF rules",
+                ))
+            }
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.pop().map(|(_, g)| g)),
+            _ => Err(InvalidRequest::field(
+                found[1].0,
+                format!(
+                    "{} and {} cannot be used together: give one constraint",
+                    found[0].0, found[1].0
+                ),
+            )),
+        }
+    }
+}
+
+fn response_format_grammar(format: &Value) -> Result<Option<String>, InvalidRequest> {
+    let bad = |message: &str| InvalidRequest::field("response_format", message);
+    let kind = format.get("type").and_then(Value::as_str).ok_or_else(|| {
+        bad("response_format must be an object with a \"type\": \"text\", \"json_object\" or \"json_schema\"")
+    })?;
+    match kind {
+        "text" => Ok(None),
+        // llama-server's extension: a json_object may carry a schema.
+        "json_object" => match format.get("schema").filter(|s| !is_neutral(s)) {
+            Some(schema) => schema_grammar("response_format", schema).map(Some),
+            None => Ok(Some(grammar::json_object_grammar())),
+        },
+        "json_schema" => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| bad("response_format.json_schema.schema is required"))?;
+            if is_neutral(schema) {
+                // llama-server: an empty schema is any object.
+                return Ok(Some(grammar::json_object_grammar()));
+            }
+            schema_grammar("response_format", schema).map(Some)
+        }
+        other => Err(bad(&format!(
+            "response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"
+        ))),
+    }
+}
+
+fn schema_grammar(param: &'static str, schema: &Value) -> Result<String, InvalidRequest> {
+    grammar::schema_grammar(schema).map_err(|e| {
+        InvalidRequest::field(
+            param,
+            format!("{param}: this server cannot turn the JSON schema into a grammar: {e}"),
+        )
+    })
 }
 
 #[cfg(test)]

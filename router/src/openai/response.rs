@@ -156,6 +156,7 @@ mod tests {
                 completion_tokens: 2,
             },
             timings: Timings::default(),
+            stop_word: None,
         };
         for chunk in [
             env.role_chunk(),

@@ -29,6 +29,11 @@ pub fn send(
     Ok(stream)
 }
 
+/// Sends `body` as a JSON `POST` and returns the open connection.
+pub fn post_json(addr: &str, path: &str, body: &Value) -> std::io::Result<TcpStream> {
+    send(addr, "POST", path, &[], body.to_string().as_bytes())
+}
+
 /// A whole request and response.
 pub fn request(
     addr: &str,

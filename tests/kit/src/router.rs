@@ -158,8 +158,8 @@ impl Router {
     /// Opens a streaming POST; the reader yields SSE `data:` payloads. Panics if the
     /// connection or the response head fails.
     pub fn stream(&self, path: &str, body: &Value) -> SseReader {
-        let stream = http::send(&self.addr, "POST", path, &[], body.to_string().as_bytes())
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let stream =
+            http::post_json(&self.addr, path, body).unwrap_or_else(|e| panic!("POST {path}: {e}"));
         SseReader::new(stream).unwrap_or_else(|e| panic!("POST {path}: no response head: {e}"))
     }
 

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use llamapool_common::{SamplingParams, Token};
+use llamapool_common::{RequestError, SamplingParams, Token};
 
 use super::{Backend, BackendLimits, BatchEntry, DecodeFailure};
 use crate::engine::seq_ids::SeqId;
@@ -53,8 +53,14 @@ impl Backend for FakeBackend {
         self.limits
     }
 
-    fn new_sampler(&self, _: &SamplingParams, ignore_eos: bool, _: &[Token]) -> FakeSampler {
-        FakeSampler { ignore_eos }
+    fn new_sampler(
+        &self,
+        _: &SamplingParams,
+        ignore_eos: bool,
+        _: &[Token],
+        _: usize,
+    ) -> Result<FakeSampler, RequestError> {
+        Ok(FakeSampler { ignore_eos })
     }
 
     fn clear_sequence(&mut self, seq: SeqId, from_pos: i32) {

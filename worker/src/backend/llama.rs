@@ -19,6 +19,8 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
@@ -136,6 +138,10 @@ impl Model {
             n_vocab: u32::try_from(model.n_vocab()).unwrap_or(0),
             size: model.size(),
             has_chat_template: chat_template.is_some(),
+            chat_template: chat_template
+                .as_ref()
+                .and_then(|t| t.to_string().ok())
+                .unwrap_or_default(),
         };
         let inner = Box::leak(Box::new(ModelInner {
             model,
@@ -179,13 +185,19 @@ impl Model {
 
     /// Renders messages with the chat template and tokenizes the result.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<Token>, RequestError> {
+        let text = self.render_chat(messages)?;
+        Ok(self.tokenize(&text, true))
+    }
+
+    /// Renders messages with the chat template (the GGUF's, or `model.chat_template`), with
+    /// the assistant's turn opened: the text a chat request's prompt is tokenized from.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, RequestError> {
         let Some(template) = &self.0.chat_template else {
             return Err(RequestError::ChatTemplate(
                 "the model has no chat template; set model.chat_template (for example \"chatml\" or \"gemma\")".into(),
             ));
         };
-        let text = self.render_chat_with(template, messages)?;
-        Ok(self.tokenize(&text, true))
+        self.render_chat_with(template, messages)
     }
 
     fn render_chat_with(
@@ -204,6 +216,19 @@ impl Model {
             .model
             .apply_chat_template(template, &chat, true)
             .map_err(|e| RequestError::ChatTemplate(e.to_string()))
+    }
+
+    /// llama.cpp's grammar sampler for a GBNF grammar starting at `root`; a grammar llama.cpp
+    /// cannot parse (or with left recursion) is a request error naming `grammar`.
+    fn grammar(&self, grammar: &str) -> Result<LlamaSampler, RequestError> {
+        LlamaSampler::grammar(&self.0.model, grammar, "root").map_err(|e| {
+            RequestError::InvalidParam {
+                param: "grammar".into(),
+                message: format!(
+                    "the grammar is not valid GBNF with a `root` rule ({e}); llama.cpp's parser logs the details"
+                ),
+            }
+        })
     }
 
     /// The text of one token (special tokens rendered), as llama-server's `/tokenize` pieces.
@@ -286,10 +311,83 @@ fn flash_attention_type(policy: FlashAttention) -> llama_cpp_sys_2::llama_flash_
 }
 
 /// Sampling for one request: a plain argmax over the logits when greedy needs nothing else
-/// (it skips building a candidate array over the whole vocabulary), else a llama.cpp chain.
+/// (it skips building a candidate array over the whole vocabulary), else a llama.cpp chain,
+/// with a grammar in front of it when the request has one.
 pub enum LlamaSampling {
     Argmax { banned: &'static [Token] },
     Chain(LlamaSampler),
+    Grammar(Box<Constrained>),
+}
+
+/// A grammar-constrained request. The grammar is not inside the chain: llama.cpp's grammar
+/// throws a C++ exception (which aborts the process) when it is made to accept a token it does
+/// not allow, as `llama_sampler_sample` would when every allowed token has been banned (a
+/// `logit_bias`, `ignore_eos` at the grammar's end). So sampling is done step by step here,
+/// and only a token the grammar allows is accepted; when none is left the sequence gets an
+/// end-of-generation token instead.
+pub struct Constrained {
+    grammar: LlamaSampler,
+    chain: LlamaSampler,
+    /// The candidate array, kept between steps to reuse its allocation.
+    candidates: Vec<LlamaTokenData>,
+    /// Returned, unaccepted, when the grammar allows nothing any more.
+    end: Token,
+}
+
+impl Constrained {
+    /// llama-server's order: the chain picks from the plain logits first, and only when the
+    /// grammar refuses that token is it asked to mask the whole vocabulary and the chain picks
+    /// again. The same token for greedy requests, at a fraction of the cost per step.
+    fn sample(&mut self, logits: &[f32]) -> Token {
+        let fast = self.pick(logits, false);
+        let picked = match fast {
+            Some(token) if self.allows(token.0) => Some(token),
+            _ => self.pick(logits, true),
+        };
+        match picked {
+            Some(token) => {
+                self.grammar.accept(token);
+                self.chain.accept(token);
+                token.0
+            }
+            None => self.end,
+        }
+    }
+
+    /// The chain's choice among `logits`, masked by the grammar first when `constrained`;
+    /// `None` when every candidate was excluded.
+    fn pick(&mut self, logits: &[f32], constrained: bool) -> Option<LlamaToken> {
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &logit)| LlamaTokenData::new(LlamaToken(i as Token), logit, 0.0)),
+        );
+        let mut array = LlamaTokenDataArray::new(candidates, false);
+        if constrained {
+            array.apply_sampler(&mut self.grammar);
+        }
+        array.apply_sampler(&mut self.chain);
+        let picked = array
+            .selected
+            .map(|i| array.data[i])
+            .filter(|d| d.logit() > f32::NEG_INFINITY)
+            .map(|d| d.id());
+        self.candidates = array.data;
+        picked
+    }
+
+    /// Whether the grammar, in its current state, allows `token` next.
+    fn allows(&mut self, token: Token) -> bool {
+        let mut one = LlamaTokenDataArray::new(
+            vec![LlamaTokenData::new(LlamaToken(token), 0.0, 0.0)],
+            false,
+        );
+        one.apply_sampler(&mut self.grammar);
+        one.data[0].logit() > f32::NEG_INFINITY
+    }
 }
 
 /// One llama.cpp context, driven by the engine thread.
@@ -315,15 +413,26 @@ impl Backend for LlamaCppBackend {
         self.limits
     }
 
-    fn new_sampler(&self, p: &SamplingParams, ignore_eos: bool, prompt: &[Token]) -> LlamaSampling {
+    fn new_sampler(
+        &self,
+        p: &SamplingParams,
+        ignore_eos: bool,
+        prompt: &[Token],
+        resumed: usize,
+    ) -> Result<LlamaSampling, RequestError> {
         let eog: &'static [Token] = if ignore_eos {
             &self.model.0.eog_tokens
         } else {
             &[]
         };
-        if p.is_greedy() && p.logit_bias.is_empty() && !p.has_penalties() {
-            return LlamaSampling::Argmax { banned: eog };
+        if p.is_greedy() && p.logit_bias.is_empty() && !p.has_penalties() && p.grammar.is_none() {
+            return Ok(LlamaSampling::Argmax { banned: eog });
         }
+        let grammar = p
+            .grammar
+            .as_deref()
+            .map(|g| self.model.grammar(g))
+            .transpose()?;
         let n_vocab = self.model.0.model.n_vocab();
         let mut chain = Vec::new();
         let biases: Vec<LlamaLogitBias> = p
@@ -376,7 +485,32 @@ impl Backend for LlamaCppBackend {
                     .map(|&t| LlamaToken(t)),
             );
         }
-        LlamaSampling::Chain(sampler)
+        let Some(grammar) = grammar else {
+            return Ok(LlamaSampling::Chain(sampler));
+        };
+        let mut constrained = Constrained {
+            grammar,
+            chain: sampler,
+            candidates: Vec::new(),
+            end: self
+                .model
+                .0
+                .eog_tokens
+                .first()
+                .copied()
+                .unwrap_or_else(|| self.model.0.model.vocab().eos().0),
+        };
+        // Tokens generated by a worker that died went through the same grammar: replay them.
+        for &token in &prompt[prompt.len() - resumed.min(prompt.len())..] {
+            if !constrained.allows(token) {
+                return Err(RequestError::InvalidParam {
+                    param: "grammar".into(),
+                    message: "the text generated so far does not match the grammar".into(),
+                });
+            }
+            constrained.grammar.accept(LlamaToken(token));
+        }
+        Ok(LlamaSampling::Grammar(Box::new(constrained)))
     }
 
     fn clear_sequence(&mut self, seq: SeqId, from_pos: i32) {
@@ -415,6 +549,7 @@ impl Backend for LlamaCppBackend {
         match sampler {
             LlamaSampling::Chain(s) => s.sample(&self.ctx, idx).0,
             LlamaSampling::Argmax { banned } => argmax(self.ctx.get_logits_ith(idx), banned),
+            LlamaSampling::Grammar(c) => c.sample(self.ctx.get_logits_ith(idx)),
         }
     }
 

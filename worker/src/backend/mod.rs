@@ -7,7 +7,7 @@
 pub mod fake;
 pub mod llama;
 
-use llamapool_common::{SamplingParams, Token};
+use llamapool_common::{RequestError, SamplingParams, Token};
 
 use crate::engine::seq_ids::SeqId;
 
@@ -50,13 +50,15 @@ pub trait Backend {
     fn limits(&self) -> BackendLimits;
 
     /// A sampler for one request. `ignore_eos` bans end-of-generation tokens; `prompt` seeds
-    /// the penalties' history.
+    /// the penalties' history, and its last `resumed` tokens (generated before a move) are
+    /// replayed into a grammar. Fails when the request's grammar cannot be used.
     fn new_sampler(
         &self,
         params: &SamplingParams,
         ignore_eos: bool,
         prompt: &[Token],
-    ) -> Self::Sampler;
+        resumed: usize,
+    ) -> Result<Self::Sampler, RequestError>;
 
     /// Removes the sequence's KV cells at positions `from_pos` and later (0: all of them).
     fn clear_sequence(&mut self, seq: SeqId, from_pos: i32);

@@ -246,8 +246,10 @@ impl RunningEngine {
     }
 }
 
-struct Waiting {
+struct Waiting<S> {
     request: EngineRequest,
+    /// Built at submission, so that a grammar the backend refuses is a rejection.
+    sampler: S,
     events: EventSender,
     submitted: Instant,
     max_new: u32,
@@ -295,6 +297,7 @@ impl<S> Active<S> {
                 prompt_ms: ms(first - self.admitted),
                 predicted_ms: ms(now - first),
             },
+            stop_word: None,
         }
     }
 }
@@ -323,7 +326,7 @@ struct Engine<B: Backend> {
     backend: B,
     limits: BackendLimits,
     ids: SeqIdPool,
-    waiting: VecDeque<Waiting>,
+    waiting: VecDeque<Waiting<B::Sampler>>,
     /// In admission order.
     active: Vec<Active<B::Sampler>>,
     batch: Vec<BatchEntry>,
@@ -439,13 +442,23 @@ impl<B: Backend> Engine<B> {
     /// Checks a request against the vocabulary and the per-sequence context, then queues it.
     fn submit(&mut self, request: EngineRequest, mut events: EventSender, submitted: Instant) {
         let id = request.id;
-        match self.admission_check(&request) {
-            Ok(max_new) => {
+        let checked = self.admission_check(&request).and_then(|max_new| {
+            let sampler = self.backend.new_sampler(
+                &request.sampling,
+                request.stopping.ignore_eos,
+                &request.prompt,
+                request.resumed,
+            )?;
+            Ok((max_new, sampler))
+        });
+        match checked {
+            Ok((max_new, sampler)) => {
                 if events.send(GenerationEvent::Accepted { id }).is_err() {
                     return; // nobody listens: do not queue it
                 }
                 self.waiting.push_back(Waiting {
                     request,
+                    sampler,
                     events,
                     submitted,
                     max_new,
@@ -501,30 +514,27 @@ impl<B: Backend> Engine<B> {
     fn cancel(&mut self, id: RequestId) {
         if let Some(at) = self.waiting.iter().position(|w| w.request.id == id) {
             let mut w = self.waiting.remove(at).expect("position is in range");
-            let _ = w.events.send(GenerationEvent::Output(SeqOutput {
-                id,
-                tokens: Vec::new(),
-                text: String::new(),
-                finish: Some(Finish {
-                    reason: FinishReason::Cancelled,
-                    usage: Usage {
-                        prompt_tokens: u32::try_from(w.request.prompt.len()).unwrap_or(u32::MAX),
-                        completion_tokens: 0,
-                    },
-                    timings: Timings {
-                        queue_ms: ms(w.submitted.elapsed()),
-                        ..Timings::default()
-                    },
-                }),
-            }));
+            let finish = Finish {
+                reason: FinishReason::Cancelled,
+                usage: Usage {
+                    prompt_tokens: u32::try_from(w.request.prompt.len()).unwrap_or(u32::MAX),
+                    completion_tokens: 0,
+                },
+                timings: Timings {
+                    queue_ms: ms(w.submitted.elapsed()),
+                    ..Timings::default()
+                },
+                stop_word: None,
+            };
+            let _ = w
+                .events
+                .send(GenerationEvent::Output(SeqOutput::finished(id, finish)));
         } else if let Some(at) = self.active.iter().position(|a| a.id == id) {
             let mut a = self.active.remove(at);
-            let _ = a.events.send(GenerationEvent::Output(SeqOutput {
-                id,
-                tokens: Vec::new(),
-                text: String::new(),
-                finish: Some(a.finish(FinishReason::Cancelled)),
-            }));
+            let finish = a.finish(FinishReason::Cancelled);
+            let _ = a
+                .events
+                .send(GenerationEvent::Output(SeqOutput::finished(id, finish)));
             self.release(a.seq);
         }
     }
@@ -536,17 +546,12 @@ impl<B: Backend> Engine<B> {
         self.ids.release(seq);
     }
 
-    fn admit(&mut self, w: Waiting) {
+    fn admit(&mut self, w: Waiting<B::Sampler>) {
         let backend = &mut self.backend;
         let seq = self
             .ids
             .acquire(|id| backend.clear_sequence(id, 0))
             .expect("the scheduler admits only into free ids");
-        let sampler = self.backend.new_sampler(
-            &w.request.sampling,
-            w.request.stopping.ignore_eos,
-            &w.request.prompt,
-        );
         let mut text = TextAssembler::new(w.request.stopping.stop);
         let resumed = w.request.resumed.min(w.request.prompt.len());
         for &token in &w.request.prompt[w.request.prompt.len() - resumed..] {
@@ -564,7 +569,7 @@ impl<B: Backend> Engine<B> {
             generated: 0,
             max_new: w.max_new,
             ignore_eos: w.request.stopping.ignore_eos,
-            sampler,
+            sampler: w.sampler,
             text,
             events: w.events,
             submitted: w.submitted,
@@ -713,6 +718,7 @@ impl<B: Backend> Engine<B> {
             text: String::new(),
             finish: None,
         };
+        let mut stop_word = None;
         let reason = if !a.ignore_eos && self.backend.is_eog(token) {
             output.text = a.text.finish();
             Some(FinishReason::Stop)
@@ -722,6 +728,7 @@ impl<B: Backend> Engine<B> {
             let released = a.text.push(&self.piece);
             output.text = released.text;
             if released.stopped {
+                stop_word = a.text.stop_word().map(str::to_owned);
                 Some(FinishReason::Stop)
             } else if a.generated >= a.max_new {
                 output.text.push_str(&a.text.finish());
@@ -732,7 +739,10 @@ impl<B: Backend> Engine<B> {
             }
         };
         if let Some(reason) = reason {
-            output.finish = Some(a.finish(reason));
+            output.finish = Some(Finish {
+                stop_word,
+                ..a.finish(reason)
+            });
             a.done = true;
         }
         if a.events.send(GenerationEvent::Output(output)).is_err() {

@@ -58,6 +58,8 @@ impl Utf8Assembler {
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// The stop string that was found, once one was.
+    matched: Option<String>,
 }
 
 /// What a push released.
@@ -73,6 +75,7 @@ impl StopMatcher {
         Self {
             stops,
             held: String::new(),
+            matched: None,
         }
     }
 
@@ -85,12 +88,13 @@ impl StopMatcher {
         }
         self.held.push_str(text);
         // The earliest stop string wins.
-        if let Some(at) = self
+        if let Some((at, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|&(at, _)| at)
         {
+            self.matched = Some(stop.clone());
             let text = self.held[..at].to_string();
             self.held.clear();
             return Released {
@@ -106,6 +110,11 @@ impl StopMatcher {
             text,
             stopped: false,
         }
+    }
+
+    /// The stop string found (the one `push` reported `stopped` for).
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Held-back text that never became a stop string, at the end of generation.
@@ -140,6 +149,11 @@ impl TextAssembler {
     pub fn push(&mut self, bytes: &[u8]) -> Released {
         let text = self.utf8.push(bytes);
         self.stops.push(&text)
+    }
+
+    /// The stop string that stopped the generation, if one did.
+    pub fn stop_word(&self) -> Option<&str> {
+        self.stops.matched()
     }
 
     /// Everything still held, at a finish that was not a stop string.
@@ -189,6 +203,15 @@ mod tests {
                 stopped: true
             }
         );
+    }
+
+    #[test]
+    fn the_matched_stop_string_is_known() {
+        let mut a = TextAssembler::new(vec!["bc".into(), "a".into()]);
+        assert!(!a.push(b"xxb").stopped);
+        assert_eq!(a.stop_word(), None);
+        assert!(a.push(b"ca").stopped);
+        assert_eq!(a.stop_word(), Some("bc"), "the earliest match");
     }
 
     #[test]

@@ -97,6 +97,7 @@ fn finish(prompt_tokens: u32, completion_tokens: u32) -> Finish {
             completion_tokens,
         },
         timings: Timings::default(),
+        stop_word: None,
     }
 }
 

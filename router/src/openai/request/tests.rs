@@ -2,12 +2,25 @@ use llamapool_common::protocol::Prompt;
 
 use super::*;
 
+/// Serves "m" with today's strict name rule, so an unknown name is still tested.
+fn strict_m() -> ServedModel {
+    ServedModel {
+        strict_name: true,
+        ..ServedModel::new("m")
+    }
+}
+
 fn chat(body: &str) -> Result<ValidRequest, InvalidRequest> {
-    parse_generation(body.as_bytes(), Endpoint::Chat, "m", RequestId(1))
+    parse_generation(body.as_bytes(), Endpoint::Chat, &strict_m(), RequestId(1))
 }
 
 fn completion(body: &str) -> Result<ValidRequest, InvalidRequest> {
-    parse_generation(body.as_bytes(), Endpoint::Completions, "m", RequestId(1))
+    parse_generation(
+        body.as_bytes(),
+        Endpoint::Completions,
+        &strict_m(),
+        RequestId(1),
+    )
 }
 
 fn param_of(e: &InvalidRequest) -> Option<&str> {
@@ -174,17 +187,11 @@ fn fields_this_server_cannot_honour_are_named() {
         ),
         (r#""tool_choice":"required""#, "tool_choice"),
         (r#""functions":[{"name":"f"}]"#, "functions"),
-        (
-            r#""response_format":{"type":"json_object"}"#,
-            "response_format",
-        ),
         (r#""logprobs":true"#, "logprobs"),
         (r#""top_logprobs":3"#, "top_logprobs"),
         (r#""best_of":2"#, "best_of"),
         (r#""echo":true"#, "echo"),
         (r#""suffix":"end""#, "suffix"),
-        (r#""grammar":"root ::= \"a\"""#, "grammar"),
-        (r#""json_schema":{"type":"object"}"#, "json_schema"),
         (r#""n_probs":2"#, "n_probs"),
     ];
     for (field, param) in cases {
@@ -276,4 +283,129 @@ fn bounds_are_inclusive_and_tiny_temperatures_are_greedy() {
         ok(&format!(r#""stop":"{longest}""#)).stopping.stop,
         vec![longest]
     );
+}
+
+#[test]
+fn any_model_name_unless_strict_and_server_defaults_fill_gaps() {
+    let body = br#"{"model":"gpt-3.5-turbo","prompt":"x"}"#;
+    let lenient = ServedModel::new("m");
+    let r = parse_generation(body, Endpoint::Completions, &lenient, RequestId(1)).unwrap();
+    assert_eq!(r.generate.stopping.max_tokens, None);
+    let strict = ServedModel {
+        strict_name: true,
+        ..ServedModel::new("m")
+    };
+    assert!(matches!(
+        parse_generation(body, Endpoint::Completions, &strict, RequestId(1)).unwrap_err(),
+        InvalidRequest::UnknownModel { .. }
+    ));
+    let served = ServedModel {
+        defaults: GenerationDefaults {
+            n_predict: Some(5),
+            temperature: Some(0.0),
+            seed: Some(7),
+            top_k: Some(3),
+            ..GenerationDefaults::default()
+        },
+        ..ServedModel::new("m")
+    };
+    let r = parse_generation(body, Endpoint::Completions, &served, RequestId(1)).unwrap();
+    assert_eq!(r.generate.stopping.max_tokens, Some(5));
+    assert_eq!(r.generate.sampling.temperature, 0.0);
+    assert_eq!(r.generate.sampling.seed, Some(7));
+    assert_eq!(r.generate.sampling.top_k, 3);
+    // The request's own values win; n_predict -1 is no limit, seed -1 is random.
+    let own = br#"{"prompt":"x","n_predict":-1,"seed":-1,"temperature":0.5}"#;
+    let r = parse_generation(own, Endpoint::Completions, &served, RequestId(1)).unwrap();
+    assert_eq!(r.generate.stopping.max_tokens, None);
+    assert_eq!(r.generate.sampling.seed, None);
+    assert_eq!(r.generate.sampling.temperature, 0.5);
+    let own = br#"{"prompt":"x","n_predict":9,"max_tokens":2}"#;
+    let r = parse_generation(own, Endpoint::Completions, &served, RequestId(1)).unwrap();
+    assert_eq!(r.generate.stopping.max_tokens, Some(2));
+    let zero = br#"{"prompt":"x","n_predict":0}"#;
+    assert_eq!(
+        param_of(
+            &parse_generation(zero, Endpoint::Completions, &served, RequestId(1)).unwrap_err()
+        ),
+        Some("n_predict")
+    );
+}
+
+#[test]
+fn native_prompts_may_mix_text_and_token_ids() {
+    let parse = |v: serde_json::Value| {
+        native_prompt(Some(serde_json::from_value::<PromptBody>(v).unwrap()))
+    };
+    assert_eq!(
+        parse(serde_json::json!("hi")).unwrap(),
+        NativePrompt::Ready(Prompt::Text("hi".into()))
+    );
+    assert_eq!(
+        parse(serde_json::json!([1, 2])).unwrap(),
+        NativePrompt::Ready(Prompt::Tokens(vec![1, 2]))
+    );
+    assert_eq!(
+        parse(serde_json::json!(["a", 5, "b"])).unwrap(),
+        NativePrompt::Mixed(vec![
+            PromptPart::Text("a".into()),
+            PromptPart::Token(5),
+            PromptPart::Text("b".into())
+        ])
+    );
+    assert!(parse(serde_json::json!(["a", "b"])).is_err());
+    assert!(parse(serde_json::json!(["a", 1.5])).is_err());
+}
+
+#[test]
+fn structured_output_fields_become_one_grammar() {
+    let grammar_of = |field: &str| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#);
+        chat(&body).map(|r| r.generate.sampling.grammar)
+    };
+    for neutral in [
+        r#""response_format":{"type":"text"}"#,
+        r#""response_format":null"#,
+        r#""grammar":"""#,
+        r#""json_schema":null"#,
+    ] {
+        assert_eq!(grammar_of(neutral).unwrap(), None, "{neutral}");
+    }
+    let g = grammar_of(r#""grammar":"root ::= \"yes\" | \"no\"""#).unwrap();
+    assert_eq!(g.as_deref(), Some(r#"root ::= "yes" | "no""#));
+    let g = grammar_of(r#""response_format":{"type":"json_object"}"#)
+        .unwrap()
+        .unwrap();
+    assert!(g.starts_with("root ::= object\n"), "{g}");
+    let schema = r#"{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}"#;
+    for field in [
+        format!(
+            r#""response_format":{{"type":"json_schema","json_schema":{{"name":"x","schema":{schema}}}}}"#
+        ),
+        format!(r#""json_schema":{schema}"#),
+    ] {
+        let g = grammar_of(&field).unwrap().unwrap();
+        assert!(g.contains(r#""\"n\"" space ":" space integer"#), "{g}");
+    }
+    // Two constraints at once, a bad type, an unsupported schema keyword: named.
+    for (field, param) in [
+        (
+            r#""grammar":"root ::= \"a\"","json_schema":{"type":"string"}"#,
+            "grammar",
+        ),
+        (r#""grammar":5"#, "grammar"),
+        (r#""response_format":{"type":"yaml"}"#, "response_format"),
+        (
+            r#""response_format":{"type":"json_schema"}"#,
+            "response_format",
+        ),
+        (
+            r#""response_format":{"type":"json_schema","json_schema":{"schema":{"type":"string","pattern":"a+"}}}"#,
+            "response_format",
+        ),
+        (r#""json_schema":{"$ref":"x"}"#, "json_schema"),
+    ] {
+        let e = grammar_of(field).unwrap_err();
+        assert_eq!(param_of(&e), Some(param), "{field}: {e:?}");
+    }
 }

@@ -1,0 +1,536 @@
+//! llama-server's native API, in its shapes: `POST /completion` (and `/completions`),
+//! `GET /props`, `GET /slots` and `POST /apply-template`.
+//!
+//! `/completion` goes through the same admission, dispatch and request log as the OpenAI
+//! endpoints ([`super::generate`]); only the body's prompt forms (a list mixing text and token
+//! ids, tokenized here through the workers' `Tokenize` call), the response and the stream
+//! differ. A stream is `data: {"content", "stop": false, ...}` events, then one event with
+//! `"stop": true` and the whole result, and no `[DONE]` (llama-server's native format).
+//!
+//! Slots: llama-server has one pool of slots; here each worker has its own. `/slots` lists
+//! them worker-major (worker 0's slots first), numbered 0 to N-1 over the pool, built from the
+//! configuration and the load each worker last pushed (`Progress`); nothing is asked of a
+//! worker at request time. `id_slot` in a result is the first slot id of the worker that
+//! finished it (which of its slots ran it is not reported by a worker).
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
+use llamapool_common::{
+    Finish, FinishReason, RequestId, SamplingParams, StoppingParams, Timings, Token, Usage,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+use super::generate::{data, next_output, worker_header, StreamSink};
+use super::request_id::XRequestId;
+use super::request_log::RequestLog;
+use super::{LimitedBody, SharedState};
+use crate::dispatch::{DispatchError, RequestHandle};
+use crate::error::ApiError;
+use crate::metrics::RequestTimer;
+use crate::openai::request::{
+    chat_messages, native_prompt, parse_json, GenerationBody, MessageBody, NativePrompt,
+    PromptPart, ServedModel,
+};
+use crate::openai::response::FINGERPRINT;
+use crate::openai::{Endpoint, ValidRequest};
+
+/// llama-server's "no seed given: a random one" value in `generation_settings`.
+const RANDOM_SEED: u32 = u32::MAX;
+
+/// `POST /completion` and `POST /completions`: llama-server's native completion.
+pub async fn completion(
+    State(state): State<SharedState>,
+    XRequestId(request_id): XRequestId,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    // Logged as a completions request, like the OpenAI endpoint.
+    let log = RequestLog::start(Endpoint::Completions, &request_id);
+    let span = log.span().clone();
+    let mut log = Some(log);
+    let result = respond(&state, request_id, &body, &mut log)
+        .instrument(span)
+        .await;
+    if let (Err(error), Some(log)) = (&result, log.as_mut()) {
+        log.failed(error);
+    }
+    result
+}
+
+/// What a native result reports besides the text: the settings it ran with, and whether to
+/// return token ids.
+#[derive(Debug, Clone)]
+struct Native {
+    model: String,
+    settings: Value,
+    return_tokens: bool,
+    /// Prompt tokens, when the prompt was given as tokens (known before the finish).
+    prompt_tokens: Option<u32>,
+    /// The prompt, when it was given as text (`prompt` of the final result).
+    prompt: Option<String>,
+}
+
+async fn respond(
+    state: &SharedState,
+    request_id: String,
+    body: &[u8],
+    log: &mut Option<RequestLog>,
+) -> Result<Response, ApiError> {
+    let timer = RequestTimer::start(state.pool.metrics().clone());
+    let permit = state.admit()?;
+    let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
+    let (mut valid, return_tokens) = parse_native(state, body, id).await?;
+    valid.generate.request_id = request_id;
+    let native = Native {
+        model: state.served.alias.clone(),
+        settings: generation_settings(
+            &valid.generate.sampling,
+            &valid.generate.stopping,
+            valid.stream,
+        ),
+        return_tokens,
+        prompt_tokens: match &valid.generate.prompt {
+            Prompt::Tokens(t) => Some(u32::try_from(t.len()).unwrap_or(u32::MAX)),
+            _ => None,
+        },
+        prompt: match &valid.generate.prompt {
+            Prompt::Text(text) => Some(text.clone()),
+            _ => None,
+        },
+    };
+    let mut handle = state.pool.submit(valid.generate).await?;
+    let first_slot = first_slot_of(state, handle.worker());
+    if valid.stream {
+        let (tx, rx) = mpsc::channel(64);
+        let sink = StreamSink {
+            tx,
+            write_timeout: state.write_timeout,
+        };
+        let mut log = log.take().expect("only a stream takes the log");
+        log.on_worker(handle.worker());
+        let served_by = worker_header(handle.worker());
+        log.committed(200);
+        let slots = SlotIds(state.pool.views().iter().map(|v| v.slots).collect());
+        tokio::spawn(
+            feed_stream(handle, native, slots, sink, permit, timer, log)
+                .instrument(tracing::Span::current()),
+        );
+        let events = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
+        let keepalive = KeepAlive::new().interval(state.keepalive).text("ping");
+        Ok((served_by, Sse::new(events).keep_alive(keepalive)).into_response())
+    } else {
+        let log = log.as_mut().expect("a non-streamed request keeps its log");
+        log.on_worker(handle.worker());
+        let mut timer = timer;
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let finish = loop {
+            let output = next_output(&mut handle).await?;
+            timer.on_output(output.tokens.len());
+            log.on_output(&output, handle.worker());
+            text.push_str(&output.text);
+            tokens.extend_from_slice(&output.tokens);
+            if let Some(finish) = output.finish {
+                handle.guard.finished();
+                timer.finish();
+                break finish;
+            }
+        };
+        log.finished(&finish);
+        drop(permit);
+        let slot = first_slot_of(state, handle.worker()).unwrap_or(first_slot.unwrap_or(0));
+        let tokens = if native.return_tokens {
+            tokens
+        } else {
+            Vec::new()
+        };
+        let served_by = worker_header(handle.worker());
+        let result = final_result(&native, slot, &text, &tokens, &finish);
+        Ok((served_by, Json(result)).into_response())
+    }
+}
+
+/// The body validated like an OpenAI completion, with the native prompt forms; a mixed prompt
+/// is tokenized here (its first text part with BOS, as llama-server does).
+async fn parse_native(
+    state: &SharedState,
+    body: &[u8],
+    id: RequestId,
+) -> Result<(ValidRequest, bool), ApiError> {
+    let mut body: GenerationBody = parse_json(body)?;
+    let served: &ServedModel = &state.served;
+    body.check_common(served)?;
+    let sampling = body.sampling(&served.defaults)?;
+    let return_tokens = body.return_tokens.unwrap_or(false);
+    let prompt = match native_prompt(body.prompt.take())? {
+        NativePrompt::Ready(prompt) => prompt,
+        NativePrompt::Mixed(parts) => Prompt::Tokens(tokenize_mixed(state, parts).await?),
+    };
+    let valid = body.finish_valid(Endpoint::Completions, served, id, prompt, sampling)?;
+    Ok((valid, return_tokens))
+}
+
+async fn tokenize_mixed(
+    state: &SharedState,
+    parts: Vec<PromptPart>,
+) -> Result<Vec<Token>, ApiError> {
+    let mut tokens = Vec::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        match part {
+            PromptPart::Token(t) => tokens.push(t),
+            PromptPart::Text(content) => {
+                let call = ControlCall::Tokenize {
+                    content,
+                    add_special: i == 0,
+                    with_pieces: false,
+                };
+                match state.pool.control(call).await? {
+                    ControlReply::Tokenized { tokens: t, .. } => tokens.extend(t),
+                    ControlReply::Failed { message } => {
+                        return Err(ApiError::refused("prompt", message))
+                    }
+                    other => {
+                        return Err(DispatchError::UnexpectedReply(format!("{other:?}")).into())
+                    }
+                }
+            }
+        }
+    }
+    Ok(tokens)
+}
+
+/// Each worker's slot count, in worker order: maps a worker to its first pool-wide slot id.
+#[derive(Debug, Clone)]
+struct SlotIds(Vec<u32>);
+
+impl SlotIds {
+    fn first_of(&self, worker: usize) -> u32 {
+        self.0.iter().take(worker).sum()
+    }
+}
+
+fn first_slot_of(state: &SharedState, worker: usize) -> Option<u32> {
+    let views = state.pool.views();
+    (worker < views.len())
+        .then(|| SlotIds(views.iter().map(|v| v.slots).collect()).first_of(worker))
+}
+
+/// Feeds one native stream: a `stop: false` event per output that has text (or tokens, with
+/// `return_tokens`), then the final `stop: true` event. No `[DONE]`.
+async fn feed_stream(
+    mut handle: RequestHandle,
+    native: Native,
+    slots: SlotIds,
+    sink: StreamSink,
+    _permit: OwnedSemaphorePermit,
+    mut timer: RequestTimer,
+    mut log: RequestLog,
+) {
+    let mut predicted: u32 = 0;
+    loop {
+        let output = tokio::select! {
+            output = next_output(&mut handle) => output,
+            () = sink.tx.closed() => return,
+        };
+        match output {
+            Ok(o) => {
+                timer.on_output(o.tokens.len());
+                log.on_output(&o, handle.worker());
+                predicted += u32::try_from(o.tokens.len()).unwrap_or(u32::MAX);
+                let slot = slots.first_of(handle.worker());
+                // One event per token, as llama-server (text held back for a possible stop
+                // string makes an empty `content`); the last token's only if it has text.
+                if !o.text.is_empty() || (o.finish.is_none() && !o.tokens.is_empty()) {
+                    let chunk = partial_result(&native, &o.text, &o.tokens, predicted);
+                    if !sink.send(data(&chunk)).await {
+                        return;
+                    }
+                }
+                if let Some(finish) = o.finish {
+                    handle.guard.finished();
+                    timer.finish();
+                    log.finished(&finish);
+                    // As llama-server: the final event of a stream repeats no text or tokens.
+                    sink.send(data(&final_result(&native, slot, "", &[], &finish)))
+                        .await;
+                    return;
+                }
+            }
+            Err(error) => {
+                log.failed(&error);
+                sink.send(data(&error.body_json())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// A stream's `stop: false` event: the output's text and tokens (always, as llama-server),
+/// `id_slot` -1 as llama-server's partial results have it.
+fn partial_result(native: &Native, text: &str, tokens: &[Token], predicted: u32) -> Value {
+    let mut chunk = json!({
+        "index": 0,
+        "content": text,
+        "tokens": tokens,
+        "stop": false,
+        "id_slot": -1,
+        "tokens_predicted": predicted,
+    });
+    if let Some(n) = native.prompt_tokens {
+        chunk["tokens_evaluated"] = json!(n);
+    }
+    chunk
+}
+
+/// llama-server's final result (`to_json_non_oaicompat`), without `completion_probabilities`;
+/// `prompt` only for a text prompt; `stop_type` as [`stop_type`] says.
+fn final_result(
+    native: &Native,
+    slot: u32,
+    text: &str,
+    tokens: &[Token],
+    finish: &Finish,
+) -> Value {
+    let (stop_type, stopping_word) = stop_type(finish);
+    let mut result = json!({
+        "index": 0,
+        "content": text,
+        "tokens": tokens,
+        "id_slot": slot,
+        "stop": true,
+        "model": native.model,
+        "tokens_predicted": finish.usage.completion_tokens,
+        "tokens_evaluated": finish.usage.prompt_tokens,
+        "generation_settings": native.settings,
+        "has_new_line": text.contains('\n'),
+        "truncated": false,
+        "stop_type": stop_type,
+        "stopping_word": stopping_word,
+        "tokens_cached": 0,
+        "timings": timings(&finish.usage, &finish.timings),
+    });
+    if let Some(prompt) = &native.prompt {
+        result["prompt"] = json!(prompt);
+    }
+    result
+}
+
+/// `stop_type` and `stopping_word`: `word` and the string for a stop string, `eos` for an
+/// end-of-generation token, `limit` for the token limit or a full context.
+fn stop_type(finish: &Finish) -> (&'static str, &str) {
+    match (finish.reason, &finish.stop_word) {
+        (FinishReason::Stop, Some(word)) => ("word", word),
+        (FinishReason::Stop, None) => ("eos", ""),
+        (FinishReason::Length, _) => ("limit", ""),
+        (FinishReason::Cancelled, _) => ("none", ""),
+    }
+}
+
+/// llama-server's `timings` (`server_slot_stats::to_json`).
+fn timings(u: &Usage, t: &Timings) -> Value {
+    let per = |n: u32, ms: f64| {
+        if n > 0 && ms > 0.0 {
+            (ms / f64::from(n), f64::from(n) * 1000.0 / ms)
+        } else {
+            (0.0, 0.0)
+        }
+    };
+    let (prompt_per_token, prompt_per_second) = per(u.prompt_tokens, t.prompt_ms);
+    let (predicted_per_token, predicted_per_second) = per(u.completion_tokens, t.predicted_ms);
+    json!({
+        "cache_n": 0,
+        "prompt_n": u.prompt_tokens,
+        "prompt_ms": t.prompt_ms,
+        "prompt_per_token_ms": prompt_per_token,
+        "prompt_per_second": prompt_per_second,
+        "predicted_n": u.completion_tokens,
+        "predicted_ms": t.predicted_ms,
+        "predicted_per_token_ms": predicted_per_token,
+        "predicted_per_second": predicted_per_second,
+    })
+}
+
+/// llama-server's `generation_settings` (`task_params::to_json`), for the settings this
+/// server has: `n_predict` -1 is no limit, `seed` 4294967295 a random one per request.
+fn generation_settings(
+    sampling: &SamplingParams,
+    stopping: &StoppingParams,
+    stream: bool,
+) -> Value {
+    let n_predict = stopping.max_tokens.map_or(-1, i64::from);
+    json!({
+        "seed": sampling.seed.unwrap_or(RANDOM_SEED),
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "min_p": sampling.min_p,
+        "typical_p": 1.0,
+        "repeat_last_n": sampling.repeat_last_n,
+        "repeat_penalty": sampling.repeat_penalty,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "max_tokens": n_predict,
+        "n_predict": n_predict,
+        "n_keep": 0,
+        "ignore_eos": stopping.ignore_eos,
+        "stream": stream,
+        "stop": stopping.stop,
+        "n_probs": 0,
+        "min_keep": 0,
+        "logit_bias": sampling
+            .logit_bias
+            .iter()
+            .map(|&(t, b)| json!([t, if b.is_finite() { json!(b) } else { json!(false) }]))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// `GET /props`: the server's defaults and what it serves. `default_generation_settings.params`
+/// are the `[generation]` defaults; `n_ctx` is the largest per-sequence context of the ready
+/// workers (`null` while none is ready); `chat_template` the one the workers use.
+pub async fn props(State(state): State<SharedState>) -> Json<Value> {
+    let info = state.pool.worker_info();
+    let defaults = &state.served.defaults;
+    let stopping = StoppingParams {
+        max_tokens: defaults.max_tokens(),
+        ..StoppingParams::default()
+    };
+    let params = generation_settings(&defaults.sampling(), &stopping, false);
+    Json(json!({
+        "default_generation_settings": {
+            "params": params,
+            "n_ctx": info.as_ref().map(|i| i.n_ctx_per_seq),
+        },
+        "total_slots": state.pool.total_slots(),
+        "model_alias": state.served.alias,
+        "model_path": state.model_path,
+        "modalities": {"vision": false, "video": false, "audio": false},
+        "endpoint_slots": true,
+        "endpoint_props": true,
+        "endpoint_metrics": true,
+        "chat_template": info.as_ref().map_or("", |i| i.model.chat_template.as_str()),
+        "build_info": FINGERPRINT,
+        "is_sleeping": false,
+    }))
+}
+
+/// `GET /slots`: one entry per slot of the pool, worker-major, ids 0 to N-1. `is_processing`
+/// counts a worker's first `running` slots as busy (a worker reports how many sequences run,
+/// not which); `n_ctx` is its per-sequence context (`null` before its first start).
+pub async fn slots(State(state): State<SharedState>) -> Json<Value> {
+    let mut slots = Vec::new();
+    let mut next_id: u32 = 0;
+    for view in state.pool.views() {
+        let running = view.running.unwrap_or(0);
+        for j in 0..view.slots {
+            slots.push(json!({
+                "id": next_id,
+                "id_worker": view.id,
+                "n_ctx": view.n_ctx_per_seq,
+                "speculative": false,
+                "is_processing": j < running,
+            }));
+            next_id += 1;
+        }
+    }
+    Json(Value::Array(slots))
+}
+
+/// `/apply-template`'s body.
+#[derive(Debug, Deserialize)]
+struct ApplyTemplateBody {
+    messages: Option<Vec<MessageBody>>,
+}
+
+/// `POST /apply-template`: `{"messages"}` rendered with the model's chat template by a worker,
+/// as a chat request's prompt would be → `{"prompt"}`. Holds a tokenize-call permit.
+pub async fn apply_template(
+    State(state): State<SharedState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Value>, ApiError> {
+    let _permit = state.admit_control()?;
+    let body: ApplyTemplateBody = parse_json(&body)?;
+    let messages = chat_messages(body.messages)?;
+    match state
+        .pool
+        .control(ControlCall::ApplyTemplate { messages })
+        .await?
+    {
+        ControlReply::Rendered { prompt } => Ok(Json(json!({ "prompt": prompt }))),
+        ControlReply::Failed { message } => Err(ApiError::refused("messages", message)),
+        other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_result_has_llama_server_fields() {
+        let native = Native {
+            model: "m".into(),
+            settings: generation_settings(
+                &SamplingParams::greedy(),
+                &StoppingParams {
+                    max_tokens: Some(4),
+                    ..StoppingParams::default()
+                },
+                false,
+            ),
+            return_tokens: true,
+            prompt_tokens: None,
+            prompt: Some("p".into()),
+        };
+        let finish = Finish {
+            reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+            },
+            timings: Timings {
+                queue_ms: 0.0,
+                prompt_ms: 3.0,
+                predicted_ms: 8.0,
+            },
+            stop_word: None,
+        };
+        let r = final_result(&native, 2, "a\nb", &[1, 2], &finish);
+        assert_eq!(r["stop"], true);
+        assert_eq!(r["stop_type"], "limit");
+        assert_eq!(r["tokens_predicted"], 4);
+        assert_eq!(r["tokens_evaluated"], 3);
+        assert_eq!(r["has_new_line"], true);
+        assert_eq!(r["id_slot"], 2);
+        assert_eq!(r["tokens"], json!([1, 2]));
+        assert_eq!(r["generation_settings"]["n_predict"], 4);
+        assert_eq!(r["generation_settings"]["seed"], u64::from(RANDOM_SEED));
+        assert_eq!(r["timings"]["predicted_per_second"], 500.0);
+        let word = Finish {
+            reason: FinishReason::Stop,
+            stop_word: Some(".".into()),
+            ..finish.clone()
+        };
+        assert_eq!(stop_type(&word), ("word", "."));
+        let eos = Finish {
+            stop_word: None,
+            ..word
+        };
+        assert_eq!(stop_type(&eos), ("eos", ""));
+        assert_eq!(r["prompt"], "p");
+        let chunk = partial_result(&native, "x", &[], 1);
+        assert_eq!(chunk["stop"], false);
+        assert!(chunk.get("tokens_evaluated").is_none());
+        assert_eq!(SlotIds(vec![2, 3, 1]).first_of(2), 5);
+    }
+}

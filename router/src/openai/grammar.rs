@@ -1,0 +1,417 @@
+//! JSON schemas to GBNF grammars (llama.cpp's grammar format), for structured output.
+//!
+//! `request.rs` calls [`json_object_grammar`] for `response_format: {"type": "json_object"}`
+//! and [`schema_grammar`] for a JSON schema (`response_format.json_schema.schema`, or
+//! llama-server's `json_schema`); the grammar travels in `SamplingParams::grammar` and the
+//! worker's llama.cpp grammar sampler enforces it.
+//!
+//! The schema subset: `type` (one name or a list), `object` with `properties` and `required`
+//! (properties are written in name order; `additionalProperties` is accepted and no others are
+//! generated), `string` with `minLength`/`maxLength`, `integer`, `number`, `boolean`, `null`,
+//! `array` with `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf`, `nullable`, the
+//! empty schema (any JSON value), and annotations (`title`, `description`, …). Any other
+//! keyword (`pattern`, `format`, `$ref`, `minimum`, …) is refused with its path, rather than
+//! generating output that might not validate. Whitespace is limited to one optional space
+//! between tokens, so that a model cannot pad the output with newlines until `max_tokens`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::{Map, Value};
+
+/// A schema this converter cannot turn into a grammar, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (at {path})")]
+pub struct SchemaError {
+    /// A JSON path inside the schema, `$` being the schema itself.
+    pub path: String,
+    pub message: String,
+}
+
+/// Keywords that do not constrain the output.
+const ANNOTATIONS: [&str; 9] = [
+    "title",
+    "description",
+    "$schema",
+    "$id",
+    "$comment",
+    "default",
+    "examples",
+    "deprecated",
+    "strict",
+];
+
+/// Most alternatives, properties or repetitions a schema may ask for: keeps grammars small.
+const MAX_ITEMS: u64 = 1000;
+
+/// The shared rules: JSON's primitives, and a generic value for `{}`.
+const PRIMITIVES: &str = r#"space ::= " "?
+char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})
+string ::= "\"" char* "\"" space
+integral-part ::= [0] | [1-9] [0-9]{0,15}
+integer ::= "-"? integral-part space
+number ::= "-"? integral-part ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})? space
+boolean ::= ("true" | "false") space
+null ::= "null" space
+value ::= object | array | string | number | boolean | null
+object ::= "{" space (string ":" space value ("," space string ":" space value)*)? "}" space
+array ::= "[" space (value ("," space value)*)? "]" space
+"#;
+
+/// `response_format: {"type": "json_object"}`: any JSON object.
+pub fn json_object_grammar() -> String {
+    format!("root ::= object\n{PRIMITIVES}")
+}
+
+/// A grammar whose language is (a subset of) the JSON documents `schema` accepts.
+pub fn schema_grammar(schema: &Value) -> Result<String, SchemaError> {
+    let mut converter = Converter::default();
+    let root = converter.visit(schema, "$")?;
+    let mut out = format!("root ::= {root}\n");
+    for (name, body) in &converter.rules {
+        let _ = writeln!(out, "{name} ::= {body}");
+    }
+    out.push_str(PRIMITIVES);
+    Ok(out)
+}
+
+#[derive(Default)]
+struct Converter {
+    /// Named rules beyond the primitives, by name.
+    rules: BTreeMap<String, String>,
+}
+
+fn error(path: &str, message: impl Into<String>) -> SchemaError {
+    SchemaError {
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A GBNF literal matching exactly `text`.
+fn literal(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                let _ = write!(out, "\\x{:02X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The JSON text of `value` as a literal, followed by optional space.
+fn json_literal(value: &Value) -> String {
+    format!("{} space", literal(&value.to_string()))
+}
+
+fn count(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<u64>, SchemaError> {
+    match map.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= MAX_ITEMS => Ok(Some(n)),
+            _ => Err(error(
+                path,
+                format!("{key} must be an integer between 0 and {MAX_ITEMS}"),
+            )),
+        },
+    }
+}
+
+/// `item` repeated between `min` and `max` times (unbounded when `None`), separated by `sep`.
+fn repeat(item: &str, sep: &str, min: u64, max: Option<u64>) -> String {
+    let tail = format!("({sep} {item})");
+    let body = match (min, max) {
+        (_, Some(0)) => return String::new(),
+        (0 | 1, None) => format!("{item} {tail}*"),
+        (m, None) => format!("{item} {tail}{{{},}}", m - 1),
+        (m, Some(x)) => format!("{item} {tail}{{{},{}}}", m.saturating_sub(1), x - 1),
+    };
+    if min == 0 {
+        format!("({body})?")
+    } else {
+        body
+    }
+}
+
+impl Converter {
+    /// An expression for `schema`, found at `path`.
+    fn visit(&mut self, schema: &Value, path: &str) -> Result<String, SchemaError> {
+        let map = match schema {
+            Value::Bool(true) => return Ok("value".into()),
+            Value::Object(map) => map,
+            _ => {
+                return Err(error(
+                    path,
+                    "a schema must be an object (or true for any value)",
+                ))
+            }
+        };
+        for key in map.keys() {
+            let known = ANNOTATIONS.contains(&key.as_str())
+                || matches!(
+                    key.as_str(),
+                    "type"
+                        | "properties"
+                        | "required"
+                        | "additionalProperties"
+                        | "items"
+                        | "minItems"
+                        | "maxItems"
+                        | "minLength"
+                        | "maxLength"
+                        | "enum"
+                        | "const"
+                        | "anyOf"
+                        | "nullable"
+                );
+            if !known {
+                return Err(error(
+                    path,
+                    format!("the JSON schema keyword {key:?} is not supported"),
+                ));
+            }
+        }
+        let expr = self.visit_inner(map, path)?;
+        if map.get("nullable") == Some(&Value::Bool(true)) {
+            return Ok(format!("({expr} | null)"));
+        }
+        Ok(expr)
+    }
+
+    fn visit_inner(&mut self, map: &Map<String, Value>, path: &str) -> Result<String, SchemaError> {
+        if let Some(value) = map.get("const") {
+            return Ok(json_literal(value));
+        }
+        if let Some(values) = map.get("enum") {
+            let values = values
+                .as_array()
+                .filter(|v| !v.is_empty() && v.len() as u64 <= MAX_ITEMS)
+                .ok_or_else(|| {
+                    error(
+                        path,
+                        format!("enum must be a non-empty array of at most {MAX_ITEMS} values"),
+                    )
+                })?;
+            let alternatives: Vec<String> = values.iter().map(json_literal).collect();
+            return Ok(format!("({})", alternatives.join(" | ")));
+        }
+        if let Some(options) = map.get("anyOf") {
+            let options = options
+                .as_array()
+                .filter(|v| !v.is_empty() && v.len() as u64 <= MAX_ITEMS)
+                .ok_or_else(|| error(path, "anyOf must be a non-empty array of schemas"))?;
+            let alternatives = options
+                .iter()
+                .enumerate()
+                .map(|(i, o)| self.visit(o, &format!("{path}.anyOf[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(format!("({})", alternatives.join(" | ")));
+        }
+        let types: Vec<&str> = match map.get("type") {
+            None => return Ok("value".into()),
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(list)) if !list.is_empty() => list
+                .iter()
+                .map(|t| {
+                    t.as_str()
+                        .ok_or_else(|| error(path, "type must be a string or a list of strings"))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(error(
+                    path,
+                    "type must be a string or a non-empty list of strings",
+                ))
+            }
+        };
+        let alternatives = types
+            .into_iter()
+            .map(|t| self.typed(t, map, path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(match alternatives.as_slice() {
+            [one] => one.clone(),
+            _ => format!("({})", alternatives.join(" | ")),
+        })
+    }
+
+    fn typed(
+        &mut self,
+        kind: &str,
+        map: &Map<String, Value>,
+        path: &str,
+    ) -> Result<String, SchemaError> {
+        Ok(match kind {
+            "string" => {
+                let min = count(map, "minLength", path)?;
+                let max = count(map, "maxLength", path)?;
+                match (min, max) {
+                    (None, None) => "string".into(),
+                    (min, max) => {
+                        let min = min.unwrap_or(0);
+                        if max.is_some_and(|max| max < min) {
+                            return Err(error(path, "maxLength is below minLength"));
+                        }
+                        let max = max.map(|m| m.to_string()).unwrap_or_default();
+                        format!("\"\\\"\" char{{{min},{max}}} \"\\\"\" space")
+                    }
+                }
+            }
+            "integer" | "number" | "boolean" | "null" => kind.into(),
+            "object" => self.object(map, path)?,
+            "array" => {
+                let item = match map.get("items") {
+                    None => "value".to_string(),
+                    Some(items) => self.visit(items, &format!("{path}.items"))?,
+                };
+                let min = count(map, "minItems", path)?.unwrap_or(0);
+                let max = count(map, "maxItems", path)?;
+                if max.is_some_and(|max| max < min) {
+                    return Err(error(path, "maxItems is below minItems"));
+                }
+                let items = repeat(&item, "\",\" space", min, max);
+                format!("\"[\" space {items} \"]\" space")
+            }
+            other => {
+                return Err(error(
+                    path,
+                    format!("unknown type {other:?}: expected string, integer, number, boolean, null, object or array"),
+                ))
+            }
+        })
+    }
+
+    fn object(&mut self, map: &Map<String, Value>, path: &str) -> Result<String, SchemaError> {
+        let empty = Map::new();
+        let properties = match map.get("properties") {
+            None => &empty,
+            Some(Value::Object(p)) => p,
+            Some(_) => return Err(error(path, "properties must be an object")),
+        };
+        if properties.len() as u64 > MAX_ITEMS {
+            return Err(error(path, format!("at most {MAX_ITEMS} properties")));
+        }
+        let required: Vec<&str> = match map.get("required") {
+            None => Vec::new(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|r| {
+                    r.as_str()
+                        .ok_or_else(|| error(path, "required must list property names"))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(error(path, "required must be an array")),
+        };
+        if let Some(missing) = required.iter().find(|r| !properties.contains_key(**r)) {
+            return Err(error(
+                path,
+                format!("required property {missing:?} is not in properties"),
+            ));
+        }
+        if properties.is_empty() {
+            // No property is described: any object.
+            return Ok("object".into());
+        }
+        let mut mandatory = Vec::new();
+        let mut optional = Vec::new();
+        for (name, schema) in properties {
+            let value = self.visit(schema, &format!("{path}.properties.{name}"))?;
+            let pair = format!(
+                "{} \":\" space {value}",
+                json_literal(&Value::String(name.clone()))
+            );
+            if required.contains(&name.as_str()) {
+                mandatory.push(pair);
+            } else {
+                optional.push(pair);
+            }
+        }
+        // Any ordered subset of the optional properties: rule i is "a non-empty subset of the
+        // properties from i on", `pair_i ("," rule_{i+1})? | rule_{i+1}`.
+        let id = self.rules.len();
+        let mut next: Option<String> = None;
+        for (i, pair) in optional.iter().enumerate().rev() {
+            let name = format!("object-{id}-optional-{i}");
+            let body = match &next {
+                None => pair.clone(),
+                Some(rest) => format!("{pair} (\",\" space {rest})? | {rest}"),
+            };
+            self.rules.insert(name.clone(), body);
+            next = Some(name);
+        }
+        let inside = match (mandatory.is_empty(), next) {
+            (false, None) => mandatory.join(" \",\" space "),
+            (false, Some(rest)) => {
+                format!("{} (\",\" space {rest})?", mandatory.join(" \",\" space "))
+            }
+            (true, Some(rest)) => format!("({rest})?"),
+            (true, None) => unreachable!("properties is not empty"),
+        };
+        Ok(format!("\"{{\" space {inside} \"}}\" space"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_object_schema_lists_required_then_optional_properties() {
+        let g = schema_grammar(&json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "who"},
+                "age": {"type": "integer"},
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+            },
+            "required": ["name", "age"],
+        }))
+        .unwrap();
+        assert!(g.starts_with("root ::= \"{\" space "), "{g}");
+        assert!(g.contains(r#""\"age\"" space ":" space integer"#), "{g}");
+        assert!(g.contains(r#""\"name\"" space ":" space string"#), "{g}");
+        assert!(g.contains("object-0-optional-0 ::= "), "{g}");
+        assert!(g.contains(r#"("\"a\"" space | "\"b\"" space)"#), "{g}");
+        assert!(g.contains("{0,2}"), "{g}");
+    }
+
+    #[test]
+    fn unsupported_keywords_are_named_with_their_path() {
+        let e = schema_grammar(&json!({
+            "type": "object",
+            "properties": {"date": {"type": "string", "format": "date"}},
+        }))
+        .unwrap_err();
+        assert_eq!(e.path, "$.properties.date");
+        assert!(e.message.contains("\"format\""), "{e}");
+        assert!(schema_grammar(&json!({"$ref": "#/x"})).is_err());
+        assert!(schema_grammar(&json!({"type": "tuple"})).is_err());
+        assert!(schema_grammar(&json!({"type": "object", "required": ["x"]})).is_err());
+        assert!(schema_grammar(&json!(3)).is_err());
+    }
+
+    #[test]
+    fn literals_are_escaped() {
+        assert_eq!(literal("a\"b\\c\n\u{1}"), r#""a\"b\\c\n\x01""#);
+        let g = schema_grammar(&json!({"const": "x\"y"})).unwrap();
+        assert!(g.starts_with(r#"root ::= "\"x\\\"y\"" space"#), "{g}");
+    }
+
+    #[test]
+    fn repetitions_follow_their_bounds() {
+        assert_eq!(repeat("i", "\",\"", 0, None), "(i (\",\" i)*)?");
+        assert_eq!(repeat("i", "\",\"", 2, Some(4)), "i (\",\" i){1,3}");
+        assert_eq!(repeat("i", "\",\"", 3, None), "i (\",\" i){2,}");
+        assert_eq!(repeat("i", "\",\"", 0, Some(0)), "");
+        assert!(json_object_grammar().starts_with("root ::= object\n"));
+    }
+}

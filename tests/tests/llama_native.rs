@@ -1,0 +1,242 @@
+//! llama-server's native API end to end (real router, two real workers, SmolLM2):
+//! `/completion` and `/completions` in its shapes, streamed and not, with string, token-id and
+//! mixed prompts; `/props`, `/slots`, `/apply-template`, `/v1/health`; any model name served
+//! (404 only with `model.strict_name`); and the `[generation]` defaults.
+
+use llamapool_tests::*;
+use serde_json::{json, Value};
+
+/// Two workers of 2 slots each, with server-wide generation defaults.
+fn config() -> String {
+    let mut config = smol_config("keepalive_secs = 1", (2, 2048), PINNED_0_1);
+    config.push_str("[generation]\nn_predict = 5\ntemperature = 0.0\nseed = 42\ntop_k = 30\n");
+    config
+}
+
+fn tokenize(server: &Server, text: &str, add_special: bool) -> Vec<Value> {
+    let r = server.post(
+        "/tokenize",
+        &json!({"content": text, "add_special": add_special}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["tokens"].as_array().unwrap().clone()
+}
+
+/// A non-streamed native completion that must succeed.
+fn complete(server: &Server, path: &str, body: &Value) -> Value {
+    let r = server.post(path, body);
+    assert_eq!(r.status, 200, "{path} {body}: {}", r.text());
+    r.json()
+}
+
+fn check_final(v: &Value, predicted: u64) {
+    assert_eq!(v["stop"], true, "{v}");
+    assert_eq!(v["model"], "smol");
+    assert_eq!(v["stop_type"], "limit", "{v}");
+    assert_eq!(v["stopping_word"], "");
+    assert_eq!(v["truncated"], false);
+    assert_eq!(v["tokens_predicted"], predicted, "{v}");
+    assert!(v["tokens_evaluated"].as_u64().unwrap() > 0);
+    assert!(v["id_slot"].as_u64().is_some());
+    let t = &v["timings"];
+    assert_eq!(t["predicted_n"], predicted);
+    assert_eq!(t["prompt_n"], v["tokens_evaluated"]);
+    for key in ["prompt_ms", "predicted_ms", "predicted_per_second"] {
+        assert!(t[key].as_f64().is_some(), "timings.{key}: {t}");
+    }
+    let g = &v["generation_settings"];
+    assert_eq!(g["temperature"], 0.0);
+    assert_eq!(g["seed"], 42);
+    assert_eq!(g["top_k"], 30);
+}
+
+#[test]
+fn native_completion_in_llama_server_shapes() {
+    let server = Server::start(&config());
+    // No token limit in the request: the config's n_predict = 5 applies.
+    let body =
+        json!({"prompt": "The capital of France is", "return_tokens": true, "cache_prompt": true});
+    let v = complete(&server, "/completion", &body);
+    check_final(&v, 5);
+    assert_eq!(v["generation_settings"]["n_predict"], 5);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 5, "{v}");
+    let text = v["content"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+    // /completions is the same native endpoint; without return_tokens, `tokens` is empty.
+    let w = complete(
+        &server,
+        "/completions",
+        &json!({"prompt": "The capital of France is"}),
+    );
+    check_final(&w, 5);
+    assert_eq!(w["content"], text.as_str());
+    assert_eq!(w["tokens"], json!([]));
+    // n_predict from the request wins over the default.
+    let w = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": "The capital of France is", "n_predict": 3}),
+    );
+    check_final(&w, 3);
+
+    // Token ids, as the worker tokenizes a text prompt (with BOS if the model wants one).
+    let ids = tokenize(&server, "The capital of France is", true);
+    let w = complete(&server, "/completion", &json!({"prompt": ids}));
+    assert_eq!(w["content"], text.as_str(), "token-id prompt");
+    // A mixed list: text then ids, one prompt (its first text part gets BOS).
+    let tail = tokenize(&server, " Paris", false);
+    let mut all = ids.clone();
+    all.extend(tail.iter().cloned());
+    let by_ids = complete(&server, "/completion", &json!({"prompt": all}));
+    let mut mixed = vec![json!("The capital of France is")];
+    mixed.extend(tail.iter().cloned());
+    let w = complete(&server, "/completion", &json!({"prompt": mixed}));
+    assert_eq!(w["content"], by_ids["content"], "mixed prompt");
+    assert_eq!(w["tokens_evaluated"], by_ids["tokens_evaluated"]);
+
+    // Streamed: `stop: false` chunks with content, then one final `stop: true` result; no [DONE].
+    let payloads = server
+        .stream(
+            "/completion",
+            &json!({"prompt": "The capital of France is", "stream": true}),
+        )
+        .collect();
+    assert!(payloads.len() >= 2, "{payloads:?}");
+    assert!(payloads.iter().all(|p| p != "[DONE]"), "{payloads:?}");
+    let chunks: Vec<Value> = payloads
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap_or_else(|e| panic!("{e}: {p}")))
+        .collect();
+    let (last, partial) = chunks.split_last().unwrap();
+    let mut streamed = String::new();
+    for c in partial {
+        assert_eq!(c["stop"], false, "{c}");
+        assert!(c["tokens_predicted"].as_u64().is_some(), "{c}");
+        streamed.push_str(c["content"].as_str().unwrap());
+    }
+    check_final(last, 5);
+    assert_eq!(last["content"], "");
+    assert_eq!(last["generation_settings"]["stream"], true);
+    assert_eq!(streamed, text, "the stream's text is the non-streamed text");
+
+    // A stop string: `word`, and which one; an end-of-generation token: `eos`.
+    let w = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": "The capital of France is", "n_predict": 20, "stop": [".", "zzz"]}),
+    );
+    assert_eq!(w["stop_type"], "word", "{w}");
+    assert_eq!(w["stopping_word"], ".");
+    assert_eq!(w["content"], " Paris", "{w}");
+    let w = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": "<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n", "n_predict": 200}),
+    );
+    assert_eq!(w["stop_type"], "eos", "{w}");
+    assert_eq!(w["stopping_word"], "");
+
+    // /v1/completions is still OpenAI's, and gets the defaults too.
+    let v = complete(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is"}),
+    );
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], text.as_str());
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["model"], "smol");
+}
+
+#[test]
+fn props_slots_template_health_and_model_names() {
+    let server = Server::start(&config());
+    let props = server.get("/props");
+    assert_eq!(props.status, 200, "{}", props.text());
+    let p = props.json();
+    assert_eq!(p["total_slots"], 4);
+    assert_eq!(p["model_alias"], "smol");
+    assert!(p["model_path"].as_str().unwrap().ends_with(".gguf"), "{p}");
+    assert!(!p["chat_template"].as_str().unwrap().is_empty(), "{p}");
+    assert_eq!(p["modalities"]["vision"], false);
+    assert!(p["build_info"].as_str().unwrap().starts_with("llamapool-"));
+    let d = &p["default_generation_settings"];
+    assert_eq!(d["n_ctx"], 1024);
+    assert_eq!(d["params"]["n_predict"], 5);
+    assert_eq!(d["params"]["temperature"], 0.0);
+    assert_eq!(d["params"]["seed"], 42);
+    assert_eq!(d["params"]["top_k"], 30);
+    assert_eq!(
+        d["params"]["top_p"], 0.949999988079071,
+        "built-in default (f32)"
+    );
+
+    let slots = server.get("/slots");
+    assert_eq!(slots.status, 200);
+    let slots = slots.json();
+    let slots = slots.as_array().unwrap();
+    assert_eq!(slots.len(), 4, "one entry per slot of the pool: {slots:?}");
+    for (i, s) in slots.iter().enumerate() {
+        assert_eq!(s["id"], i, "ids 0..N-1, worker-major");
+        assert_eq!(s["id_worker"], i / 2);
+        assert_eq!(s["n_ctx"], 1024);
+        assert_eq!(s["is_processing"], false);
+    }
+
+    let r = server.post(
+        "/apply-template",
+        &json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello llamapool"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let prompt = r.json()["prompt"].as_str().unwrap().to_string();
+    assert!(prompt.contains("Hello llamapool"), "{prompt}");
+    assert!(prompt.contains("Be brief."), "{prompt}");
+    assert!(prompt.len() > "Be brief.Hello llamapool".len(), "{prompt}");
+    let r = server.post("/apply-template", &json!({"messages": []}));
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    let r = server.get("/v1/health");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"status": "ok"}));
+
+    // Any model name is served, and answered as the alias.
+    let mut body = chat("Hi", 2, false);
+    body["model"] = json!("gpt-3.5-turbo");
+    let r = server.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "smol");
+    let r = server.post(
+        "/completion",
+        &json!({"model": "anything", "prompt": "Hi", "n_predict": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "smol");
+}
+
+#[test]
+fn strict_model_names_are_404() {
+    let config = smol_config("", (1, 1024), PINNED_0)
+        .replace("alias = \"smol\"", "alias = \"smol\"\nstrict_name = true");
+    let server = Server::start(&config);
+    let mut body = chat("Hi", 2, false);
+    body["model"] = json!("gpt-3.5-turbo");
+    let r = server.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    let r = server.post(
+        "/completion",
+        &json!({"model": "gpt-3.5-turbo", "prompt": "Hi", "n_predict": 1}),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    // The alias itself, or no model at all, is served; without [generation] there is no limit
+    // but the request's.
+    let r = server.post(
+        "/completion",
+        &json!({"model": "smol", "prompt": "Hi", "n_predict": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["tokens_predicted"], 2);
+    let p = server.get("/props").json();
+    assert_eq!(p["default_generation_settings"]["params"]["n_predict"], -1);
+    assert_eq!(p["total_slots"], 1);
+}
