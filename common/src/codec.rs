@@ -203,10 +203,13 @@ mod tests {
         for prompt in [
             Prompt::Text("hi ☕".into()),
             Prompt::Tokens(vec![1, 2, 3]),
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "x".into(),
-            }]),
+            Prompt::Chat(ChatPrompt {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "x".into(),
+                }],
+                ending: ChatEnding::ContinueFinal,
+            }),
         ] {
             round_trip(ToWorker::Generate(GenerateRequest {
                 id: RequestId(7),
@@ -215,6 +218,7 @@ mod tests {
                 sampling: SamplingParams {
                     seed: Some(3),
                     logit_bias: vec![(5, -1.5)],
+                    logprobs: Some(3),
                     ..SamplingParams::default()
                 },
                 stopping: StoppingParams {
@@ -269,11 +273,24 @@ mod tests {
                 tokens: vec![5],
                 text: "é".into(),
                 finish: None,
+                logprobs: vec![TokenLogprob {
+                    sampled: Candidate {
+                        token: 5,
+                        bytes: vec![0xc3],
+                        logprob: -0.25,
+                    },
+                    top: vec![Candidate {
+                        token: 6,
+                        bytes: b"x".to_vec(),
+                        logprob: -1.5,
+                    }],
+                }],
             }),
             GenerationEvent::Output(SeqOutput {
                 id: RequestId(2),
                 tokens: vec![],
                 text: String::new(),
+                logprobs: Vec::new(),
                 finish: Some(Finish {
                     reason: FinishReason::Length,
                     usage: Usage {

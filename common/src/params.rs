@@ -31,6 +31,10 @@ pub struct SamplingParams {
     /// The worker parses it before accepting the request; a grammar llama.cpp refuses is a
     /// request error naming `grammar`.
     pub grammar: Option<String>,
+    /// Log probabilities: `None` computes none (the default; greedy keeps its argmax
+    /// shortcut); `Some(n)` sends, with every generated token, its log probability over the
+    /// full vocabulary and the `n` (at most [`Self::MAX_TOP_LOGPROBS`]) most likely tokens.
+    pub logprobs: Option<u8>,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +51,7 @@ impl Default for SamplingParams {
             seed: None,
             logit_bias: Vec::new(),
             grammar: None,
+            logprobs: None,
         }
     }
 }
@@ -76,6 +81,9 @@ impl SamplingParams {
                 || self.frequency_penalty != 0.0)
     }
 
+    /// Most alternatives `logprobs` may ask for (OpenAI's `top_logprobs` limit).
+    pub const MAX_TOP_LOGPROBS: u8 = 20;
+
     /// Longest grammar accepted, in bytes (a JSON schema's grammar is a few KiB).
     pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
 
@@ -104,6 +112,15 @@ impl SamplingParams {
                 format!(
                     "repeat_last_n must be 0 or positive, got {}",
                     self.repeat_last_n
+                ),
+            ));
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > Self::MAX_TOP_LOGPROBS) {
+            return Err(ParamError::new(
+                "top_logprobs",
+                format!(
+                    "top_logprobs must be between 0 and {}, got {n}",
+                    Self::MAX_TOP_LOGPROBS
                 ),
             ));
         }

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,7 +22,30 @@ pub enum Prompt {
     /// Token ids as given (completions with a token-array prompt).
     Tokens(Vec<Token>),
     /// Rendered with the model's chat template (chat completions).
-    Chat(Vec<ChatMessage>),
+    Chat(ChatPrompt),
+}
+
+/// A conversation to render with the model's chat template, and how the rendering ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatPrompt {
+    pub messages: Vec<ChatMessage>,
+    pub ending: ChatEnding,
+}
+
+/// How a rendered conversation ends: llama-server's `add_generation_prompt` and
+/// `continue_final_message`, as one value so the forbidden pair cannot be asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ChatEnding {
+    /// The assistant's turn opened after the last message (`add_generation_prompt: true`).
+    #[default]
+    OpenAssistant,
+    /// The messages as the template renders them, nothing added (`add_generation_prompt:
+    /// false`).
+    AsRendered,
+    /// The final message, an assistant's, left open so the generation continues its text
+    /// (`continue_final_message`, or llama-server's assistant prefill): the text ends with
+    /// that message's content, without the template's end-of-turn.
+    ContinueFinal,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,7 +78,7 @@ pub enum ControlCall {
     /// Renders messages with the chat template, as a chat request's prompt would be, and
     /// returns the text (llama-server's `/apply-template`). Answered with `Rendered`.
     ApplyTemplate {
-        messages: Vec<ChatMessage>,
+        chat: ChatPrompt,
     },
 }
 

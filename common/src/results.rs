@@ -58,6 +58,27 @@ pub struct SeqOutput {
     pub tokens: Vec<Token>,
     pub text: String,
     pub finish: Option<Finish>,
+    /// One entry per token of `tokens` whose text is part of the output, when the request
+    /// asked for log probabilities (`SamplingParams::logprobs`); empty otherwise. An
+    /// end-of-generation token has none.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A token with its text bytes (possibly part of a UTF-8 character) and its natural-log
+/// probability over the full vocabulary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub token: Token,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// A generated token's log probability and the most likely tokens at its position (most
+/// likely first, as many as the request asked for).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub sampled: Candidate,
+    pub top: Vec<Candidate>,
 }
 
 impl SeqOutput {
@@ -68,6 +89,7 @@ impl SeqOutput {
             tokens: Vec::new(),
             text: String::new(),
             finish: Some(finish),
+            logprobs: Vec::new(),
         }
     }
 }
@@ -177,6 +199,7 @@ mod tests {
                 tokens: vec![1],
                 text: "a".into(),
                 finish,
+                logprobs: Vec::new(),
             })
         };
         let finish = Finish {

@@ -263,7 +263,7 @@ mod tests {
     fn shape_has_all_four_fields() {
         let body = ApiError::from(InvalidRequest::Field {
             param: "n".into(),
-            message: "only n=1 is supported".into(),
+            message: "n must be between 1 and 16, got 17".into(),
         })
         .body_json();
         for key in ["message", "type", "param", "code"] {

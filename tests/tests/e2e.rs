@@ -334,7 +334,7 @@ fn bad_inputs_get_openai_errors_and_harm_nothing() {
         (
             "POST",
             "/v1/chat/completions",
-            br#"{"messages":[{"role":"user","content":"x"}],"n":3}"#.to_vec(),
+            br#"{"messages":[{"role":"user","content":"x"}],"n":17}"#.to_vec(),
             400,
             "invalid_request_error",
         ),

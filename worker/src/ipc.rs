@@ -413,7 +413,7 @@ fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineReques
     let mut prompt = match request.prompt {
         Prompt::Text(text) => model.tokenize(&text, true),
         Prompt::Tokens(tokens) => tokens,
-        Prompt::Chat(messages) => model.chat_prompt(&messages)?,
+        Prompt::Chat(chat) => model.chat_prompt_ending(&chat.messages, chat.ending)?,
     };
     let mut stopping = request.stopping;
     let resumed = request.resumed.len();
@@ -458,7 +458,8 @@ fn control(call: ControlCall, model: Model) -> ControlReply {
                 },
             }
         }
-        ControlCall::ApplyTemplate { messages } => match model.render_chat(&messages) {
+        ControlCall::ApplyTemplate { chat } => match model.render_chat(&chat.messages, chat.ending)
+        {
             Ok(prompt) => ControlReply::Rendered { prompt },
             Err(e) => ControlReply::Failed {
                 message: e.to_string(),
@@ -545,6 +546,7 @@ mod tests {
             tokens: vec![1],
             text: text.into(),
             finish: None,
+            logprobs: Vec::new(),
         })
     }
 

@@ -8,16 +8,26 @@
 //!
 //! Each request runs in its `request` span ([`RequestLog`]), a stream's producer task too; the
 //! request's `x-request-id` goes to the worker in the `GenerateRequest`.
+//!
+//! Several choices (`n` > 1) fan out here, in the router: `n` independent `GenerateRequest`s
+//! ([`choice_requests`]: the same prompt, ids of their own, a seeded request's seed + the
+//! choice's index), each holding one admission permit (a choice occupies a sequence like any
+//! request; 429 when the pool cannot take all `n`), each submitted through `Pool::submit`, so
+//! they may run on different workers. The response is committed once every choice was
+//! accepted; their outputs are merged as they come ([`Choices`]), and the first failure ends
+//! the whole request (the other choices are aborted).
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::stream::{BoxStream, SelectAll};
 use futures_util::StreamExt;
+use llamapool_common::protocol::GenerateRequest;
 use llamapool_common::{Finish, RequestId, SeqOutput};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,7 +39,9 @@ use super::{LimitedBody, SharedState};
 use crate::dispatch::{RequestHandle, StreamEvent};
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
+use crate::openai::logprobs::Logprobs;
 use crate::openai::request::parse_generation;
+use crate::openai::response::{sum_usage, with_index};
 use crate::openai::{Endpoint, Envelope};
 
 /// `POST /v1/chat/completions` (and `/chat/completions`).
@@ -81,12 +93,33 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let timer = RequestTimer::start(state.pool.metrics().clone());
     // The permit first: parsing a large body (a token array) costs many times its size.
-    let permit = state.admit()?;
+    let mut permit = state.admit()?;
     let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
     let mut valid = parse_generation(body, endpoint, &state.served, id)?;
     valid.generate.request_id = request_id;
-    // Committed to a status only once a worker accepted the request.
-    let mut handle = state.pool.submit(valid.generate).await?;
+    if valid.n > 1 {
+        // One permit per choice: each takes a sequence of its own.
+        let more = state
+            .admission
+            .clone()
+            .try_acquire_many_owned(valid.n - 1)
+            .map_err(|_| ApiError::queue_full())?;
+        permit.merge(more);
+    }
+    let wants_logprobs = valid.generate.sampling.logprobs.is_some();
+    let mut logprobs: Vec<Logprobs> = (0..valid.n)
+        .map(|_| Logprobs::new(endpoint, wants_logprobs))
+        .collect();
+    let requests = choice_requests(valid.generate, valid.n, &state.next_id);
+    // Committed to a status only once a worker accepted every choice; a refusal drops (and
+    // so aborts) the choices already accepted.
+    let handles =
+        futures_util::future::try_join_all(requests.into_iter().map(|r| state.pool.submit(r)))
+            .await?;
+    let mut timers = vec![timer];
+    timers.extend((1..handles.len()).map(|_| RequestTimer::start(state.pool.metrics().clone())));
+    let served_by = workers_header(&handles);
+    let mut choices = Choices::new(handles, timers);
     let envelope = Envelope::new(endpoint, &state.served.alias);
     if valid.stream {
         let (tx, rx) = mpsc::channel(64);
@@ -95,17 +128,16 @@ async fn respond(
             write_timeout: state.write_timeout,
         };
         let mut log = log.take().expect("only a stream takes the log");
-        log.on_worker(handle.worker());
-        let served_by = worker_header(handle.worker());
+        log.on_worker(choices.first_worker);
         log.committed(200);
         tokio::spawn(
             feed_stream(
-                handle,
+                choices,
                 envelope,
                 valid.include_usage,
+                logprobs,
                 sink,
                 permit,
-                timer,
                 log,
             )
             .instrument(tracing::Span::current()),
@@ -115,13 +147,158 @@ async fn respond(
         Ok((served_by, Sse::new(events).keep_alive(keepalive)).into_response())
     } else {
         let log = log.as_mut().expect("a non-streamed request keeps its log");
-        log.on_worker(handle.worker());
-        let (text, finish) = collect(&mut handle, timer, log).await?;
-        log.finished(&finish);
+        log.on_worker(choices.first_worker);
+        let texts = collect(&mut choices, &mut logprobs, log).await?;
+        log.finished(&choices.total());
         drop(permit);
-        let served_by = worker_header(handle.worker());
-        Ok((served_by, Json(envelope.response(&text, &finish))).into_response())
+        let served_by = workers_header_of(&choices.last_workers);
+        let body: Vec<(String, Finish)> = texts.into_iter().zip(choices.finishes()).collect();
+        let mut json = envelope.response_choices(&body);
+        if wants_logprobs {
+            for (index, lp) in logprobs.iter_mut().enumerate() {
+                json["choices"][index]["logprobs"] = lp.take();
+            }
+        }
+        Ok((served_by, Json(json)).into_response())
     }
+}
+
+/// The `n` requests of one HTTP request: `first`, then copies with ids of their own (taken
+/// from `next_id` in one block) and, when seeded, the seed + the choice's index, so that a
+/// seeded request is reproducible and its choices still differ when sampling.
+fn choice_requests(first: GenerateRequest, n: u32, next_id: &AtomicU64) -> Vec<GenerateRequest> {
+    let mut requests = Vec::with_capacity(n as usize);
+    if n > 1 {
+        let base = next_id.fetch_add(u64::from(n - 1), Ordering::Relaxed);
+        for index in 1..n {
+            let mut request = first.clone();
+            request.id = RequestId(base + u64::from(index - 1));
+            request.sampling.seed = first.sampling.seed.map(|s| s.wrapping_add(index));
+            requests.push(request);
+        }
+    }
+    requests.insert(0, first);
+    requests
+}
+
+/// One output of one choice, or the error that ended it.
+struct ChoiceEvent {
+    index: usize,
+    worker: usize,
+    output: Result<SeqOutput, ApiError>,
+}
+
+/// One choice's outputs until its finish or error; dropping it unfinished aborts the request.
+fn choice_events(index: usize, handle: RequestHandle) -> BoxStream<'static, ChoiceEvent> {
+    futures_util::stream::unfold(Some(handle), move |handle| async move {
+        let mut handle = handle?;
+        let output = next_output(&mut handle).await;
+        let worker = handle.worker();
+        let more = match &output {
+            Ok(o) if o.finish.is_some() => {
+                handle.guard.finished();
+                false
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        let event = ChoiceEvent {
+            index,
+            worker,
+            output,
+        };
+        Some((event, more.then_some(handle)))
+    })
+    .boxed()
+}
+
+/// The choices of one request as they progress: their outputs merged in arrival order, each
+/// choice's metrics timer, and the finishes so far. Dropping it aborts the unfinished ones.
+struct Choices {
+    events: SelectAll<BoxStream<'static, ChoiceEvent>>,
+    timers: Vec<Option<RequestTimer>>,
+    finishes: Vec<Option<Finish>>,
+    /// The worker of each choice's last output (or where it was accepted).
+    last_workers: Vec<usize>,
+    first_worker: usize,
+}
+
+impl Choices {
+    fn new(handles: Vec<RequestHandle>, timers: Vec<RequestTimer>) -> Self {
+        let last_workers: Vec<usize> = handles.iter().map(RequestHandle::worker).collect();
+        Self {
+            first_worker: last_workers[0],
+            finishes: vec![None; handles.len()],
+            timers: timers.into_iter().map(Some).collect(),
+            events: futures_util::stream::select_all(
+                handles
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, handle)| choice_events(index, handle)),
+            ),
+            last_workers,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.finishes.len()
+    }
+
+    /// The next output of any choice, as (choice index, output); `None` once every choice
+    /// finished. Cancel-safe: the merged streams keep their state between calls.
+    async fn next(&mut self, log: &mut RequestLog) -> Option<Result<(usize, SeqOutput), ApiError>> {
+        let event = self.events.next().await?;
+        let output = match event.output {
+            Ok(output) => output,
+            Err(error) => return Some(Err(error)),
+        };
+        self.last_workers[event.index] = event.worker;
+        log.on_output(&output, event.worker);
+        if let Some(timer) = self.timers[event.index].as_mut() {
+            timer.on_output(output.tokens.len());
+        }
+        if let Some(finish) = &output.finish {
+            if let Some(timer) = self.timers[event.index].take() {
+                timer.finish();
+            }
+            self.finishes[event.index] = Some(finish.clone());
+        }
+        Some(Ok((event.index, output)))
+    }
+
+    /// Every choice's finish, in index order (once [`Choices::next`] returned `None`).
+    fn finishes(&self) -> Vec<Finish> {
+        self.finishes
+            .iter()
+            .map(|f| f.clone().expect("every choice finished"))
+            .collect()
+    }
+
+    /// The whole request's finish: the first choice's reason and timings, usage summed
+    /// ([`sum_usage`]); a cancelled choice makes it cancelled.
+    fn total(&self) -> Finish {
+        let finishes = self.finishes();
+        let mut total = finishes[0].clone();
+        total.usage = sum_usage(finishes.iter().map(|f| &f.usage));
+        if let Some(cancelled) = finishes
+            .iter()
+            .find(|f| f.reason == llamapool_common::FinishReason::Cancelled)
+        {
+            total.reason = cancelled.reason;
+        }
+        total
+    }
+}
+
+/// `x-llamapool-worker` for the accepted choices: one id, or several joined by commas.
+fn workers_header(handles: &[RequestHandle]) -> [(&'static str, String); 1] {
+    let workers: Vec<usize> = handles.iter().map(RequestHandle::worker).collect();
+    workers_header_of(&workers)
+}
+
+fn workers_header_of(workers: &[usize]) -> [(&'static str, String); 1] {
+    let ids: Vec<String> = workers.iter().map(usize::to_string).collect();
+    [("x-llamapool-worker", ids.join(","))]
 }
 
 /// `x-llamapool-worker`: the worker that accepted a stream, or finished a request (a moved
@@ -153,24 +330,20 @@ fn ended_with(handle: &mut RequestHandle, event: Option<StreamEvent>) -> ApiErro
     }
 }
 
-/// A non-streamed request's whole text and its finish.
+/// A non-streamed request's whole text per choice, in index order (their finishes stay in
+/// `choices`, their log probabilities in `logprobs`).
 async fn collect(
-    handle: &mut RequestHandle,
-    mut timer: RequestTimer,
+    choices: &mut Choices,
+    logprobs: &mut [Logprobs],
     log: &mut RequestLog,
-) -> Result<(String, Finish), ApiError> {
-    let mut text = String::new();
-    loop {
-        let output = next_output(handle).await?;
-        timer.on_output(output.tokens.len());
-        log.on_output(&output, handle.worker());
-        text.push_str(&output.text);
-        if let Some(finish) = output.finish {
-            handle.guard.finished();
-            timer.finish();
-            return Ok((text, finish));
-        }
+) -> Result<Vec<String>, ApiError> {
+    let mut texts = vec![String::new(); choices.len()];
+    while let Some(event) = choices.next(log).await {
+        let (index, output) = event?;
+        texts[index].push_str(&output.text);
+        logprobs[index].push(&output.logprobs);
     }
+    Ok(texts)
 }
 
 pub(super) fn data(value: &serde_json::Value) -> Event {
@@ -204,61 +377,110 @@ impl StreamSink {
     }
 }
 
-/// Feeds one stream: role chunk, text chunks, finish chunk, optional usage chunk, `[DONE]`.
-/// Ends early (and the guard aborts the request, the permit is released) when the client
-/// goes away or stops reading for `write_timeout`: then `log` ends as cancelled.
+/// Feeds one stream: each choice's role chunk, then the choices' text chunks and finish
+/// chunks (each with its `index`) as they come, then the optional usage chunk (summed over the
+/// choices) and one `[DONE]` once every choice finished. The first error of any choice is
+/// sent as an error event and ends the stream. Ends early (the guards abort the requests, the
+/// permits are released) when the client goes away or stops reading for `write_timeout`:
+/// then `log` ends as cancelled.
 async fn feed_stream(
-    mut handle: RequestHandle,
+    mut choices: Choices,
     envelope: Envelope,
     include_usage: bool,
+    mut logprobs: Vec<Logprobs>,
     sink: StreamSink,
     _permit: OwnedSemaphorePermit,
-    mut timer: RequestTimer,
     mut log: RequestLog,
 ) {
-    if envelope.endpoint == Endpoint::Chat && !sink.send(data(&envelope.role_chunk())).await {
-        return;
+    if envelope.endpoint == Endpoint::Chat {
+        for index in 0..choices.len() {
+            if !sink
+                .send(data(&with_index(envelope.role_chunk(), index)))
+                .await
+            {
+                return;
+            }
+        }
     }
     loop {
-        let output = tokio::select! {
-            output = next_output(&mut handle) => output,
+        let event = tokio::select! {
+            event = choices.next(&mut log) => event,
             () = sink.tx.closed() => return,
         };
-        match output {
-            Ok(o) => {
-                timer.on_output(o.tokens.len());
-                log.on_output(&o, handle.worker());
-                if !o.text.is_empty() && !sink.send(data(&envelope.text_chunk(&o.text))).await {
-                    return;
+        match event {
+            Some(Ok((index, o))) => {
+                // A chunk carries the log probabilities of the tokens since the last chunk
+                // (text held back for a stop string or a partial character waits with them).
+                let lp = &mut logprobs[index];
+                lp.push(&o.logprobs);
+                if !o.text.is_empty() {
+                    let mut chunk = envelope.text_chunk(&o.text);
+                    chunk["choices"][0]["logprobs"] = lp.take();
+                    if !sink.send(data(&with_index(chunk, index))).await {
+                        return;
+                    }
                 }
-                if let Some(finish) = o.finish {
-                    handle.guard.finished();
-                    timer.finish();
-                    log.finished(&finish);
-                    finish_stream(&envelope, &finish, include_usage, &sink).await;
-                    return;
+                if let Some(finish) = &o.finish {
+                    let mut chunk = envelope.finish_chunk(finish);
+                    if lp.has_pending() {
+                        chunk["choices"][0]["logprobs"] = lp.take();
+                    }
+                    if !sink.send(data(&with_index(chunk, index))).await {
+                        return;
+                    }
                 }
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 log.failed(&error);
                 sink.send(data(&error.body_json())).await;
+                return;
+            }
+            None => {
+                let total = choices.total();
+                log.finished(&total);
+                if include_usage && !sink.send(data(&envelope.usage_chunk(&total.usage))).await {
+                    return;
+                }
+                sink.send(Event::default().data("[DONE]")).await;
                 return;
             }
         }
     }
 }
 
-async fn finish_stream(
-    envelope: &Envelope,
-    finish: &Finish,
-    include_usage: bool,
-    sink: &StreamSink,
-) {
-    if !sink.send(data(&envelope.finish_chunk(finish))).await {
-        return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::request::ServedModel;
+
+    fn request(seed: &str) -> GenerateRequest {
+        let body = format!(r#"{{"prompt":"x","n":3{seed}}}"#);
+        let served = ServedModel::new("m");
+        parse_generation(
+            body.as_bytes(),
+            Endpoint::Completions,
+            &served,
+            RequestId(7),
+        )
+        .unwrap()
+        .generate
     }
-    if include_usage && !sink.send(data(&envelope.usage_chunk(&finish.usage))).await {
-        return;
+
+    #[test]
+    fn choices_get_ids_of_their_own_and_seeds_offset_by_their_index() {
+        let next_id = AtomicU64::new(8);
+        let requests = choice_requests(request(r#","seed":41"#), 3, &next_id);
+        let ids: Vec<u64> = requests.iter().map(|r| r.id.0).collect();
+        assert_eq!(ids, [7, 8, 9]);
+        assert_eq!(next_id.load(Ordering::Relaxed), 10);
+        let seeds: Vec<Option<u32>> = requests.iter().map(|r| r.sampling.seed).collect();
+        assert_eq!(seeds, [Some(41), Some(42), Some(43)]);
+        assert!(requests.iter().all(|r| r.prompt == requests[0].prompt));
+        // Unseeded choices draw their own seeds; one choice is the request itself.
+        let unseeded = choice_requests(request(""), 3, &next_id);
+        assert!(unseeded.iter().all(|r| r.sampling.seed.is_none()));
+        let one = choice_requests(request(r#","seed":5"#), 1, &next_id);
+        assert_eq!(one, [request(r#","seed":5"#)]);
+        assert_eq!(next_id.load(Ordering::Relaxed), 12);
     }
-    sink.send(Event::default().data("[DONE]")).await;
 }

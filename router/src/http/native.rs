@@ -38,9 +38,10 @@ use super::{LimitedBody, SharedState};
 use crate::dispatch::{DispatchError, RequestHandle};
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
+use crate::openai::logprobs;
 use crate::openai::request::{
-    chat_messages, native_prompt, parse_json, GenerationBody, MessageBody, NativePrompt,
-    PromptPart, ServedModel,
+    chat_messages, chat_prompt, native_prompt, parse_json, GenerationBody, MessageBody,
+    NativePrompt, PromptPart, ServedModel,
 };
 use crate::openai::response::FINGERPRINT;
 use crate::openai::{Endpoint, ValidRequest};
@@ -78,6 +79,9 @@ struct Native {
     prompt_tokens: Option<u32>,
     /// The prompt, when it was given as text (`prompt` of the final result).
     prompt: Option<String>,
+    /// `post_sampling_probs`: `completion_probabilities` as probabilities (`prob`,
+    /// `top_probs`) rather than log probabilities.
+    post_sampling_probs: bool,
 }
 
 async fn respond(
@@ -89,7 +93,7 @@ async fn respond(
     let timer = RequestTimer::start(state.pool.metrics().clone());
     let permit = state.admit()?;
     let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
-    let (mut valid, return_tokens) = parse_native(state, body, id).await?;
+    let (mut valid, return_tokens, post_sampling_probs) = parse_native(state, body, id).await?;
     valid.generate.request_id = request_id;
     let native = Native {
         model: state.served.alias.clone(),
@@ -107,6 +111,7 @@ async fn respond(
             Prompt::Text(text) => Some(text.clone()),
             _ => None,
         },
+        post_sampling_probs,
     };
     let mut handle = state.pool.submit(valid.generate).await?;
     let first_slot = first_slot_of(state, handle.worker());
@@ -134,12 +139,14 @@ async fn respond(
         let mut timer = timer;
         let mut text = String::new();
         let mut tokens = Vec::new();
+        let mut probs = Vec::new();
         let finish = loop {
             let output = next_output(&mut handle).await?;
             timer.on_output(output.tokens.len());
             log.on_output(&output, handle.worker());
             text.push_str(&output.text);
             tokens.extend_from_slice(&output.tokens);
+            probs.extend_from_slice(&output.logprobs);
             if let Some(finish) = output.finish {
                 handle.guard.finished();
                 timer.finish();
@@ -155,7 +162,11 @@ async fn respond(
             Vec::new()
         };
         let served_by = worker_header(handle.worker());
-        let result = final_result(&native, slot, &text, &tokens, &finish);
+        let mut result = final_result(&native, slot, &text, &tokens, &finish);
+        // As llama-server: only a non-streamed final result has them, and only when any.
+        if !probs.is_empty() {
+            result["completion_probabilities"] = logprobs::native(&probs, post_sampling_probs);
+        }
         Ok((served_by, Json(result)).into_response())
     }
 }
@@ -166,18 +177,27 @@ async fn parse_native(
     state: &SharedState,
     body: &[u8],
     id: RequestId,
-) -> Result<(ValidRequest, bool), ApiError> {
+) -> Result<(ValidRequest, bool, bool), ApiError> {
     let mut body: GenerationBody = parse_json(body)?;
     let served: &ServedModel = &state.served;
     body.check_common(served)?;
+    // llama-server's native result has no list of choices.
+    if body.choices()? != 1 {
+        return Err(crate::openai::InvalidRequest::Field {
+            param: "n".into(),
+            message: "the native /completion endpoint returns one result; n must be 1".into(),
+        }
+        .into());
+    }
     let sampling = body.sampling(&served.defaults)?;
     let return_tokens = body.return_tokens.unwrap_or(false);
+    let post_sampling_probs = body.post_sampling_probs.unwrap_or(false);
     let prompt = match native_prompt(body.prompt.take())? {
         NativePrompt::Ready(prompt) => prompt,
         NativePrompt::Mixed(parts) => Prompt::Tokens(tokenize_mixed(state, parts).await?),
     };
     let valid = body.finish_valid(Endpoint::Completions, served, id, prompt, sampling)?;
-    Ok((valid, return_tokens))
+    Ok((valid, return_tokens, post_sampling_probs))
 }
 
 async fn tokenize_mixed(
@@ -251,7 +271,11 @@ async fn feed_stream(
                 // One event per token, as llama-server (text held back for a possible stop
                 // string makes an empty `content`); the last token's only if it has text.
                 if !o.text.is_empty() || (o.finish.is_none() && !o.tokens.is_empty()) {
-                    let chunk = partial_result(&native, &o.text, &o.tokens, predicted);
+                    let mut chunk = partial_result(&native, &o.text, &o.tokens, predicted);
+                    if !o.logprobs.is_empty() {
+                        chunk["completion_probabilities"] =
+                            logprobs::native(&o.logprobs, native.post_sampling_probs);
+                    }
                     if !sink.send(data(&chunk)).await {
                         return;
                     }
@@ -385,7 +409,7 @@ fn generation_settings(
         "ignore_eos": stopping.ignore_eos,
         "stream": stream,
         "stop": stopping.stop,
-        "n_probs": 0,
+        "n_probs": sampling.logprobs.unwrap_or(0),
         "min_keep": 0,
         "logit_bias": sampling
             .logit_bias
@@ -450,6 +474,8 @@ pub async fn slots(State(state): State<SharedState>) -> Json<Value> {
 #[derive(Debug, Deserialize)]
 struct ApplyTemplateBody {
     messages: Option<Vec<MessageBody>>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
 }
 
 /// `POST /apply-template`: `{"messages"}` rendered with the model's chat template by a worker,
@@ -460,10 +486,14 @@ pub async fn apply_template(
 ) -> Result<Json<Value>, ApiError> {
     let _permit = state.admit_control()?;
     let body: ApplyTemplateBody = parse_json(&body)?;
-    let messages = chat_messages(body.messages)?;
+    let chat = chat_prompt(
+        chat_messages(body.messages)?,
+        body.add_generation_prompt,
+        body.continue_final_message,
+    )?;
     match state
         .pool
-        .control(ControlCall::ApplyTemplate { messages })
+        .control(ControlCall::ApplyTemplate { chat })
         .await?
     {
         ControlReply::Rendered { prompt } => Ok(Json(json!({ "prompt": prompt }))),
@@ -491,6 +521,7 @@ mod tests {
             return_tokens: true,
             prompt_tokens: None,
             prompt: Some("p".into()),
+            post_sampling_probs: false,
         };
         let finish = Finish {
             reason: FinishReason::Length,

@@ -251,6 +251,7 @@ mod tests {
             tokens: vec![7; tokens],
             text: "x".repeat(tokens),
             finish,
+            logprobs: Vec::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! chunks. The endpoints and their deviations from OpenAI and llama-server are in docs/API.md.
 
 pub mod grammar;
+pub mod logprobs;
 pub mod request;
 pub mod response;
 

@@ -3,13 +3,13 @@
 //! Bodies are deserialized with `serde` through `serde_path_to_error`, so a field of the wrong
 //! type is reported with its path (`messages[0].content`, `max_tokens`). Unknown fields are
 //! ignored, as OpenAI's and llama-server's servers do; fields this server cannot honour yet
-//! (tools, log probabilities, several choices) are named in a 400 instead
+//! (tools) are named in a 400 instead
 //! of being silently dropped. Nothing past [`parse_generation`] sees JSON.
 
 use std::collections::BTreeMap;
 
 use llamapool_common::params::MAX_LOGIT_BIAS;
-use llamapool_common::protocol::{GenerateRequest, Prompt};
+use llamapool_common::protocol::{ChatEnding, ChatPrompt, GenerateRequest, Prompt};
 use llamapool_common::settings::GenerationDefaults;
 use llamapool_common::{ChatMessage, ParamError, RequestId, SamplingParams, StoppingParams, Token};
 use serde::de::DeserializeOwned;
@@ -119,11 +119,24 @@ pub struct GenerationBody {
     pub stop: Option<StopBody>,
     pub logit_bias: Option<BTreeMap<String, BiasBody>>,
     pub ignore_eos: Option<bool>,
+    /// Choices per request: 1 to [`MAX_CHOICES`].
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// llama-server's native endpoints: also return the generated token ids.
     pub return_tokens: Option<bool>,
+    /// Log probabilities: `true` (chat, with `top_logprobs` alternatives) or a number of
+    /// alternatives (legacy completions), 0..=20.
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<i64>,
+    /// llama-server's name for the number of alternatives (native endpoints), 0..=20.
+    pub n_probs: Option<i64>,
+    /// llama-server's native endpoints: report probabilities (`prob`, `top_probs`) instead of
+    /// log probabilities.
+    pub post_sampling_probs: Option<bool>,
+    /// Chat: how the rendered conversation ends (see [`chat_prompt`]).
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
     /// Structured output (see [`GenerationBody::grammar`]): OpenAI's `response_format`,
     /// llama-server's `json_schema` and `grammar`.
     pub response_format: Option<Value>,
@@ -141,18 +154,15 @@ pub struct UnsupportedFields {
     tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
-    logprobs: Option<Value>,
-    top_logprobs: Option<Value>,
     best_of: Option<Value>,
     echo: Option<Value>,
     suffix: Option<Value>,
-    n_probs: Option<Value>,
 }
 
 impl UnsupportedFields {
     /// The first field given a value that would need a feature this server lacks.
     fn check(&self) -> Result<(), InvalidRequest> {
-        let fields: [(&'static str, &Option<Value>, NeutralTest); 10] = [
+        let fields: [(&'static str, &Option<Value>, NeutralTest); 6] = [
             ("tools", &self.tools, is_neutral),
             ("tool_choice", &self.tool_choice, |v| {
                 is_neutral(v) || v == "none" || v == "auto"
@@ -161,14 +171,8 @@ impl UnsupportedFields {
             ("function_call", &self.function_call, |v| {
                 is_neutral(v) || v == "none" || v == "auto"
             }),
-            ("logprobs", &self.logprobs, is_neutral),
-            ("top_logprobs", &self.top_logprobs, is_neutral),
-            ("best_of", &self.best_of, |v| {
-                is_neutral(v) || v.as_f64() == Some(1.0)
-            }),
             ("echo", &self.echo, is_neutral),
             ("suffix", &self.suffix, is_neutral),
-            ("n_probs", &self.n_probs, is_neutral),
         ];
         for (param, value, neutral) in fields {
             if let Some(v) = value {
@@ -181,6 +185,20 @@ impl UnsupportedFields {
             }
         }
         Ok(())
+    }
+}
+
+/// `best_of` asks for nothing beyond `n` choices only when it is neutral or equal to `n`
+/// (OpenAI's default is `n`); generating more candidates than are returned is not supported.
+fn check_best_of(best_of: Option<&Value>, n: u32) -> Result<(), InvalidRequest> {
+    match best_of {
+        Some(v) if !is_neutral(v) && v.as_f64() != Some(f64::from(n)) => {
+            Err(InvalidRequest::Unsupported {
+                param: "best_of",
+                detail: format!(" unless it equals n (got {v}, n = {n})"),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -261,10 +279,15 @@ pub struct DetokenizeBody {
     pub tokens: Option<Vec<i32>>,
 }
 
+/// The most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: u32 = 16;
+
 /// A generation request that passed validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
     pub endpoint: Endpoint,
+    /// Choices asked for (`n`), 1 to [`MAX_CHOICES`]; `generate` is the first one's request.
+    pub n: u32,
     pub stream: bool,
     pub include_usage: bool,
     pub generate: GenerateRequest,
@@ -292,23 +315,38 @@ impl GenerationBody {
         self.check_common(served)?;
         let sampling = self.sampling(&served.defaults)?;
         let prompt = match endpoint {
-            Endpoint::Chat => Prompt::Chat(chat_messages(self.messages.take())?),
+            Endpoint::Chat => Prompt::Chat(chat_prompt(
+                chat_messages(self.messages.take())?,
+                self.add_generation_prompt,
+                self.continue_final_message,
+            )?),
             Endpoint::Completions => completion_prompt(self.prompt.take())?,
         };
         self.finish_valid(endpoint, served, id, prompt, sampling)
     }
 
-    /// The checks every endpoint makes first: the model name, unsupported fields, `n`.
+    /// The checks every endpoint makes first: the model name, unsupported fields, `n` (and
+    /// `best_of` against it).
     pub(crate) fn check_common(&self, served: &ServedModel) -> Result<(), InvalidRequest> {
         self.check_model(served)?;
         self.unsupported.check()?;
-        if let Some(n) = self.n.filter(|&n| n != 1) {
-            return Err(InvalidRequest::field(
-                "n",
-                format!("only n = 1 is supported, got {n}"),
-            ));
+        check_best_of(self.unsupported.best_of.as_ref(), self.choices()?)
+    }
+
+    /// `n`: 1 when absent or `null`, else 1 to [`MAX_CHOICES`].
+    pub(crate) fn choices(&self) -> Result<u32, InvalidRequest> {
+        match self.n {
+            None => Ok(1),
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .ok_or_else(|| {
+                    InvalidRequest::field(
+                        "n",
+                        format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
+                    )
+                }),
         }
-        Ok(())
     }
 
     /// The stopping fields checked, and the request assembled around `prompt`.
@@ -320,6 +358,7 @@ impl GenerationBody {
         prompt: Prompt,
         sampling: SamplingParams,
     ) -> Result<ValidRequest, InvalidRequest> {
+        let n = self.choices()?;
         let stopping = StoppingParams {
             max_tokens: max_tokens(self.max_completion_tokens, self.max_tokens, self.n_predict)?
                 .unwrap_or_else(|| served.defaults.max_tokens()),
@@ -333,6 +372,7 @@ impl GenerationBody {
         stopping.validate()?;
         Ok(ValidRequest {
             endpoint,
+            n,
             stream: self.stream.unwrap_or(false),
             include_usage: self
                 .stream_options
@@ -392,9 +432,67 @@ impl GenerationBody {
             },
             logit_bias: logit_bias(self.logit_bias.as_ref())?,
             grammar: self.grammar()?,
+            logprobs: self.logprobs()?,
         };
         sampling.validate()?;
         Ok(sampling)
+    }
+}
+
+impl GenerationBody {
+    /// How many alternatives to report with each token, if log probabilities were asked for:
+    /// chat's `logprobs: true` with `top_logprobs` (default 0), legacy completions'
+    /// `logprobs: N`, or llama-server's `n_probs: N` (0 asks for none, as llama-server).
+    fn logprobs(&self) -> Result<Option<u8>, InvalidRequest> {
+        let count = |param: &str, n: i64| {
+            u8::try_from(n)
+                .ok()
+                .filter(|&n| n <= SamplingParams::MAX_TOP_LOGPROBS)
+                .ok_or_else(|| {
+                    InvalidRequest::field(
+                        param,
+                        format!(
+                            "{param} must be between 0 and {}, got {n}",
+                            SamplingParams::MAX_TOP_LOGPROBS
+                        ),
+                    )
+                })
+        };
+        let top = self
+            .top_logprobs
+            .map(|n| count("top_logprobs", n))
+            .transpose()?;
+        let requested = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(top.unwrap_or(0)),
+            Some(Value::Number(n)) => {
+                let n = n.as_i64().ok_or_else(|| {
+                    InvalidRequest::field(
+                        "logprobs",
+                        format!("logprobs must be an integer, got {n}"),
+                    )
+                })?;
+                Some(count("logprobs", n)?)
+            }
+            Some(other) => {
+                return Err(InvalidRequest::field(
+                    "logprobs",
+                    format!("logprobs must be a boolean or an integer, got {other}"),
+                ))
+            }
+        };
+        if top.is_some_and(|n| n > 0) && requested.is_none() {
+            return Err(InvalidRequest::field(
+                "top_logprobs",
+                "top_logprobs requires logprobs to be set to true",
+            ));
+        }
+        let n_probs = self
+            .n_probs
+            .map(|n| count("n_probs", n))
+            .transpose()?
+            .filter(|&n| n > 0);
+        Ok(requested.or(n_probs))
     }
 }
 
@@ -464,6 +562,52 @@ fn logit_bias(
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "developer", "tool"];
+
+/// The conversation with its ending, as llama-server decides it from `add_generation_prompt`
+/// (default true) and `continue_final_message` (default false): a final assistant message is
+/// continued even when not asked (llama-server's assistant prefill, on by default), unless the
+/// one before it is an assistant's too; both flags true is refused, and so is continuing a
+/// final message that is not an assistant's (llama-server renders nonsense there).
+pub(crate) fn chat_prompt(
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+) -> Result<ChatPrompt, InvalidRequest> {
+    let is_assistant = |m: Option<&ChatMessage>| m.is_some_and(|m| m.role == "assistant");
+    let last_is_assistant = is_assistant(messages.last());
+    let mut add_generation_prompt = add_generation_prompt.unwrap_or(true);
+    let mut continue_final = continue_final_message.unwrap_or(false);
+    if !continue_final && last_is_assistant {
+        if is_assistant(messages.iter().rev().nth(1)) {
+            return Err(InvalidRequest::field(
+                "messages",
+                "Cannot have 2 or more assistant messages at the end of the list.",
+            ));
+        }
+        continue_final = true;
+        add_generation_prompt = false;
+    }
+    if continue_final && add_generation_prompt {
+        return Err(InvalidRequest::field(
+            "continue_final_message",
+            "Cannot set both add_generation_prompt and continue_final_message to true.",
+        ));
+    }
+    if continue_final && !last_is_assistant {
+        return Err(InvalidRequest::field(
+            "continue_final_message",
+            "continue_final_message needs the last message to be the assistant's",
+        ));
+    }
+    let ending = if continue_final {
+        ChatEnding::ContinueFinal
+    } else if add_generation_prompt {
+        ChatEnding::OpenAssistant
+    } else {
+        ChatEnding::AsRendered
+    };
+    Ok(ChatPrompt { messages, ending })
+}
 
 pub(crate) fn chat_messages(
     messages: Option<Vec<MessageBody>>,

@@ -115,6 +115,49 @@ impl Envelope {
     }
 }
 
+/// Several choices (`n` > 1): the shapes above, each choice with its `index`.
+impl Envelope {
+    /// The whole non-streaming response for `choices` (text and finish, in index order): each
+    /// choice as [`Envelope::response`] builds it, with its `index`; `usage` sums them
+    /// ([`sum_usage`]); `timings` are the first choice's.
+    pub fn response_choices(&self, choices: &[(String, Finish)]) -> Value {
+        let (first_text, first) = choices.first().expect("at least one choice");
+        let mut body = self.response(first_text, first);
+        if choices.len() > 1 {
+            body["choices"] = choices
+                .iter()
+                .enumerate()
+                .map(|(index, (text, finish))| {
+                    with_index(self.response(text, finish)["choices"][0].take(), index)
+                })
+                .collect();
+            body["usage"] = usage_json(&sum_usage(choices.iter().map(|(_, f)| &f.usage)));
+        }
+        body
+    }
+}
+
+/// `chunk` (or a choice) with its choice's `index`: `chunk["choices"][0]` when it has
+/// choices, else the value itself.
+pub fn with_index(mut chunk: Value, index: usize) -> Value {
+    match chunk.get_mut("choices").and_then(|c| c.get_mut(0)) {
+        Some(choice) => choice["index"] = json!(index),
+        None => chunk["index"] = json!(index),
+    }
+    chunk
+}
+
+/// The usage of several choices of one request: their prompt is one prompt, counted once
+/// (the first choice's count), and their completion tokens are summed, as OpenAI counts `n`.
+pub fn sum_usage<'a>(usages: impl IntoIterator<Item = &'a Usage>) -> Usage {
+    let mut usages = usages.into_iter();
+    let mut total = usages.next().copied().unwrap_or_default();
+    for u in usages {
+        total.completion_tokens += u.completion_tokens;
+    }
+    total
+}
+
 fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop => "stop",
@@ -172,5 +215,40 @@ mod tests {
         assert_eq!(env.usage_chunk(&finish.usage)["choices"], json!([]));
         assert_eq!(env.usage_chunk(&finish.usage)["usage"]["total_tokens"], 5);
         assert!(env.id.starts_with("chatcmpl-"));
+    }
+
+    #[test]
+    fn several_choices_have_their_index_and_usage_counts_the_prompt_once() {
+        let finish = |reason, completion_tokens| Finish {
+            reason,
+            usage: Usage {
+                prompt_tokens: 7,
+                completion_tokens,
+            },
+            timings: Timings::default(),
+            stop_word: None,
+        };
+        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+            let env = Envelope::new(endpoint, "m");
+            let one = env.response_choices(&[("a".into(), finish(FinishReason::Stop, 2))]);
+            assert_eq!(one, env.response("a", &finish(FinishReason::Stop, 2)));
+            let body = env.response_choices(&[
+                ("a".into(), finish(FinishReason::Stop, 2)),
+                ("b".into(), finish(FinishReason::Length, 5)),
+            ]);
+            let choices = body["choices"].as_array().unwrap();
+            assert_eq!(choices.len(), 2);
+            for (i, c) in choices.iter().enumerate() {
+                assert_eq!(c["index"], i);
+            }
+            assert_eq!(choices[0]["finish_reason"], "stop");
+            assert_eq!(choices[1]["finish_reason"], "length");
+            assert_eq!(
+                body["usage"],
+                json!({"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14})
+            );
+            let chunk = with_index(env.text_chunk("b"), 1);
+            assert_eq!(chunk["choices"][0]["index"], 1);
+        }
     }
 }

@@ -24,6 +24,8 @@ pub struct FakeBackend {
     pub pieces: HashMap<Token, Vec<u8>>,
     /// Failures to return from the next decodes, front first.
     pub inject: Vec<DecodeFailure>,
+    /// The logits every sampled entry reports (default: all 0, a uniform distribution).
+    pub logits: Vec<f32>,
 }
 
 /// The fake sampler only remembers whether end-of-generation is banned.
@@ -42,6 +44,7 @@ impl FakeBackend {
             eog: Token::try_from(limits.n_vocab).expect("vocab fits") - 1,
             pieces: HashMap::new(),
             inject: Vec::new(),
+            logits: vec![0.0; limits.n_vocab],
         }
     }
 }
@@ -101,6 +104,14 @@ impl Backend for FakeBackend {
             next = 0;
         }
         next
+    }
+
+    fn logits(&self, batch_index: usize) -> &[f32] {
+        assert!(
+            self.last_batch[batch_index].logits,
+            "logits of an entry decoded without them"
+        );
+        &self.logits
     }
 
     fn append_piece(&self, token: Token, out: &mut Vec<u8>) {

@@ -24,6 +24,7 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
+use llamapool_common::protocol::ChatEnding;
 use llamapool_common::worker::{ContextConfig, ContextError, FlashAttention};
 use llamapool_common::{ChatMessage, ModelInfo, RequestError, SamplingParams, Token};
 
@@ -156,7 +157,7 @@ impl Model {
                 content: "hi".into(),
             }];
             Model(inner)
-                .render_chat_with(template, &probe)
+                .render_chat_with(template, &probe, true)
                 .map_err(|e| LoadError::ChatTemplate {
                     name: options
                         .chat_template
@@ -183,27 +184,58 @@ impl Model {
             .collect()
     }
 
-    /// Renders messages with the chat template and tokenizes the result.
+    /// Renders messages with the chat template, the assistant's turn opened, and tokenizes
+    /// the result.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<Token>, RequestError> {
-        let text = self.render_chat(messages)?;
+        self.chat_prompt_ending(messages, ChatEnding::OpenAssistant)
+    }
+
+    /// Renders messages with the chat template, ending as `ending` says, and tokenizes the
+    /// result.
+    pub fn chat_prompt_ending(
+        &self,
+        messages: &[ChatMessage],
+        ending: ChatEnding,
+    ) -> Result<Vec<Token>, RequestError> {
+        let text = self.render_chat(messages, ending)?;
         Ok(self.tokenize(&text, true))
     }
 
-    /// Renders messages with the chat template (the GGUF's, or `model.chat_template`), with
-    /// the assistant's turn opened: the text a chat request's prompt is tokenized from.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, RequestError> {
+    /// Renders messages with the chat template (the GGUF's, or `model.chat_template`), ending
+    /// as `ending` says: the text a chat request's prompt is tokenized from.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        ending: ChatEnding,
+    ) -> Result<String, RequestError> {
         let Some(template) = &self.0.chat_template else {
             return Err(RequestError::ChatTemplate(
                 "the model has no chat template; set model.chat_template (for example \"chatml\" or \"gemma\")".into(),
             ));
         };
-        self.render_chat_with(template, messages)
+        match ending {
+            ChatEnding::OpenAssistant => self.render_chat_with(template, messages, true),
+            ChatEnding::AsRendered => self.render_chat_with(template, messages, false),
+            ChatEnding::ContinueFinal => {
+                let (last, earlier) = messages.split_last().ok_or_else(|| {
+                    RequestError::ChatTemplate("there is no final message to continue".into())
+                })?;
+                let mut marked = earlier.to_vec();
+                marked.push(ChatMessage {
+                    role: last.role.clone(),
+                    content: CONTINUE_MARKER.into(),
+                });
+                let rendered = self.render_chat_with(template, &marked, false)?;
+                open_final_message(&rendered, &last.content)
+            }
+        }
     }
 
     fn render_chat_with(
         &self,
         template: &LlamaChatTemplate,
         messages: &[ChatMessage],
+        add_assistant: bool,
     ) -> Result<String, RequestError> {
         let chat = messages
             .iter()
@@ -214,7 +246,7 @@ impl Model {
             })?;
         self.0
             .model
-            .apply_chat_template(template, &chat, true)
+            .apply_chat_template(template, &chat, add_assistant)
             .map_err(|e| RequestError::ChatTemplate(e.to_string()))
     }
 
@@ -553,6 +585,11 @@ impl Backend for LlamaCppBackend {
         }
     }
 
+    fn logits(&self, batch_index: usize) -> &[f32] {
+        let idx = i32::try_from(batch_index).expect("batch index fits in i32");
+        self.ctx.get_logits_ith(idx)
+    }
+
     fn append_piece(&self, token: Token, out: &mut Vec<u8>) {
         self.model.append_piece(token, out, false);
     }
@@ -577,9 +614,39 @@ fn argmax(logits: &[f32], banned: &[Token]) -> Token {
     best as Token
 }
 
+/// Stands in for the final message's content while the conversation is rendered for
+/// [`ChatEnding::ContinueFinal`]: text no template adds or alters.
+const CONTINUE_MARKER: &str = "\u{1}llamapool-continue-final-message\u{1}";
+
+/// The conversation `rendered` with [`CONTINUE_MARKER`] as its final message's content, cut
+/// where that content starts and continued with `content`: the final message left open,
+/// without the template's end-of-turn (what llama-server's `continue_final_message` renders).
+fn open_final_message(rendered: &str, content: &str) -> Result<String, RequestError> {
+    let at = rendered.rfind(CONTINUE_MARKER).ok_or_else(|| {
+        RequestError::ChatTemplate(
+            "the chat template does not render the final message's content as given, so it cannot be continued".into(),
+        )
+    })?;
+    Ok(format!("{}{content}", &rendered[..at]))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::argmax;
+    use super::{argmax, open_final_message, CONTINUE_MARKER};
+
+    #[test]
+    fn the_final_message_is_cut_open_at_its_content() {
+        let rendered = format!("<|im_start|>assistant\n{CONTINUE_MARKER}<|im_end|>\n");
+        assert_eq!(
+            open_final_message(&rendered, "Hello, I am").unwrap(),
+            "<|im_start|>assistant\nHello, I am"
+        );
+        assert_eq!(
+            open_final_message(&rendered, "").unwrap(),
+            "<|im_start|>assistant\n"
+        );
+        assert!(open_final_message("<|im_start|>assistant\n<|im_end|>", "x").is_err());
+    }
 
     #[test]
     fn argmax_skips_banned_and_prefers_first() {

@@ -69,6 +69,10 @@ pub trait Backend {
     /// last successful `decode`.
     fn sample(&mut self, sampler: &mut Self::Sampler, batch_index: usize) -> Token;
 
+    /// The raw logits (before any sampler) of batch entry `batch_index` of the last successful
+    /// `decode`, one per vocabulary token: what log probabilities are computed from.
+    fn logits(&self, batch_index: usize) -> &[f32];
+
     /// Appends the token's text bytes (possibly part of a UTF-8 character).
     fn append_piece(&self, token: Token, out: &mut Vec<u8>);
 

@@ -10,6 +10,7 @@
 //! Failures stay local: a request that cannot fit is rejected, a failed decode fails the
 //! sequences it carried (a full KV cache evicts only the newest), and the others go on.
 
+pub mod logprobs;
 pub mod scheduler;
 pub mod seq_ids;
 pub mod text;
@@ -20,8 +21,8 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
 
 use llamapool_common::{
-    Finish, FinishReason, GenerationEvent, RequestError, RequestId, SamplingParams, SeqOutput,
-    StoppingParams, Timings, Token, Usage,
+    Candidate, Finish, FinishReason, GenerationEvent, RequestError, RequestId, SamplingParams,
+    SeqOutput, StoppingParams, Timings, Token, TokenLogprob, Usage,
 };
 
 use crate::backend::{Backend, BackendLimits, BatchEntry, DecodeFailure};
@@ -269,6 +270,8 @@ struct Active<S> {
     generated: u32,
     max_new: u32,
     ignore_eos: bool,
+    /// `SamplingParams::logprobs`: how many alternatives to report with each token, if any.
+    logprobs: Option<u8>,
     sampler: S,
     text: TextAssembler,
     events: EventSender,
@@ -569,6 +572,7 @@ impl<B: Backend> Engine<B> {
             generated: 0,
             max_new: w.max_new,
             ignore_eos: w.request.stopping.ignore_eos,
+            logprobs: w.request.sampling.logprobs,
             sampler: w.sampler,
             text,
             events: w.events,
@@ -700,13 +704,36 @@ impl<B: Backend> Engine<B> {
         for sample in samples {
             let a = &mut self.active[sample.active];
             let token = self.backend.sample(&mut a.sampler, sample.batch_index);
-            self.on_token(sample.active, token);
+            let (wanted, ignore_eos) = (a.logprobs, a.ignore_eos);
+            let logprobs = wanted
+                .filter(|_| ignore_eos || !self.backend.is_eog(token))
+                .map(|n| self.token_logprob(sample.batch_index, token, usize::from(n)));
+            self.on_token(sample.active, token, logprobs);
         }
         self.retire_done();
     }
 
+    /// The log probability of `token` sampled at batch entry `batch_index`, with the `top_n`
+    /// most likely tokens, each with its text bytes.
+    fn token_logprob(&self, batch_index: usize, token: Token, top_n: usize) -> TokenLogprob {
+        let (logprob, top) = logprobs::logprobs(self.backend.logits(batch_index), token, top_n);
+        let candidate = |token: Token, logprob: f32| {
+            let mut bytes = Vec::new();
+            self.backend.append_piece(token, &mut bytes);
+            Candidate {
+                token,
+                bytes,
+                logprob,
+            }
+        };
+        TokenLogprob {
+            sampled: candidate(token, logprob),
+            top: top.into_iter().map(|(t, l)| candidate(t, l)).collect(),
+        }
+    }
+
     /// Handles one sampled token: stop checks, text, emission.
-    fn on_token(&mut self, i: usize, token: Token) {
+    fn on_token(&mut self, i: usize, token: Token, logprob: Option<TokenLogprob>) {
         let a = &mut self.active[i];
         a.generated += 1;
         if a.first_token.is_none() {
@@ -717,6 +744,7 @@ impl<B: Backend> Engine<B> {
             tokens: vec![token],
             text: String::new(),
             finish: None,
+            logprobs: logprob.into_iter().collect(),
         };
         let mut stop_word = None;
         let reason = if !a.ignore_eos && self.backend.is_eog(token) {

@@ -326,8 +326,9 @@ fn duplicate_ids_are_rejected_and_the_thread_api_works() {
     let (tx, rx) = mpsc::channel();
     engine.handle.submit(request(7, vec![1], 10), tx.clone());
     engine.handle.submit(request(7, vec![1], 10), tx);
-    let events: Vec<_> = rx.iter().take_while(|_| true).take(11).collect();
-    assert!(events.iter().any(|e| matches!(
+    // The rejection may come before, among or after the first request's events; the channel
+    // closes once both requests have ended.
+    assert!(rx.iter().any(|e| matches!(
         e,
         GenerationEvent::Rejected {
             error: RequestError::DuplicateId(_),
@@ -424,4 +425,63 @@ fn the_iteration_hook_sees_steps_grow_and_the_load_change() {
     );
     let finals = rx.try_iter().filter(GenerationEvent::is_final).count();
     assert_eq!(finals, 3);
+}
+
+#[test]
+fn log_probabilities_come_only_when_asked_and_skip_end_of_generation() {
+    let mut h = Harness::new(limits(16, 2, 256));
+    // Probabilities 0.1, 0.2, 0.3, 0.4 on tokens 0..4, nothing on the others.
+    let mut logits = vec![f32::NEG_INFINITY; 100];
+    for (i, p) in [0.1f32, 0.2, 0.3, 0.4].into_iter().enumerate() {
+        logits[i] = p.ln() + 7.0;
+    }
+    h.engine.backend.logits = logits;
+    h.engine.backend.pieces.insert(3, "é".as_bytes().to_vec());
+    let plain = h.submit(request(1, vec![1], 3));
+    let asked = h.submit(EngineRequest {
+        sampling: SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        },
+        // Generates 97, 98, then 99: end-of-generation, which has none.
+        ..request(2, vec![96], 5)
+    });
+    let asked_low = h.submit(EngineRequest {
+        sampling: SamplingParams {
+            logprobs: Some(0),
+            ..SamplingParams::greedy()
+        },
+        ..request(3, vec![1], 2)
+    });
+    h.run_until_idle();
+    let outputs = |rx: &Receiver<GenerationEvent>| -> Vec<SeqOutput> {
+        rx.try_iter()
+            .filter_map(|e| match e {
+                GenerationEvent::Output(o) => Some(o),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(outputs(&plain).iter().all(|o| o.logprobs.is_empty()));
+    let asked = outputs(&asked);
+    let lps: Vec<&TokenLogprob> = asked.iter().flat_map(|o| &o.logprobs).collect();
+    assert_eq!(lps.len(), 2, "97 and 98, not the end-of-generation token");
+    for (lp, token) in lps.iter().zip([97, 98]) {
+        assert_eq!(lp.sampled.token, token);
+        // Banned by the scripted logits: no probability, still its bytes.
+        assert_eq!(lp.sampled.logprob, f32::NEG_INFINITY);
+        assert_eq!(lp.top.len(), 2);
+        assert_eq!((lp.top[0].token, lp.top[1].token), (3, 2));
+        assert!((lp.top[0].logprob - 0.4f32.ln()).abs() < 1e-5);
+        assert!((lp.top[1].logprob - 0.3f32.ln()).abs() < 1e-5);
+        assert_eq!(lp.top[0].bytes, "é".as_bytes());
+        assert_eq!(lp.top[1].bytes, b"c");
+    }
+    assert_eq!(lps[0].sampled.bytes, vec![b'a' + 97 % 26]);
+    let low = outputs(&asked_low);
+    let lps: Vec<&TokenLogprob> = low.iter().flat_map(|o| &o.logprobs).collect();
+    assert_eq!(lps.len(), 2);
+    assert_eq!(lps[0].sampled.token, 2);
+    assert!((lps[0].sampled.logprob - 0.3f32.ln()).abs() < 1e-5);
+    assert!(lps.iter().all(|lp| lp.top.is_empty()));
 }

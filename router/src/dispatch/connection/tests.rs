@@ -86,6 +86,7 @@ fn output(id: u64, tokens: Vec<Token>, finish: Option<Finish>) -> GenerationEven
         text: format!("{tokens:?}"),
         tokens,
         finish,
+        logprobs: Vec::new(),
     })
 }
 

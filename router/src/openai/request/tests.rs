@@ -50,8 +50,9 @@ fn parses_a_full_chat_request() {
         g.sampling.logit_bias,
         vec![(12, -100.0), (13, f32::NEG_INFINITY)]
     );
-    let Prompt::Chat(m) = g.prompt else { panic!() };
-    assert_eq!(m[1].content, "hi");
+    let Prompt::Chat(c) = g.prompt else { panic!() };
+    assert_eq!(c.messages[1].content, "hi");
+    assert_eq!(c.ending, ChatEnding::OpenAssistant);
 }
 
 #[test]
@@ -59,11 +60,11 @@ fn developer_is_the_system_role_and_null_content_is_empty() {
     let r =
         chat(r#"{"messages":[{"role":"developer","content":"d"},{"role":"user","content":null}]}"#)
             .unwrap();
-    let Prompt::Chat(m) = r.generate.prompt else {
+    let Prompt::Chat(c) = r.generate.prompt else {
         panic!()
     };
-    assert_eq!(m[0].role, "system");
-    assert_eq!(m[1].content, "");
+    assert_eq!(c.messages[0].role, "system");
+    assert_eq!(c.messages[1].content, "");
 }
 
 #[test]
@@ -116,7 +117,11 @@ fn bad_inputs_name_their_field() {
             r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
             "temperature",
         ),
-        (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "n"),
+        (r#"{"messages":[{"role":"user","content":"x"}],"n":0}"#, "n"),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#,
+            "n",
+        ),
         (
             r#"{"messages":[{"role":"user","content":"x"}],"stop":3}"#,
             "stop",
@@ -187,12 +192,9 @@ fn fields_this_server_cannot_honour_are_named() {
         ),
         (r#""tool_choice":"required""#, "tool_choice"),
         (r#""functions":[{"name":"f"}]"#, "functions"),
-        (r#""logprobs":true"#, "logprobs"),
-        (r#""top_logprobs":3"#, "top_logprobs"),
         (r#""best_of":2"#, "best_of"),
         (r#""echo":true"#, "echo"),
         (r#""suffix":"end""#, "suffix"),
-        (r#""n_probs":2"#, "n_probs"),
     ];
     for (field, param) in cases {
         let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#);
@@ -407,5 +409,139 @@ fn structured_output_fields_become_one_grammar() {
     ] {
         let e = grammar_of(field).unwrap_err();
         assert_eq!(param_of(&e), Some(param), "{field}: {e:?}");
+    }
+}
+
+#[test]
+fn n_asks_for_several_choices_and_best_of_may_only_equal_it() {
+    assert_eq!(
+        chat(r#"{"messages":[{"role":"user","content":"x"}]}"#)
+            .unwrap()
+            .n,
+        1
+    );
+    assert_eq!(
+        chat(r#"{"messages":[{"role":"user","content":"x"}],"n":null}"#)
+            .unwrap()
+            .n,
+        1
+    );
+    let r = completion(r#"{"prompt":"x","n":16,"best_of":16}"#).unwrap();
+    assert_eq!(r.n, 16);
+    assert_eq!(
+        completion(r#"{"prompt":"x","n":3,"best_of":null}"#)
+            .unwrap()
+            .n,
+        3
+    );
+    for (body, param) in [
+        (r#"{"prompt":"x","n":-1}"#, "n"),
+        (r#"{"prompt":"x","n":4294967297}"#, "n"),
+        (r#"{"prompt":"x","n":2.5}"#, "n"),
+        (r#"{"prompt":"x","n":2,"best_of":3}"#, "best_of"),
+        (r#"{"prompt":"x","best_of":2}"#, "best_of"),
+    ] {
+        let e = completion(body).unwrap_err();
+        assert_eq!(param_of(&e), Some(param), "{body}: {e:?}");
+    }
+}
+
+/// The ending a chat body asks for, or the refused parameter.
+fn ending(body: &str) -> Result<ChatEnding, String> {
+    match chat(body) {
+        Ok(r) => match r.generate.prompt {
+            Prompt::Chat(c) => Ok(c.ending),
+            other => panic!("not a chat prompt: {other:?}"),
+        },
+        Err(InvalidRequest::Field { param, .. }) => Err(param),
+        Err(e) => panic!("unexpected error {e:?}"),
+    }
+}
+
+#[test]
+fn chat_endings_follow_llama_server() {
+    let u = r#"{"role":"user","content":"Hi"}"#;
+    let a = r#"{"role":"assistant","content":"Hello"}"#;
+    let body =
+        |msgs: &[&str], extra: &str| format!(r#"{{"messages":[{}]{extra}}}"#, msgs.join(","));
+    assert_eq!(ending(&body(&[u], "")), Ok(ChatEnding::OpenAssistant));
+    assert_eq!(
+        ending(&body(&[u], r#","add_generation_prompt":false"#)),
+        Ok(ChatEnding::AsRendered)
+    );
+    // A final assistant message is continued (llama-server's prefill), asked or not.
+    assert_eq!(ending(&body(&[u, a], "")), Ok(ChatEnding::ContinueFinal));
+    assert_eq!(
+        ending(&body(
+            &[u, a],
+            r#","continue_final_message":true,"add_generation_prompt":false"#
+        )),
+        Ok(ChatEnding::ContinueFinal)
+    );
+    assert_eq!(
+        ending(&body(&[u, a], r#","continue_final_message":true"#)),
+        Err("continue_final_message".into())
+    );
+    assert_eq!(
+        ending(&body(
+            &[u],
+            r#","continue_final_message":true,"add_generation_prompt":false"#
+        )),
+        Err("continue_final_message".into())
+    );
+    // Two assistant turns at the end: refused unless continuing is asked for explicitly.
+    assert_eq!(ending(&body(&[u, a, a], "")), Err("messages".into()));
+    assert_eq!(
+        ending(&body(
+            &[u, a, a],
+            r#","continue_final_message":true,"add_generation_prompt":false"#
+        )),
+        Ok(ChatEnding::ContinueFinal)
+    );
+    assert_eq!(ending(&body(&[u, a, u], "")), Ok(ChatEnding::OpenAssistant));
+}
+
+#[test]
+fn log_probabilities_are_asked_for_per_endpoint() {
+    let logprobs = |body: &str| chat(body).map(|v| v.generate.sampling.logprobs);
+    let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+    assert_eq!(logprobs(&format!("{{{msgs}}}")).unwrap(), None);
+    assert_eq!(
+        logprobs(&format!(r#"{{{msgs},"logprobs":false}}"#)).unwrap(),
+        None
+    );
+    assert_eq!(
+        logprobs(&format!(r#"{{{msgs},"logprobs":true}}"#)).unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        logprobs(&format!(r#"{{{msgs},"logprobs":true,"top_logprobs":20}}"#)).unwrap(),
+        Some(20)
+    );
+    assert_eq!(
+        logprobs(&format!(r#"{{{msgs},"n_probs":3}}"#)).unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        logprobs(&format!(r#"{{{msgs},"n_probs":0}}"#)).unwrap(),
+        None
+    );
+    let c = |body: &str| completion(body).map(|v| v.generate.sampling.logprobs);
+    assert_eq!(c(r#"{"prompt":"x","logprobs":2}"#).unwrap(), Some(2));
+    assert_eq!(c(r#"{"prompt":"x","logprobs":null}"#).unwrap(), None);
+    for (field, param) in [
+        (r#""logprobs":true,"top_logprobs":21"#, "top_logprobs"),
+        (r#""logprobs":true,"top_logprobs":-1"#, "top_logprobs"),
+        (r#""top_logprobs":2"#, "top_logprobs"),
+        (r#""logprobs":21"#, "logprobs"),
+        (r#""logprobs":"yes""#, "logprobs"),
+        (r#""logprobs":1.5"#, "logprobs"),
+        (r#""n_probs":21"#, "n_probs"),
+    ] {
+        let body = format!("{{{msgs},{field}}}");
+        match chat(&body) {
+            Err(InvalidRequest::Field { param: p, .. }) => assert_eq!(p, param, "{body}"),
+            other => panic!("{body}: {other:?}"),
+        }
     }
 }
