@@ -489,9 +489,11 @@ fn raw_loop(
             && next < prompts.len()
             && batch.len() + prompts[next].len() <= n_batch
         {
+            // No prompt cache here: every id is cleared whole before it is handed out.
             let seq = ids
-                .acquire(|id| backend.clear_sequence(id, 0))
-                .expect("a free sequence id");
+                .acquire(&[], false, |id, _| backend.clear_sequence(id, 0))
+                .expect("a free sequence id")
+                .id;
             let prompt = &prompts[next];
             for (p, &t) in prompt.iter().enumerate() {
                 batch.push(BatchEntry {
@@ -541,7 +543,7 @@ fn raw_loop(
             s.record.e2e = s.last_token_at - s.started;
             records[s.request] = std::mem::take(&mut s.record);
             progress.tick();
-            ids.release(s.seq);
+            ids.release(s.seq, Vec::new());
             backend.clear_sequence(s.seq, 0);
             false
         });
@@ -630,6 +632,8 @@ fn request_for(
             max_tokens: Some(max_tokens),
             stop: Vec::new(),
             ignore_eos: true,
+            // Like the raw loop of stage 0: every prompt evaluated in full.
+            cache_prompt: false,
         },
         prompt.to_vec(),
     )

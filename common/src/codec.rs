@@ -225,6 +225,7 @@ mod tests {
                     max_tokens: Some(9),
                     stop: vec!["\n".into()],
                     ignore_eos: true,
+                    cache_prompt: false,
                 },
                 resumed: vec![4],
             }));
@@ -296,6 +297,7 @@ mod tests {
                     usage: Usage {
                         prompt_tokens: 3,
                         completion_tokens: 4,
+                        cached_tokens: 2,
                     },
                     timings: Timings {
                         queue_ms: 0.5,

@@ -230,8 +230,8 @@ impl Bound {
     }
 }
 
-/// When generation ends, besides end-of-generation tokens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// When generation ends, besides end-of-generation tokens; and how the worker may run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoppingParams {
     /// Most tokens to generate; `None` means until the sequence's context is full.
     pub max_tokens: Option<u32>,
@@ -239,6 +239,25 @@ pub struct StoppingParams {
     pub stop: Vec<String>,
     /// Never stop at an end-of-generation token (benchmarks): exactly `max_tokens` are generated.
     pub ignore_eos: bool,
+    /// llama-server's `cache_prompt` (default true): the worker may start from KV cells that a
+    /// finished request left for the same prompt prefix, instead of evaluating it again.
+    #[serde(default = "yes")]
+    pub cache_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for StoppingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+            cache_prompt: true,
+        }
+    }
 }
 
 impl StoppingParams {

@@ -20,6 +20,10 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens found in the worker's prompt cache and not evaluated again (part of
+    /// `prompt_tokens`).
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 impl Usage {

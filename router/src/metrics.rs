@@ -491,6 +491,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
+                cached_tokens: 0,
             },
             timings: Timings {
                 queue_ms: 30.0,

@@ -127,3 +127,19 @@ pub fn process_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Runs a Python script that drives `server` with the unmodified `openai` client: the script
+/// gets the server's base URL as `sys.argv[1]` and must print `ok` last.
+pub fn run_openai_client(server: &Router, script: &str) {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &format!("http://{}", server.addr)])
+        .output()
+        .expect("python3 runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'openai'"),
+        "the openai package is missing: scripts/test installs it (python3 -m pip install openai)"
+    );
+    assert!(out.status.success(), "openai client failed:\n{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}

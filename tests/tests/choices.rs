@@ -226,15 +226,5 @@ assert [x.index for x in c.choices] == [0, 1] and c.choices[0].text, c
 assert c.usage.completion_tokens == 2 * client.completions.create(model="smol", prompt="The sky is", max_tokens=4, temperature=0).usage.completion_tokens, c.usage
 print("ok")
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script, &format!("http://{}", server.addr)])
-        .output()
-        .expect("python3 runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'openai'"),
-        "the openai package is missing: scripts/test installs it (python3 -m pip install openai)"
-    );
-    assert!(out.status.success(), "openai client failed:\n{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    run_openai_client(&server, script);
 }

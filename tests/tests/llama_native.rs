@@ -40,7 +40,12 @@ fn check_final(v: &Value, predicted: u64) {
     assert!(v["id_slot"].as_u64().is_some());
     let t = &v["timings"];
     assert_eq!(t["predicted_n"], predicted);
-    assert_eq!(t["prompt_n"], v["tokens_evaluated"]);
+    // As llama-server: `prompt_n` tokens evaluated, `cache_n` taken from the prompt cache.
+    assert_eq!(
+        t["prompt_n"].as_u64().unwrap() + t["cache_n"].as_u64().unwrap(),
+        v["tokens_evaluated"].as_u64().unwrap()
+    );
+    assert_eq!(t["cache_n"], v["tokens_cached"]);
     for key in ["prompt_ms", "predicted_ms", "predicted_per_second"] {
         assert!(t[key].as_f64().is_some(), "timings.{key}: {t}");
     }

@@ -233,15 +233,5 @@ chunks = [c for c in client.chat.completions.create(model="smol", messages=[{"ro
 assert [t.token for c in chunks for t in c.choices[0].logprobs.content] == [t.token for t in content]
 print("ok")
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script, &format!("http://{}", server.addr)])
-        .output()
-        .expect("python3 runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'openai'"),
-        "the openai package is missing: scripts/test installs it (python3 -m pip install openai)"
-    );
-    assert!(out.status.success(), "openai client failed:\n{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    run_openai_client(&server, script);
 }

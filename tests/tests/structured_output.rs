@@ -192,15 +192,5 @@ except openai.BadRequestError as e:
     assert e.status_code == 400 and e.body["param"] == "response_format", e.body
 print("ok")
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script, &format!("http://{}", server.addr)])
-        .output()
-        .expect("python3 runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'openai'"),
-        "the openai package is missing: scripts/test installs it (python3 -m pip install openai)"
-    );
-    assert!(out.status.success(), "openai client failed:\n{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    run_openai_client(&server, script);
 }

@@ -441,3 +441,42 @@ fn a_grammar_constrains_greedy_ignore_eos_and_resumed_requests() {
     assert_eq!(h.stats().unwrap().free_ids, 2);
     engine.stop(true);
 }
+
+#[test]
+fn the_prompt_cache_reuses_prefixes_without_changing_greedy_output() {
+    let first = "The history of the printing press begins in the fifteenth century, when";
+    let second = format!("{first} Johannes Gutenberg built a press in Mainz. Describe how");
+    let fresh = |prompt: &str| {
+        let engine = engine(2, 2048, 256);
+        let out = run(&engine.handle, greedy(1, prompt, 24));
+        engine.stop(true);
+        out
+    };
+    let (fresh_first, fresh_second) = (fresh(first), fresh(&second));
+
+    let engine = engine(2, 2048, 256);
+    let h = &engine.handle;
+    let cold = run(h, greedy(1, first, 24));
+    let usage = |o: &Outcome| o.finish.as_ref().expect("finished").usage;
+    assert_eq!(usage(&cold).cached_tokens, 0);
+    let again = run(h, greedy(2, first, 24));
+    let extended = run(h, greedy(3, &second, 24));
+    for (got, want) in [
+        (&cold, &fresh_first),
+        (&again, &fresh_first),
+        (&extended, &fresh_second),
+    ] {
+        assert_eq!(
+            got.tokens, want.tokens,
+            "the prompt cache changed greedy output"
+        );
+        assert_eq!(got.text, want.text);
+    }
+    let n_first = smollm2().tokenize(first, true).len() as u32;
+    assert_eq!(usage(&again).cached_tokens, n_first - 1);
+    assert!(usage(&extended).cached_tokens >= n_first - 1);
+    assert!(usage(&extended).cached_tokens < usage(&extended).prompt_tokens);
+    let stats = h.stats().unwrap();
+    assert_eq!(stats.free_ids, 2);
+    engine.stop(true);
+}

@@ -340,7 +340,7 @@ fn final_result(
         "truncated": false,
         "stop_type": stop_type,
         "stopping_word": stopping_word,
-        "tokens_cached": 0,
+        "tokens_cached": finish.usage.cached_tokens,
         "timings": timings(&finish.usage, &finish.timings),
     });
     if let Some(prompt) = &native.prompt {
@@ -369,11 +369,13 @@ fn timings(u: &Usage, t: &Timings) -> Value {
             (0.0, 0.0)
         }
     };
-    let (prompt_per_token, prompt_per_second) = per(u.prompt_tokens, t.prompt_ms);
+    // As llama-server: `prompt_n` counts the prompt tokens evaluated, `cache_n` those reused.
+    let evaluated = u.prompt_tokens.saturating_sub(u.cached_tokens);
+    let (prompt_per_token, prompt_per_second) = per(evaluated, t.prompt_ms);
     let (predicted_per_token, predicted_per_second) = per(u.completion_tokens, t.predicted_ms);
     json!({
-        "cache_n": 0,
-        "prompt_n": u.prompt_tokens,
+        "cache_n": u.cached_tokens,
+        "prompt_n": evaluated,
         "prompt_ms": t.prompt_ms,
         "prompt_per_token_ms": prompt_per_token,
         "prompt_per_second": prompt_per_second,
@@ -407,6 +409,7 @@ fn generation_settings(
         "n_predict": n_predict,
         "n_keep": 0,
         "ignore_eos": stopping.ignore_eos,
+        "cache_prompt": stopping.cache_prompt,
         "stream": stream,
         "stop": stopping.stop,
         "n_probs": sampling.logprobs.unwrap_or(0),
@@ -528,6 +531,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 3,
                 completion_tokens: 4,
+                cached_tokens: 1,
             },
             timings: Timings {
                 queue_ms: 0.0,
@@ -547,6 +551,10 @@ mod tests {
         assert_eq!(r["generation_settings"]["n_predict"], 4);
         assert_eq!(r["generation_settings"]["seed"], u64::from(RANDOM_SEED));
         assert_eq!(r["timings"]["predicted_per_second"], 500.0);
+        assert_eq!(r["tokens_cached"], 1);
+        assert_eq!(r["timings"]["cache_n"], 1);
+        assert_eq!(r["timings"]["prompt_n"], 2);
+        assert_eq!(r["generation_settings"]["cache_prompt"], true);
         let word = Finish {
             reason: FinishReason::Stop,
             stop_word: Some(".".into()),

@@ -271,6 +271,7 @@ mod tests {
                         usage: Usage {
                             prompt_tokens: 9,
                             completion_tokens: 3,
+                            cached_tokens: 0,
                         },
                         timings: Timings::default(),
                         stop_word: None,
@@ -283,6 +284,7 @@ mod tests {
                 usage: Usage {
                     prompt_tokens: 9,
                     completion_tokens: 3,
+                    cached_tokens: 0,
                 },
                 timings: Timings::default(),
                 stop_word: None,

@@ -119,6 +119,8 @@ pub struct GenerationBody {
     pub stop: Option<StopBody>,
     pub logit_bias: Option<BTreeMap<String, BiasBody>>,
     pub ignore_eos: Option<bool>,
+    /// llama-server's prompt cache switch (default on).
+    pub cache_prompt: Option<bool>,
     /// Choices per request: 1 to [`MAX_CHOICES`].
     pub n: Option<i64>,
     pub stream: Option<bool>,
@@ -368,6 +370,7 @@ impl GenerationBody {
                 Some(StopBody::Many(list)) => list,
             },
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            cache_prompt: self.cache_prompt.unwrap_or(true),
         };
         stopping.validate()?;
         Ok(ValidRequest {

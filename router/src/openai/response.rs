@@ -166,7 +166,12 @@ fn finish_reason(reason: FinishReason) -> &'static str {
 }
 
 fn usage_json(u: &Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens()})
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens(),
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
 }
 
 fn timings_json(u: &Usage, t: &Timings) -> Value {
@@ -176,7 +181,8 @@ fn timings_json(u: &Usage, t: &Timings) -> Value {
         0.0
     };
     json!({
-        "prompt_n": u.prompt_tokens,
+        "cache_n": u.cached_tokens,
+        "prompt_n": u.prompt_tokens.saturating_sub(u.cached_tokens),
         "prompt_ms": t.prompt_ms,
         "predicted_n": u.completion_tokens,
         "predicted_ms": t.predicted_ms,
@@ -197,6 +203,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 3,
                 completion_tokens: 2,
+                cached_tokens: 0,
             },
             timings: Timings::default(),
             stop_word: None,
@@ -224,6 +231,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 7,
                 completion_tokens,
+                cached_tokens: 3,
             },
             timings: Timings::default(),
             stop_word: None,
@@ -245,8 +253,15 @@ mod tests {
             assert_eq!(choices[1]["finish_reason"], "length");
             assert_eq!(
                 body["usage"],
-                json!({"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14})
+                json!({
+                    "prompt_tokens": 7,
+                    "completion_tokens": 7,
+                    "total_tokens": 14,
+                    "prompt_tokens_details": {"cached_tokens": 3},
+                })
             );
+            assert_eq!(body["timings"]["cache_n"], 3);
+            assert_eq!(body["timings"]["prompt_n"], 4);
             let chunk = with_index(env.text_chunk("b"), 1);
             assert_eq!(chunk["choices"][0]["index"], 1);
         }

@@ -26,6 +26,8 @@ pub struct FakeBackend {
     pub inject: Vec<DecodeFailure>,
     /// The logits every sampled entry reports (default: all 0, a uniform distribution).
     pub logits: Vec<f32>,
+    /// What `can_keep_prefix` answers (default: true).
+    pub keeps_prefix: bool,
 }
 
 /// The fake sampler only remembers whether end-of-generation is banned.
@@ -45,6 +47,7 @@ impl FakeBackend {
             pieces: HashMap::new(),
             inject: Vec::new(),
             logits: vec![0.0; limits.n_vocab],
+            keeps_prefix: true,
         }
     }
 }
@@ -69,6 +72,10 @@ impl Backend for FakeBackend {
     fn clear_sequence(&mut self, seq: SeqId, from_pos: i32) {
         let cells = self.kv.entry(seq).or_default();
         cells.truncate(usize::try_from(from_pos).expect("positions are non-negative"));
+    }
+
+    fn can_keep_prefix(&self) -> bool {
+        self.keeps_prefix
     }
 
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), DecodeFailure> {

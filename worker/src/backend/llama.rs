@@ -324,11 +324,25 @@ impl Model {
             n_ctx_per_seq,
             n_vocab: self.0.info.n_vocab as usize,
         };
+        let model = &self.0.model;
+        // A sliding window drops old cells, recurrent state has no cells to cut back: neither
+        // can keep a prefix of a finished sequence.
+        let sliding_window = model
+            .meta_val_str("general.architecture")
+            .ok()
+            .and_then(|arch| {
+                model
+                    .meta_val_str(&format!("{arch}.attention.sliding_window"))
+                    .ok()
+            })
+            .is_some();
+        let keeps_prefix = !model.is_recurrent() && !model.is_hybrid() && !sliding_window;
         Ok(LlamaCppBackend {
             model: *self,
             ctx,
             batch: LlamaBatch::new(n_batch, 1),
             limits,
+            keeps_prefix,
         })
     }
 }
@@ -428,6 +442,8 @@ pub struct LlamaCppBackend {
     ctx: LlamaContext<'static>,
     batch: LlamaBatch<'static>,
     limits: BackendLimits,
+    /// See [`Backend::can_keep_prefix`].
+    keeps_prefix: bool,
 }
 
 impl std::fmt::Debug for LlamaCppBackend {
@@ -551,6 +567,10 @@ impl Backend for LlamaCppBackend {
         let _ = self
             .ctx
             .clear_kv_cache_seq(Some(seq.get() as u32), from, None);
+    }
+
+    fn can_keep_prefix(&self) -> bool {
+        self.keeps_prefix
     }
 
     fn decode(&mut self, entries: &[BatchEntry]) -> Result<(), DecodeFailure> {

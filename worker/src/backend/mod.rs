@@ -63,6 +63,13 @@ pub trait Backend {
     /// Removes the sequence's KV cells at positions `from_pos` and later (0: all of them).
     fn clear_sequence(&mut self, seq: SeqId, from_pos: i32);
 
+    /// Whether `clear_sequence` with `from_pos > 0` leaves a sequence whose cells `0..from_pos`
+    /// are exactly as decoded, so that a later prompt may reuse them (the prompt cache). Not so
+    /// for recurrent models or sliding-window attention, whose state cannot be cut back.
+    fn can_keep_prefix(&self) -> bool {
+        true
+    }
+
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), DecodeFailure>;
 
     /// Samples (and accepts) the next token from the logits of batch entry `batch_index` of the

@@ -7,6 +7,9 @@
 //! [`scheduler`] decides, the engine admits) → `execute` (one `decode`) →
 //! `update_from_output` (sample, stop, emit).
 //!
+//! Finished sequences leave their KV cells on their free ids: the [`seq_ids`] pool is also
+//! the prompt cache, and a new request prefills only what its prompt does not share with one.
+//!
 //! Failures stay local: a request that cannot fit is rejected, a failed decode fails the
 //! sequences it carried (a full KV cache evicts only the newest), and the others go on.
 
@@ -267,6 +270,10 @@ struct Active<S> {
     n_kv: usize,
     /// The last sampled token, to feed at the next step.
     pending: Option<Token>,
+    /// Every sampled token: with the prompt, what the sequence's KV cells hold (up to `n_kv`).
+    sampled: Vec<Token>,
+    /// Prompt tokens found in the prompt cache: never decoded for this request.
+    cached: usize,
     generated: u32,
     max_new: u32,
     ignore_eos: bool,
@@ -286,6 +293,16 @@ impl<S> Active<S> {
         i32::try_from(self.n_kv).expect("positions fit in i32")
     }
 
+    /// The tokens whose KV cells the sequence holds, at positions `0..n_kv`.
+    fn cells(&self) -> Vec<Token> {
+        self.prompt
+            .iter()
+            .chain(&self.sampled)
+            .take(self.n_kv)
+            .copied()
+            .collect()
+    }
+
     fn finish(&self, reason: FinishReason) -> Finish {
         let now = Instant::now();
         let first = self.first_token.unwrap_or(now);
@@ -294,6 +311,7 @@ impl<S> Active<S> {
             usage: Usage {
                 prompt_tokens: u32::try_from(self.prompt.len()).unwrap_or(u32::MAX),
                 completion_tokens: self.generated,
+                cached_tokens: u32::try_from(self.cached).unwrap_or(u32::MAX),
             },
             timings: Timings {
                 queue_ms: ms(self.admitted - self.submitted),
@@ -329,6 +347,9 @@ struct Engine<B: Backend> {
     backend: B,
     limits: BackendLimits,
     ids: SeqIdPool,
+    /// Whether finished sequences keep their KV cells for later prompts (the backend can
+    /// remove a sequence's cells past a position).
+    prompt_cache: bool,
     waiting: VecDeque<Waiting<B::Sampler>>,
     /// In admission order.
     active: Vec<Active<B::Sampler>>,
@@ -344,10 +365,12 @@ struct Engine<B: Backend> {
 impl<B: Backend> Engine<B> {
     fn new(backend: B) -> Self {
         let limits = backend.limits();
+        let prompt_cache = backend.can_keep_prefix();
         Self {
             backend,
             limits,
             ids: SeqIdPool::new(limits.n_seq_max),
+            prompt_cache,
             waiting: VecDeque::new(),
             active: Vec::new(),
             batch: Vec::with_capacity(limits.n_batch),
@@ -522,6 +545,7 @@ impl<B: Backend> Engine<B> {
                 usage: Usage {
                     prompt_tokens: u32::try_from(w.request.prompt.len()).unwrap_or(u32::MAX),
                     completion_tokens: 0,
+                    cached_tokens: 0,
                 },
                 timings: Timings {
                     queue_ms: ms(w.submitted.elapsed()),
@@ -538,23 +562,39 @@ impl<B: Backend> Engine<B> {
             let _ = a
                 .events
                 .send(GenerationEvent::Output(SeqOutput::finished(id, finish)));
+            self.retire(&a);
+        }
+    }
+
+    /// Frees a sequence after a failure: its cells are cleared, nothing is cached.
+    fn release(&mut self, seq: SeqId) {
+        self.backend.clear_sequence(seq, 0);
+        self.ids.release(seq, Vec::new());
+    }
+
+    /// Frees a sequence whose KV state matches its token history (between steps): with the
+    /// prompt cache on, its cells stay for a later prompt that starts the same way.
+    fn retire(&mut self, a: &Active<B::Sampler>) {
+        if self.prompt_cache {
+            self.ids.release(a.seq, a.cells());
+        } else {
             self.release(a.seq);
         }
     }
 
-    fn release(&mut self, seq: SeqId) {
-        // Clearing here frees the cells for other sequences of a unified cache; the pool clears
-        // again before the id is handed out, which is the invariant that matters.
-        self.backend.clear_sequence(seq, 0);
-        self.ids.release(seq);
-    }
-
     fn admit(&mut self, w: Waiting<B::Sampler>) {
         let backend = &mut self.backend;
-        let seq = self
+        let reuse = self.prompt_cache && w.request.stopping.cache_prompt;
+        let acquired = self
             .ids
-            .acquire(|id| backend.clear_sequence(id, 0))
+            .acquire(&w.request.prompt, reuse, |id, from| {
+                backend.clear_sequence(id, i32::try_from(from).expect("positions fit in i32"));
+            })
             .expect("the scheduler admits only into free ids");
+        let (seq, reused) = (acquired.id, acquired.reused);
+        if reused > 0 {
+            tracing::debug!(id = %w.request.id, reused, "prompt cache hit");
+        }
         let mut text = TextAssembler::new(w.request.stopping.stop);
         let resumed = w.request.resumed.min(w.request.prompt.len());
         for &token in &w.request.prompt[w.request.prompt.len() - resumed..] {
@@ -566,9 +606,11 @@ impl<B: Backend> Engine<B> {
             id: w.request.id,
             seq,
             prompt: w.request.prompt,
-            prefilled: 0,
-            n_kv: 0,
+            prefilled: reused,
+            n_kv: reused,
             pending: None,
+            sampled: Vec::new(),
+            cached: reused,
             generated: 0,
             max_new: w.max_new,
             ignore_eos: w.request.stopping.ignore_eos,
@@ -633,6 +675,9 @@ impl<B: Backend> Engine<B> {
                 .pop_front()
                 .expect("the plan admits only queued requests");
             self.admit(w);
+            let a = self.active.last().expect("just admitted");
+            // The plan counted the whole prompt; a cache hit leaves less to prefill.
+            let tokens = tokens.min(a.prompt.len() - a.prefilled);
             chunks.push(PrefillChunk {
                 active: self.active.len() - 1,
                 tokens,
@@ -736,6 +781,7 @@ impl<B: Backend> Engine<B> {
     fn on_token(&mut self, i: usize, token: Token, logprob: Option<TokenLogprob>) {
         let a = &mut self.active[i];
         a.generated += 1;
+        a.sampled.push(token);
         if a.first_token.is_none() {
             a.first_token = Some(Instant::now());
         }
@@ -784,7 +830,7 @@ impl<B: Backend> Engine<B> {
         while i < self.active.len() {
             if self.active[i].done {
                 let a = self.active.remove(i);
-                self.release(a.seq);
+                self.retire(&a);
             } else {
                 i += 1;
             }
@@ -798,6 +844,15 @@ impl<B: Backend> Engine<B> {
         let in_batch: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.batch.iter().any(|e| e.seq == self.active[i].seq))
             .collect();
+        if *failure == DecodeFailure::NoKvSlot {
+            // Cached cells of free ids come first: drop them and retry the same batch.
+            let backend = &mut self.backend;
+            let dropped = self.ids.drop_caches(|id| backend.clear_sequence(id, 0));
+            if dropped > 0 {
+                tracing::info!(dropped, "KV cache full: dropped the prompt cache");
+                return;
+            }
+        }
         tracing::warn!(%failure, sequences = in_batch.len(), "decode failed");
         let (victims, error) = match failure {
             DecodeFailure::NoKvSlot => (

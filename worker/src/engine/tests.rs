@@ -229,6 +229,7 @@ fn stop_string_spanning_tokens_ends_generation_without_emitting_it() {
             max_tokens: Some(20),
             stop: vec!["o world".into()],
             ignore_eos: false,
+            cache_prompt: true,
         },
         ..request(1, vec![10], 20)
     });
@@ -349,6 +350,7 @@ fn resumed_tokens_restore_stop_string_state_after_a_move() {
         max_tokens: Some(5),
         stop: vec!["hello".into()],
         ignore_eos: false,
+        cache_prompt: true,
     };
     // Token 11 was generated (and "he" held back) by a worker that died; this one resumes.
     let moved = h.submit(EngineRequest {
@@ -484,4 +486,120 @@ fn log_probabilities_come_only_when_asked_and_skip_end_of_generation() {
     assert_eq!(lps[0].sampled.token, 2);
     assert!((lps[0].sampled.logprob - 0.3f32.ln()).abs() < 1e-5);
     assert!(lps.iter().all(|lp| lp.top.is_empty()));
+}
+
+/// The positions of every entry one decode carried.
+fn positions(batch: &[BatchEntry]) -> Vec<i32> {
+    batch.iter().map(|e| e.pos).collect()
+}
+
+#[test]
+fn a_prompt_extending_a_finished_one_prefills_only_the_rest() {
+    let mut h = Harness::new(limits(64, 2, 64));
+    let first = h.submit(request(1, (1..=10).collect(), 3));
+    h.run_until_idle();
+    assert_eq!(collect(&first).0, vec![11, 12, 13]);
+    // The first sequence holds 12 cells: its prompt and the two sampled tokens it fed back.
+    let decodes = h.engine.backend.history.len();
+    let mut prompt: Vec<Token> = (1..=10).collect();
+    prompt.extend([50, 51]);
+    let second = h.submit(request(2, prompt.clone(), 3));
+    h.run_until_idle();
+    let history = &h.engine.backend.history;
+    assert_eq!(positions(&history[decodes]), vec![10, 11]);
+    // Same output as a fresh engine's.
+    let mut fresh = Harness::new(limits(64, 2, 64));
+    let alone = fresh.submit(request(2, prompt, 3));
+    fresh.run_until_idle();
+    assert_eq!(positions(&fresh.engine.backend.history[0]).len(), 12);
+    assert_eq!(collect(&second).0, collect(&alone).0);
+    assert_eq!(h.engine.ids.free_count(), 2);
+}
+
+#[test]
+fn the_same_prompt_twice_decodes_only_its_last_token_again() {
+    let mut h = Harness::new(limits(64, 2, 64));
+    let first = h.submit(request(1, vec![5, 6, 7, 8], 2));
+    h.run_until_idle();
+    let decodes = h.engine.backend.history.len();
+    let second = h.submit(request(2, vec![5, 6, 7, 8], 2));
+    h.run_until_idle();
+    assert_eq!(positions(&h.engine.backend.history[decodes]), vec![3]);
+    assert_eq!(collect(&first).0, collect(&second).0);
+}
+
+#[test]
+fn a_backend_that_cannot_keep_prefixes_gets_full_prefills() {
+    let mut backend = FakeBackend::new(limits(64, 1, 64));
+    backend.keeps_prefix = false;
+    let mut h = Harness {
+        engine: Engine::new(backend),
+    };
+    let _first = h.submit(request(1, vec![5, 6, 7, 8], 2));
+    h.run_until_idle();
+    let decodes = h.engine.backend.history.len();
+    let _second = h.submit(request(2, vec![5, 6, 7, 8], 2));
+    h.run_until_idle();
+    assert_eq!(
+        positions(&h.engine.backend.history[decodes]),
+        vec![0, 1, 2, 3]
+    );
+}
+
+#[test]
+fn a_cancelled_prefill_leaves_what_it_decoded_for_the_next_prompt() {
+    let mut h = Harness::new(limits(4, 1, 64));
+    let first = h.submit(request(1, (1..=10).collect(), 2));
+    h.engine.step(); // positions 0..4
+    h.engine.cancel(RequestId(1));
+    assert_eq!(collect(&first).2.unwrap().reason, FinishReason::Cancelled);
+    let second = h.submit(request(2, (1..=10).collect(), 2));
+    h.run_until_idle();
+    let history = &h.engine.backend.history;
+    assert_eq!(positions(&history[1]), vec![4, 5, 6, 7]);
+    assert_eq!(collect(&second).0, vec![11, 12]);
+}
+
+#[test]
+fn a_full_kv_cache_drops_the_prompt_cache_before_evicting() {
+    let mut h = Harness::new(limits(16, 3, 64));
+    let _warm = h.submit(request(1, vec![9, 9, 9], 2));
+    h.run_until_idle();
+    let first = h.submit(request(2, vec![1, 2], 4));
+    let second = h.submit(request(3, vec![3, 4], 4));
+    h.engine.backend.inject.push(DecodeFailure::NoKvSlot);
+    h.run_until_idle();
+    assert_eq!(collect(&first).0.len(), 4);
+    assert_eq!(collect(&second).0.len(), 4);
+    // The dropped cache is not reused: a full prefill of the same prompt.
+    let decodes = h.engine.backend.history.len();
+    let _again = h.submit(request(4, vec![9, 9, 9], 1));
+    h.run_until_idle();
+    assert_eq!(positions(&h.engine.backend.history[decodes]).len(), 3);
+}
+
+#[test]
+fn cache_prompt_false_evaluates_the_whole_prompt_and_reports_no_cached_tokens() {
+    let mut h = Harness::new(limits(64, 1, 64));
+    let first = h.submit(request(1, vec![5, 6, 7, 8], 2));
+    h.run_until_idle();
+    assert_eq!(collect(&first).2.unwrap().usage.cached_tokens, 0);
+    let decodes = h.engine.backend.history.len();
+    let mut off = request(2, vec![5, 6, 7, 8], 2);
+    off.stopping.cache_prompt = false;
+    let off = h.submit(off);
+    h.run_until_idle();
+    assert_eq!(
+        positions(&h.engine.backend.history[decodes]),
+        vec![0, 1, 2, 3]
+    );
+    assert_eq!(collect(&off).2.unwrap().usage.cached_tokens, 0);
+    // What it left is cached for the next request that allows it.
+    let on = h.submit(request(3, vec![5, 6, 7, 8], 2));
+    h.run_until_idle();
+    let finish = collect(&on).2.unwrap();
+    assert_eq!(
+        (finish.usage.cached_tokens, finish.usage.prompt_tokens),
+        (3, 4)
+    );
 }

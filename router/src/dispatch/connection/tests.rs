@@ -96,6 +96,7 @@ fn finish(prompt_tokens: u32, completion_tokens: u32) -> Finish {
         usage: Usage {
             prompt_tokens,
             completion_tokens,
+            cached_tokens: 0,
         },
         timings: Timings::default(),
         stop_word: None,

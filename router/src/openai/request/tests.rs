@@ -545,3 +545,13 @@ fn log_probabilities_are_asked_for_per_endpoint() {
         }
     }
 }
+
+#[test]
+fn cache_prompt_is_on_unless_the_request_turns_it_off() {
+    let on = completion(r#"{"model":"m","prompt":"hi"}"#).unwrap();
+    assert!(on.generate.stopping.cache_prompt);
+    let off =
+        chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"cache_prompt":false}"#)
+            .unwrap();
+    assert!(!off.generate.stopping.cache_prompt);
+}
