@@ -123,6 +123,8 @@ pub const FLAGS: &[Flag] = &[
     flag(&["--jinja"], None, Action::Ignored(false), "ignored: chat templates go through llama.cpp's template support"),
     flag(&["--warmup", "--no-warmup"], None, Action::Ignored(false), "ignored"),
     flag(&["-tb", "--threads-batch"], Some("N"), Action::Ignored(true), "ignored: prompts use the worker's threads"),
+    flag(&["--slots", "--no-slots"], None, Action::Ignored(false), "ignored: /slots is always served"),
+    flag(&["-v", "--verbose", "--offline", "--no-jinja"], None, Action::Ignored(false), "ignored"),
 ];
 
 fn supported_names() -> String {
@@ -699,6 +701,8 @@ mod tests {
     #[test]
     fn ignored_flags_are_accepted() {
         let (rest, f) = split("--metrics --no-webui -cb --jinja -tb 4 --no-warmup").unwrap();
+        let (_, more) = split("--slots --no-slots --verbose --offline").unwrap();
+        assert_eq!(more.ignored.len(), 4);
         assert!(rest.is_empty());
         assert!(f.keys.is_empty());
         assert_eq!(
