@@ -26,7 +26,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{BoxStream, SelectAll};
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use llamapool_common::protocol::GenerateRequest;
 use llamapool_common::{Finish, RequestId, SeqOutput};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -122,11 +122,7 @@ async fn respond(
     let mut choices = Choices::new(handles, timers);
     let envelope = Envelope::new(endpoint, &state.served.alias);
     if valid.stream {
-        let (tx, rx) = mpsc::channel(64);
-        let sink = StreamSink {
-            tx,
-            write_timeout: state.write_timeout,
-        };
+        let (sink, body) = sse_channel(state);
         let mut log = log.take().expect("only a stream takes the log");
         log.on_worker(choices.first_worker);
         log.committed(200);
@@ -142,9 +138,7 @@ async fn respond(
             )
             .instrument(tracing::Span::current()),
         );
-        let events = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
-        let keepalive = KeepAlive::new().interval(state.keepalive).text("ping");
-        Ok((served_by, Sse::new(events).keep_alive(keepalive)).into_response())
+        Ok((served_by, body).into_response())
     } else {
         let log = log.as_mut().expect("a non-streamed request keeps its log");
         log.on_worker(choices.first_worker);
@@ -355,6 +349,24 @@ pub(super) fn data(value: &serde_json::Value) -> Event {
 /// are full, or its HTTP/2 window is closed): a send that waits `write_timeout` gives up. SSE
 /// keep-alive comments come from axum's `Sse` body, not from this channel, so a quiet stream
 /// never times out here.
+/// A stream's two ends: the sink its producer task feeds, and the SSE response body (with
+/// `: ping` comments after `server.keepalive_secs` of quiet).
+pub(super) fn sse_channel(
+    state: &SharedState,
+) -> (
+    StreamSink,
+    Sse<impl Stream<Item = Result<Event, Infallible>>>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let sink = StreamSink {
+        tx,
+        write_timeout: state.write_timeout,
+    };
+    let events = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
+    let keepalive = KeepAlive::new().interval(state.keepalive).text("ping");
+    (sink, Sse::new(events).keep_alive(keepalive))
+}
+
 pub(super) struct StreamSink {
     pub(super) tx: mpsc::Sender<Event>,
     pub(super) write_timeout: Duration,

@@ -13,25 +13,21 @@
 //! worker at request time. `id_slot` in a result is the first slot id of the worker that
 //! finished it (which of its slots ran it is not reported by a worker).
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::StreamExt;
 use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
 use llamapool_common::{
     Finish, FinishReason, RequestId, SamplingParams, StoppingParams, Timings, Token, Usage,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use super::generate::{data, next_output, worker_header, StreamSink};
+use super::generate::{data, next_output, sse_channel, worker_header, StreamSink};
 use super::request_id::XRequestId;
 use super::request_log::RequestLog;
 use super::{LimitedBody, SharedState};
@@ -116,11 +112,7 @@ async fn respond(
     let mut handle = state.pool.submit(valid.generate).await?;
     let first_slot = first_slot_of(state, handle.worker());
     if valid.stream {
-        let (tx, rx) = mpsc::channel(64);
-        let sink = StreamSink {
-            tx,
-            write_timeout: state.write_timeout,
-        };
+        let (sink, body) = sse_channel(state);
         let mut log = log.take().expect("only a stream takes the log");
         log.on_worker(handle.worker());
         let served_by = worker_header(handle.worker());
@@ -130,9 +122,7 @@ async fn respond(
             feed_stream(handle, native, slots, sink, permit, timer, log)
                 .instrument(tracing::Span::current()),
         );
-        let events = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
-        let keepalive = KeepAlive::new().interval(state.keepalive).text("ping");
-        Ok((served_by, Sse::new(events).keep_alive(keepalive)).into_response())
+        Ok((served_by, body).into_response())
     } else {
         let log = log.as_mut().expect("a non-streamed request keeps its log");
         log.on_worker(handle.worker());

@@ -263,23 +263,7 @@ mod tests {
             log.on_worker(0);
             log.committed(200);
             log.on_output(&output(1, None), 1);
-            log.on_output(
-                &output(
-                    2,
-                    Some(Finish {
-                        reason: FinishReason::Stop,
-                        usage: Usage {
-                            prompt_tokens: 9,
-                            completion_tokens: 3,
-                            cached_tokens: 0,
-                        },
-                        timings: Timings::default(),
-                        stop_word: None,
-                    }),
-                ),
-                1,
-            );
-            log.finished(&Finish {
+            let finish = Finish {
                 reason: FinishReason::Stop,
                 usage: Usage {
                     prompt_tokens: 9,
@@ -288,7 +272,9 @@ mod tests {
                 },
                 timings: Timings::default(),
                 stop_word: None,
-            });
+            };
+            log.on_output(&output(2, Some(finish.clone())), 1);
+            log.finished(&finish);
         });
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert_eq!(lines[0]["message"], "inside");
