@@ -93,6 +93,13 @@ pub struct ServerSettings {
     /// How the router and its workers write their log lines to stderr: `text` or `json`.
     /// Read at start-up only (`/admin/reload` does not change it).
     pub log_format: LogFormat,
+    /// Prefix-affinity routing: a request goes to the worker whose prompt cache most likely
+    /// holds the longest prefix of its prompt (multi-turn chats keep hitting their cache);
+    /// false: always the least-loaded worker.
+    pub prefix_affinity: bool,
+    /// With `prefix_affinity`, the worker holding a prefix is passed over for the
+    /// least-loaded one when it has more than this many requests in flight beyond it.
+    pub affinity_max_load_gap: usize,
 }
 
 impl Default for ServerSettings {
@@ -121,6 +128,8 @@ impl Default for ServerSettings {
             crash_loop_window_secs: 300,
             failed_retry_secs: 60,
             log_format: LogFormat::Text,
+            prefix_affinity: true,
+            affinity_max_load_gap: 2,
         }
     }
 }

@@ -54,6 +54,11 @@ struct WorkerLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerStateLabels {
     worker: usize,
     state: &'static str,
@@ -78,6 +83,7 @@ pub struct Metrics {
     resumed: Counter,
     cancelled: Counter,
     hung_kills: Family<WorkerLabel, Counter>,
+    routed: Family<OutcomeLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -103,6 +109,7 @@ impl Default for Metrics {
             resumed: Counter::default(),
             cancelled: Counter::default(),
             hung_kills: Family::default(),
+            routed: Family::default(),
         };
         m.registered()
     }
@@ -205,6 +212,13 @@ impl Metrics {
             "Times the hang watchdog killed the worker",
             self.hung_kills.clone(),
         );
+        r.register(
+            "llamapool_prefix_affinity",
+            "Requests dispatched, by how their worker was chosen: hit (the worker most likely \
+             caching the prompt's prefix), miss (no worker held one), overloaded (the holders \
+             were too busy), off (affinity disabled)",
+            self.routed.clone(),
+        );
         self
     }
 
@@ -247,6 +261,11 @@ impl Metrics {
     /// The watchdog killed worker `worker` as hung.
     pub fn record_hung_kill(&self, worker: usize) {
         self.hung_kills.get_or_create(&WorkerLabel { worker }).inc();
+    }
+
+    /// A request (or a moved one) was dispatched; `outcome` says how its worker was chosen.
+    pub fn record_routing(&self, outcome: &'static str) {
+        self.routed.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     /// The whole exposition: the live metrics, then the snapshot's.

@@ -42,7 +42,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use llamapool_common::settings::{ServerSettings, Settings, WorkerPlan};
 use llamapool_router::dispatch::pool::LaunchConfig;
-use llamapool_router::dispatch::{Pool, SupervisionPolicy};
+use llamapool_router::dispatch::{Pool, RoutingPolicy, SupervisionPolicy};
 use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
 use llamapool_router::openai::request::ServedModel;
@@ -107,6 +107,10 @@ pub async fn run(
             crash_deaths: server_settings.crash_loop_deaths.max(1),
             crash_window: Duration::from_secs(server_settings.crash_loop_window_secs),
             failed_retry: Duration::from_secs(server_settings.failed_retry_secs),
+        },
+        RoutingPolicy {
+            prefix_affinity: server_settings.prefix_affinity,
+            max_load_gap: server_settings.affinity_max_load_gap,
         },
         metrics,
     );

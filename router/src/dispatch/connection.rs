@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use super::affinity::PrefixChain;
 use super::vitals::Vitals;
 use super::{CurrentWorker, DispatchError, LoadTicket, StreamEvent};
 use crate::metrics::Metrics;
@@ -42,6 +43,8 @@ pub struct InFlight {
     pub ticket: Option<LoadTicket>,
     /// Only workers whose sequences hold this many tokens may take it (0: any).
     pub min_ctx: u32,
+    /// The prompt's block hashes for prefix affinity (empty: affinity is off).
+    pub prefix: PrefixChain,
 }
 
 #[derive(Debug)]

@@ -10,7 +10,9 @@
 //! - [`connection`]: owns one worker's socket and its in-flight map; demultiplexes the
 //!   worker's events to the requests; pings it.
 //! - [`vitals`]: what the worker last pushed, and the hang rule.
+//! - [`affinity`]: which worker's prompt cache most likely holds a prompt's prefix.
 
+pub mod affinity;
 pub mod connection;
 pub mod pool;
 pub mod supervisor;
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use llamapool_common::{RequestError, RequestId, SeqOutput};
 use tokio::sync::mpsc;
 
-pub use pool::{AdminError, Pool, Refusal, WorkerState, WorkerView};
+pub use pool::{AdminError, Pool, Refusal, RoutingPolicy, WorkerState, WorkerView};
 pub use supervisor::SupervisionPolicy;
 
 /// Why the pool could not run a request or answer a call (not the request's own fault).

@@ -16,6 +16,7 @@ use llamapool_common::settings::WorkerPlan;
 use llamapool_common::{RequestError, RequestId};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use super::affinity::{prefix_chain, PrefixChain, PrefixTable};
 use super::connection::{ConnCommand, InFlight};
 use super::supervisor::{supervise, SupervisionPolicy};
 use super::vitals::Vitals;
@@ -84,6 +85,8 @@ pub(super) struct Worker {
     pub vitals: Vitals,
     /// Wakes the supervisor to stop the worker (it is then respawned at once).
     pub restart: Notify,
+    /// What its prompt cache most likely holds (cleared when it starts).
+    pub prefixes: PrefixTable,
 }
 
 impl Worker {
@@ -136,6 +139,7 @@ pub(super) struct Inner {
     pub workers: Vec<Worker>,
     pub launch: RwLock<LaunchConfig>,
     pub policy: SupervisionPolicy,
+    pub routing: RoutingPolicy,
     pub shutting_down: AtomicBool,
     pub shutdown: watch::Sender<bool>,
     pub metrics: Arc<Metrics>,
@@ -147,6 +151,76 @@ impl Inner {
             .read()
             .expect("launch lock is never poisoned")
             .clone()
+    }
+}
+
+/// How requests are spread over the workers (`server.prefix_affinity`,
+/// `server.affinity_max_load_gap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingPolicy {
+    /// Prefer the worker whose prompt cache most likely holds the prompt's longest prefix.
+    pub prefix_affinity: bool,
+    /// ... unless it has more than this many requests in flight beyond the least-loaded one.
+    pub max_load_gap: usize,
+}
+
+/// How the dispatch policy chose a worker (`llamapool_prefix_affinity_total`'s outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// To the worker most likely holding the longest prefix.
+    Affinity,
+    /// No worker held a prefix: the least loaded.
+    NoPrefix,
+    /// The workers holding a prefix were too busy: the least loaded.
+    Overloaded,
+    /// Prefix affinity is off (or the request has no prompt to match): the least loaded.
+    LeastLoaded,
+}
+
+impl Routing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Affinity => "hit",
+            Self::NoPrefix => "miss",
+            Self::Overloaded => "overloaded",
+            Self::LeastLoaded => "off",
+        }
+    }
+}
+
+/// A worker that may take a request, as the dispatch policy weighs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub index: usize,
+    /// Requests in flight on it.
+    pub load: usize,
+    /// Leading prompt blocks its cache most likely holds.
+    pub matched: usize,
+    /// Prompts its cache most likely holds: among equally loaded workers a new prefix goes to
+    /// the one with the most room, so that sequential new conversations spread.
+    pub cached: usize,
+}
+
+/// The policy: the candidate with the longest matched prefix among those within `max_load_gap`
+/// of the least load (fewer in flight, then lower index, on ties); without any match, the
+/// least loaded (fewest cached prompts, then lowest index, on ties).
+pub fn choose(candidates: &[Candidate], max_load_gap: usize) -> Option<(usize, Routing)> {
+    let least = candidates
+        .iter()
+        .min_by_key(|c| (c.load, c.cached, c.index))?;
+    let matched = candidates.iter().filter(|c| c.matched > 0);
+    let Some(longest) = matched.clone().map(|c| c.matched).max() else {
+        return Some((least.index, Routing::NoPrefix));
+    };
+    let within_gap = matched
+        .filter(|c| c.load <= least.load.saturating_add(max_load_gap))
+        .max_by_key(|c| (c.matched, std::cmp::Reverse((c.load, c.index))));
+    match within_gap {
+        Some(c) => Some((c.index, Routing::Affinity)),
+        None => {
+            debug_assert!(longest > 0);
+            Some((least.index, Routing::Overloaded))
+        }
     }
 }
 
@@ -206,6 +280,7 @@ impl Pool {
         plans: Vec<WorkerPlan>,
         launch: LaunchConfig,
         policy: SupervisionPolicy,
+        routing: RoutingPolicy,
         metrics: Arc<Metrics>,
     ) -> Self {
         let (shutdown, _) = watch::channel(false);
@@ -226,10 +301,12 @@ impl Pool {
                     load: Load::default(),
                     vitals: Vitals::default(),
                     restart: Notify::new(),
+                    prefixes: PrefixTable::default(),
                 })
                 .collect(),
             launch: RwLock::new(launch),
             policy,
+            routing,
             shutting_down: AtomicBool::new(false),
             shutdown,
             metrics,
@@ -293,6 +370,11 @@ impl Pool {
         let (events_tx, events) = mpsc::unbounded_channel();
         let id = request.id;
         let current = Arc::new(AtomicUsize::new(usize::MAX));
+        let prefix = if self.inner.routing.prefix_affinity {
+            prefix_chain(&request.prompt)
+        } else {
+            PrefixChain::default()
+        };
         let flight = InFlight {
             request,
             events: events_tx,
@@ -301,6 +383,7 @@ impl Pool {
             moves: 0,
             ticket: None,
             min_ctx,
+            prefix,
         };
         self.inner
             .send_to_best(flight, None)
@@ -387,7 +470,8 @@ impl Pool {
     pub async fn control(&self, body: ControlCall) -> Result<ControlReply, DispatchError> {
         let index = self
             .inner
-            .best_worker(&[], 0)
+            .best_worker(&[], 0, &[])
+            .map(|(index, _)| index)
             .ok_or(DispatchError::NoWorkerReady)?;
         let tx = self.inner.workers[index]
             .status()
@@ -621,10 +705,16 @@ async fn accepted(handle: &mut RequestHandle) -> Result<(), Refusal> {
 }
 
 impl Inner {
-    /// The policy: among workers that take work and fit `min_ctx`, the one with the fewest
-    /// requests in flight (lowest index on ties).
-    pub fn best_worker(&self, exclude: &[usize], min_ctx: u32) -> Option<usize> {
-        self.workers
+    /// The workers that take work and fit `min_ctx`, weighed by [`choose`]: prefix affinity
+    /// for `prefix` when it is on, else the least loaded.
+    pub fn best_worker(
+        &self,
+        exclude: &[usize],
+        min_ctx: u32,
+        prefix: &[u64],
+    ) -> Option<(usize, Routing)> {
+        let candidates: Vec<Candidate> = self
+            .workers
             .iter()
             .enumerate()
             .filter(|(i, w)| !exclude.contains(i) && w.takes_work())
@@ -633,8 +723,27 @@ impl Inner {
                     .info
                     .is_some_and(|info| info.n_ctx_per_seq >= min_ctx)
             })
-            .min_by_key(|(_, w)| w.load.load(Ordering::Acquire))
-            .map(|(i, _)| i)
+            .map(|(index, w)| {
+                let (matched, cached) = if prefix.is_empty() {
+                    (0, 0)
+                } else {
+                    w.prefixes.weigh(prefix)
+                };
+                Candidate {
+                    index,
+                    load: w.load.load(Ordering::Acquire),
+                    matched,
+                    cached,
+                }
+            })
+            .collect();
+        let (index, routing) = choose(&candidates, self.routing.max_load_gap)?;
+        let routing = if prefix.is_empty() {
+            Routing::LeastLoaded
+        } else {
+            routing
+        };
+        Some((index, routing))
     }
 
     pub fn send_to_best(
@@ -648,7 +757,8 @@ impl Inner {
         // A worker can go away between the choice and the send: try each ready one once.
         let mut tried: Vec<usize> = exclude.into_iter().collect();
         for _ in 0..self.workers.len() {
-            let Some(index) = self.best_worker(&tried, flight.min_ctx) else {
+            let Some((index, routing)) = self.best_worker(&tried, flight.min_ctx, &flight.prefix)
+            else {
                 break;
             };
             tried.push(index);
@@ -659,8 +769,12 @@ impl Inner {
             // Replacing the ticket gives the previous worker's unit back.
             flight.ticket = Some(LoadTicket::take(&worker.load));
             flight.current.store(index, Ordering::Release);
+            let prefix = flight.prefix.clone();
             match tx.send(ConnCommand::Generate(Box::new(flight))) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.remember_prefix(index, prefix, routing);
+                    return Ok(());
+                }
                 Err(mpsc::error::SendError(ConnCommand::Generate(back))) => {
                     flight = *back;
                     flight.ticket = None;
@@ -669,6 +783,17 @@ impl Inner {
             }
         }
         Err((flight, DispatchError::NoWorkerReady))
+    }
+
+    /// The worker now most likely caches `prefix` (see [`PrefixTable::record`]).
+    fn remember_prefix(&self, index: usize, prefix: PrefixChain, routing: Routing) {
+        self.metrics.record_routing(routing.name());
+        if prefix.is_empty() {
+            return;
+        }
+        let worker = &self.workers[index];
+        let slots = worker.status().info.map_or(0, |info| info.slots);
+        worker.prefixes.record(prefix, slots as usize);
     }
 
     /// Requests of a worker that went away move to the others.
@@ -708,5 +833,51 @@ mod tests {
         for state in WorkerState::ALL {
             assert_eq!(serde_json::to_value(state).unwrap(), state.name());
         }
+    }
+
+    fn c(index: usize, load: usize, matched: usize) -> Candidate {
+        Candidate {
+            index,
+            load,
+            matched,
+            cached: 0,
+        }
+    }
+
+    #[test]
+    fn a_new_prefix_goes_to_the_idle_worker_with_the_fewest_cached_prompts() {
+        let mut workers = [c(0, 0, 0), c(1, 0, 0), c(2, 1, 0)];
+        workers[0].cached = 3;
+        workers[1].cached = 1;
+        assert_eq!(choose(&workers, 2), Some((1, Routing::NoPrefix)));
+    }
+
+    #[test]
+    fn without_a_prefix_the_least_loaded_wins_lowest_index_first() {
+        let workers = [c(0, 3, 0), c(1, 1, 0), c(2, 1, 0)];
+        assert_eq!(choose(&workers, 2), Some((1, Routing::NoPrefix)));
+        assert_eq!(choose(&[], 2), None);
+    }
+
+    #[test]
+    fn the_longest_prefix_wins_within_the_load_gap() {
+        let workers = [c(0, 0, 0), c(1, 2, 5), c(2, 1, 3)];
+        assert_eq!(choose(&workers, 2), Some((1, Routing::Affinity)));
+        // Worker 1 is now 3 beyond the least loaded: the next-longest holder within the gap.
+        let workers = [c(0, 0, 0), c(1, 3, 5), c(2, 1, 3)];
+        assert_eq!(choose(&workers, 2), Some((2, Routing::Affinity)));
+    }
+
+    #[test]
+    fn holders_too_busy_fall_back_to_the_least_loaded() {
+        let workers = [c(0, 0, 0), c(1, 4, 5)];
+        assert_eq!(choose(&workers, 2), Some((0, Routing::Overloaded)));
+        assert_eq!(choose(&workers, 4), Some((1, Routing::Affinity)));
+    }
+
+    #[test]
+    fn equal_matches_go_to_the_less_loaded() {
+        let workers = [c(0, 2, 4), c(1, 1, 4)];
+        assert_eq!(choose(&workers, 2), Some((1, Routing::Affinity)));
     }
 }

@@ -165,6 +165,8 @@ async fn run_round(
     let worker = &inner.workers[index];
     let (tx, rx) = mpsc::unbounded_channel();
     let pid = info.pid;
+    // A new process: whatever its predecessor cached is gone.
+    worker.prefixes.clear();
     worker.update(|s| {
         s.state = WorkerState::Ready;
         s.pid = Some(pid);

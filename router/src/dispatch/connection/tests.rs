@@ -76,6 +76,7 @@ fn flight(
         moves: 0,
         ticket: Some(LoadTicket::take(load)),
         min_ctx: 0,
+        prefix: Default::default(),
     };
     (flight, rx)
 }
