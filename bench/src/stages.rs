@@ -400,7 +400,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn start(total: usize) -> Self {
+    pub fn start(total: usize) -> Self {
         use std::io::IsTerminal;
         let done = std::sync::Arc::new(AtomicUsize::new(0));
         if !std::io::stderr().is_terminal() {
@@ -434,7 +434,7 @@ impl Progress {
         self.done.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn finish(self) {
+    pub fn finish(self) {
         drop(self.stop);
         if let Some(p) = self.printer {
             let _ = p.join();
@@ -668,6 +668,7 @@ fn drive_engine(
                 sampling,
                 stopping,
                 resumed: 0,
+                report_progress: false,
             },
             tx.clone(),
         );
@@ -731,6 +732,7 @@ fn ipc_load(
             sampling,
             stopping,
             resumed: Vec::new(),
+            report_progress: false,
         };
         codec::write_frame(writer, &ToWorker::Generate(request))
     };
@@ -776,7 +778,7 @@ fn ipc_load(
 
 /// Stages 3, 4 and `--url`: `concurrency` client threads, each streaming one request at a
 /// time; TTFT at the first chunk with content, ITL between content chunks.
-fn http_load(
+pub fn http_load(
     addr: &str,
     model: &str,
     prompts: &[Vec<Token>],
@@ -808,7 +810,7 @@ fn http_load(
     (records.into_inner().expect("no client panicked"), wall)
 }
 
-fn http_request(
+pub fn http_request(
     addr: &str,
     model: &str,
     prompt: &[Token],

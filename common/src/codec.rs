@@ -228,6 +228,7 @@ mod tests {
                     cache_prompt: false,
                 },
                 resumed: vec![4],
+                report_progress: true,
             }));
         }
         round_trip(ToWorker::Abort {
@@ -286,12 +287,23 @@ mod tests {
                         logprob: -1.5,
                     }],
                 }],
+                progress: None,
             }),
+            GenerationEvent::Output(SeqOutput::progress(
+                RequestId(1),
+                PromptProgress {
+                    total: 9,
+                    cache: 2,
+                    processed: 6,
+                    time_ms: 1.25,
+                },
+            )),
             GenerationEvent::Output(SeqOutput {
                 id: RequestId(2),
                 tokens: vec![],
                 text: String::new(),
                 logprobs: Vec::new(),
+                progress: None,
                 finish: Some(Finish {
                     reason: FinishReason::Length,
                     usage: Usage {

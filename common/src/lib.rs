@@ -19,8 +19,8 @@ pub mod worker;
 pub use params::ParamError;
 pub use params::{SamplingParams, StoppingParams};
 pub use results::{
-    Candidate, ChatMessage, Finish, FinishReason, GenerationEvent, ModelInfo, RequestError,
-    SeqOutput, Timings, TokenLogprob, Usage,
+    Candidate, ChatMessage, Finish, FinishReason, GenerationEvent, ModelInfo, PromptProgress,
+    RequestError, SeqOutput, Timings, TokenLogprob, Usage,
 };
 pub use worker::{ContextConfig, ContextError, FlashAttention, WorkerArgs};
 

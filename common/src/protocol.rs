@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +62,9 @@ pub struct GenerateRequest {
     /// request). The worker appends them to the prompt and continues the generation; their
     /// text was already sent, and usage still counts them as generated.
     pub resumed: Vec<Token>,
+    /// Send `SeqOutput::progress` reports while the prompt is processed (a stream that asked
+    /// for llama-server's `return_progress` or `timings_per_token`).
+    pub report_progress: bool,
 }
 
 /// A call that expects exactly one answer with the same `call` number.

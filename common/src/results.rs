@@ -66,6 +66,24 @@ pub struct SeqOutput {
     /// asked for log probabilities (`SamplingParams::logprobs`); empty otherwise. An
     /// end-of-generation token has none.
     pub logprobs: Vec<TokenLogprob>,
+    /// Set on a prompt-processing progress report (a request with
+    /// `GenerateRequest::report_progress`): such an output has no tokens, text or finish.
+    pub progress: Option<PromptProgress>,
+}
+
+/// How far a request's prompt processing got (llama-server's `prompt_progress`): sent when the
+/// request gets its sequence and after each step that evaluated part of its prompt, so a
+/// client of a long prompt sees it advance before the first token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PromptProgress {
+    /// Prompt tokens in all.
+    pub total: u32,
+    /// Prompt tokens found in the prompt cache (never evaluated for this request).
+    pub cache: u32,
+    /// Prompt tokens in the KV cache so far: `cache` plus those evaluated; `total` when done.
+    pub processed: u32,
+    /// Milliseconds since prompt processing started (the request got its sequence).
+    pub time_ms: f64,
 }
 
 /// A token with its text bytes (possibly part of a UTF-8 character) and its natural-log
@@ -94,7 +112,25 @@ impl SeqOutput {
             text: String::new(),
             finish: Some(finish),
             logprobs: Vec::new(),
+            progress: None,
         }
+    }
+
+    /// A progress report: no tokens, text or finish.
+    pub fn progress(id: RequestId, progress: PromptProgress) -> Self {
+        Self {
+            id,
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: None,
+            logprobs: Vec::new(),
+            progress: Some(progress),
+        }
+    }
+
+    /// Whether this output only reports prompt progress (it carries no generated token).
+    pub fn is_progress(&self) -> bool {
+        self.progress.is_some() && self.tokens.is_empty()
     }
 }
 
@@ -204,6 +240,7 @@ mod tests {
                 text: "a".into(),
                 finish,
                 logprobs: Vec::new(),
+                progress: None,
             })
         };
         let finish = Finish {

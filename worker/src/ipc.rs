@@ -430,6 +430,8 @@ fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineReques
         sampling: request.sampling,
         stopping,
         resumed,
+        // A resumed request is past its prompt for the client: its first tokens were sent.
+        report_progress: request.report_progress && resumed == 0,
     })
 }
 
@@ -547,6 +549,7 @@ mod tests {
             text: text.into(),
             finish: None,
             logprobs: Vec::new(),
+            progress: None,
         })
     }
 
@@ -737,6 +740,7 @@ mod tests {
                 ..StoppingParams::default()
             },
             resumed: 0,
+            report_progress: false,
         }))
     }
 

@@ -103,6 +103,7 @@ fn generate(id: u64, text: &str, max_tokens: u32) -> ToWorker {
             ..StoppingParams::default()
         },
         resumed: Vec::new(),
+        report_progress: false,
     })
 }
 

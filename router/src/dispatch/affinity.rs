@@ -63,10 +63,12 @@ fn chat_bytes(messages: &[ChatMessage]) -> Vec<u8> {
     out
 }
 
+/// Full blocks only: a prompt shorter than a block has no chain and is routed by load alone,
+/// as reusing a few cached tokens is worth less than balancing the workers.
 fn chain(bytes: &[u8]) -> PrefixChain {
     let mut previous = 0u64;
     bytes
-        .chunks(BLOCK_BYTES)
+        .chunks_exact(BLOCK_BYTES)
         .map(|block| {
             let mut hasher = DefaultHasher::new();
             previous.hash(&mut hasher);
@@ -177,6 +179,15 @@ mod tests {
         let full_blocks = system.len() / BLOCK_BYTES;
         assert!(shared_blocks(&first, &second) >= full_blocks);
         assert!(second.len() >= first.len());
+    }
+
+    #[test]
+    fn a_prompt_shorter_than_a_block_has_no_chain() {
+        assert!(prefix_chain(&chat(&[("user", "Name a colour.")])).is_empty());
+        assert_eq!(
+            prefix_chain(&Prompt::Text(long("x"))).len(),
+            400 / BLOCK_BYTES
+        );
     }
 
     #[test]

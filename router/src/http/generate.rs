@@ -40,8 +40,8 @@ use crate::dispatch::{RequestHandle, StreamEvent};
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
 use crate::openai::logprobs::Logprobs;
-use crate::openai::request::parse_generation;
-use crate::openai::response::{sum_usage, with_index};
+use crate::openai::request::{parse_generation, StreamReports};
+use crate::openai::response::{sum_usage, with_index, RunningTimings};
 use crate::openai::{Endpoint, Envelope};
 
 /// `POST /v1/chat/completions` (and `/chat/completions`).
@@ -130,7 +130,10 @@ async fn respond(
             feed_stream(
                 choices,
                 envelope,
-                valid.include_usage,
+                StreamExtras {
+                    include_usage: valid.include_usage,
+                    reports: valid.reports,
+                },
                 logprobs,
                 sink,
                 permit,
@@ -248,7 +251,11 @@ impl Choices {
         };
         self.last_workers[event.index] = event.worker;
         log.on_output(&output, event.worker);
-        if let Some(timer) = self.timers[event.index].as_mut() {
+        // A progress report is no output for the metrics: the first token is yet to come.
+        if let Some(timer) = self.timers[event.index]
+            .as_mut()
+            .filter(|_| !output.is_progress())
+        {
             timer.on_output(output.tokens.len());
         }
         if let Some(finish) = &output.finish {
@@ -391,14 +398,18 @@ impl StreamSink {
 
 /// Feeds one stream: each choice's role chunk, then the choices' text chunks and finish
 /// chunks (each with its `index`) as they come, then the optional usage chunk (summed over the
-/// choices) and one `[DONE]` once every choice finished. The first error of any choice is
-/// sent as an error event and ends the stream. Ends early (the guards abort the requests, the
-/// permits are released) when the client goes away or stops reading for `write_timeout`:
-/// then `log` ends as cancelled.
+/// choices) and one `[DONE]` once every choice finished. With `reports`, a choice's progress
+/// reports before its first token become `prompt_progress` chunks, and its text chunks carry
+/// the `timings` so far. The first error of any choice is sent as an error event and ends the
+/// stream. Ends early (the guards abort the requests, the permits are released) when the
+/// client goes away or stops reading for `write_timeout`: then `log` ends as cancelled.
 async fn feed_stream(
     mut choices: Choices,
     envelope: Envelope,
-    include_usage: bool,
+    StreamExtras {
+        include_usage,
+        reports,
+    }: StreamExtras,
     mut logprobs: Vec<Logprobs>,
     sink: StreamSink,
     _permit: OwnedSemaphorePermit,
@@ -414,13 +425,22 @@ async fn feed_stream(
             }
         }
     }
+    let mut timings = vec![RunningTimings::default(); choices.len()];
     loop {
         let event = tokio::select! {
             event = choices.next(&mut log) => event,
             () = sink.tx.closed() => return,
         };
         match event {
+            Some(Ok((index, o))) if o.is_progress() => {
+                if let Some(chunk) = progress_chunk(&envelope, reports, &mut timings[index], &o) {
+                    if !sink.send(data(&with_index(chunk, index))).await {
+                        return;
+                    }
+                }
+            }
             Some(Ok((index, o))) => {
+                timings[index].on_output(&o);
                 // A chunk carries the log probabilities of the tokens since the last chunk
                 // (text held back for a stop string or a partial character waits with them).
                 let lp = &mut logprobs[index];
@@ -428,6 +448,9 @@ async fn feed_stream(
                 if !o.text.is_empty() {
                     let mut chunk = envelope.text_chunk(&o.text);
                     chunk["choices"][0]["logprobs"] = lp.take();
+                    if reports.timings {
+                        chunk["timings"] = timings[index].json();
+                    }
                     if !sink.send(data(&with_index(chunk, index))).await {
                         return;
                     }
@@ -458,6 +481,36 @@ async fn feed_stream(
             }
         }
     }
+}
+
+/// What a stream sends besides its text and finish chunks.
+#[derive(Debug, Clone, Copy)]
+struct StreamExtras {
+    /// `stream_options.include_usage`: the usage chunk before `[DONE]`.
+    include_usage: bool,
+    /// Progress chunks and per-token timings.
+    reports: StreamReports,
+}
+
+/// The chunk for a choice's progress report, when the client asked for them and the choice
+/// has no token yet (a resumed request's worker reports none anyway); with `timings`, it
+/// carries the timings so far, as llama-server's do.
+fn progress_chunk(
+    envelope: &Envelope,
+    reports: StreamReports,
+    timings: &mut RunningTimings,
+    output: &SeqOutput,
+) -> Option<serde_json::Value> {
+    timings.on_output(output);
+    let progress = output.progress.filter(|_| reports.progress)?;
+    if timings.started() {
+        return None;
+    }
+    let mut chunk = envelope.progress_chunk(&progress);
+    if reports.timings {
+        chunk["timings"] = timings.json();
+    }
+    Some(chunk)
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //! ids, tokenized here through the workers' `Tokenize` call), the response and the stream
 //! differ. A stream is `data: {"content", "stop": false, ...}` events, then one event with
 //! `"stop": true` and the whole result, and no `[DONE]` (llama-server's native format).
+//! With `return_progress`, `prompt_progress` events (empty `content`) come before the first
+//! token's; with `timings_per_token`, every event carries the `timings` so far.
 //!
 //! Slots: llama-server has one pool of slots; here each worker has its own. `/slots` lists
 //! them worker-major (worker 0's slots first), numbered 0 to N-1 over the pool, built from the
@@ -20,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
 use llamapool_common::{
-    Finish, FinishReason, RequestId, SamplingParams, StoppingParams, Timings, Token, Usage,
+    Finish, FinishReason, RequestId, SamplingParams, SeqOutput, StoppingParams, Token,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -37,9 +39,9 @@ use crate::metrics::RequestTimer;
 use crate::openai::logprobs;
 use crate::openai::request::{
     chat_messages, chat_prompt, native_prompt, parse_json, GenerationBody, MessageBody,
-    NativePrompt, PromptPart, ServedModel,
+    NativePrompt, PromptPart, ServedModel, StreamReports,
 };
-use crate::openai::response::FINGERPRINT;
+use crate::openai::response::{progress_json, timings_json, RunningTimings, FINGERPRINT};
 use crate::openai::{Endpoint, ValidRequest};
 
 /// llama-server's "no seed given: a random one" value in `generation_settings`.
@@ -78,6 +80,8 @@ struct Native {
     /// `post_sampling_probs`: `completion_probabilities` as probabilities (`prob`,
     /// `top_probs`) rather than log probabilities.
     post_sampling_probs: bool,
+    /// `return_progress` and `timings_per_token` (streams only).
+    reports: StreamReports,
 }
 
 async fn respond(
@@ -108,6 +112,7 @@ async fn respond(
             _ => None,
         },
         post_sampling_probs,
+        reports: valid.reports,
     };
     let mut handle = state.pool.submit(valid.generate).await?;
     let first_slot = first_slot_of(state, handle.worker());
@@ -132,7 +137,9 @@ async fn respond(
         let mut probs = Vec::new();
         let finish = loop {
             let output = next_output(&mut handle).await?;
-            timer.on_output(output.tokens.len());
+            if !output.is_progress() {
+                timer.on_output(output.tokens.len());
+            }
             log.on_output(&output, handle.worker());
             text.push_str(&output.text);
             tokens.extend_from_slice(&output.tokens);
@@ -236,7 +243,9 @@ fn first_slot_of(state: &SharedState, worker: usize) -> Option<u32> {
 }
 
 /// Feeds one native stream: a `stop: false` event per output that has text (or tokens, with
-/// `return_tokens`), then the final `stop: true` event. No `[DONE]`.
+/// `return_tokens`), then the final `stop: true` event. No `[DONE]`. With `native.reports`,
+/// progress reports before the first token become `prompt_progress` events and token events
+/// carry `timings`.
 async fn feed_stream(
     mut handle: RequestHandle,
     native: Native,
@@ -247,13 +256,23 @@ async fn feed_stream(
     mut log: RequestLog,
 ) {
     let mut predicted: u32 = 0;
+    let mut timings = RunningTimings::default();
     loop {
         let output = tokio::select! {
             output = next_output(&mut handle) => output,
             () = sink.tx.closed() => return,
         };
         match output {
+            Ok(o) if o.is_progress() => {
+                log.on_output(&o, handle.worker());
+                if let Some(chunk) = progress_result(&native, &mut timings, &o) {
+                    if !sink.send(data(&chunk)).await {
+                        return;
+                    }
+                }
+            }
             Ok(o) => {
+                timings.on_output(&o);
                 timer.on_output(o.tokens.len());
                 log.on_output(&o, handle.worker());
                 predicted += u32::try_from(o.tokens.len()).unwrap_or(u32::MAX);
@@ -262,6 +281,12 @@ async fn feed_stream(
                 // string makes an empty `content`); the last token's only if it has text.
                 if !o.text.is_empty() || (o.finish.is_none() && !o.tokens.is_empty()) {
                     let mut chunk = partial_result(&native, &o.text, &o.tokens, predicted);
+                    if let Some(n) = timings.prompt_tokens() {
+                        chunk["tokens_evaluated"] = json!(n);
+                    }
+                    if native.reports.timings {
+                        chunk["timings"] = timings.json();
+                    }
                     if !o.logprobs.is_empty() {
                         chunk["completion_probabilities"] =
                             logprobs::native(&o.logprobs, native.post_sampling_probs);
@@ -287,6 +312,28 @@ async fn feed_stream(
             }
         }
     }
+}
+
+/// A progress event (llama-server's partial result with `prompt_progress`: no content, no
+/// tokens), when the client asked for them and no token came yet; with `timings_per_token` it
+/// carries the timings so far.
+fn progress_result(
+    native: &Native,
+    timings: &mut RunningTimings,
+    output: &SeqOutput,
+) -> Option<Value> {
+    timings.on_output(output);
+    let progress = output.progress.filter(|_| native.reports.progress)?;
+    if timings.started() {
+        return None;
+    }
+    let mut chunk = partial_result(native, "", &[], 0);
+    chunk["tokens_evaluated"] = json!(progress.total);
+    if native.reports.timings {
+        chunk["timings"] = timings.json();
+    }
+    chunk["prompt_progress"] = progress_json(&progress);
+    Some(chunk)
 }
 
 /// A stream's `stop: false` event: the output's text and tokens (always, as llama-server),
@@ -331,7 +378,7 @@ fn final_result(
         "stop_type": stop_type,
         "stopping_word": stopping_word,
         "tokens_cached": finish.usage.cached_tokens,
-        "timings": timings(&finish.usage, &finish.timings),
+        "timings": timings_json(&finish.usage, &finish.timings),
     });
     if let Some(prompt) = &native.prompt {
         result["prompt"] = json!(prompt);
@@ -348,32 +395,6 @@ fn stop_type(finish: &Finish) -> (&'static str, &str) {
         (FinishReason::Length, _) => ("limit", ""),
         (FinishReason::Cancelled, _) => ("none", ""),
     }
-}
-
-/// llama-server's `timings` (`server_slot_stats::to_json`).
-fn timings(u: &Usage, t: &Timings) -> Value {
-    let per = |n: u32, ms: f64| {
-        if n > 0 && ms > 0.0 {
-            (ms / f64::from(n), f64::from(n) * 1000.0 / ms)
-        } else {
-            (0.0, 0.0)
-        }
-    };
-    // As llama-server: `prompt_n` counts the prompt tokens evaluated, `cache_n` those reused.
-    let evaluated = u.prompt_tokens.saturating_sub(u.cached_tokens);
-    let (prompt_per_token, prompt_per_second) = per(evaluated, t.prompt_ms);
-    let (predicted_per_token, predicted_per_second) = per(u.completion_tokens, t.predicted_ms);
-    json!({
-        "cache_n": u.cached_tokens,
-        "prompt_n": evaluated,
-        "prompt_ms": t.prompt_ms,
-        "prompt_per_token_ms": prompt_per_token,
-        "prompt_per_second": prompt_per_second,
-        "predicted_n": u.completion_tokens,
-        "predicted_ms": t.predicted_ms,
-        "predicted_per_token_ms": predicted_per_token,
-        "predicted_per_second": predicted_per_second,
-    })
 }
 
 /// llama-server's `generation_settings` (`task_params::to_json`), for the settings this
@@ -497,6 +518,8 @@ pub async fn apply_template(
 
 #[cfg(test)]
 mod tests {
+    use llamapool_common::{PromptProgress, RequestId, Timings, Usage};
+
     use super::*;
 
     #[test]
@@ -515,6 +538,7 @@ mod tests {
             prompt_tokens: None,
             prompt: Some("p".into()),
             post_sampling_probs: false,
+            reports: StreamReports::default(),
         };
         let finish = Finish {
             reason: FinishReason::Length,
@@ -561,5 +585,54 @@ mod tests {
         assert_eq!(chunk["stop"], false);
         assert!(chunk.get("tokens_evaluated").is_none());
         assert_eq!(SlotIds(vec![2, 3, 1]).first_of(2), 5);
+    }
+
+    #[test]
+    fn progress_events_have_llama_server_shape_until_the_first_token() {
+        let native = Native {
+            model: "m".into(),
+            settings: Value::Null,
+            return_tokens: false,
+            prompt_tokens: None,
+            prompt: None,
+            post_sampling_probs: false,
+            reports: StreamReports {
+                progress: true,
+                timings: true,
+            },
+        };
+        let report = SeqOutput::progress(
+            RequestId(1),
+            PromptProgress {
+                total: 5,
+                cache: 1,
+                processed: 3,
+                time_ms: 2.0,
+            },
+        );
+        let mut timings = RunningTimings::default();
+        let chunk = progress_result(&native, &mut timings, &report).unwrap();
+        assert_eq!(chunk["content"], "");
+        assert_eq!(chunk["tokens"], json!([]));
+        assert_eq!(chunk["stop"], false);
+        assert_eq!(chunk["tokens_evaluated"], 5);
+        assert_eq!(
+            chunk["prompt_progress"],
+            json!({"total": 5, "cache": 1, "processed": 3, "time_ms": 2.0})
+        );
+        assert_eq!(chunk["timings"]["prompt_n"], 2);
+        assert_eq!(chunk["timings"]["predicted_n"], 0);
+        // Not asked for: nothing; after the first token: nothing.
+        let quiet = Native {
+            reports: StreamReports::default(),
+            ..native.clone()
+        };
+        assert!(progress_result(&quiet, &mut RunningTimings::default(), &report).is_none());
+        timings.on_output(&SeqOutput {
+            tokens: vec![7],
+            progress: None,
+            ..report.clone()
+        });
+        assert!(progress_result(&native, &mut timings, &report).is_none());
     }
 }

@@ -252,6 +252,7 @@ mod tests {
             text: "x".repeat(tokens),
             finish,
             logprobs: Vec::new(),
+            progress: None,
         }
     }
 

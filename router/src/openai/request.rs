@@ -136,6 +136,10 @@ pub struct GenerationBody {
     /// llama-server's native endpoints: report probabilities (`prob`, `top_probs`) instead of
     /// log probabilities.
     pub post_sampling_probs: Option<bool>,
+    /// llama-server: a stream reports prompt processing in `prompt_progress` chunks.
+    pub return_progress: Option<bool>,
+    /// llama-server: every token chunk of a stream carries the `timings` so far.
+    pub timings_per_token: Option<bool>,
     /// Chat: how the rendered conversation ends (see [`chat_prompt`]).
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
@@ -292,7 +296,33 @@ pub struct ValidRequest {
     pub n: u32,
     pub stream: bool,
     pub include_usage: bool,
+    pub reports: StreamReports,
     pub generate: GenerateRequest,
+}
+
+/// What a stream reports besides the text (llama-server's `return_progress` and
+/// `timings_per_token`); both off for a non-streamed request, whose result has its timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamReports {
+    /// `prompt_progress` chunks before the first token.
+    pub progress: bool,
+    /// `timings` on every token chunk.
+    pub timings: bool,
+}
+
+impl StreamReports {
+    fn new(stream: bool, return_progress: Option<bool>, timings_per_token: Option<bool>) -> Self {
+        Self {
+            progress: stream && return_progress.unwrap_or(false),
+            timings: stream && timings_per_token.unwrap_or(false),
+        }
+    }
+
+    /// Whether the worker must send progress reports: per-token timings take their prompt
+    /// side from them.
+    pub fn needs_progress(self) -> bool {
+        self.progress || self.timings
+    }
 }
 
 /// Parses and validates a generation body for `endpoint`, with `served`'s model-name rule
@@ -373,10 +403,13 @@ impl GenerationBody {
             cache_prompt: self.cache_prompt.unwrap_or(true),
         };
         stopping.validate()?;
+        let stream = self.stream.unwrap_or(false);
+        let reports = StreamReports::new(stream, self.return_progress, self.timings_per_token);
         Ok(ValidRequest {
             endpoint,
             n,
-            stream: self.stream.unwrap_or(false),
+            stream,
+            reports,
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -389,6 +422,7 @@ impl GenerationBody {
                 sampling,
                 stopping,
                 resumed: Vec::new(),
+                report_progress: reports.needs_progress(),
             },
         })
     }

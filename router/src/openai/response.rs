@@ -1,7 +1,10 @@
 //! Response bodies and stream chunks in exactly the shapes OpenAI clients expect, plus
-//! llama-server's `timings`. Built from what a worker reports; nothing here reads a request.
+//! llama-server's `timings` and `prompt_progress` (one builder for every endpoint, native
+//! included). Built from what a worker reports; nothing here reads a request.
 
-use llamapool_common::{Finish, FinishReason, Timings, Usage};
+use std::time::Instant;
+
+use llamapool_common::{Finish, FinishReason, PromptProgress, SeqOutput, Timings, Usage};
 use serde_json::{json, Value};
 
 use super::request::Endpoint;
@@ -84,6 +87,18 @@ impl Envelope {
     /// The first chat chunk: the role and empty content.
     pub fn role_chunk(&self) -> Value {
         self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+    }
+
+    /// A prompt-processing progress chunk (`return_progress`), as llama-server sends it before
+    /// the first token: chat repeats the role delta with `content: null`, a completion has
+    /// empty text.
+    pub fn progress_chunk(&self, progress: &PromptProgress) -> Value {
+        let mut chunk = match self.endpoint {
+            Endpoint::Chat => self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": null}, "logprobs": null, "finish_reason": null})),
+            Endpoint::Completions => self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": null})),
+        };
+        chunk["prompt_progress"] = progress_json(progress);
+        chunk
     }
 
     pub fn text_chunk(&self, text: &str) -> Value {
@@ -174,21 +189,137 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
-fn timings_json(u: &Usage, t: &Timings) -> Value {
-    let per_second = if t.predicted_ms > 0.0 {
-        f64::from(u.completion_tokens) * 1000.0 / t.predicted_ms
+/// A finished request's `timings` (every endpoint's final result): [`TimingsJson`] from the
+/// worker's usage and timings, with this server's extra `queue_ms`.
+pub fn timings_json(u: &Usage, t: &Timings) -> Value {
+    TimingsJson {
+        // As llama-server: `prompt_n` counts the prompt tokens evaluated, `cache_n` those
+        // reused.
+        cache_n: u.cached_tokens,
+        prompt_n: u.prompt_tokens.saturating_sub(u.cached_tokens),
+        prompt_ms: t.prompt_ms,
+        predicted_n: u.completion_tokens,
+        predicted_ms: t.predicted_ms,
+        queue_ms: Some(t.queue_ms),
+    }
+    .to_json()
+}
+
+/// llama-server's `timings` (`server_slot_stats::to_json`): counts and times, the rates
+/// derived here so that every endpoint reports them alike.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TimingsJson {
+    pub cache_n: u32,
+    pub prompt_n: u32,
+    pub prompt_ms: f64,
+    pub predicted_n: u32,
+    pub predicted_ms: f64,
+    /// Submitted until admitted; known only at the finish (not llama-server's).
+    pub queue_ms: Option<f64>,
+}
+
+impl TimingsJson {
+    pub fn to_json(&self) -> Value {
+        let (prompt_per_token, prompt_per_second) = rates(self.prompt_n, self.prompt_ms);
+        let (predicted_per_token, predicted_per_second) =
+            rates(self.predicted_n, self.predicted_ms);
+        let mut json = json!({
+            "cache_n": self.cache_n,
+            "prompt_n": self.prompt_n,
+            "prompt_ms": self.prompt_ms,
+            "prompt_per_token_ms": prompt_per_token,
+            "prompt_per_second": prompt_per_second,
+            "predicted_n": self.predicted_n,
+            "predicted_ms": self.predicted_ms,
+            "predicted_per_token_ms": predicted_per_token,
+            "predicted_per_second": predicted_per_second,
+        });
+        if let Some(queue_ms) = self.queue_ms {
+            json["queue_ms"] = json!(queue_ms);
+        }
+        json
+    }
+}
+
+/// (ms per token, tokens per second); zeros when either is zero, as no rate is known yet.
+fn rates(n: u32, ms: f64) -> (f64, f64) {
+    if n > 0 && ms > 0.0 {
+        (ms / f64::from(n), f64::from(n) * 1000.0 / ms)
     } else {
-        0.0
-    };
+        (0.0, 0.0)
+    }
+}
+
+/// llama-server's `prompt_progress` (`result_prompt_progress::to_json`).
+pub fn progress_json(p: &PromptProgress) -> Value {
     json!({
-        "cache_n": u.cached_tokens,
-        "prompt_n": u.prompt_tokens.saturating_sub(u.cached_tokens),
-        "prompt_ms": t.prompt_ms,
-        "predicted_n": u.completion_tokens,
-        "predicted_ms": t.predicted_ms,
-        "predicted_per_second": per_second,
-        "queue_ms": t.queue_ms,
+        "total": p.total,
+        "cache": p.cache,
+        "processed": p.processed,
+        "time_ms": p.time_ms,
     })
+}
+
+/// One stream choice's `timings` so far, for `timings_per_token`: the prompt side from the
+/// worker's latest progress report, the predicted side from this router's count of tokens
+/// and its clock from the first token to the latest (a worker sends no timings before the
+/// finish). The first token's chunk thus has `predicted_ms` 0 and no rates yet.
+#[derive(Debug, Clone, Default)]
+pub struct RunningTimings {
+    progress: Option<PromptProgress>,
+    /// When the first and the latest token arrived.
+    tokens_at: Option<(Instant, Instant)>,
+    predicted: u32,
+}
+
+impl RunningTimings {
+    /// Takes in one output: its progress report, or its tokens.
+    pub fn on_output(&mut self, output: &SeqOutput) {
+        self.on_output_at(output, Instant::now());
+    }
+
+    fn on_output_at(&mut self, output: &SeqOutput, now: Instant) {
+        if let Some(progress) = output.progress {
+            self.progress = Some(progress);
+        }
+        if !output.tokens.is_empty() {
+            let first = self.tokens_at.map_or(now, |(first, _)| first);
+            self.tokens_at = Some((first, now));
+            let n = u32::try_from(output.tokens.len()).unwrap_or(u32::MAX);
+            self.predicted = self.predicted.saturating_add(n);
+        }
+    }
+
+    /// Whether a generated token was seen (progress reports after it are not forwarded).
+    pub fn started(&self) -> bool {
+        self.tokens_at.is_some()
+    }
+
+    /// Prompt tokens in all, once a progress report told.
+    pub fn prompt_tokens(&self) -> Option<u32> {
+        self.progress.map(|p| p.total)
+    }
+
+    /// The `timings` object as of the latest output.
+    pub fn json(&self) -> Value {
+        let p = self.progress.unwrap_or(PromptProgress {
+            total: 0,
+            cache: 0,
+            processed: 0,
+            time_ms: 0.0,
+        });
+        TimingsJson {
+            cache_n: p.cache,
+            prompt_n: p.processed.saturating_sub(p.cache),
+            prompt_ms: p.time_ms,
+            predicted_n: self.predicted,
+            predicted_ms: self
+                .tokens_at
+                .map_or(0.0, |(first, last)| (last - first).as_secs_f64() * 1000.0),
+            queue_ms: None,
+        }
+        .to_json()
+    }
 }
 
 #[cfg(test)]
@@ -265,5 +396,99 @@ mod tests {
             let chunk = with_index(env.text_chunk("b"), 1);
             assert_eq!(chunk["choices"][0]["index"], 1);
         }
+    }
+
+    #[test]
+    fn progress_chunks_have_llama_server_shapes() {
+        let progress = PromptProgress {
+            total: 10,
+            cache: 2,
+            processed: 6,
+            time_ms: 4.5,
+        };
+        let chat = Envelope::new(Endpoint::Chat, "m").progress_chunk(&progress);
+        assert_eq!(
+            chat["choices"][0]["delta"],
+            json!({"role": "assistant", "content": null})
+        );
+        assert_eq!(
+            chat["prompt_progress"],
+            json!({"total": 10, "cache": 2, "processed": 6, "time_ms": 4.5})
+        );
+        let text = Envelope::new(Endpoint::Completions, "m").progress_chunk(&progress);
+        assert_eq!(text["choices"][0]["text"], "");
+        assert_eq!(text["prompt_progress"]["processed"], 6);
+    }
+
+    #[test]
+    fn running_timings_follow_progress_and_tokens() {
+        let id = llamapool_common::RequestId(1);
+        let mut t = RunningTimings::default();
+        let start = Instant::now();
+        let progress = |processed, time_ms| {
+            SeqOutput::progress(
+                id,
+                PromptProgress {
+                    total: 10,
+                    cache: 2,
+                    processed,
+                    time_ms,
+                },
+            )
+        };
+        t.on_output_at(&progress(2, 0.0), start);
+        t.on_output_at(&progress(10, 40.0), start);
+        assert!(!t.started());
+        assert_eq!(t.prompt_tokens(), Some(10));
+        let tokens = |n: usize| SeqOutput {
+            tokens: vec![1; n],
+            progress: None,
+            ..progress(0, 0.0)
+        };
+        t.on_output_at(&tokens(1), start);
+        assert_eq!(t.json()["predicted_ms"], 0.0);
+        assert_eq!(t.json()["predicted_per_second"], 0.0);
+        t.on_output_at(&tokens(2), start + std::time::Duration::from_millis(30));
+        let json = t.json();
+        assert_eq!(json["cache_n"], 2);
+        assert_eq!(json["prompt_n"], 8);
+        assert_eq!(json["prompt_ms"], 40.0);
+        assert_eq!(json["prompt_per_second"], 200.0);
+        assert_eq!(json["predicted_n"], 3);
+        assert_eq!(json["predicted_ms"], 30.0);
+        assert_eq!(json["predicted_per_second"], 100.0);
+        assert!(json.get("queue_ms").is_none());
+        assert!(t.started());
+    }
+
+    #[test]
+    fn final_timings_have_every_llama_server_field_and_queue_ms() {
+        let json = timings_json(
+            &Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                cached_tokens: 1,
+            },
+            &Timings {
+                queue_ms: 1.0,
+                prompt_ms: 4.0,
+                predicted_ms: 8.0,
+            },
+        );
+        assert_eq!(
+            json,
+            json!({
+                "cache_n": 1,
+                "prompt_n": 2,
+                "prompt_ms": 4.0,
+                "prompt_per_token_ms": 2.0,
+                "prompt_per_second": 500.0,
+                "predicted_n": 4,
+                "predicted_ms": 8.0,
+                "predicted_per_token_ms": 2.0,
+                "predicted_per_second": 500.0,
+                "queue_ms": 1.0,
+            })
+        );
     }
 }

@@ -24,8 +24,8 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
 
 use llamapool_common::{
-    Candidate, Finish, FinishReason, GenerationEvent, RequestError, RequestId, SamplingParams,
-    SeqOutput, StoppingParams, Timings, Token, TokenLogprob, Usage,
+    Candidate, Finish, FinishReason, GenerationEvent, PromptProgress, RequestError, RequestId,
+    SamplingParams, SeqOutput, StoppingParams, Timings, Token, TokenLogprob, Usage,
 };
 
 use crate::backend::{Backend, BackendLimits, BatchEntry, DecodeFailure};
@@ -45,6 +45,9 @@ pub struct EngineRequest {
     /// stop-string and UTF-8 state again so that the continuation is exactly what one worker
     /// would have produced.
     pub resumed: usize,
+    /// Send a progress report ([`SeqOutput::progress`]) when the request gets its sequence and
+    /// after each step that evaluated part of its prompt, before its first token.
+    pub report_progress: bool,
 }
 
 /// Where the engine sends one request's events: a channel of its own, or a shared sink such
@@ -279,6 +282,8 @@ struct Active<S> {
     ignore_eos: bool,
     /// `SamplingParams::logprobs`: how many alternatives to report with each token, if any.
     logprobs: Option<u8>,
+    /// `EngineRequest::report_progress`.
+    report_progress: bool,
     sampler: S,
     text: TextAssembler,
     events: EventSender,
@@ -301,6 +306,25 @@ impl<S> Active<S> {
             .take(self.n_kv)
             .copied()
             .collect()
+    }
+
+    /// Sends a progress report of the prompt processed so far, if the request asked for them;
+    /// a request nobody listens to any more is marked done.
+    fn send_progress(&mut self) {
+        if !self.report_progress {
+            return;
+        }
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let progress = PromptProgress {
+            total: count(self.prompt.len()),
+            cache: count(self.cached),
+            processed: count(self.prefilled),
+            time_ms: ms(self.admitted.elapsed()),
+        };
+        let output = SeqOutput::progress(self.id, progress);
+        if self.events.send(GenerationEvent::Output(output)).is_err() {
+            self.done = true;
+        }
     }
 
     fn finish(&self, reason: FinishReason) -> Finish {
@@ -615,6 +639,7 @@ impl<B: Backend> Engine<B> {
             max_new: w.max_new,
             ignore_eos: w.request.stopping.ignore_eos,
             logprobs: w.request.sampling.logprobs,
+            report_progress: w.request.report_progress,
             sampler: w.sampler,
             text,
             events: w.events,
@@ -623,6 +648,11 @@ impl<B: Backend> Engine<B> {
             first_token: None,
             done: false,
         });
+        // The request starts processing: llama-server's first report (`processed == cache`).
+        self.active
+            .last_mut()
+            .expect("just admitted")
+            .send_progress();
     }
 
     /// One step, vLLM-style: `schedule → execute → update_from_output`.
@@ -745,6 +775,10 @@ impl<B: Backend> Engine<B> {
             let a = &mut self.active[chunk.active];
             a.prefilled += chunk.tokens;
             a.n_kv += chunk.tokens;
+            // Before this step's token, which the last chunk of a prompt yields.
+            if chunk.tokens > 0 {
+                a.send_progress();
+            }
         }
         for sample in samples {
             let a = &mut self.active[sample.active];
@@ -791,6 +825,7 @@ impl<B: Backend> Engine<B> {
             text: String::new(),
             finish: None,
             logprobs: logprob.into_iter().collect(),
+            progress: None,
         };
         let mut stop_word = None;
         let reason = if !a.ignore_eos && self.backend.is_eog(token) {

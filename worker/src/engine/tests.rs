@@ -25,6 +25,7 @@ fn request(id: u64, prompt: Vec<Token>, max_tokens: u32) -> EngineRequest {
             ..StoppingParams::default()
         },
         resumed: 0,
+        report_progress: false,
     }
 }
 
@@ -602,4 +603,61 @@ fn cache_prompt_false_evaluates_the_whole_prompt_and_reports_no_cached_tokens() 
         (finish.usage.cached_tokens, finish.usage.prompt_tokens),
         (3, 4)
     );
+}
+
+/// Each output of `rx` in order: a progress report as `Err`, a token output as `Ok` (its
+/// tokens).
+fn progress_and_tokens(rx: &Receiver<GenerationEvent>) -> Vec<Result<Vec<Token>, PromptProgress>> {
+    rx.try_iter()
+        .filter_map(|event| match event {
+            GenerationEvent::Output(o) => Some(match o.progress {
+                Some(p) => {
+                    assert!(o.tokens.is_empty() && o.text.is_empty() && o.finish.is_none());
+                    Err(p)
+                }
+                None => Ok(o.tokens),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn progress_reports_come_per_prefill_step_before_the_first_token() {
+    let mut h = Harness::new(limits(8, 2, 128));
+    let asked = h.submit(EngineRequest {
+        report_progress: true,
+        ..request(1, (1..=20).collect(), 3)
+    });
+    let plain = h.submit(request(2, (30..=49).collect(), 3));
+    h.run_until_idle();
+    let outputs = progress_and_tokens(&asked);
+    let first_token = outputs.iter().position(Result::is_ok).unwrap();
+    let reports: Vec<PromptProgress> = outputs[..first_token]
+        .iter()
+        .map(|o| *o.as_ref().unwrap_err())
+        .collect();
+    // Admitted (nothing processed yet), then 8 + 8 + 4 prompt tokens over three steps.
+    let processed: Vec<u32> = reports.iter().map(|p| p.processed).collect();
+    assert_eq!(processed, [0, 8, 16, 20]);
+    assert!(reports.iter().all(|p| p.total == 20 && p.cache == 0));
+    assert!(reports.windows(2).all(|w| w[0].time_ms <= w[1].time_ms));
+    assert!(outputs[first_token..].iter().all(Result::is_ok));
+    assert_eq!(outputs.len(), first_token + 3);
+    // Without the flag: token outputs only.
+    assert!(progress_and_tokens(&plain).iter().all(Result::is_ok));
+
+    // A prompt cache hit starts at what was cached.
+    let again = h.submit(EngineRequest {
+        report_progress: true,
+        ..request(3, (1..=20).collect(), 1)
+    });
+    h.run_until_idle();
+    let outputs = progress_and_tokens(&again);
+    let reports: Vec<PromptProgress> = outputs.iter().filter_map(|o| o.clone().err()).collect();
+    let cache = reports[0].cache;
+    assert!(cache > 0);
+    assert_eq!(reports[0].processed, cache);
+    assert_eq!(reports.last().unwrap().processed, 20);
+    assert!(outputs.last().unwrap().is_ok());
 }

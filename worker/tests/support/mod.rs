@@ -55,6 +55,7 @@ pub fn greedy(id: u64, prompt: &str, max_tokens: u32) -> EngineRequest {
             ..StoppingParams::default()
         },
         resumed: 0,
+        report_progress: false,
     }
 }
 

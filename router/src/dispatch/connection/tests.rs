@@ -69,6 +69,7 @@ fn flight(
             sampling: SamplingParams::greedy(),
             stopping: StoppingParams::default(),
             resumed: Vec::new(),
+            report_progress: false,
         },
         events,
         generated,
@@ -88,6 +89,7 @@ fn output(id: u64, tokens: Vec<Token>, finish: Option<Finish>) -> GenerationEven
         tokens,
         finish,
         logprobs: Vec::new(),
+        progress: None,
     })
 }
 

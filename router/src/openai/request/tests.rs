@@ -555,3 +555,45 @@ fn cache_prompt_is_on_unless_the_request_turns_it_off() {
             .unwrap();
     assert!(!off.generate.stopping.cache_prompt);
 }
+
+#[test]
+fn stream_reports_apply_to_streams_and_ask_the_worker_for_progress() {
+    let reports = |body: &str| {
+        let r = chat(body).unwrap();
+        (r.reports, r.generate.report_progress)
+    };
+    let msg = r#""messages":[{"role":"user","content":"x"}]"#;
+    assert_eq!(
+        reports(&format!(r#"{{{msg},"stream":true}}"#)),
+        (StreamReports::default(), false)
+    );
+    let progress = StreamReports {
+        progress: true,
+        timings: false,
+    };
+    assert_eq!(
+        reports(&format!(
+            r#"{{{msg},"stream":true,"return_progress":true}}"#
+        )),
+        (progress, true)
+    );
+    let timings = StreamReports {
+        progress: false,
+        timings: true,
+    };
+    assert_eq!(
+        reports(&format!(
+            r#"{{{msg},"stream":true,"timings_per_token":true}}"#
+        )),
+        (timings, true)
+    );
+    // A non-streamed result has its timings; there is nothing to report per chunk.
+    assert_eq!(
+        reports(&format!(
+            r#"{{{msg},"return_progress":true,"timings_per_token":true}}"#
+        )),
+        (StreamReports::default(), false)
+    );
+    let bad = chat(&format!(r#"{{{msg},"return_progress":"yes"}}"#)).unwrap_err();
+    assert_eq!(param_of(&bad), Some("return_progress"));
+}
