@@ -19,8 +19,11 @@
 
 mod chaos;
 mod chart;
+mod llama_server;
+mod multiturn;
 mod procs;
 mod stages;
+mod versus;
 
 use std::path::PathBuf;
 
@@ -133,6 +136,37 @@ pub struct Args {
     /// With --chaos: a request without progress for this many seconds counts as hung.
     #[arg(long, default_value_t = 60.0)]
     stall_secs: f64,
+    /// Instead of the stages, the multi-turn chat workload (`multiturn.rs`, default model:
+    /// SmolLM2): the prompt cache and prefix-affinity routing, llamapool with affinity on and
+    /// off, and llama-server with --llama-server; --concurrency conversations in flight.
+    #[arg(long)]
+    multi_turn: bool,
+    /// With --multi-turn: conversations in the run.
+    #[arg(long, default_value_t = 16)]
+    conversations: usize,
+    /// With --multi-turn: turns per conversation.
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// With --multi-turn: approximate length of each conversation's own system prompt.
+    #[arg(long, default_value_t = 500)]
+    system_tokens: usize,
+    /// With --multi-turn: the most tokens of each reply (greedy).
+    #[arg(long, default_value_t = 32)]
+    reply_tokens: u32,
+    /// With --multi-turn: also measure this llama-server binary.
+    #[arg(long)]
+    llama_server: Option<PathBuf>,
+    /// Instead of the stages, llamapool side by side with the llama-server binary at PATH
+    /// (`versus.rs`): same model and workload, quiet and with a busy loop, llamapool's default
+    /// config against llama-server -t 2, -t 1 and -t 2 with OMP_WAIT_POLICY=passive; --repeat
+    /// interleaved rounds; prints the goal ratios and writes OUT_DIR/vs-llama-server.json
+    /// (with --sweep also a quiet concurrency sweep, vs-llama-server-sweep.json).
+    #[arg(long, value_name = "PATH")]
+    vs_llama_server: Option<PathBuf>,
+    /// With --vs-llama-server: measure llamapool with this TOML config instead of the default
+    /// one (server.listen, model.path and model.alias are overridden; no API key may be set).
+    #[arg(long, value_name = "FILE", requires = "vs_llama_server")]
+    vs_config: Option<PathBuf>,
     /// (internal) spin forever: the interference process.
     #[arg(long, hide = true)]
     busy_loop: bool,
@@ -176,6 +210,9 @@ fn main() -> Result<()> {
     if args.chaos {
         return chaos::run(&args);
     }
+    if args.multi_turn {
+        return multiturn::run(&args);
+    }
     if args.requests == 0
         || args.concurrency == 0
         || args.max_tokens == 0
@@ -191,6 +228,9 @@ fn main() -> Result<()> {
         );
     }
     let workload = stages::Workload::new(&args).context("building the workload")?;
+    if let Some(llama_server) = &args.vs_llama_server {
+        return versus::run(&args, &workload, llama_server);
+    }
     let levels = if args.sweep {
         args.levels.clone()
     } else {

@@ -1,0 +1,574 @@
+//! `--vs-llama-server PATH`: llamapool side by side with llama-server in one run, on the same
+//! model and the same HTTP workload as `--url` (streamed `/v1/completions`, token-id prompts,
+//! `ignore_eos`). This module owns the comparison: starting and stopping both servers, the
+//! interleaved rounds over the rows and the two conditions (quiet, and with the busy loop of
+//! `--interference`), the ratios the project's goals are stated in, and their report.
+//!
+//! llamapool runs with a configuration that sets only the model (so what is measured is the
+//! router's built-in default worker layout, whatever it is at the time), or with `--vs-config`.
+//! llama-server runs as in docs/PERFORMANCE.md: `-np 8 -c 8192 -kvu`, with `-t 2`, `-t 1`,
+//! and `-t 2` under `OMP_WAIT_POLICY=passive`.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use llamapool_bench::metrics::{self, summarize, StageReport};
+use llamapool_common::Token;
+use llamapool_testkit::{binary, Router};
+use serde_json::json;
+
+use crate::llama_server::{LlamaServer, Shape};
+use crate::stages::{http_load, http_request, Progress, Workload};
+use crate::{procs, Args};
+
+/// How long a server may take to load the model and answer.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Tokens of the warm-up request before each measured run.
+const WARM_UP_TOKENS: u32 = 4;
+/// The goals of docs/PERFORMANCE.md, as ratios of tokens/s.
+const QUIET_GOAL: f64 = 1.05;
+const BUSY_GOAL: f64 = 1.30;
+
+/// One server setting of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Server {
+    /// `llamapool-router` with the default layout (or `--vs-config`).
+    Llamapool,
+    /// llama-server with `-t threads`, and `OMP_WAIT_POLICY=passive` when `passive`.
+    LlamaServer { threads: u32, passive: bool },
+}
+
+const LLAMAPOOL: Server = Server::Llamapool;
+const LS_T2: Server = Server::LlamaServer {
+    threads: 2,
+    passive: false,
+};
+const LS_T1: Server = Server::LlamaServer {
+    threads: 1,
+    passive: false,
+};
+const LS_T2_PASSIVE: Server = Server::LlamaServer {
+    threads: 2,
+    passive: true,
+};
+
+impl Server {
+    /// The row key (the `stage` field of the report, which `metrics::medians` groups by).
+    fn key(self) -> &'static str {
+        match self {
+            Self::Llamapool => "llamapool",
+            Self::LlamaServer {
+                threads: 1,
+                passive: false,
+            } => "ls-t1",
+            Self::LlamaServer { passive: true, .. } => "ls-t2-passive",
+            Self::LlamaServer { .. } => "ls-t2",
+        }
+    }
+
+    fn name(self, vs_config: Option<&Path>) -> String {
+        match (self, vs_config) {
+            (Self::Llamapool, None) => "llamapool (default config)".into(),
+            (Self::Llamapool, Some(path)) => format!("llamapool ({})", path.display()),
+            (Self::LlamaServer { threads, passive }, _) => format!(
+                "llama-server -t {threads}{}",
+                if passive {
+                    " OMP_WAIT_POLICY=passive"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// The rows of each condition: the quiet one has no passive row, since passive waiting only
+/// matters when something else wants the CPUs.
+fn rows(busy: bool) -> &'static [Server] {
+    if busy {
+        &[LLAMAPOOL, LS_T2, LS_T1, LS_T2_PASSIVE]
+    } else {
+        &[LLAMAPOOL, LS_T2, LS_T1]
+    }
+}
+
+/// The llamapool configuration of the default row: the model and nothing about workers, so
+/// the router's built-in default layout is what gets measured.
+fn default_config(model: &Path, alias: &str) -> String {
+    // A base Gemma GGUF has no chat template (configs/gemma-bench.toml); other models bring theirs.
+    let gemma = model
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().to_lowercase().contains("gemma"));
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[model]\npath = {path}\nalias = {alias}\n{template}",
+        path = json!(model),
+        alias = json!(alias),
+        template = if gemma {
+            "chat_template = \"gemma\"\n"
+        } else {
+            ""
+        },
+    )
+}
+
+/// Starts `llamapool-router` with the default configuration, or with `vs_config` (its
+/// `server.listen`, `model.path` and `model.alias` overridden), and waits for its workers.
+fn start_llamapool(model: &Path, alias: &str, vs_config: Option<&Path>) -> Result<Router> {
+    let mut command = Command::new(binary("llamapool-router")?);
+    // llama.cpp's model-load warnings would repeat for every run, between the progress lines.
+    command.env("RUST_LOG", "error");
+    // Inherited LLAMAPOOL__ variables would change the configuration under measurement.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LLAMAPOOL__") {
+            command.env_remove(key);
+        }
+    }
+    let config = match vs_config {
+        None => default_config(model, alias),
+        Some(path) => {
+            command.args(["--set", "server.listen=127.0.0.1:0"]);
+            command
+                .arg("--set")
+                .arg(format!("model.path={}", model.display()));
+            command.arg("--set").arg(format!("model.alias={alias}"));
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+    };
+    let mut router = Router::launch_with(command, &config)?;
+    router.wait_ready(START_TIMEOUT, None)?;
+    Ok(router)
+}
+
+/// A running server of either kind; dropping it stops it.
+enum Running {
+    Llamapool(Router),
+    LlamaServer(LlamaServer),
+}
+
+impl Running {
+    fn addr(&self) -> &str {
+        match self {
+            Self::Llamapool(r) => &r.addr,
+            Self::LlamaServer(s) => &s.addr,
+        }
+    }
+}
+
+/// What every run of the comparison shares.
+struct Comparison<'a> {
+    args: &'a Args,
+    workload: &'a Workload,
+    llama_server: &'a Path,
+    model: PathBuf,
+    /// The `model` field sent to both servers: llamapool's alias (llama-server takes any).
+    alias: String,
+    /// llamapool's worker layout as `GET /workers` first showed it (cpus, threads, slots), so
+    /// a report says which default it measured.
+    layout: RefCell<Option<serde_json::Value>>,
+}
+
+impl Comparison<'_> {
+    fn start(&self, server: Server, concurrency: usize) -> Result<Running> {
+        Ok(match server {
+            Server::Llamapool => Running::Llamapool(start_llamapool(
+                &self.model,
+                &self.alias,
+                self.args.vs_config.as_deref(),
+            )?),
+            Server::LlamaServer { threads, passive } => Running::LlamaServer(LlamaServer::start(
+                self.llama_server,
+                &self.model,
+                Shape {
+                    threads,
+                    passive,
+                    slots: concurrency.max(8),
+                    cells_per_slot: 1024,
+                },
+            )?),
+        })
+    }
+
+    /// Keeps the first layout llamapool reports.
+    fn note_layout(&self, router: &Router) {
+        if self.layout.borrow().is_some() {
+            return;
+        }
+        let Some(body) = router
+            .try_request("GET", "/workers", None)
+            .ok()
+            .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+        else {
+            return;
+        };
+        let workers: Vec<serde_json::Value> = body["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| json!({"cpus": w["cpus"], "threads": w["threads"], "slots": w["slots"]}))
+            .collect();
+        eprintln!("llamapool workers: {}", json!(workers));
+        *self.layout.borrow_mut() = Some(json!(workers));
+    }
+
+    /// One short request, so first-request costs (page faults, thread pools) stay out of
+    /// the measurement. Its prompt is a measured one reversed: nothing a measured request
+    /// could find in a prompt cache.
+    fn warm_up(&self, addr: &str) -> Result<()> {
+        let prompt: Vec<Token> = self.workload.prompts[0].iter().rev().copied().collect();
+        let record = http_request(addr, &self.alias, &prompt, WARM_UP_TOKENS)
+            .context("the warm-up request failed")?;
+        if !record.ok {
+            bail!("the warm-up request did not generate {WARM_UP_TOKENS} tokens");
+        }
+        Ok(())
+    }
+
+    /// One measured run: the busy loop (when `busy`, started first as with `--interference`),
+    /// a fresh server, a warm-up request, then the workload; everything stopped afterwards.
+    fn measure(
+        &self,
+        server: Server,
+        busy: bool,
+        concurrency: usize,
+        requests: usize,
+    ) -> Result<StageReport> {
+        let name = server.name(self.args.vs_config.as_deref());
+        eprintln!(
+            "{name}: {requests} requests at concurrency {concurrency}{}",
+            if busy { ", with a busy loop" } else { "" }
+        );
+        let busy_loop = busy.then(procs::BusyLoop::start).transpose()?;
+        let running = self
+            .start(server, concurrency)
+            .with_context(|| format!("starting {name}"))?;
+        if let Running::Llamapool(router) = &running {
+            self.note_layout(router);
+        }
+        self.warm_up(running.addr())
+            .with_context(|| format!("warming up {name}"))?;
+        let progress = Progress::start(requests);
+        let (records, wall) = http_load(
+            running.addr(),
+            &self.alias,
+            &self.workload.prompts[..requests],
+            concurrency,
+            self.args.max_tokens,
+            &progress,
+        );
+        progress.finish();
+        drop(running);
+        drop(busy_loop);
+        let mut report = summarize(server.key(), &name, &records, wall);
+        report.concurrency = concurrency;
+        report.interference = busy;
+        Ok(report)
+    }
+}
+
+/// Runs the comparison (and with `--sweep` the quiet concurrency sweep), prints the report
+/// and writes `vs-llama-server.json` (and `vs-llama-server-sweep.json`) into `--out-dir`.
+pub fn run(args: &Args, workload: &Workload, llama_server: &Path) -> Result<()> {
+    if !llama_server.is_file() {
+        bail!("llama-server binary {} not found", llama_server.display());
+    }
+    let model = args.model_path();
+    let alias = model
+        .file_stem()
+        .map_or("bench".into(), |s| s.to_string_lossy().into_owned());
+    let cmp = Comparison {
+        args,
+        workload,
+        llama_server,
+        model: model.clone(),
+        alias,
+        layout: RefCell::new(None),
+    };
+    let reports = measure_rounds(&cmp)?;
+    let sweep = if args.sweep {
+        measure_sweep(&cmp)?
+    } else {
+        Vec::new()
+    };
+    let reports = metrics::medians(&reports);
+    let sweep = metrics::medians(&sweep);
+    let goals = Goals::from_reports(&reports);
+    let workload_json = json!({
+        "model": model,
+        "llama_server": llama_server,
+        "vs_config": args.vs_config,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "repeat": args.repeat,
+        "llamapool_workers": cmp.layout.borrow().clone(),
+    });
+    let report = json!({
+        "workload": workload_json,
+        "rows": reports,
+        "goals": goals.json(),
+        "sweep": sweep_json(&sweep),
+    });
+    std::fs::create_dir_all(&args.out_dir)?;
+    let path = args.out_dir.join("vs-llama-server.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("wrote {}", path.display());
+    if args.sweep {
+        let path = args.out_dir.join("vs-llama-server-sweep.json");
+        let sweep_report = json!({
+            "workload": report["workload"],
+            "levels": args.levels,
+            "sweep": sweep_json(&sweep),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&sweep_report)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&reports));
+        print!("{}", goals.lines());
+        if args.sweep {
+            print!("{}", sweep_table(&sweep));
+        }
+    }
+    Ok(())
+}
+
+/// `--repeat` rounds, each running every (row, condition) once in the same order, so drift
+/// over the run hits all rows alike.
+fn measure_rounds(cmp: &Comparison) -> Result<Vec<StageReport>> {
+    let mut reports = Vec::new();
+    for round in 0..cmp.args.repeat {
+        eprintln!("round {} of {}", round + 1, cmp.args.repeat);
+        for busy in [false, true] {
+            for &server in rows(busy) {
+                reports.push(cmp.measure(server, busy, cmp.args.concurrency, cmp.args.requests)?);
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// The quiet sweep: llamapool and llama-server -t 2 at every `--levels` concurrency, at least
+/// 4 requests per client, rounds interleaved as in [`measure_rounds`].
+fn measure_sweep(cmp: &Comparison) -> Result<Vec<StageReport>> {
+    let mut reports = Vec::new();
+    for round in 0..cmp.args.repeat {
+        eprintln!("sweep round {} of {}", round + 1, cmp.args.repeat);
+        for &level in &cmp.args.levels {
+            let requests = cmp.args.requests.max(4 * level);
+            for server in [LLAMAPOOL, LS_T2] {
+                reports.push(cmp.measure(server, false, level, requests)?);
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// The row `key` of a condition.
+fn find<'a>(reports: &'a [StageReport], key: &str, busy: bool) -> Option<&'a StageReport> {
+    reports
+        .iter()
+        .find(|r| r.stage == key && r.interference == busy)
+}
+
+fn tokens_per_s(reports: &[StageReport], key: &str, busy: bool) -> f64 {
+    find(reports, key, busy).map_or(f64::NAN, |r| r.tokens_per_s)
+}
+
+/// The numbers the project's goals are stated in.
+struct Goals {
+    /// llamapool quiet ÷ llama-server -t 2 quiet (tokens/s).
+    quiet: f64,
+    /// llamapool busy ÷ the better of llama-server -t 1 and -t 2 passive, busy (tokens/s).
+    busy: f64,
+    /// TTFT p50, quiet: llamapool and llama-server -t 2 (ms).
+    ttft_llamapool_ms: f64,
+    ttft_llama_server_ms: f64,
+}
+
+impl Goals {
+    fn from_reports(reports: &[StageReport]) -> Self {
+        let ttft = |key| find(reports, key, false).map_or(f64::NAN, |r| r.ttft_p50_ms);
+        let best_busy = tokens_per_s(reports, LS_T1.key(), true).max(tokens_per_s(
+            reports,
+            LS_T2_PASSIVE.key(),
+            true,
+        ));
+        Self {
+            quiet: tokens_per_s(reports, LLAMAPOOL.key(), false)
+                / tokens_per_s(reports, LS_T2.key(), false),
+            busy: tokens_per_s(reports, LLAMAPOOL.key(), true) / best_busy,
+            ttft_llamapool_ms: ttft(LLAMAPOOL.key()),
+            ttft_llama_server_ms: ttft(LS_T2.key()),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "quiet_ratio": self.quiet,
+            "quiet_goal": QUIET_GOAL,
+            "busy_ratio": self.busy,
+            "busy_goal": BUSY_GOAL,
+            "ttft_p50_quiet_llamapool_ms": self.ttft_llamapool_ms,
+            "ttft_p50_quiet_llama_server_t2_ms": self.ttft_llama_server_ms,
+        })
+    }
+
+    fn lines(&self) -> String {
+        let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nquiet: {:.2}x (goal >= {QUIET_GOAL:.2}, {}) = llamapool ÷ llama-server -t 2",
+            self.quiet,
+            met(self.quiet >= QUIET_GOAL)
+        );
+        let _ = writeln!(
+            out,
+            "busy: {:.2}x (goal >= {BUSY_GOAL:.2}, {}) = llamapool ÷ max(llama-server -t 1, -t 2 passive)",
+            self.busy,
+            met(self.busy >= BUSY_GOAL)
+        );
+        let _ = writeln!(
+            out,
+            "TTFT p50 quiet: {:.0} ms vs {:.0} ms (goal: <=, {})",
+            self.ttft_llamapool_ms,
+            self.ttft_llama_server_ms,
+            met(self.ttft_llamapool_ms <= self.ttft_llama_server_ms)
+        );
+        out
+    }
+}
+
+fn table(reports: &[StageReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| condition | server | conc. | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | failed | runs tokens/s |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for r in reports {
+        let runs: Vec<String> = r
+            .runs_tokens_per_s
+            .iter()
+            .map(|t| format!("{t:.1}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} |",
+            if r.interference { "busy" } else { "quiet" },
+            r.name,
+            r.concurrency,
+            r.tokens_per_s,
+            r.ttft_p50_ms,
+            r.ttft_p99_ms,
+            r.tpot_p50_ms,
+            r.failed,
+            runs.join(", ")
+        );
+    }
+    out
+}
+
+/// One entry per sweep level: both servers' tokens/s and TTFT p50, and the ratio.
+fn sweep_levels(sweep: &[StageReport]) -> Vec<(usize, Option<&StageReport>, Option<&StageReport>)> {
+    let mut levels: Vec<usize> = Vec::new();
+    for r in sweep {
+        if !levels.contains(&r.concurrency) {
+            levels.push(r.concurrency);
+        }
+    }
+    levels
+        .into_iter()
+        .map(|c| {
+            let row = |key: &str| sweep.iter().find(|r| r.stage == key && r.concurrency == c);
+            (c, row(LLAMAPOOL.key()), row(LS_T2.key()))
+        })
+        .collect()
+}
+
+fn sweep_json(sweep: &[StageReport]) -> serde_json::Value {
+    let levels: Vec<serde_json::Value> = sweep_levels(sweep)
+        .into_iter()
+        .map(|(c, lp, ls)| {
+            json!({
+                "concurrency": c,
+                "llamapool": lp,
+                "llama_server_t2": ls,
+                "ratio": ratio(lp, ls),
+            })
+        })
+        .collect();
+    json!(levels)
+}
+
+/// llamapool ÷ llama-server tokens/s; NaN when either is missing.
+fn ratio(lp: Option<&StageReport>, ls: Option<&StageReport>) -> f64 {
+    lp.map_or(f64::NAN, |r| r.tokens_per_s) / ls.map_or(f64::NAN, |r| r.tokens_per_s)
+}
+
+fn sweep_table(sweep: &[StageReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\nquiet sweep, llamapool vs llama-server -t 2:");
+    let _ = writeln!(
+        out,
+        "| conc. | llamapool tokens/s | llama-server tokens/s | ratio | llamapool TTFT p50 ms | llama-server TTFT p50 ms | failed |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for (c, lp, ls) in sweep_levels(sweep) {
+        let tps = |r: Option<&StageReport>| r.map_or(f64::NAN, |r| r.tokens_per_s);
+        let ttft = |r: Option<&StageReport>| r.map_or(f64::NAN, |r| r.ttft_p50_ms);
+        let failed = lp.map_or(0, |r| r.failed) + ls.map_or(0, |r| r.failed);
+        let _ = writeln!(
+            out,
+            "| {c} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.1} | {failed} |",
+            tps(lp),
+            tps(ls),
+            ratio(lp, ls),
+            ttft(lp),
+            ttft(ls),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(key: &str, busy: bool, tps: f64) -> StageReport {
+        let mut r = summarize(key, key, &[], Duration::from_secs(1));
+        r.interference = busy;
+        r.tokens_per_s = tps;
+        r
+    }
+
+    #[test]
+    fn busy_ratio_is_against_the_better_single_thread_or_passive_row() {
+        let reports = [
+            report("llamapool", false, 110.0),
+            report("ls-t2", false, 100.0),
+            report("llamapool", true, 90.0),
+            report("ls-t2", true, 10.0),
+            report("ls-t1", true, 50.0),
+            report("ls-t2-passive", true, 60.0),
+        ];
+        let goals = Goals::from_reports(&reports);
+        assert!((goals.quiet - 1.1).abs() < 1e-9);
+        assert!((goals.busy - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_default_config_sets_no_workers() {
+        let config = default_config(Path::new("/m/gemma-3-270m.gguf"), "gemma-3-270m");
+        assert!(!config.contains("workers"), "{config}");
+        assert!(config.contains("chat_template = \"gemma\""), "{config}");
+        assert!(config.contains("listen = \"127.0.0.1:0\""), "{config}");
+    }
+}
