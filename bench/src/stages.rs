@@ -242,6 +242,7 @@ impl Run<'_> {
             gpu: None,
             gpu_layers: 0,
             context: self.context_config(slots, self.args.threads),
+            wide: None,
         }
     }
 

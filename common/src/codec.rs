@@ -339,6 +339,7 @@ mod tests {
             waiting: 1,
             decode_calls: 99,
             kv_cells_used: 1234,
+            packable: true,
         }));
         round_trip(FromWorker::Pong { nonce: 9 });
         round_trip(FromWorker::Control {

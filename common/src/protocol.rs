@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +137,10 @@ pub struct WorkerStats {
     /// KV cache cells held by the running sequences (each sequence's prompt and generated
     /// tokens decoded so far, summed).
     pub kv_cells_used: u32,
+    /// An adaptive worker whose CPUs no process outside the pool keeps busy: the router packs
+    /// requests onto the first such worker while it has free slots (it widens once the other
+    /// workers are idle). Always false for a fixed worker.
+    pub packable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

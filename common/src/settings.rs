@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cpus::CpuList;
-use crate::worker::{ContextConfig, FlashAttention, WorkerArgs};
+use crate::worker::{ContextConfig, FlashAttention, WideShape, WorkerArgs};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -297,6 +297,12 @@ pub struct WorkerDefaults {
     pub flash_attention: FlashAttention,
     pub kv_unified: bool,
     pub gpu_layers: u32,
+    /// The default layout (no `[[workers]]`) makes each one-per-core worker adaptive: it
+    /// spreads over every allowed CPU while the machine is otherwise idle (one wide context
+    /// batches best) and narrows to its own core when anything else runs (independent
+    /// workers keep their throughput under a noisy neighbour). docs/PERFORMANCE.md has the
+    /// measurements. False: fixed one-thread pinned workers.
+    pub adaptive: bool,
 }
 
 impl Default for WorkerDefaults {
@@ -310,6 +316,7 @@ impl Default for WorkerDefaults {
             flash_attention: c.flash_attention,
             kv_unified: c.kv_unified,
             gpu_layers: 0,
+            adaptive: true,
         }
     }
 }
@@ -331,6 +338,12 @@ pub struct WorkerSettings {
     /// GPU index (needs a build with the `cuda` feature).
     pub gpu: Option<u32>,
     pub gpu_layers: Option<u32>,
+    /// CPUs this one-thread worker may spread over (with `wide_threads` threads) while it has
+    /// them to itself; it narrows back to its own `cpus` when another process or worker keeps
+    /// them busy. The default layout sets it to every allowed CPU (`worker_defaults.adaptive`).
+    pub wide_cpus: Option<String>,
+    /// Threads in the wide shape; default: the number of `wide_cpus`.
+    pub wide_threads: Option<u32>,
 }
 
 /// One worker, fully resolved.
@@ -341,6 +354,7 @@ pub struct WorkerPlan {
     pub context: ContextConfig,
     pub gpu: Option<u32>,
     pub gpu_layers: u32,
+    pub wide: Option<WideShape>,
 }
 
 impl WorkerPlan {
@@ -359,6 +373,7 @@ impl WorkerPlan {
             gpu: self.gpu,
             gpu_layers: self.gpu_layers,
             context: self.context,
+            wide: self.wide.clone(),
         }
     }
 }
@@ -564,17 +579,22 @@ impl Settings {
         Ok(plans)
     }
 
-    /// The `[[workers]]` entries; without any, one single-thread worker per allowed CPU.
+    /// The `[[workers]]` entries; without any, one single-thread worker per allowed CPU,
+    /// adaptive (wide over every allowed CPU) when `worker_defaults.adaptive` and there is more
+    /// than one CPU.
     fn worker_entries(&self, allowed: &CpuList) -> Vec<WorkerSettings> {
         if !self.workers.is_empty() {
             return self.workers.clone();
         }
+        let wide =
+            (self.worker_defaults.adaptive && allowed.len() > 1).then(|| allowed.to_string());
         allowed
             .cpus()
             .iter()
             .map(|c| WorkerSettings {
                 cpus: Some(c.to_string()),
                 threads: Some(1),
+                wide_cpus: wide.clone(),
                 ..WorkerSettings::default()
             })
             .collect()
@@ -599,6 +619,21 @@ impl Settings {
                     None => allowed.clone(),
                 };
                 let threads = w.threads.unwrap_or(u32::try_from(cpus.len()).unwrap_or(1));
+                let wide = match &w.wide_cpus {
+                    Some(list) => {
+                        let wide_cpus = CpuList::parse(list).map_err(|e| {
+                            bad(format!("workers[{index}].wide_cpus"), e.to_string())
+                        })?;
+                        let threads = w
+                            .wide_threads
+                            .unwrap_or(u32::try_from(wide_cpus.len()).unwrap_or(1));
+                        Some(WideShape {
+                            cpus: wide_cpus,
+                            threads,
+                        })
+                    }
+                    None => None,
+                };
                 let context = ContextConfig {
                     slots: w.slots.unwrap_or(d.slots),
                     context: w.context.unwrap_or(d.context),
@@ -614,6 +649,7 @@ impl Settings {
                     context,
                     gpu: w.gpu,
                     gpu_layers: w.gpu_layers.unwrap_or(d.gpu_layers),
+                    wide,
                 })
             })
             .collect()
@@ -654,6 +690,43 @@ fn validate_workers(
         plan.context
             .validate()
             .map_err(|e| bad(key(e.field()), e.to_string()))?;
+        if let Some(wide) = &plan.wide {
+            validate_wide(wide, plan, allowed, &key)?;
+        }
+    }
+    Ok(())
+}
+
+/// An adaptive worker narrows to exactly one thread (the mechanism turns llama.cpp's OpenMP
+/// team off), so its own shape must be one thread; its wide CPUs must be allowed and include
+/// its own.
+fn validate_wide(
+    wide: &WideShape,
+    plan: &WorkerPlan,
+    allowed: &CpuList,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SettingsError> {
+    let missing = wide.cpus.outside(allowed);
+    if !missing.is_empty() {
+        return Err(bad(
+            key("wide_cpus"),
+            format!("CPUs {missing:?} do not exist or are not available to this process (available: {allowed})"),
+        ));
+    }
+    if !plan.cpus.outside(&wide.cpus).is_empty() {
+        return Err(bad(key("wide_cpus"), "must include the worker's own cpus"));
+    }
+    if plan.context.threads != 1 {
+        return Err(bad(
+            key("threads"),
+            "an adaptive worker (wide_cpus set) runs one thread in its own shape",
+        ));
+    }
+    if wide.threads == 0 || wide.threads > 1024 {
+        return Err(bad(key("wide_threads"), "must be between 1 and 1024"));
+    }
+    if plan.gpu.is_some() {
+        return Err(bad(key("wide_cpus"), "adaptive width is for CPU workers"));
     }
     Ok(())
 }

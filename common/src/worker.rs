@@ -190,6 +190,19 @@ pub struct WorkerArgs {
     /// Layers offloaded to the GPU.
     pub gpu_layers: u32,
     pub context: ContextConfig,
+    /// Set for an adaptive worker: the shape it takes while it has its CPUs to itself.
+    pub wide: Option<WideShape>,
+}
+
+/// An adaptive worker's wide shape: while nothing else keeps its CPUs busy, it runs
+/// `threads` threads over `cpus`; as soon as something does (a neighbour process, another
+/// worker), it narrows to one thread on its own [`WorkerArgs::cpus`], and widens again once
+/// the CPUs are free. The worker's `shape` module measures and switches; the router packs
+/// requests onto a wide worker while it has free slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WideShape {
+    pub cpus: CpuList,
+    pub threads: u32,
 }
 
 impl WorkerArgs {
@@ -222,6 +235,10 @@ impl WorkerArgs {
             flag("flash-attention", c.flash_attention.as_str()),
             flag("kv-unified", c.kv_unified.to_string()),
         ]);
+        if let Some(wide) = &self.wide {
+            args.push(flag("wide-cpus", wide.cpus.to_string()));
+            args.push(flag("wide-threads", wide.threads.to_string()));
+        }
         args
     }
 }
@@ -281,6 +298,7 @@ mod tests {
                 kv_unified: false,
                 ..ContextConfig::default()
             },
+            wide: None,
         }
         .to_args();
         let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();

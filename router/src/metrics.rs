@@ -213,10 +213,12 @@ impl Metrics {
             self.hung_kills.clone(),
         );
         r.register(
-            "llamapool_prefix_affinity",
-            "Requests dispatched, by how their worker was chosen: hit (the worker most likely \
-             caching the prompt's prefix), miss (no worker held one), overloaded (the holders \
-             were too busy), off (affinity disabled)",
+            "llamapool_routed",
+            "Requests dispatched (moved ones again), by how their worker was chosen: packed (the \
+             first adaptive worker no foreign work crowds, with a free slot), affinity (the worker most \
+             likely caching the prompt's prefix), no_prefix (no worker held one: least loaded), \
+             overloaded (the holders were too busy: least loaded), least_loaded (affinity off, \
+             or a prompt shorter than one block)",
             self.routed.clone(),
         );
         self

@@ -79,7 +79,7 @@ fn two_turns_each(server: &Server, conversations: usize) -> Vec<(u64, u64, u64)>
 
 fn routed(server: &Server, outcome: &str) -> u64 {
     let metrics = server.get("/metrics").text();
-    let series = format!("llamapool_prefix_affinity_total{{outcome=\"{outcome}\"}} ");
+    let series = format!("llamapool_routed_total{{outcome=\"{outcome}\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&series))
@@ -104,7 +104,7 @@ fn every_second_turn_reuses_its_conversation_on_the_worker_that_holds_it() {
         4,
         "the 4 second turns followed their prefix"
     );
-    assert_eq!(routed(&server, "miss"), 4, "4 new conversations");
+    assert_eq!(routed(&server, "no_prefix"), 4, "4 new conversations");
 }
 
 #[test]
@@ -116,6 +116,6 @@ fn with_affinity_off_every_request_is_routed_by_load() {
     ));
     let results = two_turns_each(&server, 2);
     assert_eq!(results.len(), 2);
-    assert_eq!(routed(&server, "off"), 4);
-    assert_eq!(routed(&server, "hit"), 0);
+    assert_eq!(routed(&server, "least_loaded"), 4);
+    assert_eq!(routed(&server, "affinity"), 0);
 }

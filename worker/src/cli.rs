@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
-use llamapool_common::worker::{ContextConfig, FlashAttention, WorkerArgs};
+use llamapool_common::worker::{ContextConfig, FlashAttention, WideShape, WorkerArgs};
 
 /// The environment variable in which the router gives a worker its own pid, so that the
 /// worker can tell whether its parent is still the router (see [`check_parent`]).
@@ -91,6 +91,13 @@ pub struct Cli {
     /// One KV buffer shared by all sequences (true) or one stream per sequence (false).
     #[arg(long, default_value_t = ContextConfig::default().kv_unified, action = clap::ArgAction::Set)]
     pub kv_unified: bool,
+    /// Adaptive width: the CPUs to spread over while nothing else keeps them busy (`--cpus` is
+    /// then the one CPU to narrow to, with one thread).
+    #[arg(long, value_parser = CpuList::parse)]
+    pub wide_cpus: Option<CpuList>,
+    /// Threads while wide (default: the number of wide CPUs).
+    #[arg(long, requires = "wide_cpus")]
+    pub wide_threads: Option<u32>,
 }
 
 impl Cli {
@@ -100,7 +107,14 @@ impl Cli {
         let threads = self
             .threads
             .unwrap_or_else(|| u32::try_from(pinned_cpus.max(1)).unwrap_or(u32::MAX));
+        let wide = self.wide_cpus.map(|cpus| WideShape {
+            threads: self
+                .wide_threads
+                .unwrap_or_else(|| u32::try_from(cpus.len().max(1)).unwrap_or(u32::MAX)),
+            cpus,
+        });
         WorkerArgs {
+            wide,
             socket: self.socket,
             model: self.model,
             chat_template: self.chat_template,
@@ -149,6 +163,10 @@ mod tests {
                 kv_unified: false,
                 flash_attention: FlashAttention::Off,
             },
+            wide: Some(WideShape {
+                cpus: CpuList::parse("0-9").unwrap(),
+                threads: 7,
+            }),
         };
         assert_eq!(parse(&full.to_args()), full);
         let minimal = WorkerArgs {
@@ -160,6 +178,7 @@ mod tests {
                 flash_attention: FlashAttention::On,
                 ..ContextConfig::default()
             },
+            wide: None,
             ..full
         };
         assert_eq!(parse(&minimal.to_args()), minimal);

@@ -38,6 +38,7 @@ use crate::backend::Backend;
 use crate::engine::{
     Disconnected, EngineHooks, EngineRequest, EngineStats, EventSender, IterationHook,
 };
+use crate::shape::Shaper;
 use crate::{EngineHandle, Model, RunningEngine};
 
 /// What the writer thread sends.
@@ -64,7 +65,10 @@ pub fn outbox() -> Outbox {
 
 /// Starts the engine thread over `backend` with this writer's [`iteration_hook`]; returns it
 /// and the outbox to give [`serve`].
-pub fn spawn_engine<B>(backend: B) -> std::io::Result<(RunningEngine, Outbox)>
+pub fn spawn_engine<B>(
+    backend: B,
+    shaper: Option<Shaper>,
+) -> std::io::Result<(RunningEngine, Outbox)>
 where
     B: Backend + Send + 'static,
 {
@@ -73,22 +77,26 @@ where
         backend,
         EngineHooks {
             on_start: None,
-            on_iteration_end: Some(iteration_hook(&outbox.0)),
+            on_iteration_end: Some(iteration_hook(&outbox.0, shaper)),
         },
     )?;
     Ok((engine, outbox))
 }
 
-/// The engine's `on_iteration_end` hook for this writer: ends the iteration's batch of events
-/// and pushes `Progress` after every iteration that stepped or changed the load (running or
-/// waiting), so also after the one in which the last request left. The engine drops it when
-/// its thread ends, which tells the writer to stop holding events.
-pub fn iteration_hook(out: &Sender<Outgoing>) -> IterationHook {
+/// The engine's `on_iteration_end` hook for this writer: lets an adaptive worker's `shaper`
+/// adjust its width and say whether it is packable, ends the iteration's batch of events and pushes `Progress` after every
+/// iteration that stepped or changed the load (running or waiting) or packability, so also after
+/// the one in which the last request left. The engine drops it when its thread ends, which
+/// tells the writer to stop holding events.
+pub fn iteration_hook(out: &Sender<Outgoing>, mut shaper: Option<Shaper>) -> IterationHook {
     let hook = StopNotice(out.clone());
-    let mut last = (0, 0, 0);
+    let mut last = (0, 0, 0, false);
     Box::new(move |stats: &EngineStats| {
-        let now = (stats.steps, stats.running, stats.waiting);
-        let progress = (now != last).then(|| progress(stats));
+        let packable = shaper
+            .as_mut()
+            .is_some_and(|s| s.tick(std::time::Instant::now()));
+        let now = (stats.steps, stats.running, stats.waiting, packable);
+        let progress = (now != last).then(|| progress(stats, packable));
         last = now;
         let _ = hook.0.send(Outgoing::IterationEnd(progress));
     })
@@ -104,7 +112,7 @@ impl Drop for StopNotice {
 }
 
 /// The engine's stats as the router sees them.
-fn progress(stats: &EngineStats) -> WorkerStats {
+fn progress(stats: &EngineStats, packable: bool) -> WorkerStats {
     let unix_ms = stats
         .last_step
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -116,6 +124,7 @@ fn progress(stats: &EngineStats) -> WorkerStats {
         waiting: u32::try_from(stats.waiting).unwrap_or(u32::MAX),
         decode_calls: stats.decode_calls,
         kv_cells_used: u32::try_from(stats.kv_cells).unwrap_or(u32::MAX),
+        packable,
     }
 }
 
@@ -565,6 +574,7 @@ mod tests {
             waiting,
             decode_calls: steps,
             kv_cells_used: 0,
+            packable: false,
         }
     }
 
@@ -666,7 +676,7 @@ mod tests {
     #[test]
     fn the_hook_pushes_progress_when_the_engine_stepped_or_its_load_changed() {
         let (tx, rx) = outbox();
-        let mut hook = iteration_hook(&tx);
+        let mut hook = iteration_hook(&tx, None);
         let at = |steps: u64, running: usize, waiting: usize| EngineStats {
             steps,
             running,

@@ -6,6 +6,7 @@
 //!   only module that names `llama_cpp_2`) and a scripted fake for step-by-step tests.
 //! - [`cli`] is the worker's command line (what `llamapool_common::worker::WorkerArgs` writes).
 //! - [`peer`] decides who may connect to the worker's socket: only its router.
+//! - [`shape`] makes an adaptive worker wide while its CPUs are free and narrow when not.
 
 pub mod backend;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod engine;
 pub mod ipc;
 pub mod peer;
 pub mod pin;
+pub mod shape;
 
 pub use backend::llama::{LlamaCppBackend, LoadError, Model, ModelOptions};
 pub use engine::{EngineHandle, EngineRequest, EngineStats, EventSender, RunningEngine};

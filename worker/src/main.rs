@@ -26,7 +26,8 @@ use llamapool_common::protocol::{WorkerInfo, PROTOCOL_VERSION};
 use llamapool_common::settings::{LogFormat, LOG_FORMAT_ENV};
 use llamapool_common::worker::WorkerArgs;
 use llamapool_worker::cli::{check_parent, Cli, ROUTER_PID_ENV};
-use llamapool_worker::{ipc, peer, pin, Model, ModelOptions};
+use llamapool_worker::shape::Shaper;
+use llamapool_worker::{ipc, peer, pin, ContextConfig, Model, ModelOptions};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -35,7 +36,9 @@ fn main() -> ExitCode {
         std::env::set_var("CUDA_VISIBLE_DEVICES", gpu.to_string());
     }
     // Pin first: every thread started from here on (tracing, llama.cpp's) inherits the mask.
-    let pinned = match &cli.cpus {
+    // An adaptive worker starts wide; its engine thread narrows to `--cpus` when it must.
+    let pin_cpus = cli.wide_cpus.as_ref().or(cli.cpus.as_ref());
+    let pinned = match pin_cpus {
         Some(cpus) => {
             if let Err(e) = pin::pin_to(cpus) {
                 eprintln!("llamapool-worker: pinning to CPUs {cpus}: {e:#}");
@@ -163,7 +166,14 @@ fn accept_router(
 }
 
 fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
-    let config = &args.context;
+    // An adaptive worker's context has its wide thread count; narrow, OpenMP gives it one.
+    let config = &match &args.wide {
+        Some(wide) => ContextConfig {
+            threads: wide.threads,
+            ..args.context
+        },
+        None => args.context,
+    };
     // Before the model load, which can take a while.
     config.validate().context("invalid context configuration")?;
     let bytes = std::fs::metadata(&args.model).map(|m| m.len()).ok();
@@ -182,7 +192,12 @@ fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
         "model loaded"
     );
     let backend = model.new_backend(config)?;
-    let (engine, outbox) = ipc::spawn_engine(backend)?;
+    let shaper = args.wide.clone().map(|wide| {
+        let home = args.cpus.clone().unwrap_or_else(CpuList::allowed);
+        let router = u32::try_from(nix::unistd::getppid().as_raw()).unwrap_or(0);
+        Shaper::new(home, wide, router)
+    });
+    let (engine, outbox) = ipc::spawn_engine(backend, shaper)?;
     let limits = engine.handle.limits();
     let info = WorkerInfo {
         version: PROTOCOL_VERSION,

@@ -39,7 +39,7 @@ impl Peer {
                 ..ContextConfig::default()
             })
             .expect("context");
-        let (engine, outbox) = ipc::spawn_engine(backend).expect("engine thread");
+        let (engine, outbox) = ipc::spawn_engine(backend, None).expect("engine thread");
         let (router, worker) = UnixStream::pair().expect("socket pair");
         let info = WorkerInfo {
             version: PROTOCOL_VERSION,

@@ -109,6 +109,14 @@ impl Worker {
     }
 
     /// Ready and not draining: may take new work.
+    /// Its last progress said it is packable (adaptive, no foreign work on its CPUs), and it
+    /// has a sequence slot free beyond the `load` it holds.
+    fn is_packable_with_room(&self, load: usize) -> bool {
+        let packable = self.vitals.stats().is_some_and(|s| s.packable);
+        let slots = self.status().info.map_or(0, |info| info.slots as usize);
+        packable && load < slots
+    }
+
     fn takes_work(&self) -> bool {
         let s = self.status();
         s.state == WorkerState::Ready && !s.draining
@@ -164,9 +172,12 @@ pub struct RoutingPolicy {
     pub max_load_gap: usize,
 }
 
-/// How the dispatch policy chose a worker (`llamapool_prefix_affinity_total`'s outcome).
+/// How the dispatch policy chose a worker (`llamapool_routed_total`'s outcome).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
+    /// Packed onto the first adaptive worker that no foreign work crowds and that had a free
+    /// slot.
+    Packed,
     /// To the worker most likely holding the longest prefix.
     Affinity,
     /// No worker held a prefix: the least loaded.
@@ -180,10 +191,11 @@ pub enum Routing {
 impl Routing {
     pub fn name(self) -> &'static str {
         match self {
-            Self::Affinity => "hit",
-            Self::NoPrefix => "miss",
+            Self::Packed => "packed",
+            Self::Affinity => "affinity",
+            Self::NoPrefix => "no_prefix",
             Self::Overloaded => "overloaded",
-            Self::LeastLoaded => "off",
+            Self::LeastLoaded => "least_loaded",
         }
     }
 }
@@ -199,12 +211,24 @@ pub struct Candidate {
     /// Prompts its cache most likely holds: among equally loaded workers a new prefix goes to
     /// the one with the most room, so that sequential new conversations spread.
     pub cached: usize,
+    /// A packable adaptive worker (no foreign work crowds its CPUs) with a free slot.
+    pub packable: bool,
 }
 
-/// The policy: the candidate with the longest matched prefix among those within `max_load_gap`
-/// of the least load (fewer in flight, then lower index, on ties); without any match, the
-/// least loaded (fewest cached prompts, then lowest index, on ties).
+/// The policy: first, packing — the first packable worker with a free slot takes the request:
+/// on a quiet machine that keeps the other adaptive workers idle, so that it widens over all
+/// the CPUs (one wide context batches best). Else the candidate with the longest matched prefix
+/// among those within `max_load_gap` of the least load (fewer in flight, then lower index, on
+/// ties); without any match, the least loaded (fewest cached prompts, then lowest index, on
+/// ties).
 pub fn choose(candidates: &[Candidate], max_load_gap: usize) -> Option<(usize, Routing)> {
+    if let Some(first) = candidates
+        .iter()
+        .filter(|c| c.packable)
+        .min_by_key(|c| c.index)
+    {
+        return Some((first.index, Routing::Packed));
+    }
     let least = candidates
         .iter()
         .min_by_key(|c| (c.load, c.cached, c.index))?;
@@ -729,19 +753,20 @@ impl Inner {
                 } else {
                     w.prefixes.weigh(prefix)
                 };
+                let load = w.load.load(Ordering::Acquire);
                 Candidate {
                     index,
-                    load: w.load.load(Ordering::Acquire),
+                    load,
                     matched,
                     cached,
+                    packable: w.is_packable_with_room(load),
                 }
             })
             .collect();
         let (index, routing) = choose(&candidates, self.routing.max_load_gap)?;
-        let routing = if prefix.is_empty() {
-            Routing::LeastLoaded
-        } else {
-            routing
+        let routing = match routing {
+            Routing::NoPrefix if prefix.is_empty() => Routing::LeastLoaded,
+            other => other,
         };
         Some((index, routing))
     }
@@ -841,7 +866,19 @@ mod tests {
             load,
             matched,
             cached: 0,
+            packable: false,
         }
+    }
+
+    #[test]
+    fn the_first_packable_worker_with_room_takes_everything_first() {
+        let mut workers = [c(0, 5, 0), c(1, 0, 9), c(2, 0, 0)];
+        workers[0].packable = true;
+        workers[2].packable = true;
+        assert_eq!(choose(&workers, 2), Some((0, Routing::Packed)));
+        workers[0].packable = false;
+        workers[2].packable = false;
+        assert_eq!(choose(&workers, 2), Some((1, Routing::Affinity)));
     }
 
     #[test]

@@ -19,9 +19,9 @@ pub mod seq_ids;
 pub mod text;
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use llamapool_common::{
     Candidate, Finish, FinishReason, GenerationEvent, PromptProgress, RequestError, RequestId,
@@ -180,6 +180,9 @@ impl EngineHandle {
         self.limits
     }
 }
+
+/// How often an idle engine runs its iteration hook.
+const IDLE_TICK: Duration = Duration::from_millis(250);
 
 /// Code the engine thread runs at fixed points.
 #[derive(Default)]
@@ -413,9 +416,12 @@ impl<B: Backend> Engine<B> {
                 if !self.accepting {
                     break;
                 }
-                match inbox.recv() {
+                // Idle, the hook still runs every tick (an adaptive worker keeps measuring
+                // whether its CPUs are free, so that the router knows before work arrives).
+                match inbox.recv_timeout(IDLE_TICK) {
                     Ok(command) => self.apply(command),
-                    Err(_) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
             loop {

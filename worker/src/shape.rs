@@ -1,0 +1,418 @@
+//! Adaptive width: an adaptive worker (`--wide-cpus`) runs wide — several threads over all of
+//! its wide CPUs — while nothing else keeps those CPUs busy, and narrow — one thread on its
+//! own CPU — as soon as something does: a neighbour process or another worker of the pool.
+//!
+//! Why: on a quiet machine one wide context batches best (every sequence in one decode), but
+//! llama.cpp's threads meet at a barrier after every operation, so one descheduled thread
+//! stalls the others: under a competing process a wide context collapses, while independent
+//! one-thread workers keep nearly all the CPU time they are given (docs/PERFORMANCE.md).
+//!
+//! - [`ContentionMeter`] (mechanism): over the last window, how many CPUs of the wide set were
+//!   kept busy by the rest of the pool (the router, its parent, and the other workers, its
+//!   children: `/proc/<router>/task/*/children`) and by foreign processes — the busy time
+//!   `/proc/stat` counts on those CPUs, less this process's own and the pool's.
+//! - [`WidthPolicy`] (policy, pure): the worker is *crowded* while foreign processes take more
+//!   than a third of a CPU, and *wide* only while nothing else — foreign or another worker —
+//!   does; each flips at once towards busy and back after two quiet windows in a row.
+//! - [`Shaper`]: runs both from the engine thread after every engine iteration (and every
+//!   idle tick) and switches: the OpenMP team is turned off (`omp_set_max_active_levels(0)`:
+//!   ggml then computes with the one thread it got) and the engine thread is pinned to its own
+//!   CPU, or turned back on and unpinned over the wide CPUs.
+//!
+//! The router reads `WorkerStats::packable` (adaptive and not crowded) from every `Progress`:
+//! it packs requests onto the first packable worker while that one has free slots, so that on
+//! a quiet machine the other workers drain, go idle, and the first one widens; when foreign
+//! work crowds the CPUs, no worker is packable and requests spread over the narrow workers.
+
+use std::time::{Duration, Instant};
+
+use llamapool_common::cpus::CpuList;
+use llamapool_common::worker::WideShape;
+
+/// How often contention is measured: short enough to narrow within a few decode steps of a
+/// neighbour starting, long enough for `/proc`'s 10 ms ticks to add up to a usable figure.
+pub const WINDOW: Duration = Duration::from_millis(250);
+
+/// Busy CPUs above this count as busy at once ...
+const BUSY_ABOVE: f64 = 0.33;
+/// ... and below this as quiet, after [`QUIET_WINDOWS`] windows in a row.
+const QUIET_BELOW: f64 = 0.15;
+const QUIET_WINDOWS: u32 = 2;
+/// Another worker using more than this much CPU is working (an idle one uses next to none).
+const SIBLING_WORKING_ABOVE: f64 = 0.2;
+
+/// One window's figures, in CPUs kept busy.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Contention {
+    /// By processes outside the pool.
+    pub foreign: f64,
+    /// By the other workers of the pool.
+    pub siblings: f64,
+}
+
+/// Busy or quiet, turning busy at once and quiet only after a few quiet windows.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Hysteresis {
+    busy: bool,
+    quiet_windows: u32,
+}
+
+impl Hysteresis {
+    fn observe(&mut self, busy_now: bool, quiet_now: bool) {
+        if busy_now {
+            self.busy = true;
+            self.quiet_windows = 0;
+        } else if quiet_now {
+            self.quiet_windows += 1;
+            if self.quiet_windows >= QUIET_WINDOWS {
+                self.busy = false;
+            }
+        } else {
+            self.quiet_windows = 0;
+        }
+    }
+}
+
+/// The width decision, from one window's [`Contention`] at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WidthPolicy {
+    /// Foreign processes keep the CPUs busy.
+    crowded: Hysteresis,
+    /// Anything else (foreign, or another worker) keeps them busy.
+    shared: Hysteresis,
+}
+
+impl WidthPolicy {
+    /// Starts wide and packable: a worker starts on a machine assumed quiet, and the first
+    /// window corrects it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs wide: nothing else keeps its CPUs busy.
+    pub fn is_wide(&self) -> bool {
+        !self.shared.busy
+    }
+
+    /// May be packed with requests: no foreign process crowds its CPUs (the pool's own
+    /// workers do not count: packing is what lets them go idle).
+    pub fn is_packable(&self) -> bool {
+        !self.crowded.busy
+    }
+
+    pub fn observe(&mut self, c: Contention) {
+        self.crowded
+            .observe(c.foreign > BUSY_ABOVE, c.foreign < QUIET_BELOW);
+        let sibling_working = c.siblings > SIBLING_WORKING_ABOVE;
+        self.shared.observe(
+            c.foreign > BUSY_ABOVE || sibling_working,
+            c.foreign < QUIET_BELOW && !sibling_working,
+        );
+    }
+}
+
+/// CPU time counters at one moment, in clock ticks (`USER_HZ`, 100 per second on Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Counters {
+    /// Busy ticks (user, nice, system, irq, softirq) of the watched CPUs, all processes.
+    busy: u64,
+    /// This process's user and system ticks, all threads.
+    own: u64,
+    /// The router's (this process's parent), all threads.
+    router: u64,
+    /// The other workers' (the router's other children).
+    siblings: u64,
+}
+
+/// Clock ticks per second of `/proc`'s counters (`USER_HZ`, fixed at 100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Measures who keeps the watched CPUs busy.
+#[derive(Debug)]
+pub struct ContentionMeter {
+    cpus: CpuList,
+    router: u32,
+    last: Option<(Instant, Counters)>,
+}
+
+impl ContentionMeter {
+    /// Watches `cpus`; `router` is the parent process, whose other children are the pool's
+    /// other workers.
+    pub fn new(cpus: CpuList, router: u32) -> Self {
+        Self {
+            cpus,
+            router,
+            last: None,
+        }
+    }
+
+    /// When at least [`WINDOW`] has passed since the last figure: who kept the CPUs busy over
+    /// that time. `None` before that, or when `/proc` cannot be read.
+    pub fn sample(&mut self, now: Instant) -> Option<Contention> {
+        if let Some((at, _)) = self.last {
+            if now.duration_since(at) < WINDOW {
+                return None;
+            }
+        }
+        let counters = read_counters(&self.cpus, self.router)?;
+        let previous = self.last.replace((now, counters));
+        let (at, before) = previous?;
+        Some(contention(before, counters, now.duration_since(at)))
+    }
+}
+
+/// Who kept the CPUs busy between two readings `elapsed` apart.
+fn contention(before: Counters, after: Counters, elapsed: Duration) -> Contention {
+    let ticks = elapsed.as_secs_f64() * TICKS_PER_SEC;
+    if ticks <= 0.0 {
+        return Contention::default();
+    }
+    let delta = |f: fn(&Counters) -> u64| f(&after).saturating_sub(f(&before));
+    let busy = delta(|c| c.busy);
+    let siblings = delta(|c| c.siblings);
+    let pool = delta(|c| c.own) + delta(|c| c.router) + siblings;
+    Contention {
+        foreign: busy.saturating_sub(pool) as f64 / ticks,
+        siblings: siblings as f64 / ticks,
+    }
+}
+
+fn read_counters(cpus: &CpuList, router: u32) -> Option<Counters> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let own_pid = std::process::id();
+    let siblings = children(router)
+        .into_iter()
+        .filter(|&pid| pid != own_pid)
+        .filter_map(process_ticks)
+        .sum();
+    Some(Counters {
+        busy: busy_ticks(&stat, cpus),
+        own: process_ticks(own_pid)?,
+        router: process_ticks(router).unwrap_or(0),
+        siblings,
+    })
+}
+
+/// The child processes of `pid` (every thread's `children` list).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_ascii_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn process_ticks(pid: u32) -> Option<u64> {
+    own_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The busy ticks of `cpus` in a `/proc/stat` text: per `cpuN` line, user + nice + system +
+/// irq + softirq (not idle, iowait or steal; guest time is already inside user).
+fn busy_ticks(stat: &str, cpus: &CpuList) -> u64 {
+    stat.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let cpu: usize = fields.next()?.strip_prefix("cpu")?.parse().ok()?;
+            if !cpus.cpus().contains(&cpu) {
+                return None;
+            }
+            let values: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+            let at = |i: usize| values.get(i).copied().unwrap_or(0);
+            Some(at(0) + at(1) + at(2) + at(5) + at(6))
+        })
+        .sum()
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` text; the command name in
+/// parentheses may contain spaces, so fields are counted after its closing parenthesis.
+fn own_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_ascii_whitespace().collect();
+    // After the name, field 3 (state) is at index 0: utime (14) is at 11, stime (15) at 12.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Switches the worker's width from the engine thread (the thread that runs llama.cpp's
+/// decode, and so the master of its OpenMP team).
+#[derive(Debug)]
+pub struct Shaper {
+    policy: WidthPolicy,
+    meter: ContentionMeter,
+    home: CpuList,
+    wide: WideShape,
+    /// OpenMP's nesting limit before any change: restored when widening.
+    full_levels: i32,
+    applied: Option<bool>,
+}
+
+impl Shaper {
+    /// An adaptive worker's shaper: `home` is its own CPU, `wide` its wide shape, `router`
+    /// the parent process (the pool is it and its children).
+    pub fn new(home: CpuList, wide: WideShape, router: u32) -> Self {
+        Self {
+            policy: WidthPolicy::new(),
+            meter: ContentionMeter::new(wide.cpus.clone(), router),
+            home,
+            wide,
+            full_levels: omp::max_active_levels().max(1),
+            applied: None,
+        }
+    }
+
+    /// Measures when a window has passed and switches if the policy says so; returns whether
+    /// the router may pack requests onto this worker now. Must run on the engine thread.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        if let Some(contention) = self.meter.sample(now) {
+            self.policy.observe(contention);
+            if self.applied != Some(self.policy.is_wide()) {
+                self.apply(self.policy.is_wide(), contention);
+            }
+        } else if self.applied.is_none() {
+            self.apply(self.policy.is_wide(), Contention::default());
+        }
+        self.policy.is_packable()
+    }
+
+    fn apply(&mut self, wide: bool, contention: Contention) {
+        let (levels, cpus) = if wide {
+            (self.full_levels, &self.wide.cpus)
+        } else {
+            (0, &self.home)
+        };
+        omp::set_max_active_levels(levels);
+        if let Err(e) = crate::pin::pin_to(cpus) {
+            tracing::warn!(cpus = %cpus, "pinning the engine thread: {e}");
+        }
+        if wide {
+            tracing::info!(
+                threads = self.wide.threads,
+                cpus = %self.wide.cpus,
+                "wide: the CPUs are free"
+            );
+        } else {
+            tracing::info!(
+                cpus = %self.home,
+                foreign_busy_cpus = format!("{:.2}", contention.foreign),
+                other_workers_busy_cpus = format!("{:.2}", contention.siblings),
+                "narrow: other work keeps the CPUs busy"
+            );
+        }
+        self.applied = Some(wide);
+    }
+}
+
+/// The two OpenMP runtime calls the shaper needs (libgomp, linked by llama.cpp's OpenMP build).
+#[allow(unsafe_code)]
+mod omp {
+    use std::ffi::c_int;
+
+    extern "C" {
+        fn omp_set_max_active_levels(levels: c_int);
+        fn omp_get_max_active_levels() -> c_int;
+    }
+
+    /// With 0, every parallel region runs with one thread: ggml then computes the whole graph
+    /// on the engine thread (it reads the team's actual size).
+    pub fn set_max_active_levels(levels: i32) {
+        // SAFETY: a plain setter of an OpenMP internal control variable; no pointers.
+        unsafe { omp_set_max_active_levels(levels) }
+    }
+
+    pub fn max_active_levels() -> i32 {
+        // SAFETY: a plain getter of an OpenMP internal control variable; no pointers.
+        unsafe { omp_get_max_active_levels() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(foreign: f64, siblings: f64) -> Contention {
+        Contention { foreign, siblings }
+    }
+
+    #[test]
+    fn narrows_at_once_and_widens_after_two_quiet_windows() {
+        let mut p = WidthPolicy::new();
+        assert!(p.is_wide() && p.is_packable(), "starts wide");
+        p.observe(c(0.7, 0.0));
+        assert!(
+            !p.is_wide() && !p.is_packable(),
+            "a busy neighbour narrows it at once"
+        );
+        p.observe(c(0.05, 0.0));
+        assert!(!p.is_wide(), "one quiet window is not enough");
+        p.observe(c(0.05, 0.0));
+        assert!(p.is_wide() && p.is_packable(), "two are");
+        p.observe(c(1.0, 0.0));
+        p.observe(c(0.05, 0.0));
+        p.observe(c(0.2, 0.0));
+        p.observe(c(0.05, 0.0));
+        assert!(!p.is_wide(), "in between resets the quiet count");
+        p.observe(c(0.0, 0.0));
+        assert!(p.is_wide());
+    }
+
+    #[test]
+    fn a_working_sibling_narrows_it_but_leaves_it_packable() {
+        let mut p = WidthPolicy::new();
+        p.observe(c(0.0, 1.0));
+        assert!(!p.is_wide(), "two workers at work: each on its own CPU");
+        assert!(
+            p.is_packable(),
+            "the router may still pack onto it, so the other drains"
+        );
+        p.observe(c(0.0, 0.0));
+        p.observe(c(0.0, 0.0));
+        assert!(p.is_wide(), "the other went idle");
+    }
+
+    #[test]
+    fn the_pool_is_not_foreign() {
+        let before = Counters {
+            busy: 1000,
+            own: 400,
+            router: 10,
+            siblings: 300,
+        };
+        let after = Counters {
+            busy: 1050,
+            own: 420,
+            router: 12,
+            siblings: 320,
+        };
+        // 50 busy ticks in 0.25 s (25 ticks per CPU): 20 ours, 2 the router's, 20 another
+        // worker's, 8 foreign.
+        let got = contention(before, after, Duration::from_millis(250));
+        assert!((got.foreign - 0.32).abs() < 1e-9, "{got:?}");
+        assert!((got.siblings - 0.8).abs() < 1e-9, "{got:?}");
+    }
+
+    #[test]
+    fn proc_texts_are_parsed() {
+        let stat = "cpu  10 0 10 100 0 0 0 0 0 0\n\
+                    cpu0 1 2 3 100 50 4 5 60 0 0\n\
+                    cpu1 10 20 30 100 50 40 50 60 0 0\n\
+                    intr 1 2 3\n";
+        assert_eq!(busy_ticks(stat, &CpuList::parse("0").unwrap()), 15);
+        assert_eq!(busy_ticks(stat, &CpuList::parse("0-1").unwrap()), 165);
+        let own = "1234 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 77 33 0 0";
+        assert_eq!(own_ticks(own), Some(110));
+        let parent = nix::unistd::getppid().as_raw() as u32;
+        assert!(
+            read_counters(&CpuList::allowed(), parent).is_some(),
+            "this machine's /proc"
+        );
+        assert!(children(parent).contains(&std::process::id()));
+    }
+}
