@@ -170,7 +170,7 @@ struct Comparison<'a> {
     model: PathBuf,
     /// The `model` field sent to both servers: llamapool's alias (llama-server takes any).
     alias: String,
-    /// llamapool's worker layout as `GET /workers` first showed it (cpus, threads, slots), so
+    /// llamapool's worker layout as `GET /workers` first showed it (cpus, threads, slots, wide shape), so
     /// a report says which default it measured.
     layout: RefCell<Option<serde_json::Value>>,
 }
@@ -212,7 +212,10 @@ impl Comparison<'_> {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|w| json!({"cpus": w["cpus"], "threads": w["threads"], "slots": w["slots"]}))
+            .map(|w| {
+                json!({"cpus": w["cpus"], "threads": w["threads"], "slots": w["slots"],
+                       "wide_cpus": w["wide_cpus"], "wide_threads": w["wide_threads"]})
+            })
             .collect();
         eprintln!("llamapool workers: {}", json!(workers));
         *self.layout.borrow_mut() = Some(json!(workers));

@@ -451,10 +451,12 @@ fn check_api_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `origin` as [`ServerSettings::cors_origins`] takes it: `*`, or `scheme://host[:port]` with
-/// at most a trailing `/`, which is dropped. Returns the normalized origin.
+/// `origin` as [`ServerSettings::cors_origins`] takes it: `*`, llama-server's special value
+/// `localhost` (any origin whose host is `localhost`, `127.0.0.1` or `[::1]`, any scheme and
+/// port), or `scheme://host[:port]` with at most a trailing `/`, which is dropped. Returns the
+/// normalized origin.
 pub fn parse_cors_origin(origin: &str) -> Result<&str, String> {
-    if origin == "*" {
+    if origin == "*" || origin == LOCALHOST_ORIGINS {
         return Ok(origin);
     }
     let normalized = origin.strip_suffix('/').unwrap_or(origin);
@@ -475,6 +477,29 @@ pub fn parse_cors_origin(origin: &str) -> Result<&str, String> {
              the Origin header) or \"*\""
         ))
     }
+}
+
+/// The `cors_origins` entry that allows every local origin, as llama-server's
+/// `--cors-origins localhost`.
+pub const LOCALHOST_ORIGINS: &str = "localhost";
+
+/// Whether an `Origin` header value names this machine: `scheme://host[:port]` with host
+/// `localhost`, `127.0.0.1` or `[::1]` (ASCII case ignored).
+pub fn is_local_origin(origin: &[u8]) -> bool {
+    let Ok(origin) = std::str::from_utf8(origin) else {
+        return false;
+    };
+    let Some((_, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let host = if authority.starts_with('[') {
+        authority.split_inclusive(']').next().unwrap_or(authority)
+    } else {
+        authority.split(':').next().unwrap_or(authority)
+    };
+    ["localhost", "127.0.0.1", "[::1]"]
+        .iter()
+        .any(|local| host.eq_ignore_ascii_case(local))
 }
 
 impl ServerSettings {
@@ -944,6 +969,7 @@ mod tests {
     fn cors_origins_are_scheme_host_and_port() {
         for (given, normalized) in [
             ("*", "*"),
+            ("localhost", "localhost"),
             ("http://localhost:3000", "http://localhost:3000"),
             ("https://web.example/", "https://web.example"),
             ("chrome-extension://abcdef", "chrome-extension://abcdef"),
@@ -960,6 +986,27 @@ mod tests {
             "ht tp://a",
         ] {
             assert!(parse_cors_origin(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn local_origins_are_localhost_and_loopback_on_any_port() {
+        for local in [
+            "http://localhost",
+            "http://LOCALHOST:8080",
+            "https://127.0.0.1:3000",
+            "http://[::1]:5173",
+        ] {
+            assert!(is_local_origin(local.as_bytes()), "{local}");
+        }
+        for remote in [
+            "http://localhost.evil.example",
+            "http://127.0.0.2",
+            "https://web.example",
+            "localhost",
+            "null",
+        ] {
+            assert!(!is_local_origin(remote.as_bytes()), "{remote}");
         }
     }
 

@@ -1,7 +1,7 @@
 //! Prefix-affinity routing with the real model: a conversation's next turn goes to the worker
 //! whose prompt cache holds the conversation so far, so it reuses its cells
 //! (`usage.prompt_tokens_details.cached_tokens`), and `/metrics` counts how each request was
-//! routed. Off, the router counts every request as `off`.
+//! routed. Off, the router counts every request as `least_loaded`.
 
 use std::thread;
 
@@ -100,7 +100,7 @@ fn every_second_turn_reuses_its_conversation_on_the_worker_that_holds_it() {
         );
     }
     assert_eq!(
-        routed(&server, "hit"),
+        routed(&server, "affinity"),
         4,
         "the 4 second turns followed their prefix"
     );

@@ -261,6 +261,13 @@ pub struct WorkerView {
     pub pid: Option<u32>,
     pub cpus: String,
     pub threads: u32,
+    /// An adaptive worker's wide shape (`None` for a fixed worker): it runs `wide_threads`
+    /// threads over `wide_cpus` while nothing else keeps them busy, else `threads` on `cpus`.
+    pub wide_cpus: Option<String>,
+    pub wide_threads: Option<u32>,
+    /// An adaptive worker that no foreign process crowds: requests are packed onto the first
+    /// such worker (from its last progress; `None` before any).
+    pub packable: Option<bool>,
     pub state: WorkerState,
     pub slots: u32,
     /// Per-sequence context of the running worker.
@@ -534,6 +541,9 @@ impl Pool {
                     pid: s.pid,
                     cpus: plan.cpus.to_string(),
                     threads: plan.context.threads,
+                    wide_cpus: plan.wide.as_ref().map(|w| w.cpus.to_string()),
+                    wide_threads: plan.wide.as_ref().map(|w| w.threads),
+                    packable: stats.filter(|_| plan.wide.is_some()).map(|st| st.packable),
                     state,
                     slots: plan.context.slots,
                     n_ctx_per_seq: s.info.map(|i| i.n_ctx_per_seq),

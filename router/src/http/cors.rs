@@ -16,7 +16,9 @@
 //!
 //! Which origins are allowed is [`CorsPolicy`]: every origin when `server.cors_origins` is
 //! empty (llama-server has no setting and echoes any `Origin`) or lists `*`, else exactly the
-//! listed ones (scheme, host and port; ASCII case does not matter). Responses that echo an
+//! listed ones (scheme, host and port; ASCII case does not matter), and with llama-server's
+//! special entry `localhost`, every origin on this machine (`localhost`, `127.0.0.1`,
+//! `[::1]`, any port). Responses that echo an
 //! origin also carry `Vary: Origin`, for caches.
 
 use axum::body::Body;
@@ -24,7 +26,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use llamapool_common::settings::parse_cors_origin;
+use llamapool_common::settings::{is_local_origin, parse_cors_origin, LOCALHOST_ORIGINS};
 
 use super::SharedState;
 
@@ -66,9 +68,10 @@ impl CorsPolicy {
     pub fn allows(&self, origin: &[u8]) -> bool {
         match self {
             Self::AnyOrigin => true,
-            Self::Origins(list) => list
-                .iter()
-                .any(|o| o.as_bytes().eq_ignore_ascii_case(origin)),
+            Self::Origins(list) => list.iter().any(|o| {
+                o.as_bytes().eq_ignore_ascii_case(origin)
+                    || (o == LOCALHOST_ORIGINS && is_local_origin(origin))
+            }),
         }
     }
 
@@ -129,6 +132,14 @@ mod tests {
                 assert!(policy.allows(o.as_bytes()));
             }
         }
+    }
+
+    #[test]
+    fn the_localhost_entry_allows_every_local_origin() {
+        let policy = CorsPolicy::new(&list(&["localhost"]));
+        assert!(policy.allows(b"http://localhost:5173"));
+        assert!(policy.allows(b"http://127.0.0.1"));
+        assert!(!policy.allows(b"https://web.example"));
     }
 
     #[test]
