@@ -27,6 +27,10 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
     /// Added to the logits of the given tokens before sampling; `f32::NEG_INFINITY` bans a token.
     pub logit_bias: Vec<(Token, f32)>,
+    /// llama-server's text form of `logit_bias`: the bias applies to every token of the text
+    /// (tokenized by the worker without special tokens, which then moves them into
+    /// `logit_bias`).
+    pub logit_bias_text: Vec<(String, f32)>,
     /// A GBNF grammar (llama.cpp's format, start rule `root`) every generated text must match.
     /// The worker parses it before accepting the request; a grammar llama.cpp refuses is a
     /// request error naming `grammar`.
@@ -50,6 +54,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logit_bias: Vec::new(),
+            logit_bias_text: Vec::new(),
             grammar: None,
             logprobs: None,
         }
@@ -125,6 +130,9 @@ impl SamplingParams {
             ));
         }
         self.logit_bias.iter().try_for_each(check_bias)?;
+        self.logit_bias_text
+            .iter()
+            .try_for_each(|(_, bias)| check_bias(&(0, *bias)))?;
         self.grammar.as_deref().map_or(Ok(()), check_grammar)
     }
 }

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +85,9 @@ pub enum ControlCall {
     },
 }
 
+// A message lives only between the socket and its handler, one at a time: boxing the large
+// `Generate` would add an allocation per request to save stack space nobody holds.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
     Hello {

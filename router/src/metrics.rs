@@ -69,6 +69,9 @@ struct WorkerStateLabels {
 pub struct Metrics {
     registry: Registry,
     prompt_tokens: Counter,
+    /// llama-server's split: prompt tokens decoded, and those reused from a prompt cache.
+    prompt_tokens_processed: Counter,
+    prompt_tokens_cached: Counter,
     prompt_seconds: SecondsCounter,
     generated_tokens: Counter,
     generated_seconds: SecondsCounter,
@@ -95,6 +98,8 @@ impl Default for Metrics {
         let m = Self {
             registry: Registry::default(),
             prompt_tokens: Counter::default(),
+            prompt_tokens_processed: Counter::default(),
+            prompt_tokens_cached: Counter::default(),
             prompt_seconds: SecondsCounter::default(),
             generated_tokens: Counter::default(),
             generated_seconds: SecondsCounter::default(),
@@ -124,7 +129,12 @@ impl Metrics {
         r.register(
             "llamacpp:prompt_tokens",
             "Number of prompt tokens processed",
-            self.prompt_tokens.clone(),
+            self.prompt_tokens_processed.clone(),
+        );
+        r.register(
+            "llamacpp:prompt_tokens_cached",
+            "Number of prompt tokens reused from the prompt cache",
+            self.prompt_tokens_cached.clone(),
         );
         r.register(
             "llamacpp:prompt_seconds",
@@ -227,8 +237,13 @@ impl Metrics {
     /// A generation finished on a worker (usage already adjusted for resumed tokens).
     pub fn record_finish(&self, finish: &Finish) {
         self.finished.inc();
-        self.prompt_tokens
-            .inc_by(u64::from(finish.usage.prompt_tokens));
+        let usage = &finish.usage;
+        self.prompt_tokens.inc_by(u64::from(usage.prompt_tokens));
+        self.prompt_tokens_processed.inc_by(u64::from(
+            usage.prompt_tokens.saturating_sub(usage.cached_tokens),
+        ));
+        self.prompt_tokens_cached
+            .inc_by(u64::from(usage.cached_tokens));
         self.generated_tokens
             .inc_by(u64::from(finish.usage.completion_tokens));
         self.prompt_seconds.inc_by(finish.timings.prompt_ms / 1e3);

@@ -245,3 +245,89 @@ fn strict_model_names_are_404() {
     assert_eq!(p["default_generation_settings"]["params"]["n_predict"], -1);
     assert_eq!(p["total_slots"], 1);
 }
+
+/// llama-server's `logit_bias` forms: `[token id, bias]` pairs and texts (every token of the
+/// text gets the bias), as an array or as object keys; `false` bans.
+#[test]
+fn logit_bias_pairs_and_texts_ban_what_they_name() {
+    let server = Server::start(&config());
+    let body = |bias: Value| {
+        json!({"prompt": "The capital of France is", "n_predict": 8, "temperature": 0,
+               "logit_bias": bias})
+    };
+    let free = complete(&server, "/completion", &body(json!([])));
+    let first: Vec<u64> = free["tokens"]
+        .as_array()
+        .map(|t| t.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let text = free["content"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+    // Ban the greedy first token by id (pair form): the output changes.
+    let first_id = tokenize(&server, &text, false)[0].clone();
+    let by_pair = complete(&server, "/completion", &body(json!([[first_id, false]])));
+    let banned_piece = server
+        .post("/detokenize", &json!({"tokens": [first_id]}))
+        .json()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !by_pair["content"]
+            .as_str()
+            .unwrap()
+            .starts_with(&banned_piece),
+        "{by_pair} still starts with the banned {banned_piece:?} ({first:?})"
+    );
+    // The same ban given as text, in both forms: the same generation.
+    let by_text = complete(
+        &server,
+        "/completion",
+        &body(json!([[banned_piece, false]])),
+    );
+    assert_eq!(by_text["content"], by_pair["content"]);
+    let by_key = complete(
+        &server,
+        "/completion",
+        &body(json!({banned_piece.clone(): false})),
+    );
+    assert_eq!(by_key["content"], by_pair["content"]);
+    // A pair that is not [key, bias] is a 400 naming the field.
+    let r = server.post("/completion", &body(json!([[1, 2, 3]])));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "logit_bias");
+}
+
+/// `/metrics` as llama-server serves it: the process start time header, and prompt tokens
+/// split into decoded and cached.
+#[test]
+fn metrics_have_the_start_header_and_count_cached_prompt_tokens() {
+    let server = Server::start(&smol_config("", (2, 2048), PINNED_0));
+    let r = server.get("/metrics");
+    let started: u64 = r
+        .header("process-start-time-unix")
+        .expect("Process-Start-Time-Unix")
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(started <= now && now - started < 600, "{started} vs {now}");
+    let prompt = "Tell me about the lighthouse keeper and the sea, in one short sentence.";
+    let body = json!({"prompt": prompt, "n_predict": 2, "temperature": 0});
+    let once = complete(&server, "/completion", &body);
+    let again = complete(&server, "/completion", &body);
+    let cached = again["timings"]["cache_n"].as_u64().unwrap();
+    assert!(cached > 0, "the repeat hits the prompt cache: {again}");
+    let text = server.get("/metrics").text();
+    let sample = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let evaluated = once["timings"]["prompt_n"].as_u64().unwrap()
+        + again["timings"]["prompt_n"].as_u64().unwrap();
+    assert_eq!(sample("llamacpp:prompt_tokens_total"), evaluated);
+    assert_eq!(sample("llamacpp:prompt_tokens_cached_total"), cached);
+}

@@ -166,7 +166,9 @@ where
     result
 }
 
-/// What the reader hands to the prepare thread, in the order the frames came.
+/// What the reader hands to the prepare thread, in the order the frames came. (A job lives
+/// only in that channel: boxing the large `Generate` would cost an allocation per request.)
+#[allow(clippy::large_enum_variant)]
 enum Job {
     Generate(GenerateRequest),
     Control { call: u64, body: ControlCall },
@@ -424,6 +426,13 @@ fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineReques
         Prompt::Tokens(tokens) => tokens,
         Prompt::Chat(chat) => model.chat_prompt_ending(&chat.messages, chat.ending)?,
     };
+    let mut sampling = request.sampling;
+    for (text, bias) in std::mem::take(&mut sampling.logit_bias_text) {
+        let tokens = model.tokenize(&text, false);
+        sampling
+            .logit_bias
+            .extend(tokens.into_iter().map(|t| (t, bias)));
+    }
     let mut stopping = request.stopping;
     let resumed = request.resumed.len();
     if resumed > 0 {
@@ -436,7 +445,7 @@ fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineReques
     Ok(EngineRequest {
         id: request.id,
         prompt,
-        sampling: request.sampling,
+        sampling,
         stopping,
         resumed,
         // A resumed request is past its prompt for the client: its first tokens were sent.

@@ -62,10 +62,20 @@ pub async fn workers(State(state): State<SharedState>) -> Json<Value> {
 }
 
 /// `GET /metrics`: Prometheus text (llama-server's `llamacpp:` names and llamapool's own;
-/// `crate::metrics`).
+/// `crate::metrics`), with llama-server's `Process-Start-Time-Unix` header.
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     let text = state.pool.metrics().render(&state.pool.gauges());
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, metrics::CONTENT_TYPE.to_string()),
+            (
+                header::HeaderName::from_static("process-start-time-unix"),
+                state.started.to_string(),
+            ),
+        ],
+        text,
+    )
+        .into_response()
 }
 
 /// Middleware on the whole route table: counts every response by its matched route (not the

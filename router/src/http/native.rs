@@ -564,7 +564,8 @@ mod tests {
         assert_eq!(r["tokens"], json!([1, 2]));
         assert_eq!(r["generation_settings"]["n_predict"], 4);
         assert_eq!(r["generation_settings"]["seed"], u64::from(RANDOM_SEED));
-        assert_eq!(r["timings"]["predicted_per_second"], 500.0);
+        // 4 tokens, 3 decode steps after the first in 8 ms.
+        assert_eq!(r["timings"]["predicted_per_second"], 375.0);
         assert_eq!(r["tokens_cached"], 1);
         assert_eq!(r["timings"]["cache_n"], 1);
         assert_eq!(r["timings"]["prompt_n"], 2);

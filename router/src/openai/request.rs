@@ -117,7 +117,7 @@ pub struct GenerationBody {
     /// Any 64-bit seed is accepted; llama.cpp takes 32 bits.
     pub seed: Option<i64>,
     pub stop: Option<StopBody>,
-    pub logit_bias: Option<BTreeMap<String, BiasBody>>,
+    pub logit_bias: Option<LogitBiasBody>,
     pub ignore_eos: Option<bool>,
     /// llama-server's prompt cache switch (default on).
     pub cache_prompt: Option<bool>,
@@ -264,6 +264,24 @@ pub enum StopBody {
 pub enum BiasBody {
     Value(f32),
     Ban(bool),
+}
+
+/// `logit_bias`: OpenAI's object of token id → bias, or llama-server's array of
+/// `[token id or text, bias]` pairs; in both, llama-server also takes a text (every token of it
+/// gets the bias) and `false` for a ban.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LogitBiasBody {
+    Map(BTreeMap<String, BiasBody>),
+    Pairs(Vec<(TokenOrText, BiasBody)>),
+}
+
+/// The first element of a `logit_bias` pair.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TokenOrText {
+    Token(i64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -452,6 +470,7 @@ impl GenerationBody {
             Some(k) => i32::try_from(k)
                 .map_err(|_| InvalidRequest::field("top_k", "top_k is out of range"))?,
         };
+        let biases = logit_bias(self.logit_bias.as_ref())?;
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k,
@@ -467,7 +486,8 @@ impl GenerationBody {
                 Some(-1) => None,
                 Some(s) => Some((s as u64 & 0xffff_ffff) as u32),
             },
-            logit_bias: logit_bias(self.logit_bias.as_ref())?,
+            logit_bias: biases.0,
+            logit_bias_text: biases.1,
             grammar: self.grammar()?,
             logprobs: self.logprobs()?,
         };
@@ -559,43 +579,72 @@ fn max_tokens(
         .map_err(|_| InvalidRequest::field(name, format!("{name} is too large: {value}")))
 }
 
-fn logit_bias(
-    biases: Option<&BTreeMap<String, BiasBody>>,
-) -> Result<Vec<(i32, f32)>, InvalidRequest> {
-    let Some(biases) = biases else {
-        return Ok(Vec::new());
+/// Token biases and text biases (the worker tokenizes the texts).
+type Biases = (Vec<(i32, f32)>, Vec<(String, f32)>);
+
+fn logit_bias(biases: Option<&LogitBiasBody>) -> Result<Biases, InvalidRequest> {
+    let entries: Vec<(TokenOrText, &BiasBody)> = match biases {
+        None => Vec::new(),
+        Some(LogitBiasBody::Map(map)) => map
+            .iter()
+            .map(|(key, bias)| {
+                let key = match key.parse::<i64>() {
+                    Ok(token) => TokenOrText::Token(token),
+                    Err(_) => TokenOrText::Text(key.clone()),
+                };
+                (key, bias)
+            })
+            .collect(),
+        Some(LogitBiasBody::Pairs(pairs)) => pairs
+            .iter()
+            .map(|(key, bias)| {
+                let key = match key {
+                    TokenOrText::Token(t) => TokenOrText::Token(*t),
+                    TokenOrText::Text(t) => TokenOrText::Text(t.clone()),
+                };
+                (key, bias)
+            })
+            .collect(),
     };
-    biases
-        .iter()
-        .map(|(token, bias)| {
-            let token = token.parse::<i32>().map_err(|_| {
-                InvalidRequest::field(
-                    "logit_bias",
-                    format!("logit_bias key {token:?} is not a token id"),
-                )
-            })?;
-            let bias = match *bias {
-                BiasBody::Value(v) if v.is_finite() => v,
-                // Beyond f32's range the number became an infinity: -1e39 is not a ban.
-                BiasBody::Value(_) => {
-                    return Err(InvalidRequest::field(
+    let mut tokens = Vec::new();
+    let mut texts = Vec::new();
+    for (key, bias) in entries {
+        match key {
+            TokenOrText::Token(token) => {
+                let id = i32::try_from(token).map_err(|_| {
+                    InvalidRequest::field(
                         "logit_bias",
-                        format!(
-                            "logit_bias for token {token} must be a number between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}, or false to ban it"
-                        ),
-                    ))
-                }
-                BiasBody::Ban(false) => f32::NEG_INFINITY,
-                BiasBody::Ban(true) => {
-                    return Err(InvalidRequest::field(
-                        "logit_bias",
-                        format!("logit_bias for {token} must be a number or false"),
-                    ))
-                }
-            };
-            Ok((token, bias))
-        })
-        .collect()
+                        format!("logit_bias key {token} is not a token id"),
+                    )
+                })?;
+                tokens.push((id, bias_value(&token.to_string(), bias)?));
+            }
+            TokenOrText::Text(text) => {
+                let bias = bias_value(&format!("{text:?}"), bias)?;
+                texts.push((text, bias));
+            }
+        }
+    }
+    Ok((tokens, texts))
+}
+
+/// One bias: a finite number, or `false` (a ban).
+fn bias_value(key: &str, bias: &BiasBody) -> Result<f32, InvalidRequest> {
+    match *bias {
+        BiasBody::Value(v) if v.is_finite() => Ok(v),
+        // Beyond f32's range the number became an infinity: -1e39 is not a ban.
+        BiasBody::Value(_) => Err(InvalidRequest::field(
+            "logit_bias",
+            format!(
+                "logit_bias for {key} must be a number between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}, or false to ban it"
+            ),
+        )),
+        BiasBody::Ban(false) => Ok(f32::NEG_INFINITY),
+        BiasBody::Ban(true) => Err(InvalidRequest::field(
+            "logit_bias",
+            format!("logit_bias for {key} must be a number or false"),
+        )),
+    }
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "developer", "tool"];

@@ -84,9 +84,10 @@ impl Envelope {
         })
     }
 
-    /// The first chat chunk: the role and empty content.
+    /// The first chat chunk: the role, and `content: null` as llama-server sends it (OpenAI
+    /// sends `""`; clients take either).
     pub fn role_chunk(&self) -> Value {
-        self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+        self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": null}, "logprobs": null, "finish_reason": null}))
     }
 
     /// A prompt-processing progress chunk (`return_progress`), as llama-server sends it before
@@ -221,8 +222,10 @@ pub struct TimingsJson {
 impl TimingsJson {
     pub fn to_json(&self) -> Value {
         let (prompt_per_token, prompt_per_second) = rates(self.prompt_n, self.prompt_ms);
+        // As llama-server: the first token comes from the prompt's last batch, so the rate is
+        // over the decode steps after it (`predicted_ms` runs from the first token on).
         let (predicted_per_token, predicted_per_second) =
-            rates(self.predicted_n, self.predicted_ms);
+            rates(self.predicted_n.saturating_sub(1), self.predicted_ms);
         let mut json = json!({
             "cache_n": self.cache_n,
             "prompt_n": self.prompt_n,
@@ -456,7 +459,9 @@ mod tests {
         assert_eq!(json["prompt_per_second"], 200.0);
         assert_eq!(json["predicted_n"], 3);
         assert_eq!(json["predicted_ms"], 30.0);
-        assert_eq!(json["predicted_per_second"], 100.0);
+        // Two decode steps after the first token, in 30 ms.
+        let rate = json["predicted_per_second"].as_f64().unwrap();
+        assert!((rate - 2000.0 / 30.0).abs() < 1e-9, "{rate}");
         assert!(json.get("queue_ms").is_none());
         assert!(t.started());
     }
@@ -485,8 +490,9 @@ mod tests {
                 "prompt_per_second": 500.0,
                 "predicted_n": 4,
                 "predicted_ms": 8.0,
-                "predicted_per_token_ms": 2.0,
-                "predicted_per_second": 500.0,
+                // 3 decode steps after the first token.
+                "predicted_per_token_ms": 8.0 / 3.0,
+                "predicted_per_second": 375.0,
                 "queue_ms": 1.0,
             })
         );

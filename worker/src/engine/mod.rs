@@ -108,6 +108,9 @@ pub struct EngineStats {
 /// the snapshot of that moment.
 pub type IterationHook = Box<dyn FnMut(&EngineStats) + Send>;
 
+// A command lives only in the engine's channel; boxing the large `Submit` would add an
+// allocation per request to save memory that a few queued commands hold.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     Submit {
         request: EngineRequest,

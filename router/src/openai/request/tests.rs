@@ -50,6 +50,7 @@ fn parses_a_full_chat_request() {
         g.sampling.logit_bias,
         vec![(12, -100.0), (13, f32::NEG_INFINITY)]
     );
+    assert!(g.sampling.logit_bias_text.is_empty());
     let Prompt::Chat(c) = g.prompt else { panic!() };
     assert_eq!(c.messages[1].content, "hi");
     assert_eq!(c.ending, ChatEnding::OpenAssistant);
@@ -131,12 +132,12 @@ fn bad_inputs_name_their_field() {
             "stop",
         ),
         (
-            r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#,
+            r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":[[1,2,3]]}"#,
             "logit_bias",
         ),
         (
             r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"1":"x"}}"#,
-            "logit_bias.1",
+            "logit_bias",
         ),
         (
             r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
@@ -596,4 +597,29 @@ fn stream_reports_apply_to_streams_and_ask_the_worker_for_progress() {
     );
     let bad = chat(&format!(r#"{{{msg},"return_progress":"yes"}}"#)).unwrap_err();
     assert_eq!(param_of(&bad), Some("return_progress"));
+}
+
+#[test]
+fn logit_bias_takes_llama_server_pairs_and_texts() {
+    let parse = |bias: &str| {
+        let body = format!(r#"{{"prompt":"x","logit_bias":{bias}}}"#);
+        parse_generation(
+            body.as_bytes(),
+            Endpoint::Completions,
+            &ServedModel::new("m"),
+            RequestId(1),
+        )
+        .unwrap()
+        .generate
+        .sampling
+    };
+    let pairs = parse(r#"[[15, -100], [" the ", false], [7, 2.5]]"#);
+    assert_eq!(pairs.logit_bias, vec![(15, -100.0), (7, 2.5)]);
+    assert_eq!(
+        pairs.logit_bias_text,
+        vec![(" the ".to_string(), f32::NEG_INFINITY)]
+    );
+    let texts = parse(r#"{" the ": -100, "12": 1}"#);
+    assert_eq!(texts.logit_bias, vec![(12, 1.0)]);
+    assert_eq!(texts.logit_bias_text, vec![(" the ".to_string(), -100.0)]);
 }
