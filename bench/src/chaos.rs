@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use llamapool_common::cpus::CpuList;
-use llamapool_common::settings::models_dir;
 use llamapool_testkit::http::{self, HttpResponse, SseReader};
 use llamapool_testkit::Router;
 use nix::sys::signal::{kill, Signal};
@@ -117,16 +116,7 @@ pub struct LoadReport {
 
 /// Runs the phases `args.phases` names and prints the report.
 pub fn run(args: &Args) -> Result<()> {
-    let model = args
-        .model
-        .clone()
-        .unwrap_or_else(|| models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if !model.is_file() {
-        bail!(
-            "model {} not found: run scripts/setup or pass --model",
-            model.display()
-        );
-    }
+    let model = args.chat_model_path()?;
     if args.duration_secs <= 0.0 || args.kill_every_secs <= 0.0 || args.stall_secs <= 0.0 {
         bail!("--duration-secs, --kill-every-secs and --stall-secs must be positive");
     }

@@ -173,6 +173,22 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--model`, else SmolLM2 from the setup cache (the chat-template model of `--chaos` and
+    /// `--multi-turn`); an error when the file is missing.
+    pub fn chat_model_path(&self) -> Result<PathBuf> {
+        let model = self
+            .model
+            .clone()
+            .unwrap_or_else(|| models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+        if !model.is_file() {
+            bail!(
+                "model {} not found: run scripts/setup or pass --model",
+                model.display()
+            );
+        }
+        Ok(model)
+    }
+
     pub fn model_path(&self) -> PathBuf {
         self.model
             .clone()

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use llamapool_bench::metrics::percentile;
 use llamapool_common::cpus::CpuList;
-use llamapool_common::settings::models_dir;
 use llamapool_testkit::http::{self, SseReader};
 use llamapool_testkit::Router;
 use serde::Serialize;
@@ -163,16 +162,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn workload(args: &Args) -> Result<Workload> {
-    let model = args
-        .model
-        .clone()
-        .unwrap_or_else(|| models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if !model.is_file() {
-        bail!(
-            "model {} not found: run scripts/setup or pass --model",
-            model.display()
-        );
-    }
+    let model = args.chat_model_path()?;
     if args.conversations == 0
         || args.turns == 0
         || args.reply_tokens == 0
