@@ -200,7 +200,11 @@ async fn accept_loop(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // Header names go out as `Content-Type`, as llama-server (cpp-httplib) writes them:
+        // HTTP says case does not matter, but clients that look headers up in a plain dict
+        // (llama.cpp's own test suite does) expect its spelling.
+        .title_case_headers(true);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut at_cap = false;
     let mut backoff = AcceptBackoff::default();

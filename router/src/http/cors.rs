@@ -5,7 +5,7 @@
 //!
 //! - Every `OPTIONS` request (a preflight: browsers send no credentials on it) is answered
 //!   here, before the API-key check and before routing: 200, empty body,
-//!   `Access-Control-Allow-Methods: GET, POST`, `Access-Control-Allow-Headers: *`, and for an
+//!   `Access-Control-Allow-Methods: GET, POST, DELETE, OPTIONS`, `Access-Control-Allow-Headers: *`, and for an
 //!   allowed origin `Access-Control-Allow-Origin: <the Origin>` and
 //!   `Access-Control-Allow-Credentials: true`.
 //! - Any other response (401s included, so that a page can read why it was refused) to a
@@ -31,7 +31,7 @@ use llamapool_common::settings::{is_local_origin, parse_cors_origin, LOCALHOST_O
 use super::SharedState;
 
 /// llama-server's `Access-Control-Allow-Methods`.
-pub const ALLOW_METHODS: &str = "GET, POST";
+pub const ALLOW_METHODS: &str = "GET, POST, DELETE, OPTIONS";
 /// llama-server's `Access-Control-Allow-Headers`. Browsers take `*` as "any header" on
 /// requests without cookies (what API clients send), but never as covering `Authorization`:
 /// a page that sends `Authorization` needs its preflight to list it, so pages should send the

@@ -473,7 +473,7 @@ async fn feed_stream(
             None => {
                 let total = choices.total();
                 log.finished(&total);
-                if include_usage && !sink.send(data(&envelope.usage_chunk(&total.usage))).await {
+                if include_usage && !sink.send(data(&envelope.usage_chunk(&total))).await {
                     return;
                 }
                 sink.send(Event::default().data("[DONE]")).await;

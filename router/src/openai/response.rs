@@ -123,10 +123,13 @@ impl Envelope {
     }
 
     /// With `stream_options.include_usage`: `choices: []` and the usage.
-    pub fn usage_chunk(&self, usage: &Usage) -> Value {
+    /// The last chunk before `[DONE]` with `stream_options.include_usage`: no choices, the
+    /// usage, and (as llama-server sends it) the whole request's timings.
+    pub fn usage_chunk(&self, finish: &Finish) -> Value {
         let mut chunk = self.chunk(Value::Null);
         chunk["choices"] = json!([]);
-        chunk["usage"] = usage_json(usage);
+        chunk["usage"] = usage_json(&finish.usage);
+        chunk["timings"] = timings_json(&finish.usage, &finish.timings);
         chunk
     }
 }
@@ -346,15 +349,16 @@ mod tests {
             env.role_chunk(),
             env.text_chunk("a"),
             env.finish_chunk(&finish),
-            env.usage_chunk(&finish.usage),
+            env.usage_chunk(&finish),
         ] {
             assert_eq!(chunk["id"], env.id);
             assert_eq!(chunk["object"], "chat.completion.chunk");
             assert_eq!(chunk["model"], "m");
         }
         assert_eq!(env.finish_chunk(&finish)["choices"][0]["delta"], json!({}));
-        assert_eq!(env.usage_chunk(&finish.usage)["choices"], json!([]));
-        assert_eq!(env.usage_chunk(&finish.usage)["usage"]["total_tokens"], 5);
+        assert_eq!(env.usage_chunk(&finish)["choices"], json!([]));
+        assert_eq!(env.usage_chunk(&finish)["usage"]["total_tokens"], 5);
+        assert_eq!(env.usage_chunk(&finish)["timings"]["predicted_n"], 2);
         assert!(env.id.starts_with("chatcmpl-"));
     }
 

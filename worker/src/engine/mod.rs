@@ -325,7 +325,12 @@ impl<S> Active<S> {
             total: count(self.prompt.len()),
             cache: count(self.cached),
             processed: count(self.prefilled),
-            time_ms: ms(self.admitted.elapsed()),
+            // The first report (nothing evaluated yet) is the start: 0, as llama-server's.
+            time_ms: if self.prefilled == self.cached {
+                0.0
+            } else {
+                ms(self.admitted.elapsed())
+            },
         };
         let output = SeqOutput::progress(self.id, progress);
         if self.events.send(GenerationEvent::Output(output)).is_err() {
