@@ -63,7 +63,10 @@ fn cors_allows_the_listed_origins_only() {
         assert!(r.body.is_empty());
         assert_eq!(r.header("access-control-allow-origin"), Some(origin));
         assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
-        assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST, DELETE, OPTIONS"));
+        assert_eq!(
+            r.header("access-control-allow-methods"),
+            Some("GET, POST, DELETE, OPTIONS")
+        );
         assert_eq!(r.header("access-control-allow-headers"), Some("*"));
         assert!(values(&r, "vary").contains(&"origin".to_string()));
 
@@ -157,7 +160,10 @@ fn several_keys_each_work_in_either_header() {
     let r = preflight(&server, "localhost");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("access-control-allow-origin"), Some("localhost"));
-    assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST, DELETE, OPTIONS"));
+    assert_eq!(
+        r.header("access-control-allow-methods"),
+        Some("GET, POST, DELETE, OPTIONS")
+    );
     assert_eq!(r.header("access-control-allow-headers"), Some("*"));
 }
 
