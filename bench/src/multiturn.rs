@@ -32,12 +32,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use llamapool_bench::metrics::percentile;
 use llamapool_common::cpus::CpuList;
-use llamapool_testkit::http::{self, SseReader};
 use llamapool_testkit::Router;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::llama_server::{LlamaServer, Shape};
+use crate::stages::open_stream;
 use crate::{procs, Args};
 
 /// The model name sent in requests (the router's alias; llama-server ignores it).
@@ -401,12 +401,7 @@ fn chat_turn(addr: &str, messages: &[Value], max_tokens: u32) -> Result<(TurnRec
         "stream_options": {"include_usage": true},
     });
     let start = Instant::now();
-    let stream = http::post_json(addr, "/v1/chat/completions", &body)?;
-    let mut sse = SseReader::new(stream)?;
-    if sse.status != 200 {
-        let status = sse.status;
-        bail!("HTTP {status}: {:?}", sse.next_data());
-    }
+    let mut sse = open_stream(addr, "/v1/chat/completions", &body)?;
     let mut stream = StreamState::default();
     while let Some(data) = sse.next_data() {
         if data == "[DONE]" {

@@ -811,6 +811,18 @@ pub fn http_load(
     (records.into_inner().expect("no client panicked"), wall)
 }
 
+/// POSTs `body` to `path` and returns its event stream; an error unless the status is 200
+/// (with the first event, which holds the error).
+pub fn open_stream(addr: &str, path: &str, body: &serde_json::Value) -> Result<SseReader> {
+    let stream = http::post_json(addr, path, body)?;
+    let mut sse = SseReader::new(stream)?;
+    if sse.status != 200 {
+        let status = sse.status;
+        bail!("HTTP {status}: {:?}", sse.next_data());
+    }
+    Ok(sse)
+}
+
 pub fn http_request(
     addr: &str,
     model: &str,
@@ -819,12 +831,7 @@ pub fn http_request(
 ) -> Result<RequestRecord> {
     let body = completion_body(model, prompt, max_tokens, true);
     let start = Instant::now();
-    let stream = http::post_json(addr, "/v1/completions", &body)?;
-    let mut sse = SseReader::new(stream)?;
-    if sse.status != 200 {
-        let status = sse.status;
-        bail!("HTTP {status}: {:?}", sse.next_data());
-    }
+    let mut sse = open_stream(addr, "/v1/completions", &body)?;
     let mut record = RequestRecord::default();
     let mut last: Option<Instant> = None;
     let mut chunks = 0u32;

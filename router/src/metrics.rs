@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llamapool_common::Finish;
+use llamapool_common::{Finish, SeqOutput};
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -473,9 +473,12 @@ impl RequestTimer {
         }
     }
 
-    /// An output of `tokens` tokens arrived (each engine step sends one per sequence).
-    pub fn on_output(&mut self, tokens: usize) {
-        self.on_output_at(tokens, Instant::now());
+    /// An output arrived (each engine step sends one per sequence). A prompt progress report
+    /// is none: the first token is yet to come.
+    pub fn on_output(&mut self, output: &SeqOutput) {
+        if !output.is_progress() {
+            self.on_output_at(output.tokens.len(), Instant::now());
+        }
     }
 
     fn on_output_at(&mut self, tokens: usize, now: Instant) {

@@ -84,10 +84,10 @@ where
 }
 
 /// The engine's `on_iteration_end` hook for this writer: lets an adaptive worker's `shaper`
-/// adjust its width and say whether it is packable, ends the iteration's batch of events and pushes `Progress` after every
-/// iteration that stepped or changed the load (running or waiting) or packability, so also after
-/// the one in which the last request left. The engine drops it when its thread ends, which
-/// tells the writer to stop holding events.
+/// adjust its width and say whether it is packable, ends the iteration's batch of events, and
+/// pushes `Progress` after every iteration that stepped or changed the load (running or
+/// waiting) or packability, so also after the one in which the last request left. The engine
+/// drops it when its thread ends, which tells the writer to stop holding events.
 pub fn iteration_hook(out: &Sender<Outgoing>, mut shaper: Option<Shaper>) -> IterationHook {
     let hook = StopNotice(out.clone());
     let mut last = (0, 0, 0, false);

@@ -30,31 +30,23 @@ const BLOCK_BYTES: usize = 256;
 /// A prompt's chained block hashes, first block first.
 pub type PrefixChain = Arc<[u64]>;
 
-/// The chained block hashes of a prompt.
+/// The chained block hashes of a prompt. The chain starts from the kind of prompt, so that a
+/// text and a chat with the same bytes never match.
 pub fn prefix_chain(prompt: &Prompt) -> PrefixChain {
-    let bytes = match prompt {
-        Prompt::Text(text) => tagged(b'T', text.as_bytes()),
+    match prompt {
+        Prompt::Text(text) => chain(b'T', text.as_bytes()),
         Prompt::Tokens(tokens) => {
             let raw: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-            tagged(b'I', &raw)
+            chain(b'I', &raw)
         }
-        Prompt::Chat(chat) => chat_bytes(&chat.messages),
-    };
-    chain(&bytes)
-}
-
-/// The kind of prompt first, so that a text and a chat with the same bytes never match.
-fn tagged(kind: u8, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() + 1);
-    out.push(kind);
-    out.extend_from_slice(bytes);
-    out
+        Prompt::Chat(chat) => chain(b'C', &chat_bytes(&chat.messages)),
+    }
 }
 
 /// A conversation's bytes: each message's role and content, with separators no text contains
 /// so that moving bytes between fields changes the stream.
 fn chat_bytes(messages: &[ChatMessage]) -> Vec<u8> {
-    let mut out = vec![b'C'];
+    let mut out = Vec::new();
     for message in messages {
         let json = serde_json::to_vec(message).unwrap_or_default();
         out.extend_from_slice(&json);
@@ -65,8 +57,8 @@ fn chat_bytes(messages: &[ChatMessage]) -> Vec<u8> {
 
 /// Full blocks only: a prompt shorter than a block has no chain and is routed by load alone,
 /// as reusing a few cached tokens is worth less than balancing the workers.
-fn chain(bytes: &[u8]) -> PrefixChain {
-    let mut previous = 0u64;
+fn chain(kind: u8, bytes: &[u8]) -> PrefixChain {
+    let mut previous = u64::from(kind);
     bytes
         .chunks_exact(BLOCK_BYTES)
         .map(|block| {
@@ -92,12 +84,8 @@ pub struct PrefixTable {
 }
 
 impl PrefixTable {
-    /// The most leading blocks `chain` shares with any cached entry.
-    pub fn longest_match(&self, chain: &[u64]) -> usize {
-        self.weigh(chain).0
-    }
-
-    /// [`Self::longest_match`], and how many prompts the table holds.
+    /// The most leading blocks `chain` shares with any cached entry, and how many prompts the
+    /// table holds.
     pub fn weigh(&self, chain: &[u64]) -> (usize, usize) {
         let entries = self.lock();
         let longest = entries
@@ -205,6 +193,10 @@ mod tests {
         assert_eq!(shared_blocks(&a, &b), 0);
     }
 
+    fn longest(table: &PrefixTable, chain: &[u64]) -> usize {
+        table.weigh(chain).0
+    }
+
     #[test]
     fn the_table_replaces_the_entry_a_turn_continues_and_keeps_one_per_slot() {
         let table = PrefixTable::default();
@@ -214,13 +206,13 @@ mod tests {
         table.record(conversation(2, 2), 2);
         // Turn 2 of conversation 1 takes over its own entry: conversation 2 stays.
         table.record(conversation(1, 4), 2);
-        assert_eq!(table.longest_match(&conversation(1, 5)), 4);
-        assert_eq!(table.longest_match(&conversation(2, 3)), 2);
+        assert_eq!(longest(&table, &conversation(1, 5)), 4);
+        assert_eq!(longest(&table, &conversation(2, 3)), 2);
         // A third conversation evicts the oldest entry (conversation 2).
         table.record(conversation(3, 1), 2);
-        assert_eq!(table.longest_match(&conversation(2, 3)), 0);
-        assert_eq!(table.longest_match(&conversation(1, 5)), 4);
+        assert_eq!(longest(&table, &conversation(2, 3)), 0);
+        assert_eq!(longest(&table, &conversation(1, 5)), 4);
         table.clear();
-        assert_eq!(table.longest_match(&conversation(1, 5)), 0);
+        assert_eq!(longest(&table, &conversation(1, 5)), 0);
     }
 }

@@ -108,7 +108,6 @@ impl Worker {
             .clone()
     }
 
-    /// Ready and not draining: may take new work.
     /// Its last progress said it is packable (adaptive, no foreign work on its CPUs), and it
     /// has a sequence slot free beyond the `load` it holds.
     fn is_packable_with_room(&self, load: usize) -> bool {
@@ -117,6 +116,7 @@ impl Worker {
         packable && load < slots
     }
 
+    /// Ready and not draining: may take new work.
     fn takes_work(&self) -> bool {
         let s = self.status();
         s.state == WorkerState::Ready && !s.draining
@@ -232,19 +232,16 @@ pub fn choose(candidates: &[Candidate], max_load_gap: usize) -> Option<(usize, R
     let least = candidates
         .iter()
         .min_by_key(|c| (c.load, c.cached, c.index))?;
-    let matched = candidates.iter().filter(|c| c.matched > 0);
-    let Some(longest) = matched.clone().map(|c| c.matched).max() else {
+    let mut matched = candidates.iter().filter(|c| c.matched > 0).peekable();
+    if matched.peek().is_none() {
         return Some((least.index, Routing::NoPrefix));
-    };
+    }
     let within_gap = matched
         .filter(|c| c.load <= least.load.saturating_add(max_load_gap))
         .max_by_key(|c| (c.matched, std::cmp::Reverse((c.load, c.index))));
     match within_gap {
         Some(c) => Some((c.index, Routing::Affinity)),
-        None => {
-            debug_assert!(longest > 0);
-            Some((least.index, Routing::Overloaded))
-        }
+        None => Some((least.index, Routing::Overloaded)),
     }
 }
 
@@ -807,7 +804,7 @@ impl Inner {
             let prefix = flight.prefix.clone();
             match tx.send(ConnCommand::Generate(Box::new(flight))) {
                 Ok(()) => {
-                    self.remember_prefix(index, prefix, routing);
+                    self.on_dispatched(index, prefix, routing);
                     return Ok(());
                 }
                 Err(mpsc::error::SendError(ConnCommand::Generate(back))) => {
@@ -820,8 +817,9 @@ impl Inner {
         Err((flight, DispatchError::NoWorkerReady))
     }
 
-    /// The worker now most likely caches `prefix` (see [`PrefixTable::record`]).
-    fn remember_prefix(&self, index: usize, prefix: PrefixChain, routing: Routing) {
+    /// A request went to worker `index`: counts how it was chosen, and the worker now most
+    /// likely caches `prefix` (see [`PrefixTable::record`]).
+    fn on_dispatched(&self, index: usize, prefix: PrefixChain, routing: Routing) {
         self.metrics.record_routing(routing.name());
         if prefix.is_empty() {
             return;

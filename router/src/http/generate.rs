@@ -251,12 +251,8 @@ impl Choices {
         };
         self.last_workers[event.index] = event.worker;
         log.on_output(&output, event.worker);
-        // A progress report is no output for the metrics: the first token is yet to come.
-        if let Some(timer) = self.timers[event.index]
-            .as_mut()
-            .filter(|_| !output.is_progress())
-        {
-            timer.on_output(output.tokens.len());
+        if let Some(timer) = self.timers[event.index].as_mut() {
+            timer.on_output(&output);
         }
         if let Some(finish) = &output.finish {
             if let Some(timer) = self.timers[event.index].take() {
@@ -492,23 +488,17 @@ struct StreamExtras {
     reports: StreamReports,
 }
 
-/// The chunk for a choice's progress report, when the client asked for them and the choice
-/// has no token yet (a resumed request's worker reports none anyway); with `timings`, it
-/// carries the timings so far, as llama-server's do.
+/// The chunk for a choice's progress report, if it is to be sent ([`RunningTimings::report`]).
 fn progress_chunk(
     envelope: &Envelope,
     reports: StreamReports,
     timings: &mut RunningTimings,
     output: &SeqOutput,
 ) -> Option<serde_json::Value> {
-    timings.on_output(output);
-    let progress = output.progress.filter(|_| reports.progress)?;
-    if timings.started() {
-        return None;
-    }
+    let (progress, running) = timings.report(output, reports)?;
     let mut chunk = envelope.progress_chunk(&progress);
-    if reports.timings {
-        chunk["timings"] = timings.json();
+    if let Some(running) = running {
+        chunk["timings"] = running;
     }
     Some(chunk)
 }

@@ -137,9 +137,7 @@ async fn respond(
         let mut probs = Vec::new();
         let finish = loop {
             let output = next_output(&mut handle).await?;
-            if !output.is_progress() {
-                timer.on_output(output.tokens.len());
-            }
+            timer.on_output(&output);
             log.on_output(&output, handle.worker());
             text.push_str(&output.text);
             tokens.extend_from_slice(&output.tokens);
@@ -273,7 +271,7 @@ async fn feed_stream(
             }
             Ok(o) => {
                 timings.on_output(&o);
-                timer.on_output(o.tokens.len());
+                timer.on_output(&o);
                 log.on_output(&o, handle.worker());
                 predicted += u32::try_from(o.tokens.len()).unwrap_or(u32::MAX);
                 let slot = slots.first_of(handle.worker());
@@ -315,22 +313,17 @@ async fn feed_stream(
 }
 
 /// A progress event (llama-server's partial result with `prompt_progress`: no content, no
-/// tokens), when the client asked for them and no token came yet; with `timings_per_token` it
-/// carries the timings so far.
+/// tokens), if it is to be sent ([`RunningTimings::report`]).
 fn progress_result(
     native: &Native,
     timings: &mut RunningTimings,
     output: &SeqOutput,
 ) -> Option<Value> {
-    timings.on_output(output);
-    let progress = output.progress.filter(|_| native.reports.progress)?;
-    if timings.started() {
-        return None;
-    }
+    let (progress, running) = timings.report(output, native.reports)?;
     let mut chunk = partial_result(native, "", &[], 0);
     chunk["tokens_evaluated"] = json!(progress.total);
-    if native.reports.timings {
-        chunk["timings"] = timings.json();
+    if let Some(running) = running {
+        chunk["timings"] = running;
     }
     chunk["prompt_progress"] = progress_json(&progress);
     Some(chunk)

@@ -583,26 +583,25 @@ fn max_tokens(
 type Biases = (Vec<(i32, f32)>, Vec<(String, f32)>);
 
 fn logit_bias(biases: Option<&LogitBiasBody>) -> Result<Biases, InvalidRequest> {
-    let entries: Vec<(TokenOrText, &BiasBody)> = match biases {
+    /// An entry's key, whichever form it came in.
+    enum Key<'a> {
+        Token(i64),
+        Text(&'a str),
+    }
+    let entries: Vec<(Key, &BiasBody)> = match biases {
         None => Vec::new(),
         Some(LogitBiasBody::Map(map)) => map
             .iter()
-            .map(|(key, bias)| {
-                let key = match key.parse::<i64>() {
-                    Ok(token) => TokenOrText::Token(token),
-                    Err(_) => TokenOrText::Text(key.clone()),
-                };
-                (key, bias)
+            .map(|(key, bias)| match key.parse::<i64>() {
+                Ok(token) => (Key::Token(token), bias),
+                Err(_) => (Key::Text(key), bias),
             })
             .collect(),
         Some(LogitBiasBody::Pairs(pairs)) => pairs
             .iter()
-            .map(|(key, bias)| {
-                let key = match key {
-                    TokenOrText::Token(t) => TokenOrText::Token(*t),
-                    TokenOrText::Text(t) => TokenOrText::Text(t.clone()),
-                };
-                (key, bias)
+            .map(|(key, bias)| match key {
+                TokenOrText::Token(token) => (Key::Token(*token), bias),
+                TokenOrText::Text(text) => (Key::Text(text), bias),
             })
             .collect(),
     };
@@ -610,7 +609,7 @@ fn logit_bias(biases: Option<&LogitBiasBody>) -> Result<Biases, InvalidRequest> 
     let mut texts = Vec::new();
     for (key, bias) in entries {
         match key {
-            TokenOrText::Token(token) => {
+            Key::Token(token) => {
                 let id = i32::try_from(token).map_err(|_| {
                     InvalidRequest::field(
                         "logit_bias",
@@ -619,9 +618,9 @@ fn logit_bias(biases: Option<&LogitBiasBody>) -> Result<Biases, InvalidRequest> 
                 })?;
                 tokens.push((id, bias_value(&token.to_string(), bias)?));
             }
-            TokenOrText::Text(text) => {
+            Key::Text(text) => {
                 let bias = bias_value(&format!("{text:?}"), bias)?;
-                texts.push((text, bias));
+                texts.push((text.to_owned(), bias));
             }
         }
     }

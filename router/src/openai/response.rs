@@ -7,7 +7,7 @@ use std::time::Instant;
 use llamapool_common::{Finish, FinishReason, PromptProgress, SeqOutput, Timings, Usage};
 use serde_json::{json, Value};
 
-use super::request::Endpoint;
+use super::request::{Endpoint, StreamReports};
 
 /// What every response and chunk of one request shares.
 #[derive(Debug, Clone)]
@@ -294,6 +294,22 @@ impl RunningTimings {
             let n = u32::try_from(output.tokens.len()).unwrap_or(u32::MAX);
             self.predicted = self.predicted.saturating_add(n);
         }
+    }
+
+    /// Takes in a progress report `output`; returns it, with the `timings` so far when the
+    /// client asked for them, if the client asked for progress and no token came yet (a
+    /// resumed request's worker sends none anyway).
+    pub fn report(
+        &mut self,
+        output: &SeqOutput,
+        reports: StreamReports,
+    ) -> Option<(PromptProgress, Option<Value>)> {
+        self.on_output(output);
+        let progress = output.progress.filter(|_| reports.progress)?;
+        if self.started() {
+            return None;
+        }
+        Some((progress, reports.timings.then(|| self.json())))
     }
 
     /// Whether a generated token was seen (progress reports after it are not forwarded).
