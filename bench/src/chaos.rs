@@ -1,6 +1,6 @@
 //! `--chaos`: what the router does under failures and overload, counted request by request.
 //! Each phase starts a fresh router with `--workers` workers, each pinned to one CPU with one
-//! thread, on SmolLM2 with `configs/default.toml`'s worker settings (8 slots, 8192 cells), and
+//! thread, on SmolLM2 with `configs/default.toml`'s worker settings (16 slots, 16384 cells), and
 //! runs for `--duration-secs`:
 //!
 //! - `kill`: `--concurrency` clients stream `/v1/completions` requests of exactly

@@ -130,7 +130,7 @@ pub struct Args {
     /// With --chaos: workers of the router, one pinned one-thread worker per CPU.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// With --chaos: the router's server.max_queued (beyond the 8 slots per worker, then 429).
+    /// With --chaos: the router's server.max_queued (beyond the 16 slots per worker, then 429).
     #[arg(long, default_value_t = 64)]
     max_queued: usize,
     /// With --chaos: a request without progress for this many seconds counts as hung.

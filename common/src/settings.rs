@@ -801,7 +801,7 @@ mod tests {
         ]);
         let plans = s.plan_workers(&allowed()).unwrap();
         assert_eq!(plans[0].context.threads, 2);
-        assert_eq!(plans[0].context.slots, 8);
+        assert_eq!(plans[0].context.slots, ContextConfig::default().slots);
         assert_eq!(plans[1].context.slots, 4);
     }
 

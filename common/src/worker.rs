@@ -101,8 +101,8 @@ pub struct ContextConfig {
 impl Default for ContextConfig {
     fn default() -> Self {
         Self {
-            slots: 8,
-            context: 8192,
+            slots: 16,
+            context: 16384,
             n_batch: 512,
             n_ubatch: 512,
             threads: 1,
@@ -312,8 +312,8 @@ mod tests {
                 "--gpu=1",
                 "--gpu-layers=99",
                 "--threads=1",
-                "--slots=8",
-                "--context=8192",
+                "--slots=16",
+                "--context=16384",
                 "--n-batch=512",
                 "--n-ubatch=512",
                 "--flash-attention=off",
