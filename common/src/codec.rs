@@ -266,6 +266,7 @@ mod tests {
                 size: 98,
                 has_chat_template: true,
                 chat_template: "chatml".into(),
+                eog_tokens: vec![2],
             },
         }));
         round_trip(FromWorker::Events(vec![

@@ -217,6 +217,8 @@ pub struct ModelInfo {
     /// The chat template's text (the GGUF's, or `model.chat_template` as given: a built-in
     /// name or template text); empty when there is none. For `/props`.
     pub chat_template: String,
+    /// End-of-generation tokens (what `ignore_eos` bans), for `generation_settings`.
+    pub eog_tokens: Vec<Token>,
 }
 
 /// One chat message, after the router has flattened content parts into text.

@@ -100,6 +100,8 @@ pub struct ServerSettings {
     /// With `prefix_affinity`, the worker holding a prefix is passed over for the
     /// least-loaded one when it has more than this many requests in flight beyond it.
     pub affinity_max_load_gap: usize,
+    /// `GET /slots` is served; false answers it 501, as llama-server started with `--no-slots`.
+    pub slots_endpoint: bool,
 }
 
 impl Default for ServerSettings {
@@ -129,6 +131,7 @@ impl Default for ServerSettings {
             failed_retry_secs: 60,
             log_format: LogFormat::Text,
             prefix_affinity: true,
+            slots_endpoint: true,
             affinity_max_load_gap: 2,
         }
     }
@@ -194,8 +197,14 @@ pub struct ModelSettings {
     /// A GGUF file; a relative path not found from the working directory is looked up in
     /// the setup cache (`$LLAMAPOOL_MODELS`, default `~/.cache/llamapool/models`).
     pub path: PathBuf,
-    /// The model name clients use and `/v1/models` lists.
+    /// The model name clients use and `/v1/models` lists; several names separated by commas
+    /// (llama-server's `--alias a,b`), of which the first in alphabetical order is the one
+    /// responses report ([`ModelSettings::names`]).
     pub alias: String,
+    /// Informational labels `/v1/models` lists (llama-server's `--tags`); a list or a
+    /// comma-separated string.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub tags: Vec<String>,
     /// A llama.cpp built-in template name or template text, for models without one.
     pub chat_template: Option<String>,
     /// When true, a request's `model` must equal `alias` (404 otherwise); when false (the
@@ -203,11 +212,24 @@ pub struct ModelSettings {
     pub strict_name: bool,
 }
 
+impl ModelSettings {
+    /// The names the model is served under: `alias` split at commas, trimmed, sorted and
+    /// without duplicates, as llama-server keeps its aliases; the first is the name responses
+    /// report. Empty only for an empty alias, which [`Settings::plan_workers`] refuses.
+    pub fn names(&self) -> Vec<String> {
+        let mut names = split_commas(&self.alias);
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
 impl Default for ModelSettings {
     fn default() -> Self {
         Self {
             path: PathBuf::from("SmolLM2-135M-Instruct.Q4_1.gguf"),
             alias: "smollm2-135m-instruct".into(),
+            tags: Vec::new(),
             chat_template: None,
             strict_name: false,
         }
@@ -587,7 +609,7 @@ impl Settings {
 
     /// The workers to start, checked against the CPUs this process may use.
     pub fn plan_workers(&self, allowed: &CpuList) -> Result<Vec<WorkerPlan>, SettingsError> {
-        if self.model.alias.trim().is_empty() {
+        if self.model.names().is_empty() {
             return Err(bad("model.alias", "must not be empty"));
         }
         if self.server.max_body_bytes < 1024 {
@@ -778,6 +800,20 @@ mod tests {
             workers,
             ..Settings::default()
         }
+    }
+
+    #[test]
+    fn aliases_are_comma_separated_sorted_names() {
+        let model = ModelSettings {
+            alias: "tinyllama-2, fim,code,fim".into(),
+            ..ModelSettings::default()
+        };
+        assert_eq!(model.names(), ["code", "fim", "tinyllama-2"]);
+        let blank = ModelSettings {
+            alias: " , ".into(),
+            ..ModelSettings::default()
+        };
+        assert!(blank.names().is_empty());
     }
 
     #[test]

@@ -114,6 +114,11 @@ impl ApiError {
         Self::invalid(format!("the configuration could not be reloaded: {reason}"))
     }
 
+    /// A route this server was started without (llama-server's 501 `not_supported_error`).
+    pub fn not_supported(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_IMPLEMENTED, "not_supported_error", message)
+    }
+
     pub fn no_worker_ready() -> Self {
         Self::from(DispatchError::NoWorkerReady)
     }

@@ -92,7 +92,8 @@ const fn flag(
 /// Every llama-server flag `llamapool-router` takes, mapped or ignored.
 pub const FLAGS: &[Flag] = &[
     flag(&["-m", "--model"], Some("FNAME"), Action::Key("model.path", Check::Text), "model.path (the router's own --model)"),
-    flag(&["-a", "--alias"], Some("NAME"), Action::Key("model.alias", Check::Text), "model.alias (the router's own --alias; one name)"),
+    flag(&["-a", "--alias"], Some("NAME"), Action::Key("model.alias", Check::Text), "model.alias (the router's own --alias; names separated by commas)"),
+    flag(&["--tags"], Some("TAGS"), Action::List("model.tags"), "model.tags (comma-separated; listed by /v1/models)"),
     flag(&["--host"], Some("HOST"), Action::Host, "the host of server.listen (one TCP address)"),
     flag(&["--port"], Some("PORT"), Action::Port, "the port of server.listen"),
     flag(&["-c", "--ctx-size"], Some("N"), Action::CtxSize, "the pool's context: worker_defaults.context = N / workers (0: as configured)"),
@@ -123,8 +124,10 @@ pub const FLAGS: &[Flag] = &[
     flag(&["--jinja"], None, Action::Ignored(false), "ignored: chat templates go through llama.cpp's template support"),
     flag(&["--warmup", "--no-warmup"], None, Action::Ignored(false), "ignored"),
     flag(&["-tb", "--threads-batch"], Some("N"), Action::Ignored(true), "ignored: prompts use the worker's threads"),
-    flag(&["--slots", "--no-slots"], None, Action::Ignored(false), "ignored: /slots is always served"),
+    flag(&["--slots"], None, Action::Set("server.slots_endpoint", "true"), "server.slots_endpoint = true (the default)"),
+    flag(&["--no-slots"], None, Action::Set("server.slots_endpoint", "false"), "server.slots_endpoint = false: GET /slots answers 501"),
     flag(&["-v", "--verbose", "--offline", "--no-jinja"], None, Action::Ignored(false), "ignored"),
+    flag(&["-bs", "--backend-sampling"], None, Action::Ignored(false), "ignored: sampling runs in the worker, on the CPU, with the same results"),
 ];
 
 fn supported_names() -> String {
@@ -153,8 +156,16 @@ pub fn help() -> String {
     text
 }
 
+/// The flag named `name`; a long name may spell its dashes as underscores
+/// (`--backend_sampling`), as llama.cpp's parser accepts.
 fn find(name: &str) -> Option<&'static Flag> {
-    FLAGS.iter().find(|f| f.names.contains(&name))
+    let dashed = match name.strip_prefix("--") {
+        Some(rest) => format!("--{}", rest.replace('_', "-")),
+        None => name.to_string(),
+    };
+    FLAGS
+        .iter()
+        .find(|f| f.names.contains(&name) || f.names.contains(&dashed.as_str()))
 }
 
 /// What [`extract`] took from the command line.
@@ -701,8 +712,17 @@ mod tests {
     #[test]
     fn ignored_flags_are_accepted() {
         let (rest, f) = split("--metrics --no-webui -cb --jinja -tb 4 --no-warmup").unwrap();
-        let (_, more) = split("--slots --no-slots --verbose --offline").unwrap();
-        assert_eq!(more.ignored.len(), 4);
+        let (_, more) = split("--verbose --offline").unwrap();
+        assert_eq!(more.ignored.len(), 2);
+        let (_, slots) = split("--slots --no-slots").unwrap();
+        assert_eq!(
+            slots.keys,
+            [("server.slots_endpoint".to_string(), "false".to_string())]
+        );
+        // Underscores for dashes, as llama.cpp's parser takes them.
+        let (_, spelled) = split("--backend_sampling -bs --ctx_size 512").unwrap();
+        assert_eq!(spelled.ignored, ["--backend_sampling", "-bs"]);
+        assert_eq!(spelled.ctx_size, Some(512));
         assert!(rest.is_empty());
         assert!(f.keys.is_empty());
         assert_eq!(

@@ -15,7 +15,8 @@
 //! llama-server's `llamacpp:*` names are kept for existing dashboards (pool totals); everything
 //! else is named `llamapool_*`, with the unit in the name. docs/API.md lists them all.
 
-use std::sync::atomic::AtomicU64;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,8 @@ pub struct Metrics {
     cancelled: Counter,
     hung_kills: Family<WorkerLabel, Counter>,
     routed: Family<OutcomeLabel, Counter>,
+    /// llama-server's `n_tokens_max`: the longest prompt + generation finished so far.
+    longest_sequence: AtomicU64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -115,6 +118,7 @@ impl Default for Metrics {
             cancelled: Counter::default(),
             hung_kills: Family::default(),
             routed: Family::default(),
+            longest_sequence: AtomicU64::new(0),
         };
         m.registered()
     }
@@ -250,6 +254,8 @@ impl Metrics {
         self.generated_seconds
             .inc_by(finish.timings.predicted_ms / 1e3);
         self.queue_time.observe(finish.timings.queue_ms / 1e3);
+        let length = u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens);
+        self.longest_sequence.fetch_max(length, Ordering::Relaxed);
     }
 
     /// One HTTP response: `endpoint` is the matched route ([`UNMATCHED`] for none).
@@ -295,7 +301,71 @@ impl Metrics {
         prometheus_text::encode(&mut out, &self.registry)
             .and_then(|()| prometheus_text::encode(&mut out, &gauges.registry()))
             .expect("writing to a String does not fail");
+        self.write_llama_server_extras(&mut out, gauges);
         out
+    }
+
+    /// The rest of llama-server's `llamacpp:` names, written as llama-server writes them: a
+    /// counter without the `_total` suffix the crate would add (`n_tokens_max`), the
+    /// speculative-decoding counters (always 0: this server does not draft), and averages
+    /// since start-up. `n_busy_slots_per_decode` is estimated from the pool's totals: tokens
+    /// generated per `llama_decode()` call.
+    fn write_llama_server_extras(&self, out: &mut String, gauges: &Gauges) {
+        let ratio = |n: f64, d: f64| if d > 0.0 { n / d } else { 0.0 };
+        let generated = self.generated_tokens.get() as f64;
+        let items: [(&str, &str, &str, f64); 7] = [
+            (
+                "n_tokens_max",
+                "counter",
+                "Largest observed sequence length (prompt + generation)",
+                self.longest_sequence.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "spec_decode_num_draft_tokens_total",
+                "counter",
+                "Speculative: Total draft tokens generated (no speculative decoding here: 0)",
+                0.0,
+            ),
+            (
+                "spec_decode_num_accepted_tokens_total",
+                "counter",
+                "Speculative: Total draft tokens accepted by the target model (no speculative decoding here: 0)",
+                0.0,
+            ),
+            (
+                "spec_decode_num_drafts_total",
+                "counter",
+                "Speculative: Total speculative decoding verification steps (no speculative decoding here: 0)",
+                0.0,
+            ),
+            (
+                "prompt_tokens_seconds",
+                "gauge",
+                "Average prompt throughput in tokens/s",
+                ratio(
+                    self.prompt_tokens_processed.get() as f64,
+                    self.prompt_seconds.get(),
+                ),
+            ),
+            (
+                "predicted_tokens_seconds",
+                "gauge",
+                "Average generation throughput in tokens/s",
+                ratio(generated, self.generated_seconds.get()),
+            ),
+            (
+                "n_busy_slots_per_decode",
+                "gauge",
+                "Average number of busy slots per llama_decode() call (tokens generated per call)",
+                ratio(generated, gauges.decode_calls as f64),
+            ),
+        ];
+        for (name, kind, help, value) in items {
+            let _ = write!(
+                out,
+                "# HELP llamacpp:{name} {help}.\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {value}\n"
+            );
+        }
     }
 }
 

@@ -115,10 +115,15 @@ pub async fn run(
         metrics,
     );
     let limits = ConnLimits::from_settings(server_settings);
+    // plan_workers refused an empty alias: there is at least one name.
+    let served_names = settings.model.names();
     let state = Arc::new(AppState {
+        slots_endpoint: server_settings.slots_endpoint,
         pool: pool.clone(),
         served: ServedModel {
-            alias: settings.model.alias.clone(),
+            alias: served_names[0].clone(),
+            names: served_names,
+            tags: settings.model.tags.clone(),
             strict_name: settings.model.strict_name,
             defaults: settings.generation.clone(),
         },

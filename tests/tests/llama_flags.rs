@@ -122,7 +122,8 @@ fn serves_with_llama_server_flags_only() {
     };
     command
         .args(["-m", &smol_path(), "--host", "127.0.0.1", "--port", &port])
-        .args(["-c", "4096", "-np", "4", "-a", "smol2", "--api-key", "k1"]);
+        .args(["-c", "4096", "-np", "4", "--api-key", "k1"])
+        .args(["-a", "zed,smol2", "--tags", "chat,small"]);
     // The kit appends `--config FILE`; the file is empty, the flags do everything.
     let mut server = Router::launch_with(command, "").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(server.addr, format!("127.0.0.1:{port}"));
@@ -134,7 +135,11 @@ fn serves_with_llama_server_flags_only() {
 
     let models = get("/v1/models");
     assert_eq!(models.status, 200, "{}", models.text());
-    assert_eq!(models.json()["data"][0]["id"], "smol2");
+    // Several aliases: all listed, the first in alphabetical order is the id (llama-server's).
+    let model = &models.json()["data"][0];
+    assert_eq!(model["id"], "smol2");
+    assert_eq!(model["aliases"], json!(["smol2", "zed"]));
+    assert_eq!(model["tags"], json!(["chat", "small"]));
     assert_eq!(server.get("/v1/models").status, 401, "the key is needed");
 
     let workers = get("/workers").json();

@@ -331,3 +331,146 @@ fn metrics_have_the_start_header_and_count_cached_prompt_tokens() {
     assert_eq!(sample("llamacpp:prompt_tokens_total"), evaluated);
     assert_eq!(sample("llamacpp:prompt_tokens_cached_total"), cached);
 }
+
+/// The rest of llama-server's `/metrics` names: `n_tokens_max` (no `_total`, as llama-server
+/// writes it), the speculative counters at 0, and the averages; each with HELP and TYPE.
+#[test]
+fn metrics_have_llama_server_extra_names() {
+    let server = Server::start(&smol_config("", (2, 2048), PINNED_0));
+    let done = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": "I believe", "n_predict": 8, "temperature": 0, "ignore_eos": true}),
+    );
+    let length = done["tokens_evaluated"].as_u64().unwrap() + 8;
+    let text = server.get("/metrics").text();
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+    };
+    for (name, kind) in [
+        ("llamacpp:n_tokens_max", "counter"),
+        ("llamacpp:spec_decode_num_draft_tokens_total", "counter"),
+        ("llamacpp:spec_decode_num_accepted_tokens_total", "counter"),
+        ("llamacpp:spec_decode_num_drafts_total", "counter"),
+        ("llamacpp:prompt_tokens_seconds", "gauge"),
+        ("llamacpp:predicted_tokens_seconds", "gauge"),
+        ("llamacpp:n_busy_slots_per_decode", "gauge"),
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} {kind}"
+        );
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} help");
+    }
+    assert_eq!(sample("llamacpp:n_tokens_max"), length as f64);
+    assert_eq!(sample("llamacpp:spec_decode_num_drafts_total"), 0.0);
+    assert!(sample("llamacpp:predicted_tokens_seconds") > 0.0);
+    assert!(sample("llamacpp:prompt_tokens_seconds") > 0.0);
+    assert!(sample("llamacpp:n_busy_slots_per_decode") > 0.0);
+}
+
+/// llama-server's smaller request features: the prompt object, `ignore_eos` reported in
+/// `generation_settings.logit_bias`, `verbose` → `__verbose`, and the chat token count.
+#[test]
+fn prompt_object_ignore_eos_bias_verbose_and_input_tokens() {
+    let server = Server::start(&config());
+
+    // `{"prompt_string"}` is the text prompt; media are refused.
+    let text = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": "I believe the meaning of life is", "n_predict": 4}),
+    );
+    let object = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": {"prompt_string": "I believe the meaning of life is"}, "n_predict": 4}),
+    );
+    assert_eq!(object["content"], text["content"], "greedy: same text");
+    assert_eq!(object["tokens_evaluated"], text["tokens_evaluated"]);
+    let r = server.post(
+        "/completion",
+        &json!({"prompt": {"prompt_string": "look <__media__>", "multimodal_data": ["iVBORw0KGgo="]}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "prompt.multimodal_data");
+
+    // ignore_eos: the end-of-generation tokens appear banned (bias null = -inf).
+    let r = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": "Once upon a time", "n_predict": 2, "ignore_eos": true, "logit_bias": [[12, 1.5]]}),
+    );
+    let bias = r["generation_settings"]["logit_bias"].as_array().unwrap();
+    assert_eq!(bias[0], json!({"bias": 1.5, "token": 12}), "{bias:?}");
+    assert!(bias.len() > 1, "{bias:?}");
+    assert!(bias[1..].iter().all(|b| b["bias"].is_null()), "{bias:?}");
+    let r = complete(
+        &server,
+        "/completion",
+        &json!({"prompt": "Once upon a time", "n_predict": 2}),
+    );
+    assert_eq!(r["generation_settings"]["logit_bias"], json!([]));
+
+    // verbose: the native result of the first choice, beside the OpenAI shape.
+    let messages = json!([{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]);
+    for verbose in [true, false] {
+        let r = server.post(
+            "/chat/completions",
+            &json!({"messages": messages, "max_tokens": 2, "verbose": verbose}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        if verbose {
+            let native = &v["__verbose"];
+            assert_eq!(native["content"], v["choices"][0]["message"]["content"]);
+            let prompt = native["prompt"].as_str().unwrap();
+            assert!(
+                prompt.contains("Book") && prompt.contains("What is the best book"),
+                "the rendered chat: {prompt}"
+            );
+            assert_eq!(native["tokens_predicted"], 2);
+            assert_eq!(native["stop_type"], "limit");
+            assert_eq!(native["generation_settings"]["n_predict"], 2);
+            assert_eq!(
+                native["tokens_evaluated"], v["usage"]["prompt_tokens"],
+                "{v}"
+            );
+        } else {
+            assert!(v.get("__verbose").is_none(), "{v}");
+        }
+    }
+
+    // The chat token count is the prompt a chat request gets.
+    let usage = server
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": messages, "max_tokens": 1}),
+        )
+        .json()["usage"]["prompt_tokens"]
+        .clone();
+    for path in [
+        "/chat/completions/input_tokens",
+        "/v1/chat/completions/input_tokens",
+    ] {
+        let r = server.post(path, &json!({"messages": messages, "model": "x"}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!({"input_tokens": usage}), "{path}");
+    }
+    let r = server.post("/chat/completions/input_tokens", &json!({"messages": []}));
+    assert_eq!(r.status, 400, "{}", r.text());
+}
+
+/// `server.slots_endpoint = false` (llama-server's `--no-slots`): `/slots` is a 501 in the
+/// error shape, the rest is served.
+#[test]
+fn slots_endpoint_can_be_turned_off() {
+    let server = Server::start(&smol_config("slots_endpoint = false", (2, 2048), PINNED_0));
+    let r = server.get("/slots");
+    assert_eq!(r.status, 501, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "not_supported_error");
+    assert_eq!(server.get("/props").status, 200);
+}

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
+use super::native;
 use super::request_id::XRequestId;
 use super::request_log::RequestLog;
 use super::{LimitedBody, SharedState};
@@ -110,6 +111,16 @@ async fn respond(
     let mut logprobs: Vec<Logprobs> = (0..valid.n)
         .map(|_| Logprobs::new(endpoint, wants_logprobs))
         .collect();
+    let verbose = valid.verbose.then(|| {
+        let stopping = &valid.generate.stopping;
+        let settings = native::generation_settings(
+            &valid.generate.sampling,
+            stopping,
+            false,
+            &native::ignored_eog(state, stopping),
+        );
+        (settings, valid.generate.prompt.clone())
+    });
     let requests = choice_requests(valid.generate, valid.n, &state.next_id);
     // Committed to a status only once a worker accepted every choice; a refusal drops (and
     // so aborts) the choices already accepted.
@@ -155,6 +166,13 @@ async fn respond(
             for (index, lp) in logprobs.iter_mut().enumerate() {
                 json["choices"][index]["logprobs"] = lp.take();
             }
+        }
+        if let (Some((settings, prompt)), Some((text, finish))) = (verbose, body.first()) {
+            let worker = choices.last_workers.first().copied().unwrap_or(0);
+            let slot = native::first_slot_of(state, worker).unwrap_or(0);
+            let prompt = native::prompt_text(state, prompt).await;
+            json["__verbose"] =
+                native::verbose_result(&state.served.alias, settings, prompt, slot, text, finish);
         }
         Ok((served_by, Json(json)).into_response())
     }

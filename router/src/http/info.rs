@@ -51,6 +51,8 @@ pub async fn models(State(state): State<SharedState>) -> Json<Value> {
             "object": "model",
             "created": state.started,
             "owned_by": "llamapool",
+            "aliases": state.served.names,
+            "tags": state.served.tags,
             "meta": meta,
         }],
     }))

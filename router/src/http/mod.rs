@@ -68,6 +68,8 @@ pub struct AppState {
     pub drain_timeout: Duration,
     /// Re-reads the configuration for `POST /admin/reload`.
     pub reloader: Option<admin::Reloader>,
+    /// `server.slots_endpoint`: whether `GET /slots` is served (501 otherwise).
+    pub slots_endpoint: bool,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -116,6 +118,14 @@ pub fn router(state: SharedState) -> Router {
         .route("/props", get(native::props))
         .route("/slots", get(native::slots))
         .route("/apply-template", post(native::apply_template))
+        .route(
+            "/chat/completions/input_tokens",
+            post(native::chat_input_tokens),
+        )
+        .route(
+            "/v1/chat/completions/input_tokens",
+            post(native::chat_input_tokens),
+        )
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/v1/models", get(info::models))

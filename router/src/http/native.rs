@@ -101,6 +101,7 @@ async fn respond(
             &valid.generate.sampling,
             &valid.generate.stopping,
             valid.stream,
+            &ignored_eog(state, &valid.generate.stopping),
         ),
         return_tokens,
         prompt_tokens: match &valid.generate.prompt {
@@ -234,7 +235,7 @@ impl SlotIds {
     }
 }
 
-fn first_slot_of(state: &SharedState, worker: usize) -> Option<u32> {
+pub(super) fn first_slot_of(state: &SharedState, worker: usize) -> Option<u32> {
     let views = state.pool.views();
     (worker < views.len())
         .then(|| SlotIds(views.iter().map(|v| v.slots).collect()).first_of(worker))
@@ -379,6 +380,41 @@ fn final_result(
     result
 }
 
+/// The tokens `ignore_eos` bans: the served model's end-of-generation tokens, as a ready worker
+/// reported them; none without `ignore_eos` (or while no worker is ready).
+pub(super) fn ignored_eog(state: &SharedState, stopping: &StoppingParams) -> Vec<Token> {
+    if !stopping.ignore_eos {
+        return Vec::new();
+    }
+    state
+        .pool
+        .worker_info()
+        .map(|info| info.model.eog_tokens)
+        .unwrap_or_default()
+}
+
+/// llama-server's `__verbose` of a non-streamed OpenAI-shaped result: the native final result
+/// of the first choice, with the prompt as text when there is one (no token ids).
+pub(super) fn verbose_result(
+    model: &str,
+    settings: Value,
+    prompt: Option<String>,
+    slot: u32,
+    text: &str,
+    finish: &Finish,
+) -> Value {
+    let native = Native {
+        model: model.to_owned(),
+        settings,
+        return_tokens: false,
+        prompt_tokens: None,
+        prompt,
+        post_sampling_probs: false,
+        reports: StreamReports::default(),
+    };
+    final_result(&native, slot, text, &[], finish)
+}
+
 /// `stop_type` and `stopping_word`: `word` and the string for a stop string, `eos` for an
 /// end-of-generation token, `limit` for the token limit or a full context.
 fn stop_type(finish: &Finish) -> (&'static str, &str) {
@@ -392,12 +428,23 @@ fn stop_type(finish: &Finish) -> (&'static str, &str) {
 
 /// llama-server's `generation_settings` (`task_params::to_json`), for the settings this
 /// server has: `n_predict` -1 is no limit, `seed` 4294967295 a random one per request.
-fn generation_settings(
+/// `logit_bias` lists `{"bias", "token"}` (a ban's bias is `null`, JSON's −∞), then the
+/// tokens `ignore_eos` bans ([`ignored_eog`]), as llama-server reports them.
+pub(super) fn generation_settings(
     sampling: &SamplingParams,
     stopping: &StoppingParams,
     stream: bool,
+    ignored_eog: &[Token],
 ) -> Value {
     let n_predict = stopping.max_tokens.map_or(-1, i64::from);
+    let banned_eog = ignored_eog.iter().map(|&t| (t, f32::NEG_INFINITY));
+    let logit_bias: Vec<Value> = sampling
+        .logit_bias
+        .iter()
+        .copied()
+        .chain(banned_eog)
+        .map(|(token, bias)| json!({"bias": bias.is_finite().then_some(bias), "token": token}))
+        .collect();
     json!({
         "seed": sampling.seed.unwrap_or(RANDOM_SEED),
         "temperature": sampling.temperature,
@@ -418,11 +465,7 @@ fn generation_settings(
         "stop": stopping.stop,
         "n_probs": sampling.logprobs.unwrap_or(0),
         "min_keep": 0,
-        "logit_bias": sampling
-            .logit_bias
-            .iter()
-            .map(|&(t, b)| json!([t, if b.is_finite() { json!(b) } else { json!(false) }]))
-            .collect::<Vec<_>>(),
+        "logit_bias": logit_bias,
     })
 }
 
@@ -436,7 +479,7 @@ pub async fn props(State(state): State<SharedState>) -> Json<Value> {
         max_tokens: defaults.max_tokens(),
         ..StoppingParams::default()
     };
-    let params = generation_settings(&defaults.sampling(), &stopping, false);
+    let params = generation_settings(&defaults.sampling(), &stopping, false, &[]);
     Json(json!({
         "default_generation_settings": {
             "params": params,
@@ -457,8 +500,14 @@ pub async fn props(State(state): State<SharedState>) -> Json<Value> {
 
 /// `GET /slots`: one entry per slot of the pool, worker-major, ids 0 to N-1. `is_processing`
 /// counts a worker's first `running` slots as busy (a worker reports how many sequences run,
-/// not which); `n_ctx` is its per-sequence context (`null` before its first start).
-pub async fn slots(State(state): State<SharedState>) -> Json<Value> {
+/// not which); `n_ctx` is its per-sequence context (`null` before its first start). 501 with
+/// `server.slots_endpoint = false` (llama-server's `--no-slots`).
+pub async fn slots(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    if !state.slots_endpoint {
+        return Err(ApiError::not_supported(
+            "This server does not support slots endpoint. Start it with `--slots`",
+        ));
+    }
     let mut slots = Vec::new();
     let mut next_id: u32 = 0;
     for view in state.pool.views() {
@@ -474,10 +523,10 @@ pub async fn slots(State(state): State<SharedState>) -> Json<Value> {
             next_id += 1;
         }
     }
-    Json(Value::Array(slots))
+    Ok(Json(Value::Array(slots)))
 }
 
-/// `/apply-template`'s body.
+/// The part of an `/apply-template` or `/chat/completions/input_tokens` body that is read.
 #[derive(Debug, Deserialize)]
 struct ApplyTemplateBody {
     messages: Option<Vec<MessageBody>>,
@@ -492,7 +541,53 @@ pub async fn apply_template(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Value>, ApiError> {
     let _permit = state.admit_control()?;
-    let body: ApplyTemplateBody = parse_json(&body)?;
+    let prompt = render_chat(&state, &body).await?;
+    Ok(Json(json!({ "prompt": prompt })))
+}
+
+/// `POST /chat/completions/input_tokens` (also under `/v1`), llama-server's token count: how
+/// many prompt tokens a chat request with these `messages` would have (the template rendered
+/// and tokenized by a worker, as for generation) → `{"input_tokens"}`. The rest of the chat
+/// body is ignored. Holds a tokenize-call permit.
+pub async fn chat_input_tokens(
+    State(state): State<SharedState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Value>, ApiError> {
+    let _permit = state.admit_control()?;
+    let content = render_chat(&state, &body).await?;
+    let call = ControlCall::Tokenize {
+        content,
+        add_special: true,
+        with_pieces: false,
+    };
+    match state.pool.control(call).await? {
+        ControlReply::Tokenized { tokens, .. } => Ok(Json(json!({ "input_tokens": tokens.len() }))),
+        ControlReply::Failed { message } => Err(ApiError::refused("messages", message)),
+        other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
+    }
+}
+
+/// A prompt as text for `__verbose`: a text prompt as given, a chat rendered by a worker (one
+/// control call; `None` if it fails), token ids not at all.
+pub(super) async fn prompt_text(state: &SharedState, prompt: Prompt) -> Option<String> {
+    match prompt {
+        Prompt::Text(text) => Some(text),
+        Prompt::Tokens(_) => None,
+        Prompt::Chat(chat) => match state
+            .pool
+            .control(ControlCall::ApplyTemplate { chat })
+            .await
+        {
+            Ok(ControlReply::Rendered { prompt }) => Some(prompt),
+            _ => None,
+        },
+    }
+}
+
+/// The `messages` of a body rendered by a worker with the chat template, ending as its
+/// `add_generation_prompt` and `continue_final_message` say.
+async fn render_chat(state: &SharedState, body: &[u8]) -> Result<String, ApiError> {
+    let body: ApplyTemplateBody = parse_json(body)?;
     let chat = chat_prompt(
         chat_messages(body.messages)?,
         body.add_generation_prompt,
@@ -503,7 +598,7 @@ pub async fn apply_template(
         .control(ControlCall::ApplyTemplate { chat })
         .await?
     {
-        ControlReply::Rendered { prompt } => Ok(Json(json!({ "prompt": prompt }))),
+        ControlReply::Rendered { prompt } => Ok(prompt),
         ControlReply::Failed { message } => Err(ApiError::refused("messages", message)),
         other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
     }
@@ -526,6 +621,7 @@ mod tests {
                     ..StoppingParams::default()
                 },
                 false,
+                &[2],
             ),
             return_tokens: true,
             prompt_tokens: None,

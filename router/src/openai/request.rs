@@ -21,8 +21,12 @@ use super::grammar;
 /// The model a server answers for, and what a request gets for the fields it leaves out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServedModel {
-    /// The one model name served (`model.alias`); responses report it.
+    /// The name responses report: the first of `names`.
     pub alias: String,
+    /// Every name the model is served under (`model.alias` split at commas, sorted).
+    pub names: Vec<String>,
+    /// `model.tags`, listed by `/v1/models`.
+    pub tags: Vec<String>,
     /// `model.strict_name`: a request's `model` must equal the alias (404 otherwise). When
     /// false, any name is accepted, as llama-server does.
     pub strict_name: bool,
@@ -33,10 +37,17 @@ pub struct ServedModel {
 impl ServedModel {
     /// Serves `alias` with the built-in defaults and any model name accepted.
     pub fn new(alias: impl Into<String>) -> Self {
+        let alias = alias.into();
         Self {
-            alias: alias.into(),
+            names: vec![alias.clone()],
+            alias,
             ..Self::default()
         }
+    }
+
+    /// Whether `name` is one of the served names.
+    pub fn serves(&self, name: &str) -> bool {
+        name == self.alias || self.names.iter().any(|n| n == name)
     }
 }
 
@@ -140,6 +151,9 @@ pub struct GenerationBody {
     pub return_progress: Option<bool>,
     /// llama-server: every token chunk of a stream carries the `timings` so far.
     pub timings_per_token: Option<bool>,
+    /// llama-server: a non-streamed OpenAI-shaped result also carries `__verbose`, the
+    /// native result of its first choice.
+    pub verbose: Option<bool>,
     /// Chat: how the rendered conversation ends (see [`chat_prompt`]).
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
@@ -245,11 +259,21 @@ pub struct ContentPart {
 #[derive(Debug, Deserialize)]
 #[serde(
     untagged,
-    expecting = "a string, an array of one string, or an array of token ids"
+    expecting = "a string, an array of one string, an array of token ids, or an object with prompt_string"
 )]
 pub enum PromptBody {
     Text(String),
     List(Vec<Value>),
+    /// llama-server's multimodal prompt form, `{"prompt_string", "multimodal_data"}`.
+    Object(PromptObject),
+}
+
+/// llama-server's prompt object: text, and media for a multimodal model (this server serves
+/// text models only, so any media is refused).
+#[derive(Debug, Deserialize)]
+pub struct PromptObject {
+    prompt_string: Option<String>,
+    multimodal_data: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +339,8 @@ pub struct ValidRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub reports: StreamReports,
+    /// `verbose` on a non-streamed request: add `__verbose`.
+    pub verbose: bool,
     pub generate: GenerateRequest,
 }
 
@@ -428,6 +454,7 @@ impl GenerationBody {
             n,
             stream,
             reports,
+            verbose: !stream && self.verbose.unwrap_or(false),
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -449,7 +476,7 @@ impl GenerationBody {
     /// name a client hard-codes, such as `gpt-3.5-turbo`).
     fn check_model(&self, served: &ServedModel) -> Result<(), InvalidRequest> {
         match &self.model {
-            Some(name) if served.strict_name && *name != served.alias => {
+            Some(name) if served.strict_name && !served.serves(name) => {
                 Err(InvalidRequest::UnknownModel {
                     requested: name.clone(),
                     served: served.alias.clone(),
@@ -757,6 +784,7 @@ fn completion_prompt(prompt: Option<PromptBody>) -> Result<Prompt, InvalidReques
     let items = match prompt {
         None => return Err(InvalidRequest::field("prompt", "prompt is required")),
         Some(PromptBody::Text(text)) => return Ok(Prompt::Text(text)),
+        Some(PromptBody::Object(object)) => return object_prompt(object),
         Some(PromptBody::List(items)) => items,
     };
     match items.as_slice() {
@@ -777,6 +805,26 @@ fn completion_prompt(prompt: Option<PromptBody>) -> Result<Prompt, InvalidReques
         )),
         _ => Err(bad()),
     }
+}
+
+/// `{"prompt_string": …}` is its text; media in `multimodal_data` are refused (no projector).
+fn object_prompt(object: PromptObject) -> Result<Prompt, InvalidRequest> {
+    let has_media = match &object.multimodal_data {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(items)) => !items.is_empty(),
+        Some(Value::String(data)) => !data.is_empty(),
+        Some(_) => true,
+    };
+    if has_media {
+        return Err(InvalidRequest::field(
+            "prompt.multimodal_data",
+            "multimodal input is not supported: the served model has no multimodal projector",
+        ));
+    }
+    object
+        .prompt_string
+        .map(Prompt::Text)
+        .ok_or_else(|| InvalidRequest::field("prompt.prompt_string", "prompt_string is required"))
 }
 
 /// A prompt of llama-server's native `/completion`: ready to send, or a list mixing text

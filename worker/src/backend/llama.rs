@@ -128,7 +128,7 @@ impl Model {
             None => model.chat_template(None).ok(),
         };
         let vocab = model.vocab();
-        let eog_tokens = vocab
+        let eog_tokens: Vec<Token> = vocab
             .tokens()
             .filter(|t| vocab.is_eog(*t))
             .map(|t| t.0)
@@ -143,6 +143,7 @@ impl Model {
                 .as_ref()
                 .and_then(|t| t.to_string().ok())
                 .unwrap_or_default(),
+            eog_tokens: eog_tokens.clone(),
         };
         let inner = Box::leak(Box::new(ModelInner {
             model,

@@ -302,6 +302,12 @@ fn any_model_name_unless_strict_and_server_defaults_fill_gaps() {
         parse_generation(body, Endpoint::Completions, &strict, RequestId(1)).unwrap_err(),
         InvalidRequest::UnknownModel { .. }
     ));
+    // Every alias is a served name.
+    let aliased = ServedModel {
+        names: vec!["gpt-3.5-turbo".into(), "m".into()],
+        ..strict.clone()
+    };
+    assert!(parse_generation(body, Endpoint::Completions, &aliased, RequestId(1)).is_ok());
     let served = ServedModel {
         defaults: GenerationDefaults {
             n_predict: Some(5),
