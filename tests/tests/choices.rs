@@ -228,3 +228,72 @@ print("ok")
 "#;
     run_openai_client(&server, script);
 }
+
+/// OpenAI's batch of prompts on `/v1/completions`: `n` choices for each prompt, prompt-major
+/// indexes, each prompt counted once in `usage`; streamed, every index finishes once.
+#[test]
+fn a_batch_of_prompts_on_completions() {
+    let server = Server::start(&TWO_WORKERS);
+    let prompts = ["The capital of France is", "One, two, three,"];
+    let body = |prompt: Value, stream: bool| {
+        json!({"model": "smol", "prompt": prompt, "max_tokens": 4, "temperature": 0, "n": 2,
+               "stream": stream, "stream_options": {"include_usage": true}})
+    };
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            let mut one = body(json!(p), false);
+            one["n"] = json!(1);
+            server.post("/v1/completions", &one).json()
+        })
+        .collect();
+    let r = server.post("/v1/completions", &body(json!(prompts), false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{v}");
+        // Greedy: each prompt's choices are what the prompt alone gives.
+        assert_eq!(c["text"], alone[i / 2]["choices"][0]["text"], "{v}");
+    }
+    let tokens = |key: &str| -> u64 {
+        alone
+            .iter()
+            .map(|a| a["usage"][key].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(v["usage"]["prompt_tokens"], tokens("prompt_tokens"), "{v}");
+    assert_eq!(
+        v["usage"]["completion_tokens"],
+        2 * tokens("completion_tokens"),
+        "{v}"
+    );
+
+    let chunks = stream_chunks(
+        &server
+            .stream("/v1/completions", &body(json!(prompts), true))
+            .collect(),
+    );
+    let mut finishes = [0; 4];
+    for c in &chunks[..chunks.len() - 1] {
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().expect("index") as usize;
+        if !choice["finish_reason"].is_null() {
+            finishes[i] += 1;
+        }
+    }
+    assert_eq!(finishes, [1; 4], "one finish per choice");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["prompt_tokens"], tokens("prompt_tokens"), "{usage}");
+
+    // Token-id lists are a batch too; too many choices is a 400 naming the prompt.
+    let r = server.post("/v1/completions", &body(json!([[1, 2, 3], [4, 5]]), false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"].as_array().unwrap().len(), 4);
+    let mut many = body(json!(prompts), false);
+    many["n"] = json!(9);
+    let r = server.post("/v1/completions", &many);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "prompt");
+}

@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{BoxStream, SelectAll};
 use futures_util::{Stream, StreamExt};
-use llamapool_common::protocol::GenerateRequest;
+use llamapool_common::protocol::{GenerateRequest, Prompt};
 use llamapool_common::{Finish, RequestId, SeqOutput};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
@@ -98,17 +98,18 @@ async fn respond(
     let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
     let mut valid = parse_generation(body, endpoint, &state.served, id)?;
     valid.generate.request_id = request_id;
-    if valid.n > 1 {
+    let total = valid.total_choices();
+    if total > 1 {
         // One permit per choice: each takes a sequence of its own.
         let more = state
             .admission
             .clone()
-            .try_acquire_many_owned(valid.n - 1)
+            .try_acquire_many_owned(total - 1)
             .map_err(|_| ApiError::queue_full())?;
         permit.merge(more);
     }
     let wants_logprobs = valid.generate.sampling.logprobs.is_some();
-    let mut logprobs: Vec<Logprobs> = (0..valid.n)
+    let mut logprobs: Vec<Logprobs> = (0..total)
         .map(|_| Logprobs::new(endpoint, wants_logprobs))
         .collect();
     let verbose = valid.verbose.then(|| {
@@ -121,7 +122,7 @@ async fn respond(
         );
         (settings, valid.generate.prompt.clone())
     });
-    let requests = choice_requests(valid.generate, valid.n, &state.next_id);
+    let requests = choice_requests(valid.generate, valid.n, valid.more_prompts, &state.next_id);
     // Committed to a status only once a worker accepted every choice; a refusal drops (and
     // so aborts) the choices already accepted.
     let handles =
@@ -130,7 +131,7 @@ async fn respond(
     let mut timers = vec![timer];
     timers.extend((1..handles.len()).map(|_| RequestTimer::start(state.pool.metrics().clone())));
     let served_by = workers_header(&handles);
-    let mut choices = Choices::new(handles, timers);
+    let mut choices = Choices::new(handles, timers, valid.n as usize);
     let envelope = Envelope::new(endpoint, &state.served.alias);
     if valid.stream {
         let (sink, body) = sse_channel(state);
@@ -161,7 +162,7 @@ async fn respond(
         drop(permit);
         let served_by = workers_header_of(&choices.last_workers);
         let body: Vec<(String, Finish)> = texts.into_iter().zip(choices.finishes()).collect();
-        let mut json = envelope.response_choices(&body);
+        let mut json = envelope.response_choices(&body, choices.per_prompt);
         if wants_logprobs {
             for (index, lp) in logprobs.iter_mut().enumerate() {
                 json["choices"][index]["logprobs"] = lp.take();
@@ -178,18 +179,36 @@ async fn respond(
     }
 }
 
-/// The `n` requests of one HTTP request: `first`, then copies with ids of their own (taken
-/// from `next_id` in one block) and, when seeded, the seed + the choice's index, so that a
-/// seeded request is reproducible and its choices still differ when sampling.
-fn choice_requests(first: GenerateRequest, n: u32, next_id: &AtomicU64) -> Vec<GenerateRequest> {
-    let mut requests = Vec::with_capacity(n as usize);
-    if n > 1 {
-        let base = next_id.fetch_add(u64::from(n - 1), Ordering::Relaxed);
-        for index in 1..n {
-            let mut request = first.clone();
-            request.id = RequestId(base + u64::from(index - 1));
-            request.sampling.seed = first.sampling.seed.map(|s| s.wrapping_add(index));
-            requests.push(request);
+/// The requests of one HTTP request, prompt-major: `n` for `first`'s prompt, then `n` for
+/// each of `more_prompts` (OpenAI's batch). The first is `first`; the others are copies with
+/// their prompt, ids of their own (taken from `next_id` in one block) and, when seeded, the
+/// seed + the choice's index within its prompt, so that a seeded request is reproducible
+/// (alone or in a batch) and its choices still differ when sampling.
+fn choice_requests(
+    first: GenerateRequest,
+    n: u32,
+    more_prompts: Vec<Prompt>,
+    next_id: &AtomicU64,
+) -> Vec<GenerateRequest> {
+    let total = n as usize * (1 + more_prompts.len());
+    let mut requests = Vec::with_capacity(total);
+    if total > 1 {
+        let mut next = next_id.fetch_add(total as u64 - 1, Ordering::Relaxed);
+        let prompts = std::iter::once(None).chain(more_prompts.into_iter().map(Some));
+        for (p, prompt) in prompts.enumerate() {
+            for index in 0..n {
+                if p == 0 && index == 0 {
+                    continue;
+                }
+                let mut request = first.clone();
+                if let Some(prompt) = &prompt {
+                    request.prompt = prompt.clone();
+                }
+                request.id = RequestId(next);
+                next += 1;
+                request.sampling.seed = first.sampling.seed.map(|s| s.wrapping_add(index));
+                requests.push(request);
+            }
         }
     }
     requests.insert(0, first);
@@ -236,12 +255,15 @@ struct Choices {
     /// The worker of each choice's last output (or where it was accepted).
     last_workers: Vec<usize>,
     first_worker: usize,
+    /// Choices for each prompt (`n`): a batch of prompts is prompt-major.
+    per_prompt: usize,
 }
 
 impl Choices {
-    fn new(handles: Vec<RequestHandle>, timers: Vec<RequestTimer>) -> Self {
+    fn new(handles: Vec<RequestHandle>, timers: Vec<RequestTimer>, per_prompt: usize) -> Self {
         let last_workers: Vec<usize> = handles.iter().map(RequestHandle::worker).collect();
         Self {
+            per_prompt,
             first_worker: last_workers[0],
             finishes: vec![None; handles.len()],
             timers: timers.into_iter().map(Some).collect(),
@@ -294,7 +316,7 @@ impl Choices {
     fn total(&self) -> Finish {
         let finishes = self.finishes();
         let mut total = finishes[0].clone();
-        total.usage = sum_usage(finishes.iter().map(|f| &f.usage));
+        total.usage = sum_usage(finishes.iter().map(|f| &f.usage), self.per_prompt);
         if let Some(cancelled) = finishes
             .iter()
             .find(|f| f.reason == llamapool_common::FinishReason::Cancelled)
@@ -542,7 +564,7 @@ mod tests {
     #[test]
     fn choices_get_ids_of_their_own_and_seeds_offset_by_their_index() {
         let next_id = AtomicU64::new(8);
-        let requests = choice_requests(request(r#","seed":41"#), 3, &next_id);
+        let requests = choice_requests(request(r#","seed":41"#), 3, Vec::new(), &next_id);
         let ids: Vec<u64> = requests.iter().map(|r| r.id.0).collect();
         assert_eq!(ids, [7, 8, 9]);
         assert_eq!(next_id.load(Ordering::Relaxed), 10);
@@ -550,10 +572,26 @@ mod tests {
         assert_eq!(seeds, [Some(41), Some(42), Some(43)]);
         assert!(requests.iter().all(|r| r.prompt == requests[0].prompt));
         // Unseeded choices draw their own seeds; one choice is the request itself.
-        let unseeded = choice_requests(request(""), 3, &next_id);
+        let unseeded = choice_requests(request(""), 3, Vec::new(), &next_id);
         assert!(unseeded.iter().all(|r| r.sampling.seed.is_none()));
-        let one = choice_requests(request(r#","seed":5"#), 1, &next_id);
+        let one = choice_requests(request(r#","seed":5"#), 1, Vec::new(), &next_id);
         assert_eq!(one, [request(r#","seed":5"#)]);
         assert_eq!(next_id.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn a_batch_of_prompts_is_prompt_major_with_n_choices_each() {
+        let next_id = AtomicU64::new(8);
+        let batch = vec![Prompt::Text("y".into()), Prompt::Tokens(vec![1, 2])];
+        let requests = choice_requests(request(r#","seed":41"#), 3, batch, &next_id);
+        assert_eq!(requests.len(), 9);
+        let ids: Vec<u64> = requests.iter().map(|r| r.id.0).collect();
+        assert_eq!(ids, [7, 8, 9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(requests[0].prompt, Prompt::Text("x".into()));
+        assert_eq!(requests[3].prompt, Prompt::Text("y".into()));
+        assert_eq!(requests[8].prompt, Prompt::Tokens(vec![1, 2]));
+        // Each prompt's choices are seeded as that prompt alone would be.
+        let seeds: Vec<Option<u32>> = requests.iter().map(|r| r.sampling.seed).collect();
+        assert_eq!(seeds[3..6], [Some(41), Some(42), Some(43)]);
     }
 }

@@ -342,6 +342,16 @@ pub struct ValidRequest {
     /// `verbose` on a non-streamed request: add `__verbose`.
     pub verbose: bool,
     pub generate: GenerateRequest,
+    /// OpenAI's batch of prompts (`/v1/completions`): the prompts after `generate`'s, each
+    /// with `n` choices of its own.
+    pub more_prompts: Vec<Prompt>,
+}
+
+impl ValidRequest {
+    /// Choices in the response: `n` for each prompt, prompt-major.
+    pub fn total_choices(&self) -> u32 {
+        self.n * (1 + u32::try_from(self.more_prompts.len()).unwrap_or(u32::MAX))
+    }
 }
 
 /// What a stream reports besides the text (llama-server's `return_progress` and
@@ -396,7 +406,23 @@ impl GenerationBody {
                 self.add_generation_prompt,
                 self.continue_final_message,
             )?),
-            Endpoint::Completions => completion_prompt(self.prompt.take())?,
+            Endpoint::Completions => {
+                let mut prompts = completion_prompts(self.prompt.take())?;
+                let first = prompts.remove(0);
+                let mut valid = self.finish_valid(endpoint, served, id, first, sampling)?;
+                if valid.n as usize * (prompts.len() + 1) > MAX_CHOICES as usize {
+                    return Err(InvalidRequest::field(
+                        "prompt",
+                        format!(
+                            "{} prompts of n = {} are more than {MAX_CHOICES} choices",
+                            prompts.len() + 1,
+                            valid.n
+                        ),
+                    ));
+                }
+                valid.more_prompts = prompts;
+                return Ok(valid);
+            }
         };
         self.finish_valid(endpoint, served, id, prompt, sampling)
     }
@@ -469,6 +495,7 @@ impl GenerationBody {
                 resumed: Vec::new(),
                 report_progress: reports.needs_progress(),
             },
+            more_prompts: Vec::new(),
         })
     }
 
@@ -801,10 +828,46 @@ fn completion_prompt(prompt: Option<PromptBody>) -> Result<Prompt, InvalidReques
             .map(Prompt::Tokens),
         _ if items.iter().all(Value::is_string) => Err(InvalidRequest::field(
             "prompt",
-            "only one prompt per request is supported",
+            "the native endpoint takes one prompt per request (/v1/completions takes several)",
         )),
         _ => Err(bad()),
     }
+}
+
+/// OpenAI's `prompt` of `/v1/completions`: one prompt as [`completion_prompt`] reads it, or a
+/// batch: a list of strings, or a list of token-id lists (at least one either way).
+fn completion_prompts(prompt: Option<PromptBody>) -> Result<Vec<Prompt>, InvalidRequest> {
+    let Some(PromptBody::List(items)) = &prompt else {
+        return Ok(vec![completion_prompt(prompt)?]);
+    };
+    if items.len() > 1 && items.iter().all(Value::is_string) {
+        return Ok(items
+            .iter()
+            .filter_map(|t| t.as_str().map(|t| Prompt::Text(t.to_owned())))
+            .collect());
+    }
+    if !items.is_empty() && items.iter().all(Value::is_array) {
+        return items
+            .iter()
+            .map(|list| {
+                let ids = list.as_array().map(Vec::as_slice).unwrap_or_default();
+                if ids.is_empty() {
+                    return Err(InvalidRequest::field(
+                        "prompt",
+                        "a prompt must not be empty",
+                    ));
+                }
+                ids.iter()
+                    .map(|t| t.as_i64().and_then(|t| Token::try_from(t).ok()))
+                    .collect::<Option<Vec<Token>>>()
+                    .map(Prompt::Tokens)
+                    .ok_or_else(|| {
+                        InvalidRequest::field("prompt", "a token-id prompt holds only token ids")
+                    })
+            })
+            .collect();
+    }
+    Ok(vec![completion_prompt(prompt)?])
 }
 
 /// `{"prompt_string": …}` is its text; media in `multimodal_data` are refused (no projector).

@@ -138,8 +138,8 @@ impl Envelope {
 impl Envelope {
     /// The whole non-streaming response for `choices` (text and finish, in index order): each
     /// choice as [`Envelope::response`] builds it, with its `index`; `usage` sums them
-    /// ([`sum_usage`]); `timings` are the first choice's.
-    pub fn response_choices(&self, choices: &[(String, Finish)]) -> Value {
+    /// ([`sum_usage`], `per_prompt` choices for each prompt); `timings` are the first choice's.
+    pub fn response_choices(&self, choices: &[(String, Finish)], per_prompt: usize) -> Value {
         let (first_text, first) = choices.first().expect("at least one choice");
         let mut body = self.response(first_text, first);
         if choices.len() > 1 {
@@ -150,7 +150,10 @@ impl Envelope {
                     with_index(self.response(text, finish)["choices"][0].take(), index)
                 })
                 .collect();
-            body["usage"] = usage_json(&sum_usage(choices.iter().map(|(_, f)| &f.usage)));
+            body["usage"] = usage_json(&sum_usage(
+                choices.iter().map(|(_, f)| &f.usage),
+                per_prompt,
+            ));
         }
         body
     }
@@ -166,12 +169,16 @@ pub fn with_index(mut chunk: Value, index: usize) -> Value {
     chunk
 }
 
-/// The usage of several choices of one request: their prompt is one prompt, counted once
-/// (the first choice's count), and their completion tokens are summed, as OpenAI counts `n`.
-pub fn sum_usage<'a>(usages: impl IntoIterator<Item = &'a Usage>) -> Usage {
-    let mut usages = usages.into_iter();
-    let mut total = usages.next().copied().unwrap_or_default();
-    for u in usages {
+/// The usage of several choices of one request, prompt-major with `per_prompt` (`n`) choices
+/// for each prompt: each prompt is counted once (its first choice's count), and every
+/// choice's completion tokens are summed, as OpenAI counts `n` and batches of prompts.
+pub fn sum_usage<'a>(usages: impl IntoIterator<Item = &'a Usage>, per_prompt: usize) -> Usage {
+    let mut total = Usage::default();
+    for (index, u) in usages.into_iter().enumerate() {
+        if index % per_prompt.max(1) == 0 {
+            total.prompt_tokens += u.prompt_tokens;
+            total.cached_tokens += u.cached_tokens;
+        }
         total.completion_tokens += u.completion_tokens;
     }
     total
@@ -392,12 +399,15 @@ mod tests {
         };
         for endpoint in [Endpoint::Chat, Endpoint::Completions] {
             let env = Envelope::new(endpoint, "m");
-            let one = env.response_choices(&[("a".into(), finish(FinishReason::Stop, 2))]);
+            let one = env.response_choices(&[("a".into(), finish(FinishReason::Stop, 2))], 1);
             assert_eq!(one, env.response("a", &finish(FinishReason::Stop, 2)));
-            let body = env.response_choices(&[
-                ("a".into(), finish(FinishReason::Stop, 2)),
-                ("b".into(), finish(FinishReason::Length, 5)),
-            ]);
+            let body = env.response_choices(
+                &[
+                    ("a".into(), finish(FinishReason::Stop, 2)),
+                    ("b".into(), finish(FinishReason::Length, 5)),
+                ],
+                2,
+            );
             let choices = body["choices"].as_array().unwrap();
             assert_eq!(choices.len(), 2);
             for (i, c) in choices.iter().enumerate() {

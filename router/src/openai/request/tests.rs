@@ -82,8 +82,21 @@ fn completions_take_strings_and_token_arrays() {
         completion(r#"{"prompt":[1,2]}"#).unwrap().generate.prompt,
         Prompt::Tokens(vec![1, 2])
     );
+    // OpenAI's batches: several strings, or several token-id lists.
+    let batch = completion(r#"{"prompt":["a","b","c"],"n":2}"#).unwrap();
+    assert_eq!(batch.generate.prompt, Prompt::Text("a".into()));
+    assert_eq!(
+        batch.more_prompts,
+        [Prompt::Text("b".into()), Prompt::Text("c".into())]
+    );
+    assert_eq!(batch.total_choices(), 6);
+    let ids = completion(r#"{"prompt":[[1,2],[3]]}"#).unwrap();
+    assert_eq!(ids.generate.prompt, Prompt::Tokens(vec![1, 2]));
+    assert_eq!(ids.more_prompts, [Prompt::Tokens(vec![3])]);
     for bad in [
-        r#"{"prompt":["a","b"]}"#,
+        r#"{"prompt":["a","b"],"n":9}"#,
+        r#"{"prompt":[[1],[]]}"#,
+        r#"{"prompt":[[1],["a"]]}"#,
         r#"{"prompt":[]}"#,
         r#"{"prompt":[1,"a"]}"#,
         r#"{"prompt":[1e12]}"#,
