@@ -26,7 +26,8 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
-    /// Address the HTTP server binds.
+    /// Address the HTTP server binds (`HOST:PORT`); several separated by commas are all
+    /// bound and served alike ([`ServerSettings::listen_addresses`]).
     pub listen: String,
     /// An API key; with any key configured (this, `api_keys` or `api_key_file`), every route
     /// but `/health` and the web page needs one of them (`Authorization: Bearer <key>` or
@@ -525,6 +526,12 @@ pub fn is_local_origin(origin: &[u8]) -> bool {
 }
 
 impl ServerSettings {
+    /// The addresses of `listen`, split at commas (llama-server's `--host a,b`), in order; the
+    /// first is the one the start-up line names.
+    pub fn listen_addresses(&self) -> Vec<String> {
+        split_commas(&self.listen)
+    }
+
     /// The pure checks of the access settings: every key in `api_key` and `api_keys` could
     /// be sent in a header, every entry of `cors_origins` is an origin.
     pub fn check_access(&self) -> Result<(), SettingsError> {

@@ -81,10 +81,19 @@ pub fn check_host(server: &ServerSettings) -> Result<(), SettingsError> {
             message: format!("{} does not exist", binary.display()),
         });
     }
-    std::net::TcpListener::bind(&server.listen).map_err(|e| SettingsError {
-        key: "server.listen".into(),
-        message: format!("cannot bind {}: {e}", server.listen),
-    })?;
+    let addresses = server.listen_addresses();
+    if addresses.is_empty() {
+        return Err(SettingsError {
+            key: "server.listen".into(),
+            message: "no address given".into(),
+        });
+    }
+    for address in addresses {
+        std::net::TcpListener::bind(&address).map_err(|e| SettingsError {
+            key: "server.listen".into(),
+            message: format!("cannot bind {address}: {e}"),
+        })?;
+    }
     Ok(())
 }
 

@@ -94,7 +94,7 @@ pub const FLAGS: &[Flag] = &[
     flag(&["-m", "--model"], Some("FNAME"), Action::Key("model.path", Check::Text), "model.path (the router's own --model)"),
     flag(&["-a", "--alias"], Some("NAME"), Action::Key("model.alias", Check::Text), "model.alias (the router's own --alias; names separated by commas)"),
     flag(&["--tags"], Some("TAGS"), Action::List("model.tags"), "model.tags (comma-separated; listed by /v1/models)"),
-    flag(&["--host"], Some("HOST"), Action::Host, "the host of server.listen (one TCP address)"),
+    flag(&["--host"], Some("HOST[,HOST]"), Action::Host, "the host of server.listen (TCP; several separated by commas: one address each, same port)"),
     flag(&["--port"], Some("PORT"), Action::Port, "the port of server.listen"),
     flag(&["-c", "--ctx-size"], Some("N"), Action::CtxSize, "the pool's context: worker_defaults.context = N / workers (0: as configured)"),
     flag(&["-np", "--parallel"], Some("N"), Action::Parallel, "at least N slots: worker_defaults.slots = ceil(N / workers), each slot N / -c cells (-1: as configured)"),
@@ -340,10 +340,11 @@ fn take(
     match f.action {
         Action::Host => {
             let host = value(name, inline, args)?;
-            if host.ends_with(".sock") || host.contains(',') || host.is_empty() {
+            let hosts: Vec<&str> = host.split(',').map(str::trim).collect();
+            if hosts.iter().any(|h| h.is_empty() || h.ends_with(".sock")) {
                 return Err(bad(
                     &host,
-                    "one host (UNIX sockets and lists are not supported)",
+                    "hosts separated by commas, none empty (UNIX sockets are not supported)",
                 ));
             }
             flags.host = Some(host);
@@ -438,8 +439,9 @@ fn take(
 }
 
 /// `listen` split into host and port (`[::1]:8080` → `[::1]`, `8080`).
+/// The host and port of the first address of a `server.listen` (which may list several).
 fn split_listen(listen: &str) -> Option<(&str, &str)> {
-    listen.rsplit_once(':')
+    listen.split(',').next()?.trim().rsplit_once(':')
 }
 
 /// The overrides for `flags`, given `settings` loaded without them and the CPUs the pool may
@@ -469,15 +471,25 @@ pub fn overrides(
     }
     if flags.host.is_some() || flags.port.is_some() {
         let (host, port) = split_listen(&settings.server.listen).unwrap_or(("127.0.0.1", "8080"));
-        let host = match &flags.host {
-            Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
-            Some(h) => h.clone(),
-            None => host.to_string(),
+        let hosts: Vec<String> = match &flags.host {
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .map(|h| {
+                    if h.contains(':') && !h.starts_with('[') {
+                        format!("[{h}]")
+                    } else {
+                        h.to_string()
+                    }
+                })
+                .collect(),
+            None => vec![host.to_string()],
         };
         let port = flags
             .port
             .map_or_else(|| port.to_string(), |p| p.to_string());
-        out.push(("server.listen".into(), format!("{host}:{port}")));
+        let listen: Vec<String> = hosts.iter().map(|h| format!("{h}:{port}")).collect();
+        out.push(("server.listen".into(), listen.join(",")));
     }
     let workers = match flags.threads {
         Some(t) if t > 1 => {
@@ -696,6 +708,7 @@ mod tests {
             "--port 70000",
             "-t x",
             "--host a.sock",
+            "--host a,,b",
             "--ctx-size -5",
         ] {
             assert!(
@@ -900,6 +913,16 @@ mod tests {
             pairs(&[("server.listen", "[::1]:1")])
         );
         assert_eq!(listen("--port 0"), pairs(&[("server.listen", "0.0.0.0:0")]));
+        // Several hosts: one address each, on the same port (llama-server's `--host a,b`).
+        assert_eq!(
+            listen("--host 127.0.0.1,::1 --port 8090"),
+            pairs(&[("server.listen", "127.0.0.1:8090,[::1]:8090")])
+        );
+        let several = settings(0, "127.0.0.1:7000,[::1]:7000");
+        assert_eq!(
+            shaped("--host 0.0.0.0", &several, "0").unwrap(),
+            pairs(&[("server.listen", "0.0.0.0:7000")])
+        );
     }
 
     #[test]

@@ -81,15 +81,20 @@ pub async fn run(
         );
     }
     let runtime_dir = runtime_dir(server_settings.runtime_dir.as_ref())?;
-    let listener = TcpListener::bind(&server_settings.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "configuration key server.listen: cannot bind {}",
-                server_settings.listen
-            )
-        })?;
-    let local: SocketAddr = listener.local_addr()?;
+    let mut listeners = Vec::new();
+    for address in server_settings.listen_addresses() {
+        let listener = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("configuration key server.listen: cannot bind {address}"))?;
+        listeners.push(listener);
+    }
+    let locals = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<io::Result<Vec<SocketAddr>>>()?;
+    let Some(&local) = locals.first() else {
+        bail!("configuration key server.listen: no address given");
+    };
     let metrics = Arc::new(Metrics::default());
     let n_workers = plans.len();
     let model_path_text = model_path.display().to_string();
@@ -151,16 +156,19 @@ pub async fn run(
     });
     // The line tests and scripts wait for.
     println!("llamapool listening on http://{local} ({n_workers} workers starting)");
+    for also in &locals[1..] {
+        println!("llamapool also listening on http://{also}");
+    }
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let graceful = GracefulShutdown::new();
     tokio::select! {
-        () = accept_loop(&listener, http::router(state), limits, &graceful) => {}
+        () = accept_loop(&listeners, http::router(state), limits, &graceful) => {}
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
     }
     tracing::info!("shutting down: finishing in-flight requests");
-    drop(listener);
+    drop(listeners);
     let drain = Duration::from_secs(server_settings.drain_timeout_secs);
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
@@ -194,9 +202,10 @@ impl ConnLimits {
     }
 }
 
-/// Accepts connections and serves each on its own task, until dropped. Never returns.
+/// Accepts connections on every listener and serves each on its own task, until dropped.
+/// Never returns.
 async fn accept_loop(
-    listener: &TcpListener,
+    listeners: &[TcpListener],
     app: Router,
     limits: ConnLimits,
     graceful: &GracefulShutdown,
@@ -235,7 +244,7 @@ async fn accept_loop(
                     .expect("the connection semaphore is never closed")
             }
         };
-        let stream = match listener.accept().await {
+        let stream = match accept_any(listeners).await {
             Ok((stream, _)) => {
                 if let Some(errors) = backoff.succeeded() {
                     tracing::info!(errors, "accepting connections again");
@@ -253,6 +262,15 @@ async fn accept_loop(
         };
         serve_connection(stream, &app, &builder, limits, graceful, slot);
     }
+}
+
+/// The next connection of any of `listeners` (at least one).
+async fn accept_any(listeners: &[TcpListener]) -> io::Result<(TcpStream, SocketAddr)> {
+    if let [only] = listeners {
+        return only.accept().await;
+    }
+    let accepts = listeners.iter().map(|l| Box::pin(l.accept()));
+    futures_util::future::select_all(accepts).await.0
 }
 
 /// Serves one connection on its own task, which holds the connection's `slot`.

@@ -188,3 +188,35 @@ fn unsupported_flags_exit_with_usage_status() {
         "{stderr}"
     );
 }
+
+/// `--host` with several hosts (llama-server's `--host 127.0.0.1,::1`): the router serves each
+/// address on the same port, with the same key, streams included.
+#[test]
+fn several_hosts_are_all_served() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut command = router();
+    command
+        .args(["-m", &smol_path(), "-np", "2", "--api-key", "k2"])
+        .args(["--host", "127.0.0.1,127.0.0.2", "--port", &port]);
+    let mut server = Router::launch_with(command, "").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(server.addr, format!("127.0.0.1:{port}"));
+    server
+        .wait_ready(Duration::from_secs(120), Some("Bearer k2"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let auth = [("Authorization", "Bearer k2")];
+    let body = serde_json::to_vec(&json!({"prompt": "Once upon a time", "max_tokens": 4})).unwrap();
+    for addr in [format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}")] {
+        let health = http::request(&addr, "GET", "/health", &[], b"").unwrap();
+        assert_eq!(health.status, 200, "{addr}: {}", health.text());
+        let refused = http::request(&addr, "POST", "/v1/completions", &[], &body).unwrap();
+        assert_eq!(refused.status, 401, "{addr}");
+        let done = http::request(&addr, "POST", "/v1/completions", &auth, &body).unwrap();
+        assert_eq!(done.status, 200, "{addr}: {}", done.text());
+        assert_eq!(done.json()["usage"]["completion_tokens"], 4, "{addr}");
+    }
+}

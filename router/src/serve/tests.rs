@@ -146,7 +146,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         runtime.spawn(async move {
             let graceful = GracefulShutdown::new();
-            accept_loop(&listener, app, limits, &graceful).await;
+            accept_loop(std::slice::from_ref(&listener), app, limits, &graceful).await;
         });
         Self {
             addr,
