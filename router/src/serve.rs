@@ -1,4 +1,5 @@
-//! The server around the route table: binds `server.listen`, starts the pool, builds the
+//! The server around the route table: binds `server.listen` (each of its addresses), starts
+//! the pool, builds the
 //! shared [`AppState`], accepts client connections within bounds, and on SIGINT/SIGTERM stops
 //! accepting, drains and stops the workers. Called by `main` once the configuration is loaded.
 //!
