@@ -20,6 +20,16 @@ fn smol_path() -> String {
         .to_string()
 }
 
+/// A TCP port nothing listens on right now (bound and released).
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string()
+}
+
 fn router() -> Command {
     let mut c = Command::new(bin_dir().join("llamapool-router"));
     c.env("RUST_LOG", "warn");
@@ -99,12 +109,7 @@ fn one_wide_worker_with_threads() {
 
 #[test]
 fn serves_with_llama_server_flags_only() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port();
     // At most two workers, whatever the machine: the router plans one per CPU it may use.
     let cpus: Vec<String> = CpuList::allowed()
         .cpus()
@@ -190,15 +195,10 @@ fn unsupported_flags_exit_with_usage_status() {
 }
 
 /// `--host` with several hosts (llama-server's `--host 127.0.0.1,::1`): the router serves each
-/// address on the same port, with the same key, streams included.
+/// address on the same port, with the same key.
 #[test]
 fn several_hosts_are_all_served() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port();
     let mut command = router();
     command
         .args(["-m", &smol_path(), "-np", "2", "--api-key", "k2"])
