@@ -474,3 +474,41 @@ fn slots_endpoint_can_be_turned_off() {
     assert_eq!(r.json()["error"]["type"], "not_supported_error");
     assert_eq!(server.get("/props").status, 200);
 }
+
+/// llama-server's batch on `/completion`: token lists, strings, prompt objects and mixed lists,
+/// each element one prompt, answered as an array in order; a batch is not streamed.
+#[test]
+fn native_batches_answer_an_array_in_order() {
+    let server = Server::start(&config());
+    let text = "I believe the meaning of life is";
+    let tokens = tokenize(&server, text, true);
+    let one = complete(&server, "/completion", &json!({"prompt": tokens}));
+    let batch = |prompt: Value| {
+        let r = server.post("/completion", &json!({"prompt": prompt}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json().as_array().expect("an array of results").clone()
+    };
+    for prompt in [
+        json!([tokens, tokens]),
+        json!([tokens, text]),
+        json!([tokens, {"prompt_string": text}]),
+    ] {
+        let results = batch(prompt.clone());
+        assert_eq!(results.len(), 2, "{prompt}");
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(r["index"], i);
+            check_final(r, 5);
+            // Greedy ([generation] temperature 0): every element is the single prompt's text.
+            assert_eq!(r["content"], one["content"], "{prompt}");
+        }
+    }
+    let three = batch(json!(["Hello", "The sky is", [1, 2, 3]]));
+    assert_eq!(three.len(), 3);
+    assert_eq!(three[1]["prompt"], "The sky is");
+    let r = server.post(
+        "/completion",
+        &json!({"prompt": [tokens, tokens], "stream": true}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "stream");
+}

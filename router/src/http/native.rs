@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
 use llamapool_common::{
-    Finish, FinishReason, RequestId, SamplingParams, SeqOutput, StoppingParams, Token,
+    Finish, FinishReason, RequestId, SamplingParams, SeqOutput, StoppingParams, Token, TokenLogprob,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -38,10 +38,12 @@ use crate::error::ApiError;
 use crate::metrics::RequestTimer;
 use crate::openai::logprobs;
 use crate::openai::request::{
-    chat_messages, chat_prompt, native_prompt, parse_json, GenerationBody, MessageBody,
+    chat_messages, chat_prompt, native_prompts, parse_json, GenerationBody, MessageBody,
     NativePrompt, PromptPart, ServedModel, StreamReports,
 };
-use crate::openai::response::{progress_json, timings_json, RunningTimings, FINGERPRINT};
+use crate::openai::response::{
+    progress_json, sum_usage, timings_json, RunningTimings, FINGERPRINT,
+};
 use crate::openai::{Endpoint, ValidRequest};
 
 /// llama-server's "no seed given: a random one" value in `generation_settings`.
@@ -84,6 +86,23 @@ struct Native {
     reports: StreamReports,
 }
 
+impl Native {
+    /// These settings for `prompt`: its length when given as tokens, its text when a string.
+    fn for_prompt(&self, prompt: &Prompt) -> Self {
+        Self {
+            prompt_tokens: match prompt {
+                Prompt::Tokens(t) => Some(u32::try_from(t.len()).unwrap_or(u32::MAX)),
+                _ => None,
+            },
+            prompt: match prompt {
+                Prompt::Text(text) => Some(text.clone()),
+                _ => None,
+            },
+            ..self.clone()
+        }
+    }
+}
+
 async fn respond(
     state: &SharedState,
     request_id: String,
@@ -104,17 +123,16 @@ async fn respond(
             &ignored_eog(state, &valid.generate.stopping),
         ),
         return_tokens,
-        prompt_tokens: match &valid.generate.prompt {
-            Prompt::Tokens(t) => Some(u32::try_from(t.len()).unwrap_or(u32::MAX)),
-            _ => None,
-        },
-        prompt: match &valid.generate.prompt {
-            Prompt::Text(text) => Some(text.clone()),
-            _ => None,
-        },
+        prompt_tokens: None,
+        prompt: None,
         post_sampling_probs,
         reports: valid.reports,
-    };
+    }
+    .for_prompt(&valid.generate.prompt);
+    if !valid.more_prompts.is_empty() {
+        let log = log.as_mut().expect("a batch keeps its log");
+        return respond_batch(state, valid, &native, permit, timer, log).await;
+    }
     let mut handle = state.pool.submit(valid.generate).await?;
     let first_slot = first_slot_of(state, handle.worker());
     if valid.stream {
@@ -132,43 +150,149 @@ async fn respond(
     } else {
         let log = log.as_mut().expect("a non-streamed request keeps its log");
         log.on_worker(handle.worker());
-        let mut timer = timer;
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        let mut probs = Vec::new();
-        let finish = loop {
-            let output = next_output(&mut handle).await?;
-            timer.on_output(&output);
-            log.on_output(&output, handle.worker());
-            text.push_str(&output.text);
-            tokens.extend_from_slice(&output.tokens);
-            probs.extend_from_slice(&output.logprobs);
-            if let Some(finish) = output.finish {
-                handle.guard.finished();
-                timer.finish();
-                break finish;
-            }
-        };
-        log.finished(&finish);
+        let collected = collect(&mut handle, timer, Some(log)).await?;
+        log.finished(&collected.finish);
         drop(permit);
         let slot = first_slot_of(state, handle.worker()).unwrap_or(first_slot.unwrap_or(0));
-        let tokens = if native.return_tokens {
-            tokens
-        } else {
-            Vec::new()
-        };
         let served_by = worker_header(handle.worker());
-        let mut result = final_result(&native, slot, &text, &tokens, &finish);
-        // As llama-server: only a non-streamed final result has them, and only when any.
-        if !probs.is_empty() {
-            result["completion_probabilities"] = logprobs::native(&probs, post_sampling_probs);
-        }
-        Ok((served_by, Json(result)).into_response())
+        Ok((served_by, Json(result_json(&native, slot, collected))).into_response())
     }
 }
 
-/// The body validated like an OpenAI completion, with the native prompt forms; a mixed prompt
-/// is tokenized here (its first text part with BOS, as llama-server does).
+/// llama-server's batch on the native endpoint: one generation per prompt, all dispatched at
+/// once (an admission permit each), answered together as an array of results, each with its
+/// `index`. A batch is not streamed (400).
+async fn respond_batch(
+    state: &SharedState,
+    valid: ValidRequest,
+    native: &Native,
+    mut permit: OwnedSemaphorePermit,
+    timer: RequestTimer,
+    log: &mut RequestLog,
+) -> Result<Response, ApiError> {
+    if valid.stream {
+        return Err(crate::openai::InvalidRequest::Field {
+            param: "stream".into(),
+            message: "a batch of prompts is answered at once: send it without stream, or one \
+                      prompt per streamed request"
+                .into(),
+        }
+        .into());
+    }
+    let more = u32::try_from(valid.more_prompts.len()).unwrap_or(u32::MAX);
+    permit.merge(
+        state
+            .admission
+            .clone()
+            .try_acquire_many_owned(more)
+            .map_err(|_| ApiError::queue_full())?,
+    );
+    let first = valid.generate;
+    let base = state.next_id.fetch_add(u64::from(more), Ordering::Relaxed);
+    let mut requests = vec![first.clone()];
+    for (offset, prompt) in (0..).zip(valid.more_prompts) {
+        let mut request = first.clone();
+        request.id = RequestId(base + offset);
+        request.prompt = prompt;
+        requests.push(request);
+    }
+    let natives: Vec<Native> = requests
+        .iter()
+        .map(|r| native.for_prompt(&r.prompt))
+        .collect();
+    let mut handles =
+        futures_util::future::try_join_all(requests.into_iter().map(|r| state.pool.submit(r)))
+            .await?;
+    log.on_worker(handles[0].worker());
+    let timers: Vec<RequestTimer> = std::iter::once(timer)
+        .chain((1..handles.len()).map(|_| RequestTimer::start(state.pool.metrics().clone())))
+        .collect();
+    let collected = futures_util::future::try_join_all(
+        handles
+            .iter_mut()
+            .zip(timers)
+            .map(|(handle, timer)| collect(handle, timer, None)),
+    )
+    .await?;
+    let mut total = collected[0].finish.clone();
+    total.usage = sum_usage(collected.iter().map(|c| &c.finish.usage), 1);
+    log.finished(&total);
+    drop(permit);
+    let results: Vec<Value> = collected
+        .into_iter()
+        .zip(&natives)
+        .zip(&handles)
+        .enumerate()
+        .map(|(index, ((collected, native), handle))| {
+            let slot = first_slot_of(state, handle.worker()).unwrap_or(0);
+            let mut result = result_json(native, slot, collected);
+            result["index"] = json!(index);
+            result
+        })
+        .collect();
+    let served_by = worker_header(handles[0].worker());
+    Ok((served_by, Json(Value::Array(results))).into_response())
+}
+
+/// A non-streamed generation's whole output.
+struct Collected {
+    text: String,
+    tokens: Vec<Token>,
+    probs: Vec<TokenLogprob>,
+    finish: Finish,
+}
+
+/// Reads `handle` to its finish, timing it with `timer` and logging each output in `log`.
+async fn collect(
+    handle: &mut RequestHandle,
+    mut timer: RequestTimer,
+    mut log: Option<&mut RequestLog>,
+) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    let mut probs = Vec::new();
+    loop {
+        let output = next_output(handle).await?;
+        timer.on_output(&output);
+        if let Some(log) = log.as_deref_mut() {
+            log.on_output(&output, handle.worker());
+        }
+        text.push_str(&output.text);
+        tokens.extend_from_slice(&output.tokens);
+        probs.extend_from_slice(&output.logprobs);
+        if let Some(finish) = output.finish {
+            handle.guard.finished();
+            timer.finish();
+            return Ok(Collected {
+                text,
+                tokens,
+                probs,
+                finish,
+            });
+        }
+    }
+}
+
+/// The final result of a collected generation: token ids only with `return_tokens`, and
+/// `completion_probabilities` when there are any (as llama-server: only a non-streamed final
+/// result has them).
+fn result_json(native: &Native, slot: u32, collected: Collected) -> Value {
+    let tokens = if native.return_tokens {
+        collected.tokens
+    } else {
+        Vec::new()
+    };
+    let mut result = final_result(native, slot, &collected.text, &tokens, &collected.finish);
+    if !collected.probs.is_empty() {
+        result["completion_probabilities"] =
+            logprobs::native(&collected.probs, native.post_sampling_probs);
+    }
+    result
+}
+
+/// The body validated like an OpenAI completion, with the native prompt forms (a batch's
+/// prompts after the first in `more_prompts`); a mixed prompt is tokenized here (its first
+/// text part with BOS, as llama-server does).
 async fn parse_native(
     state: &SharedState,
     body: &[u8],
@@ -188,11 +312,16 @@ async fn parse_native(
     let sampling = body.sampling(&served.defaults)?;
     let return_tokens = body.return_tokens.unwrap_or(false);
     let post_sampling_probs = body.post_sampling_probs.unwrap_or(false);
-    let prompt = match native_prompt(body.prompt.take())? {
-        NativePrompt::Ready(prompt) => prompt,
-        NativePrompt::Mixed(parts) => Prompt::Tokens(tokenize_mixed(state, parts).await?),
-    };
-    let valid = body.finish_valid(Endpoint::Completions, served, id, prompt, sampling)?;
+    let mut prompts = Vec::new();
+    for prompt in native_prompts(body.prompt.take())? {
+        prompts.push(match prompt {
+            NativePrompt::Ready(prompt) => prompt,
+            NativePrompt::Mixed(parts) => Prompt::Tokens(tokenize_mixed(state, parts).await?),
+        });
+    }
+    let first = prompts.remove(0);
+    let mut valid = body.finish_valid(Endpoint::Completions, served, id, first, sampling)?;
+    valid.more_prompts = prompts;
     Ok((valid, return_tokens, post_sampling_probs))
 }
 

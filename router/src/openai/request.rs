@@ -905,9 +905,49 @@ pub enum PromptPart {
     Token(Token),
 }
 
+/// The native `prompt` as llama-server reads it: one prompt ([`native_prompt`]), or a batch
+/// of at most [`MAX_CHOICES`]: a list of several strings, or a list holding token-id lists or
+/// prompt objects, each element then one prompt (a string, token ids, a list mixing both, or
+/// `{"prompt_string"}`).
+pub fn native_prompts(prompt: Option<PromptBody>) -> Result<Vec<NativePrompt>, InvalidRequest> {
+    let is_nested = |item: &Value| item.is_array() || item.is_object();
+    let items = match prompt {
+        Some(PromptBody::List(items))
+            if items.iter().any(is_nested)
+                || (items.len() > 1 && items.iter().all(Value::is_string)) =>
+        {
+            items
+        }
+        other => return Ok(vec![native_prompt(other)?]),
+    };
+    if items.len() > MAX_CHOICES as usize {
+        return Err(InvalidRequest::field(
+            "prompt",
+            format!("a batch holds at most {MAX_CHOICES} prompts"),
+        ));
+    }
+    items
+        .into_iter()
+        .map(|item| {
+            let bad = || {
+                InvalidRequest::field(
+                    "prompt",
+                    "each prompt of a batch is a string, token ids, a list mixing both, or an \
+                     object with prompt_string",
+                )
+            };
+            let body: PromptBody = serde_json::from_value(item).map_err(|_| bad())?;
+            if matches!(&body, PromptBody::List(inner) if inner.iter().any(is_nested)) {
+                return Err(bad());
+            }
+            native_prompt(Some(body))
+        })
+        .collect()
+}
+
 /// The native `prompt`: a string, token ids, one string in a list, or a list mixing strings
-/// and token ids (one prompt, as llama-server reads it). Several strings are several prompts,
-/// which this server does not run.
+/// and token ids (one prompt, as llama-server reads it). Several strings are a batch
+/// ([`native_prompts`]), refused here.
 pub fn native_prompt(prompt: Option<PromptBody>) -> Result<NativePrompt, InvalidRequest> {
     if let Some(PromptBody::List(items)) = &prompt {
         let has_text = items.iter().any(Value::is_string);

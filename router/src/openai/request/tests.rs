@@ -380,6 +380,36 @@ fn native_prompts_may_mix_text_and_token_ids() {
 }
 
 #[test]
+fn native_batches_hold_one_prompt_per_element() {
+    let parse = |v: serde_json::Value| {
+        native_prompts(Some(serde_json::from_value::<PromptBody>(v).unwrap()))
+    };
+    // One prompt stays one.
+    assert_eq!(parse(serde_json::json!([1, "a", 2])).unwrap().len(), 1);
+    assert_eq!(parse(serde_json::json!(["a"])).unwrap().len(), 1);
+    // Several strings, token lists, objects and mixed lists are a batch.
+    assert_eq!(
+        parse(serde_json::json!([[1, 2], "b", {"prompt_string": "c"}, [3, "d"]])).unwrap(),
+        [
+            NativePrompt::Ready(Prompt::Tokens(vec![1, 2])),
+            NativePrompt::Ready(Prompt::Text("b".into())),
+            NativePrompt::Ready(Prompt::Text("c".into())),
+            NativePrompt::Mixed(vec![PromptPart::Token(3), PromptPart::Text("d".into())]),
+        ]
+    );
+    assert_eq!(parse(serde_json::json!(["a", "b"])).unwrap().len(), 2);
+    for bad in [
+        serde_json::json!([[1], [[2]]]),
+        serde_json::json!([[1], 7.5]),
+        serde_json::json!([[1], []]),
+        serde_json::json!(vec![serde_json::json!([1]); 17]),
+    ] {
+        let e = parse(bad.clone()).unwrap_err();
+        assert_eq!(param_of(&e), Some("prompt"), "{bad}: {e:?}");
+    }
+}
+
+#[test]
 fn structured_output_fields_become_one_grammar() {
     let grammar_of = |field: &str| {
         let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#);
