@@ -99,15 +99,8 @@ async fn respond(
     let mut valid = parse_generation(body, endpoint, &state.served, id)?;
     valid.generate.request_id = request_id;
     let total = valid.total_choices();
-    if total > 1 {
-        // One permit per choice: each takes a sequence of its own.
-        let more = state
-            .admission
-            .clone()
-            .try_acquire_many_owned(total - 1)
-            .map_err(|_| ApiError::queue_full())?;
-        permit.merge(more);
-    }
+    // One permit per choice: each takes a sequence of its own.
+    state.admit_more(&mut permit, total - 1)?;
     let wants_logprobs = valid.generate.sampling.logprobs.is_some();
     let mut logprobs: Vec<Logprobs> = (0..total)
         .map(|_| Logprobs::new(endpoint, wants_logprobs))
@@ -128,8 +121,7 @@ async fn respond(
     let handles =
         futures_util::future::try_join_all(requests.into_iter().map(|r| state.pool.submit(r)))
             .await?;
-    let mut timers = vec![timer];
-    timers.extend((1..handles.len()).map(|_| RequestTimer::start(state.pool.metrics().clone())));
+    let timers = choice_timers(state, timer, handles.len());
     let served_by = workers_header(&handles);
     let mut choices = Choices::new(handles, timers, valid.n as usize);
     let envelope = Envelope::new(endpoint, &state.served.alias);
@@ -184,7 +176,7 @@ async fn respond(
 /// their prompt, ids of their own (taken from `next_id` in one block) and, when seeded, the
 /// seed + the choice's index within its prompt, so that a seeded request is reproducible
 /// (alone or in a batch) and its choices still differ when sampling.
-fn choice_requests(
+pub(super) fn choice_requests(
     first: GenerateRequest,
     n: u32,
     more_prompts: Vec<Prompt>,
@@ -213,6 +205,17 @@ fn choice_requests(
     }
     requests.insert(0, first);
     requests
+}
+
+/// One metrics timer per choice: `first` (started when the request came in), then fresh ones.
+pub(super) fn choice_timers(
+    state: &SharedState,
+    first: RequestTimer,
+    choices: usize,
+) -> Vec<RequestTimer> {
+    std::iter::once(first)
+        .chain((1..choices).map(|_| RequestTimer::start(state.pool.metrics().clone())))
+        .collect()
 }
 
 /// One output of one choice, or the error that ended it.

@@ -95,6 +95,20 @@ impl AppState {
             .map_err(|_| ApiError::queue_full())
     }
 
+    /// `more` generation permits merged into `permit`, one for each further sequence a request
+    /// takes (its other choices or prompts); not all free is a 429 at once.
+    pub fn admit_more(&self, permit: &mut OwnedSemaphorePermit, more: u32) -> Result<(), ApiError> {
+        if more > 0 {
+            let more = self
+                .admission
+                .clone()
+                .try_acquire_many_owned(more)
+                .map_err(|_| ApiError::queue_full())?;
+            permit.merge(more);
+        }
+        Ok(())
+    }
+
     /// A tokenize/detokenize permit, held until the reply is serialized; none free is a 429.
     pub fn admit_control(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         self.control_calls

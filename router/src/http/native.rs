@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
+use llamapool_common::protocol::{ChatPrompt, ControlCall, ControlReply, Prompt};
 use llamapool_common::{
     Finish, FinishReason, RequestId, SamplingParams, SeqOutput, StoppingParams, Token, TokenLogprob,
 };
@@ -29,7 +29,9 @@ use serde_json::{json, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use super::generate::{data, next_output, sse_channel, worker_header, StreamSink};
+use super::generate::{
+    choice_requests, choice_timers, data, next_output, sse_channel, worker_header, StreamSink,
+};
 use super::request_id::XRequestId;
 use super::request_log::RequestLog;
 use super::{LimitedBody, SharedState};
@@ -179,23 +181,8 @@ async fn respond_batch(
         }
         .into());
     }
-    let more = u32::try_from(valid.more_prompts.len()).unwrap_or(u32::MAX);
-    permit.merge(
-        state
-            .admission
-            .clone()
-            .try_acquire_many_owned(more)
-            .map_err(|_| ApiError::queue_full())?,
-    );
-    let first = valid.generate;
-    let base = state.next_id.fetch_add(u64::from(more), Ordering::Relaxed);
-    let mut requests = vec![first.clone()];
-    for (offset, prompt) in (0..).zip(valid.more_prompts) {
-        let mut request = first.clone();
-        request.id = RequestId(base + offset);
-        request.prompt = prompt;
-        requests.push(request);
-    }
+    state.admit_more(&mut permit, valid.total_choices() - 1)?;
+    let requests = choice_requests(valid.generate, 1, valid.more_prompts, &state.next_id);
     let natives: Vec<Native> = requests
         .iter()
         .map(|r| native.for_prompt(&r.prompt))
@@ -204,9 +191,7 @@ async fn respond_batch(
         futures_util::future::try_join_all(requests.into_iter().map(|r| state.pool.submit(r)))
             .await?;
     log.on_worker(handles[0].worker());
-    let timers: Vec<RequestTimer> = std::iter::once(timer)
-        .chain((1..handles.len()).map(|_| RequestTimer::start(state.pool.metrics().clone())))
-        .collect();
+    let timers = choice_timers(state, timer, handles.len());
     let collected = futures_util::future::try_join_all(
         handles
             .iter_mut()
@@ -702,14 +687,7 @@ pub(super) async fn prompt_text(state: &SharedState, prompt: Prompt) -> Option<S
     match prompt {
         Prompt::Text(text) => Some(text),
         Prompt::Tokens(_) => None,
-        Prompt::Chat(chat) => match state
-            .pool
-            .control(ControlCall::ApplyTemplate { chat })
-            .await
-        {
-            Ok(ControlReply::Rendered { prompt }) => Some(prompt),
-            _ => None,
-        },
+        Prompt::Chat(chat) => apply_template_call(state, chat).await.ok(),
     }
 }
 
@@ -722,6 +700,11 @@ async fn render_chat(state: &SharedState, body: &[u8]) -> Result<String, ApiErro
         body.add_generation_prompt,
         body.continue_final_message,
     )?;
+    apply_template_call(state, chat).await
+}
+
+/// `chat` rendered by a worker with the chat template (the `ApplyTemplate` control call).
+async fn apply_template_call(state: &SharedState, chat: ChatPrompt) -> Result<String, ApiError> {
     match state
         .pool
         .control(ControlCall::ApplyTemplate { chat })

@@ -410,17 +410,17 @@ impl GenerationBody {
                 let mut prompts = completion_prompts(self.prompt.take())?;
                 let first = prompts.remove(0);
                 let mut valid = self.finish_valid(endpoint, served, id, first, sampling)?;
-                if valid.n as usize * (prompts.len() + 1) > MAX_CHOICES as usize {
+                valid.more_prompts = prompts;
+                if valid.total_choices() > MAX_CHOICES {
                     return Err(InvalidRequest::field(
                         "prompt",
                         format!(
                             "{} prompts of n = {} are more than {MAX_CHOICES} choices",
-                            prompts.len() + 1,
+                            valid.more_prompts.len() + 1,
                             valid.n
                         ),
                     ));
                 }
-                valid.more_prompts = prompts;
                 return Ok(valid);
             }
         };
@@ -817,15 +817,9 @@ fn completion_prompt(prompt: Option<PromptBody>) -> Result<Prompt, InvalidReques
     match items.as_slice() {
         [] => Err(InvalidRequest::field("prompt", "prompt must not be empty")),
         [Value::String(text)] => Ok(Prompt::Text(text.clone())),
-        _ if items.iter().all(Value::is_number) => items
-            .iter()
-            .map(|t| {
-                t.as_i64()
-                    .and_then(|t| i32::try_from(t).ok())
-                    .ok_or_else(bad)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Prompt::Tokens),
+        _ if items.iter().all(Value::is_number) => {
+            token_ids(&items).map(Prompt::Tokens).ok_or_else(bad)
+        }
         _ if items.iter().all(Value::is_string) => Err(InvalidRequest::field(
             "prompt",
             "the native endpoint takes one prompt per request (/v1/completions takes several)",
@@ -857,17 +851,21 @@ fn completion_prompts(prompt: Option<PromptBody>) -> Result<Vec<Prompt>, Invalid
                         "a prompt must not be empty",
                     ));
                 }
-                ids.iter()
-                    .map(|t| t.as_i64().and_then(|t| Token::try_from(t).ok()))
-                    .collect::<Option<Vec<Token>>>()
-                    .map(Prompt::Tokens)
-                    .ok_or_else(|| {
-                        InvalidRequest::field("prompt", "a token-id prompt holds only token ids")
-                    })
+                token_ids(ids).map(Prompt::Tokens).ok_or_else(|| {
+                    InvalidRequest::field("prompt", "a token-id prompt holds only token ids")
+                })
             })
             .collect();
     }
     Ok(vec![completion_prompt(prompt)?])
+}
+
+/// A list of token ids; `None` if any element is not one.
+fn token_ids(items: &[Value]) -> Option<Vec<Token>> {
+    items
+        .iter()
+        .map(|t| t.as_i64().and_then(|t| Token::try_from(t).ok()))
+        .collect()
 }
 
 /// `{"prompt_string": …}` is its text; media in `multimodal_data` are refused (no projector).

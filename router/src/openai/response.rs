@@ -95,8 +95,10 @@ impl Envelope {
     /// empty text.
     pub fn progress_chunk(&self, progress: &PromptProgress) -> Value {
         let mut chunk = match self.endpoint {
-            Endpoint::Chat => self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": null}, "logprobs": null, "finish_reason": null})),
-            Endpoint::Completions => self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": null})),
+            Endpoint::Chat => self.role_chunk(),
+            Endpoint::Completions => {
+                self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": null}))
+            }
         };
         chunk["prompt_progress"] = progress_json(progress);
         chunk
