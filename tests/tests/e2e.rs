@@ -657,6 +657,12 @@ cpus = "0"
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"]["type"], "unavailable_error");
     assert!(r.header("retry-after").is_some());
+    // `/slots` shows what a worker that is not ready will hold: its configured context over
+    // its slots (the defaults, 16384 cells and 16 slots).
+    let slots = server.get("/slots").json();
+    let slots = slots.as_array().unwrap();
+    assert_eq!(slots.len(), 16);
+    assert!(slots.iter().all(|s| s["n_ctx"] == 1024), "{slots:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let w = &server.workers()[0];

@@ -267,6 +267,8 @@ pub struct WorkerView {
     pub packable: Option<bool>,
     pub state: WorkerState,
     pub slots: u32,
+    /// KV cells of its context as configured (llama.cpp may round them up).
+    pub context: u32,
     /// Per-sequence context of the running worker.
     pub n_ctx_per_seq: Option<u32>,
     pub running: Option<u32>,
@@ -543,6 +545,7 @@ impl Pool {
                     packable: stats.filter(|_| plan.wide.is_some()).map(|st| st.packable),
                     state,
                     slots: plan.context.slots,
+                    context: plan.context.context,
                     n_ctx_per_seq: s.info.map(|i| i.n_ctx_per_seq),
                     running: stats.map(|st| st.running),
                     waiting: stats.map(|st| st.waiting),

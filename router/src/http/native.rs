@@ -614,7 +614,8 @@ pub async fn props(State(state): State<SharedState>) -> Json<Value> {
 
 /// `GET /slots`: one entry per slot of the pool, worker-major, ids 0 to N-1. `is_processing`
 /// counts a worker's first `running` slots as busy (a worker reports how many sequences run,
-/// not which); `n_ctx` is its per-sequence context (`null` before its first start). 501 with
+/// not which); `n_ctx` is its per-sequence context (before its first start: the configured
+/// `context / slots`, so a worker still loading shows what it will hold). 501 with
 /// `server.slots_endpoint = false` (llama-server's `--no-slots`).
 pub async fn slots(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
     if !state.slots_endpoint {
@@ -630,7 +631,7 @@ pub async fn slots(State(state): State<SharedState>) -> Result<Json<Value>, ApiE
             slots.push(json!({
                 "id": next_id,
                 "id_worker": view.id,
-                "n_ctx": view.n_ctx_per_seq,
+                "n_ctx": view.n_ctx_per_seq.unwrap_or(view.context / view.slots.max(1)),
                 "speculative": false,
                 "is_processing": j < running,
             }));
