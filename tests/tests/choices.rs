@@ -297,3 +297,42 @@ fn a_batch_of_prompts_on_completions() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.json()["error"]["param"], "prompt");
 }
+
+/// The choices of one request on one worker compute their prompt once: the later ones take the
+/// first one's KV cells (llama.cpp's unified cache), and greedy choices stay identical.
+#[test]
+fn choices_on_one_worker_share_the_prompt_cells() {
+    let server = Server::start(&smol_config("", (4, 4096), PINNED_0));
+    let prompt =
+        "The history of the lighthouse on the northern cape is long and full of storms. ".repeat(6);
+    let body =
+        json!({"model": "smol", "prompt": prompt, "n": 3, "max_tokens": 6, "temperature": 0});
+    let r = server.post("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 64, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let texts: Vec<&str> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+    let metrics = server.get("/metrics").text();
+    let sample = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    // The first choice decodes the prompt; the other two only its last token each.
+    assert_eq!(sample("llamacpp:prompt_tokens_total"), prompt_tokens + 2);
+    assert_eq!(
+        sample("llamacpp:prompt_tokens_cached_total"),
+        2 * (prompt_tokens - 1)
+    );
+}

@@ -28,6 +28,8 @@ pub struct FakeBackend {
     pub logits: Vec<f32>,
     /// What `can_keep_prefix` answers (default: true).
     pub keeps_prefix: bool,
+    /// What `can_share_cells` answers (default: true).
+    pub shares_cells: bool,
 }
 
 /// The fake sampler only remembers whether end-of-generation is banned.
@@ -48,6 +50,7 @@ impl FakeBackend {
             inject: Vec::new(),
             logits: vec![0.0; limits.n_vocab],
             keeps_prefix: true,
+            shares_cells: true,
         }
     }
 }
@@ -76,6 +79,31 @@ impl Backend for FakeBackend {
 
     fn can_keep_prefix(&self) -> bool {
         self.keeps_prefix
+    }
+
+    fn can_share_cells(&self) -> bool {
+        self.shares_cells
+    }
+
+    fn share_prefix(&mut self, from: SeqId, to: SeqId, from_pos: i32, to_pos: i32) {
+        assert!(
+            self.shares_cells,
+            "share_prefix on a backend that cannot share cells"
+        );
+        let range = usize::try_from(from_pos).expect("non-negative")
+            ..usize::try_from(to_pos).expect("non-negative");
+        let source = self
+            .kv
+            .get(&from)
+            .map(|cells| cells[range.clone()].to_vec());
+        let source = source.expect("cells shared from a sequence that holds them");
+        let cells = self.kv.entry(to).or_default();
+        assert_eq!(
+            cells.len(),
+            range.start,
+            "cells shared past the sequence's end"
+        );
+        cells.extend(source);
     }
 
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), DecodeFailure> {

@@ -344,6 +344,8 @@ impl Model {
             batch: LlamaBatch::new(n_batch, 1),
             limits,
             keeps_prefix,
+            // With one stream per sequence, llama.cpp copies whole streams, not ranges.
+            shares_cells: keeps_prefix && config.kv_unified,
         })
     }
 }
@@ -445,6 +447,8 @@ pub struct LlamaCppBackend {
     limits: BackendLimits,
     /// See [`Backend::can_keep_prefix`].
     keeps_prefix: bool,
+    /// See [`Backend::can_share_cells`].
+    shares_cells: bool,
 }
 
 impl std::fmt::Debug for LlamaCppBackend {
@@ -572,6 +576,18 @@ impl Backend for LlamaCppBackend {
 
     fn can_keep_prefix(&self) -> bool {
         self.keeps_prefix
+    }
+
+    fn can_share_cells(&self) -> bool {
+        self.shares_cells
+    }
+
+    fn share_prefix(&mut self, from: SeqId, to: SeqId, from_pos: i32, to_pos: i32) {
+        let position = |p: i32| Some(u32::try_from(p).expect("positions are non-negative"));
+        // Only positions and sequence ids beyond i32 can fail, and neither reaches here.
+        let _ =
+            self.ctx
+                .copy_kv_cache_seq(from.get(), to.get(), position(from_pos), position(to_pos));
     }
 
     fn decode(&mut self, entries: &[BatchEntry]) -> Result<(), DecodeFailure> {

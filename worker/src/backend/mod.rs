@@ -70,6 +70,15 @@ pub trait Backend {
         true
     }
 
+    /// Whether [`Backend::share_prefix`] works: a KV cache where one cell can belong to several
+    /// sequences (llama.cpp's unified cache) and prefixes can be kept.
+    fn can_share_cells(&self) -> bool;
+
+    /// Gives `to` the cells `from` holds at positions `from_pos..to_pos`: the same cells, not
+    /// computed again. Called only when [`Backend::can_share_cells`], with `to` holding exactly
+    /// the positions `0..from_pos` and `from` at least `0..to_pos` of the same tokens.
+    fn share_prefix(&mut self, from: SeqId, to: SeqId, from_pos: i32, to_pos: i32);
+
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), DecodeFailure>;
 
     /// Samples (and accepts) the next token from the logits of batch entry `batch_index` of the

@@ -9,6 +9,8 @@
 //!
 //! Finished sequences leave their KV cells on their free ids: the [`seq_ids`] pool is also
 //! the prompt cache, and a new request prefills only what its prompt does not share with one.
+//! Where the backend can share cells, a new sequence also takes the prefix it shares with a
+//! running one, and [`sharing`] decides when a queued request waits a step for it.
 //!
 //! Failures stay local: a request that cannot fit is rejected, a failed decode fails the
 //! sequences it carried (a full KV cache evicts only the newest), and the others go on.
@@ -16,6 +18,7 @@
 pub mod logprobs;
 pub mod scheduler;
 pub mod seq_ids;
+pub mod sharing;
 pub mod text;
 
 use std::collections::VecDeque;
@@ -31,6 +34,7 @@ use llamapool_common::{
 use crate::backend::{Backend, BackendLimits, BatchEntry, DecodeFailure};
 use scheduler::{plan_step, StepView};
 use seq_ids::{SeqId, SeqIdPool};
+use sharing::{Prefilling, Queued};
 use text::TextAssembler;
 
 /// A tokenized generation request.
@@ -385,6 +389,9 @@ struct Engine<B: Backend> {
     /// Whether finished sequences keep their KV cells for later prompts (the backend can
     /// remove a sequence's cells past a position).
     prompt_cache: bool,
+    /// Whether a new sequence takes the prefix it shares with a running one from that one's
+    /// cells (the prompt cache is on and the backend can share cells).
+    share_cells: bool,
     waiting: VecDeque<Waiting<B::Sampler>>,
     /// In admission order.
     active: Vec<Active<B::Sampler>>,
@@ -401,11 +408,13 @@ impl<B: Backend> Engine<B> {
     fn new(backend: B) -> Self {
         let limits = backend.limits();
         let prompt_cache = backend.can_keep_prefix();
+        let share_cells = prompt_cache && backend.can_share_cells();
         Self {
             backend,
             limits,
             ids: SeqIdPool::new(limits.n_seq_max),
             prompt_cache,
+            share_cells,
             waiting: VecDeque::new(),
             active: Vec::new(),
             batch: Vec::with_capacity(limits.n_batch),
@@ -629,7 +638,12 @@ impl<B: Backend> Engine<B> {
                 backend.clear_sequence(id, i32::try_from(from).expect("positions fit in i32"));
             })
             .expect("the scheduler admits only into free ids");
-        let (seq, reused) = (acquired.id, acquired.reused);
+        let seq = acquired.id;
+        let reused = if reuse && self.share_cells {
+            self.share_from_running(seq, &w.request.prompt, acquired.reused)
+        } else {
+            acquired.reused
+        };
         if reused > 0 {
             tracing::debug!(id = %w.request.id, reused, "prompt cache hit");
         }
@@ -669,6 +683,55 @@ impl<B: Backend> Engine<B> {
             .send_progress();
     }
 
+    /// Gives `seq`, which holds the first `reused` tokens of `prompt`, the longer prefix a
+    /// running sequence holds, if any, from that sequence's cells. Returns how many prompt
+    /// tokens `seq` now holds.
+    fn share_from_running(&mut self, seq: SeqId, prompt: &[Token], reused: usize) -> usize {
+        let donor = self
+            .active
+            .iter()
+            .filter(|a| !a.done)
+            .map(|a| (sharing::shareable(prompt, &a.cells()), a.seq))
+            .max();
+        match donor {
+            Some((shared, from)) if shared > reused => {
+                let pos = |n: usize| i32::try_from(n).expect("positions fit in i32");
+                self.backend
+                    .share_prefix(from, seq, pos(reused), pos(shared));
+                shared
+            }
+            _ => reused,
+        }
+    }
+
+    /// The queued requests this step may admit (indices into the queue, in order): with cell
+    /// sharing on, [`sharing::admissible`] holds back a request that shares a long prefix with
+    /// a prompt not decoded that far yet.
+    fn admissible(&self) -> Vec<usize> {
+        let free_ids = self.ids.free_count();
+        if !self.share_cells {
+            return (0..self.waiting.len().min(free_ids)).collect();
+        }
+        let prefilling = self
+            .active
+            .iter()
+            .filter(|a| !a.done && a.prefilled < a.prompt.len())
+            .map(|a| Prefilling {
+                prompt: &a.prompt,
+                decoded: a.n_kv,
+            })
+            .collect();
+        let queued: Vec<Queued<'_>> = self
+            .waiting
+            .iter()
+            .map(|w| Queued {
+                prompt: &w.request.prompt,
+                may_share: w.request.stopping.cache_prompt,
+            })
+            .collect();
+        sharing::admissible(prefilling, &queued, free_ids)
+    }
+
     /// One step, vLLM-style: `schedule → execute → update_from_output`.
     fn step(&mut self) {
         let chunks = self.schedule();
@@ -695,11 +758,10 @@ impl<B: Backend> Engine<B> {
             .iter()
             .map(|&i| self.active[i].prompt.len() - self.active[i].prefilled)
             .collect();
-        let waiting: Vec<usize> = self
-            .waiting
+        let admissible = self.admissible();
+        let waiting: Vec<usize> = admissible
             .iter()
-            .take(self.ids.free_count())
-            .map(|w| w.request.prompt.len())
+            .map(|&i| self.waiting[i].request.prompt.len())
             .collect();
         let plan = plan_step(StepView {
             decoding,
@@ -713,10 +775,11 @@ impl<B: Backend> Engine<B> {
             .zip(plan.prefill)
             .map(|(active, tokens)| PrefillChunk { active, tokens })
             .collect();
-        for tokens in plan.admit {
+        for (admitted, tokens) in plan.admit.into_iter().enumerate() {
+            // Each earlier admission removed one entry in front of this one.
             let w = self
                 .waiting
-                .pop_front()
+                .remove(admissible[admitted] - admitted)
                 .expect("the plan admits only queued requests");
             self.admit(w);
             let a = self.active.last().expect("just admitted");

@@ -661,3 +661,98 @@ fn progress_reports_come_per_prefill_step_before_the_first_token() {
     assert_eq!(reports.last().unwrap().processed, 20);
     assert!(outputs.last().unwrap().is_ok());
 }
+
+/// The sequence ids and positions one decode carried.
+fn seqs_and_positions(batch: &[BatchEntry]) -> Vec<(i32, i32)> {
+    batch.iter().map(|e| (e.seq.get(), e.pos)).collect()
+}
+
+#[test]
+fn the_same_long_prompt_at_once_is_prefilled_once_and_shared() {
+    let prompt: Vec<Token> = (1..=40).collect();
+    let mut h = Harness::new(limits(64, 3, 64));
+    let first = h.submit(request(1, prompt.clone(), 3));
+    let second = h.submit(request(2, prompt.clone(), 3));
+    let other = h.submit(request(3, (50..60).collect(), 2));
+    h.run_until_idle();
+    let history = &h.engine.backend.history;
+    // Step 1: the first prompt whole and the unrelated one; the copy waits for the cells.
+    let first_seq = history[0][0].seq.get();
+    assert_eq!(
+        history[0].len(),
+        40 + 10,
+        "{:?}",
+        seqs_and_positions(&history[0])
+    );
+    assert!(history[0].iter().all(|e| e.pos < 40));
+    // Step 2: the copy decodes only its last prompt token; its first 39 cells are shared.
+    let copy: Vec<(i32, i32)> = seqs_and_positions(&history[1])
+        .into_iter()
+        .filter(|&(seq, pos)| seq != first_seq && pos == 39)
+        .collect();
+    assert_eq!(copy.len(), 1, "{:?}", seqs_and_positions(&history[1]));
+    let decoded_prompt_tokens: usize = history
+        .iter()
+        .flatten()
+        .filter(|e| e.seq.get() == copy[0].0 && e.pos < 40)
+        .count();
+    assert_eq!(decoded_prompt_tokens, 1);
+    let (first, second) = (collect(&first), collect(&second));
+    assert_eq!(first.0, vec![41, 42, 43]);
+    assert_eq!(second.0, first.0, "shared cells give the same output");
+    assert_eq!(second.2.unwrap().usage.cached_tokens, 39);
+    assert_eq!(first.2.unwrap().usage.cached_tokens, 0);
+    assert_eq!(collect(&other).0, vec![60, 61]);
+    assert_eq!(h.engine.ids.free_count(), 3);
+}
+
+#[test]
+fn a_request_joining_a_running_sequence_takes_its_cells() {
+    let prompt: Vec<Token> = (1..=40).collect();
+    let mut h = Harness::new(limits(64, 2, 64));
+    let first = h.submit(request(1, prompt.clone(), 20));
+    h.engine.step();
+    h.engine.step();
+    // The first sequence holds its prompt and one fed-back token; a longer prompt that
+    // extends it shares all of those cells.
+    let mut longer = prompt.clone();
+    longer.extend([41, 7, 8]);
+    let decodes = h.engine.backend.history.len();
+    let second = h.submit(request(2, longer, 2));
+    h.run_until_idle();
+    let second_seq = h.engine.backend.history[decodes]
+        .iter()
+        .find(|e| e.pos >= 40 && e.token == 7)
+        .map(|e| e.seq.get())
+        .expect("the new prompt's own tokens");
+    let own: Vec<i32> = h.engine.backend.history[decodes..]
+        .iter()
+        .flatten()
+        .filter(|e| e.seq.get() == second_seq)
+        .map(|e| e.pos)
+        .collect();
+    assert_eq!(
+        &own[..2],
+        &[41, 42],
+        "only the tokens it does not share: {own:?}"
+    );
+    assert_eq!(collect(&second).2.unwrap().usage.cached_tokens, 41);
+    assert_eq!(collect(&first).0.len(), 20);
+}
+
+#[test]
+fn without_cell_sharing_copies_prefill_side_by_side() {
+    let prompt: Vec<Token> = (1..=40).collect();
+    let mut backend = FakeBackend::new(limits(128, 2, 64));
+    backend.shares_cells = false;
+    let mut h = Harness {
+        engine: Engine::new(backend),
+    };
+    let first = h.submit(request(1, prompt.clone(), 2));
+    let second = h.submit(request(2, prompt, 2));
+    h.run_until_idle();
+    assert_eq!(h.engine.backend.history[0].len(), 80);
+    let second = collect(&second);
+    assert_eq!(collect(&first).0, second.0);
+    assert_eq!(second.2.unwrap().usage.cached_tokens, 0);
+}
