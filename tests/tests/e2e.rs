@@ -183,6 +183,23 @@ fn eight_concurrent_streams_end_with_done_and_correct_usage() {
     assert!(workers.iter().all(|w| w["restarts"] == 0));
 }
 
+/// At start-up `/health` turns 200 only once no worker is still in its first start, so the
+/// first requests a client sends after it can go to every worker, not only the quickest.
+#[test]
+fn health_at_start_up_waits_for_every_first_start() {
+    let server = Server::launch(&TWO_WORKERS);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.get("/health").status != 200 {
+        assert!(Instant::now() < deadline, "the pool never became healthy");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let workers = server.workers();
+    assert!(
+        workers.iter().all(|w| w["state"] != "starting"),
+        "healthy while a worker still starts: {workers:?}"
+    );
+}
+
 #[test]
 fn models_health_workers_and_metrics_show_two_pinned_workers() {
     let server = Server::start(&TWO_WORKERS);

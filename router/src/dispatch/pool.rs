@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use llamapool_common::protocol::{ControlCall, ControlReply, GenerateRequest, Prompt, WorkerInfo};
@@ -151,7 +151,13 @@ pub(super) struct Inner {
     pub shutting_down: AtomicBool,
     pub shutdown: watch::Sender<bool>,
     pub metrics: Arc<Metrics>,
+    /// When the first worker first became ready (see [`Pool::is_healthy`]).
+    pub first_ready: OnceLock<Instant>,
 }
+
+/// How long, after the first worker is ready, `/health` waits for the others' first starts:
+/// they load the same model at the same time, so they are normally a moment behind.
+const FIRST_START_GRACE: Duration = Duration::from_secs(30);
 
 impl Inner {
     pub fn launch(&self) -> LaunchConfig {
@@ -340,6 +346,7 @@ impl Pool {
             shutting_down: AtomicBool::new(false),
             shutdown,
             metrics,
+            first_ready: OnceLock::new(),
         });
         for index in 0..inner.workers.len() {
             tokio::spawn(supervise(inner.clone(), index));
@@ -367,6 +374,27 @@ impl Pool {
             .iter()
             .map(|w| w.load.load(Ordering::Acquire))
             .sum()
+    }
+
+    /// What `/health` answers: a ready worker answered recently, and no worker is still in its
+    /// first start, unless the first ready one has been so for [`FIRST_START_GRACE`]. So a
+    /// pool that is starting up reports healthy once all its workers can take the first
+    /// requests, not only the quickest (which would then get them all).
+    pub fn is_healthy(&self) -> bool {
+        if self.ready_count() == 0 {
+            return false;
+        }
+        let starting = self
+            .inner
+            .workers
+            .iter()
+            .any(|w| w.status().state == WorkerState::Starting);
+        let waited_enough = self
+            .inner
+            .first_ready
+            .get()
+            .is_some_and(|at| at.elapsed() >= FIRST_START_GRACE);
+        !starting || waited_enough
     }
 
     /// Ready workers that answered recently (what `/health` counts).

@@ -174,6 +174,7 @@ async fn run_round(
         s.commands = Some(tx);
         s.last_error = None;
     });
+    inner.first_ready.get_or_init(std::time::Instant::now);
     tracing::info!(worker = index, pid, cpus = %worker.plan().cpus, "worker ready");
     let watch = Watch {
         metrics: &inner.metrics,

@@ -24,9 +24,10 @@ use crate::metrics;
 use crate::openai::request::{parse_json, DetokenizeBody, TokenizeBody};
 use crate::openai::InvalidRequest;
 
-/// `GET /health`: 200 while any worker is ready, else 503.
+/// `GET /health`: 200 while a worker is ready (and, at start-up, the others have had their
+/// first start: [`crate::dispatch::Pool::is_healthy`]), else 503.
 pub async fn health(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
-    if state.pool.ready_count() > 0 {
+    if state.pool.is_healthy() {
         Ok(Json(json!({"status": "ok"})))
     } else {
         Err(ApiError::no_worker_ready())
