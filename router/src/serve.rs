@@ -24,7 +24,7 @@
 //!   client that does not read, so a refused write means that the client stopped taking bytes.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -155,11 +155,18 @@ pub async fn run(
             runtime_dir: runtime_dir.clone(),
         })),
     });
-    // The line tests and scripts wait for.
-    println!("llamapool listening on http://{local} ({n_workers} workers starting)");
+    // The line tests and scripts wait for. Written without `println!`, which panics when
+    // stdout is closed: a reader that stops after the first line must not stop the server.
+    let mut banner =
+        format!("llamapool listening on http://{local} ({n_workers} workers starting)\n");
     for also in &locals[1..] {
-        println!("llamapool also listening on http://{also}");
+        banner.push_str(&format!("llamapool also listening on http://{also}\n"));
     }
+    let mut stdout = io::stdout().lock();
+    let _ = stdout
+        .write_all(banner.as_bytes())
+        .and_then(|()| stdout.flush());
+    drop(stdout);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let graceful = GracefulShutdown::new();

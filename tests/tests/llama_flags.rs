@@ -220,3 +220,39 @@ fn several_hosts_are_all_served() {
         assert_eq!(done.json()["usage"]["completion_tokens"], 4, "{addr}");
     }
 }
+
+/// A server whose stdout reader went away before the start-up lines (a script that read
+/// nothing, or only the first line) keeps serving: writing them is not allowed to kill it.
+#[test]
+fn a_closed_stdout_does_not_stop_the_server() {
+    let port = free_port();
+    let mut child = router()
+        .args(["-m", &smol_path(), "-np", "2"])
+        .args(["--host", "127.0.0.1,127.0.0.2", "--port", &port])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let addr = format!("127.0.0.2:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let healthy = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the router exited: {status}");
+        }
+        if http::request(&addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        healthy && still_running,
+        "healthy {healthy}, running {still_running}"
+    );
+}

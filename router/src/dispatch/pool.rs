@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use llamapool_common::protocol::{ControlCall, ControlReply, GenerateRequest, Prompt, WorkerInfo};
@@ -153,6 +153,9 @@ pub(super) struct Inner {
     pub metrics: Arc<Metrics>,
     /// When the first worker first became ready (see [`Pool::is_healthy`]).
     pub first_ready: OnceLock<Instant>,
+    /// Held from choosing a worker until its load counts the request, so that two requests
+    /// dispatched at the same moment do not both see the same worker as the least loaded.
+    pub choosing: Mutex<()>,
 }
 
 /// How long, after the first worker is ready, `/health` waits for the others' first starts:
@@ -347,6 +350,7 @@ impl Pool {
             shutdown,
             metrics,
             first_ready: OnceLock::new(),
+            choosing: Mutex::new(()),
         });
         for index in 0..inner.workers.len() {
             tokio::spawn(supervise(inner.clone(), index));
@@ -819,6 +823,7 @@ impl Inner {
         }
         // A worker can go away between the choice and the send: try each ready one once.
         let mut tried: Vec<usize> = exclude.into_iter().collect();
+        let _choosing = self.choosing.lock().unwrap_or_else(PoisonError::into_inner);
         for _ in 0..self.workers.len() {
             let Some((index, routing)) = self.best_worker(&tried, flight.min_ctx, &flight.prefix)
             else {
