@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod cpus;
+pub mod gbnf;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod params;

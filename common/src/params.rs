@@ -137,7 +137,8 @@ impl SamplingParams {
     }
 }
 
-/// What can be checked without llama.cpp's parser: size, NUL bytes, a `root` rule to start from.
+/// What can be checked without llama.cpp's parser: size, NUL bytes, and [`crate::gbnf::check`]'s
+/// bounds (nesting, rules, expanded size) and a `root` rule to start from.
 fn check_grammar(grammar: &str) -> Result<(), ParamError> {
     if grammar.len() > SamplingParams::MAX_GRAMMAR_BYTES {
         return Err(ParamError::new(
@@ -152,13 +153,9 @@ fn check_grammar(grammar: &str) -> Result<(), ParamError> {
     if grammar.contains('\0') {
         return Err(ParamError::new("grammar", "grammar contains a NUL byte"));
     }
-    if !grammar.contains("root") {
-        return Err(ParamError::new(
-            "grammar",
-            "grammar has no `root` rule to start from",
-        ));
-    }
-    Ok(())
+    crate::gbnf::check(grammar)
+        .map(drop)
+        .map_err(|message| ParamError::new("grammar", message))
 }
 
 /// Largest logit bias magnitude (OpenAI's range); `-inf` (a ban) is also accepted.
