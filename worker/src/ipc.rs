@@ -4,7 +4,7 @@
 //!   `Hello`, `Ping` (answered with `Pong` at once), `Abort` (see `Preparing`); everything
 //!   else goes, in order, to the prepare thread.
 //! - The prepare thread (`ipc-prepare`) renders chat templates, tokenizes prompts of up to a
-//!   frame's size, submits to the engine, answers `Tokenize`/`Detokenize`, and passes `Drain`
+//!   frame's size, parses grammars (llama.cpp's parser, on a large stack), submits to the engine, answers `Tokenize`/`Detokenize`, and passes `Drain`
 //!   on after the requests that came before it. Nothing it does can delay an `Abort` or a
 //!   `Ping`.
 //! - The writer thread (`ipc-writer`) owns the socket's send half and turns engine events,
@@ -153,6 +153,7 @@ where
     };
     let prepare = std::thread::Builder::new()
         .name("ipc-prepare".into())
+        .stack_size(PREPARE_STACK_BYTES)
         .spawn(move || preparer.run(&jobs_rx, model))?;
     let result = read_loop(recv, &out_tx, &jobs_tx, &preparing, engine, info);
     // The router is gone or said goodbye: stop generating, skip what is still queued for
@@ -164,6 +165,30 @@ where
     drop(out_tx);
     let _ = writer.join();
     result
+}
+
+/// The prepare thread's stack: it runs llama.cpp's grammar parser on clients' grammars, which
+/// recurses once per nested group (bounded by `gbnf::MAX_NESTING`, with room to spare), and
+/// which is better run out of stack here than on the engine thread.
+pub const PREPARE_STACK_BYTES: usize = 64 << 20;
+
+/// Set only by the poison-containment tests: a worker that gets a text prompt containing this
+/// variable's value aborts, as a native crash (a GGML assert) would. Unset, nothing happens.
+pub const TEST_POISON_ENV: &str = "LLAMAPOOL_TEST_POISON";
+
+fn abort_on_test_poison(prompt: &Prompt) {
+    static MARKER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let marker = MARKER.get_or_init(|| {
+        std::env::var(TEST_POISON_ENV)
+            .ok()
+            .filter(|m| !m.is_empty())
+    });
+    if let (Some(marker), Prompt::Text(text)) = (marker, prompt) {
+        if text.contains(marker.as_str()) {
+            eprintln!("{TEST_POISON_ENV}: the prompt holds the test poison; aborting");
+            std::process::abort();
+        }
+    }
 }
 
 /// What the reader hands to the prepare thread, in the order the frames came. (A job lives
@@ -421,12 +446,18 @@ fn cancelled_before_start(id: RequestId) -> Vec<GenerationEvent> {
 /// Turns the protocol's request into the engine's: the prompt tokenized (the slow part: a
 /// chat template rendered, megabytes of text tokenized), a moved request's tokens appended.
 fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineRequest, RequestError> {
+    abort_on_test_poison(&request.prompt);
     let mut prompt = match request.prompt {
         Prompt::Text(text) => model.tokenize(&text, true),
         Prompt::Tokens(tokens) => tokens,
         Prompt::Chat(chat) => model.chat_prompt_ending(&chat.messages, chat.ending)?,
     };
     let mut sampling = request.sampling;
+    // Parsed here first, so the engine thread (which parses it again to build the request's
+    // sampler, while every sequence batched with it waits) sees only grammars that parsed.
+    if let Some(grammar) = &sampling.grammar {
+        model.check_grammar(grammar)?;
+    }
     for (text, bias) in std::mem::take(&mut sampling.logit_bias_text) {
         let tokens = model.tokenize(&text, false);
         sampling

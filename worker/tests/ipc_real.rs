@@ -236,3 +236,76 @@ fn ping_and_abort_do_not_wait_behind_a_slow_tokenization() {
     peer.send(&ToWorker::Ping { nonce: 8 });
     assert_eq!(peer.next(), FromWorker::Pong { nonce: 8 });
 }
+
+#[test]
+fn grammars_a_router_did_not_check_are_refused_and_the_worker_serves_on() {
+    let mut peer = Peer::start();
+    let with_grammar = |id: u64, grammar: String| {
+        let mut request = generate(id, "Is the sky blue?", 4);
+        if let ToWorker::Generate(r) = &mut request {
+            r.sampling.grammar = Some(grammar);
+            r.stopping.ignore_eos = false;
+        }
+        request
+    };
+    let rejection = |peer: &mut Peer| match peer.next() {
+        FromWorker::Events(events) => match events.as_slice() {
+            [GenerationEvent::Rejected { error, .. }] => error.clone(),
+            other => panic!("expected one rejection, got {other:?}"),
+        },
+        other => panic!("expected events, got {other:?}"),
+    };
+    // What aborted every worker: 100 000 nested groups (llama.cpp's parser's recursion
+    // overflowed the engine thread's stack). The pre-check refuses it unparsed.
+    let depth = 100_000;
+    let bomb = format!("root ::= {}\"a\"{}", "(".repeat(depth), ")".repeat(depth));
+    let error = rejection_of(&mut peer, with_grammar(1, bomb), rejection);
+    assert!(error.contains("128 deep"), "{error}");
+    // A grammar only llama.cpp can refuse (left recursion), refused on the prepare thread.
+    let error = rejection_of(
+        &mut peer,
+        with_grammar(2, "root ::= root \"a\"".into()),
+        rejection,
+    );
+    assert!(error.contains("not valid GBNF"), "{error}");
+    assert!(!error.contains('\n'), "{error}");
+    // The worker goes on: a grammar it can use constrains the next request.
+    peer.send(&with_grammar(3, "root ::= \"yes\" | \"no\"".into()));
+    let mut text = String::new();
+    loop {
+        match peer.next() {
+            FromWorker::Events(events) => {
+                for event in events {
+                    match event {
+                        GenerationEvent::Output(o) => {
+                            text.push_str(&o.text);
+                            if o.finish.is_some() {
+                                assert!(text == "yes" || text == "no", "{text:?}");
+                                return;
+                            }
+                        }
+                        GenerationEvent::Accepted { .. } => {}
+                        GenerationEvent::Rejected { error, .. } => panic!("rejected: {error}"),
+                    }
+                }
+            }
+            FromWorker::Progress(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn rejection_of(
+    peer: &mut Peer,
+    request: ToWorker,
+    rejection: impl Fn(&mut Peer) -> llamapool_common::RequestError,
+) -> String {
+    peer.send(&request);
+    match rejection(peer) {
+        llamapool_common::RequestError::InvalidParam { param, message } => {
+            assert_eq!(param, "grammar");
+            message
+        }
+        other => panic!("expected an invalid grammar, got {other:?}"),
+    }
+}

@@ -252,16 +252,30 @@ impl Model {
     }
 
     /// llama.cpp's grammar sampler for a GBNF grammar starting at `root`; a grammar llama.cpp
-    /// cannot parse (or with left recursion) is a request error naming `grammar`.
+    /// cannot parse (or with left recursion) is a request error naming `grammar`. Only for a
+    /// grammar [`llamapool_common::gbnf::check`] passed: llama.cpp's parser recurses per nested
+    /// group and expands repetitions without limits of its own.
     fn grammar(&self, grammar: &str) -> Result<LlamaSampler, RequestError> {
         LlamaSampler::grammar(&self.0.model, grammar, "root").map_err(|e| {
             RequestError::InvalidParam {
                 param: "grammar".into(),
-                message: format!(
+                message: clean_message(&format!(
                     "the grammar is not valid GBNF with a `root` rule ({e}); llama.cpp's parser logs the details"
-                ),
+                )),
             }
         })
+    }
+
+    /// Checks a client's grammar the way the engine will use it: the bounded pre-check, then
+    /// llama.cpp's parser (the sampler is built and dropped). Run on the prepare thread, whose
+    /// stack is [`crate::ipc::PREPARE_STACK_BYTES`], so that the engine thread only ever parses
+    /// grammars that parsed before; a refusal is a request error naming `grammar`.
+    pub fn check_grammar(&self, grammar: &str) -> Result<(), RequestError> {
+        llamapool_common::gbnf::check(grammar).map_err(|message| RequestError::InvalidParam {
+            param: "grammar".into(),
+            message,
+        })?;
+        self.grammar(grammar).map(drop)
     }
 
     /// The text of one token (special tokens rendered), as llama-server's `/tokenize` pieces.
@@ -667,9 +681,28 @@ fn open_final_message(rendered: &str, content: &str) -> Result<String, RequestEr
     Ok(format!("{}{content}", &rendered[..at]))
 }
 
+/// A message for a client from text llama.cpp produced: control characters escaped, at most
+/// 300 characters.
+fn clean_message(text: &str) -> String {
+    const MAX_MESSAGE_CHARS: usize = 300;
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_MESSAGE_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{argmax, open_final_message, CONTINUE_MARKER};
+    use super::{argmax, clean_message, open_final_message, CONTINUE_MARKER};
 
     #[test]
     fn the_final_message_is_cut_open_at_its_content() {
@@ -689,5 +722,74 @@ mod tests {
     fn argmax_skips_banned_and_prefers_first() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0], &[]), 1);
         assert_eq!(argmax(&[0.0, 3.0, 2.0, 1.0], &[1]), 2);
+    }
+
+    /// The figures in docs/RELIABILITY.md ("Grammar and schema bombs"): what llama.cpp's
+    /// parser costs, without and within `gbnf::check`'s bounds. Run by hand:
+    /// `cargo test --release -p llamapool-worker --lib grammar_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, with SmolLM2"]
+    fn grammar_costs() {
+        let path = llamapool_common::settings::models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let model = super::Model::load(&path, &super::ModelOptions::default()).unwrap();
+        let hwm = || {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .unwrap()
+                .to_string()
+        };
+        let literal = format!("\"{}\"", "x".repeat(1000));
+        let chain: String = (0..9_998)
+            .map(|i| format!("r{i} ::= r{}\n", i + 1))
+            .collect::<String>()
+            + "r9998 ::= \"a\"\nroot ::= r0\n";
+        let cases = [
+            (
+                "1000-char literal {2000} x 10 (unchecked)",
+                format!("root ::= {}", format!("{literal}{{2000}} ").repeat(10)),
+                false,
+            ),
+            (
+                "1000-char literal {1000} (1M elements)",
+                format!("root ::= {literal}{{1000}}"),
+                true,
+            ),
+            ("chain of 10 000 rules", chain, true),
+            (
+                "128 nested groups",
+                format!("root ::= {}\"a\"{}", "(".repeat(128), ")".repeat(128)),
+                true,
+            ),
+        ];
+        for (name, grammar, checked) in cases {
+            if checked {
+                llamapool_common::gbnf::check(&grammar).unwrap();
+            }
+            let start = std::time::Instant::now();
+            let ok = std::thread::scope(|s| {
+                // The engine thread's stack.
+                std::thread::Builder::new()
+                    .stack_size(2 << 20)
+                    .spawn_scoped(s, || model.grammar(&grammar).is_ok())
+                    .unwrap()
+                    .join()
+                    .unwrap()
+            });
+            eprintln!(
+                "{name}: {} bytes, parsed {ok} in {:?}, {}",
+                grammar.len(),
+                start.elapsed(),
+                hwm()
+            );
+        }
+    }
+
+    #[test]
+    fn messages_from_llama_cpp_are_one_short_line() {
+        assert_eq!(clean_message("a\nb\x1b"), "a\\nb\\u{1b}");
+        let long = clean_message(&"x".repeat(10_000));
+        assert_eq!(long.chars().count(), 301);
     }
 }
