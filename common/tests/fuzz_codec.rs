@@ -15,55 +15,18 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::fmt::Debug;
-use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use llamapool_common::codec::{encode_into, read_frame, CodecError, FrameCodec, MAX_FRAME_BYTES};
 use llamapool_common::protocol::*;
 use llamapool_common::*;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseResult, TestRunner};
+use proptest::test_runner::TestCaseResult;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::Decoder;
 
-// ---------------------------------------------------------------------------------------------
-// The runner (the router's src/fuzz_tests.rs has the same one).
-
-/// Runs `test` on values of `strategy`. With `LLAMAPOOL_FUZZ_SECONDS` set (scripts/fuzz), runs
-/// batches of cases with fresh seeds until that many seconds have passed; otherwise
-/// `LLAMAPOOL_FUZZ_CASES` cases, or `ci_cases`. Prints how many cases ran; a failure panics
-/// with the minimal failing input proptest shrank it to.
-fn fuzz<S>(name: &str, ci_cases: u32, strategy: S, test: impl Fn(S::Value) -> TestCaseResult)
-where
-    S: Strategy,
-    S::Value: Debug,
-{
-    let env = |key: &str| std::env::var(key).ok().and_then(|v| v.parse::<u64>().ok());
-    let budget = env("LLAMAPOOL_FUZZ_SECONDS").map(Duration::from_secs);
-    let batch = match (budget, env("LLAMAPOOL_FUZZ_CASES")) {
-        (None, Some(cases)) => u32::try_from(cases).unwrap_or(u32::MAX),
-        _ => ci_cases,
-    };
-    let start = Instant::now();
-    let mut cases = 0u64;
-    loop {
-        let mut runner = TestRunner::new(Config {
-            cases: batch,
-            failure_persistence: None,
-            ..Config::default()
-        });
-        if let Err(e) = runner.run(&strategy, &test) {
-            panic!("fuzz: {name}: failed after {cases} cases: {e}");
-        }
-        cases += u64::from(batch);
-        if budget.is_none_or(|b| start.elapsed() >= b) {
-            break;
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!("fuzz: {name}: {cases} cases in {secs:.1} s");
-}
+mod fuzz_support;
+use fuzz_support::fuzz;
 
 // ---------------------------------------------------------------------------------------------
 // Allocation accounting: a per-thread count of live bytes and its peak.
@@ -531,7 +494,7 @@ fn fuzz_frame_decoder_arbitrary_bytes() {
     ];
     fuzz(
         "frame_decoder_arbitrary_bytes",
-        512,
+        2048,
         (bytes, chunk_sizes()),
         |(wire, chunks)| decode_everywhere(&wire, &chunks),
     );
@@ -548,7 +511,7 @@ fn fuzz_frame_decoder_mutated_frames() {
     );
     fuzz(
         "frame_decoder_mutated_frames",
-        512,
+        2048,
         stream,
         move |(picks, mutations, chunks)| {
             let mut wire: Vec<u8> = picks.iter().flat_map(|&i| frames[i].clone()).collect();
