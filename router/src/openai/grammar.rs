@@ -13,10 +13,18 @@
 //! keyword (`pattern`, `format`, `$ref`, `minimum`, …) is refused with its path, rather than
 //! generating output that might not validate. Whitespace is limited to one optional space
 //! between tokens, so that a model cannot pad the output with newlines until `max_tokens`.
+//!
+//! Size: every sub-schema that is not a bare primitive becomes a named rule (identical bodies
+//! share one), so an array's `item ("," item)*` names its item instead of copying it and the
+//! grammar grows linearly with the schema. The converter stops with an error, naming the path
+//! where it was, past [`MAX_DEPTH`] nested schemas or once the grammar would exceed
+//! [`MAX_GRAMMAR_BYTES`] (the limit on any grammar); the result also passes
+//! [`gbnf::check`] (what llama.cpp's parser will cost), or the error names the schema (`$`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
+use llamapool_common::{gbnf, SamplingParams};
 use serde_json::{Map, Value};
 
 /// A schema this converter cannot turn into a grammar, with where and why.
@@ -44,6 +52,12 @@ const ANNOTATIONS: [&str; 9] = [
 /// Most alternatives, properties or repetitions a schema may ask for: keeps grammars small.
 const MAX_ITEMS: u64 = 1000;
 
+/// Deepest nesting of schemas in schemas (`items`, `properties`, `anyOf`); OpenAI allows 10.
+pub const MAX_DEPTH: usize = 64;
+
+/// Largest grammar the converter builds: the limit on any grammar.
+pub const MAX_GRAMMAR_BYTES: usize = SamplingParams::MAX_GRAMMAR_BYTES;
+
 /// The shared rules: JSON's primitives, and a generic value for `{}`.
 const PRIMITIVES: &str = r#"space ::= " "?
 char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})
@@ -65,13 +79,18 @@ pub fn json_object_grammar() -> String {
 
 /// A grammar whose language is (a subset of) the JSON documents `schema` accepts.
 pub fn schema_grammar(schema: &Value) -> Result<String, SchemaError> {
-    let mut converter = Converter::default();
+    let mut converter = Converter {
+        bytes: PRIMITIVES.len(),
+        ..Converter::default()
+    };
     let root = converter.visit(schema, "$")?;
+    converter.charge("root", &root, "$")?;
     let mut out = format!("root ::= {root}\n");
     for (name, body) in &converter.rules {
         let _ = writeln!(out, "{name} ::= {body}");
     }
     out.push_str(PRIMITIVES);
+    gbnf::check(&out).map_err(|message| error("$", message))?;
     Ok(out)
 }
 
@@ -79,6 +98,14 @@ pub fn schema_grammar(schema: &Value) -> Result<String, SchemaError> {
 struct Converter {
     /// Named rules beyond the primitives, by name.
     rules: BTreeMap<String, String>,
+    /// The rule of each sub-schema body, so that identical ones share a rule.
+    named: HashMap<String, String>,
+    /// The grammar's size so far.
+    bytes: usize,
+    /// How many schemas the one being visited is inside.
+    depth: usize,
+    /// Objects with optional properties so far (their rules' names).
+    objects: usize,
 }
 
 fn error(path: &str, message: impl Into<String>) -> SchemaError {
@@ -143,8 +170,58 @@ fn repeat(item: &str, sep: &str, min: u64, max: Option<u64>) -> String {
 }
 
 impl Converter {
+    /// Counts a rule `name ::= body` against [`MAX_GRAMMAR_BYTES`].
+    fn charge(&mut self, name: &str, body: &str, path: &str) -> Result<(), SchemaError> {
+        self.bytes += name.len() + body.len() + " ::= \n".len();
+        if self.bytes > MAX_GRAMMAR_BYTES {
+            return Err(error(
+                path,
+                format!(
+                    "the schema's grammar would be larger than {} KiB",
+                    MAX_GRAMMAR_BYTES / 1024
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn add_rule(&mut self, name: String, body: String, path: &str) -> Result<(), SchemaError> {
+        self.charge(&name, &body, path)?;
+        self.rules.insert(name, body);
+        Ok(())
+    }
+
+    /// A sub-schema's expression as a rule name: a primitive's own, or a rule made for it
+    /// (shared by identical sub-schemas), so that repeating it repeats only its name.
+    fn visit_named(&mut self, schema: &Value, path: &str) -> Result<String, SchemaError> {
+        let expr = self.visit(schema, path)?;
+        if expr.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+            return Ok(expr);
+        }
+        if let Some(name) = self.named.get(&expr) {
+            return Ok(name.clone());
+        }
+        let name = format!("schema-{}", self.named.len());
+        self.named.insert(expr.clone(), name.clone());
+        self.add_rule(name.clone(), expr, path)?;
+        Ok(name)
+    }
+
     /// An expression for `schema`, found at `path`.
     fn visit(&mut self, schema: &Value, path: &str) -> Result<String, SchemaError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(error(
+                path,
+                format!("the schema nests more than {MAX_DEPTH} schemas deep"),
+            ));
+        }
+        self.depth += 1;
+        let expr = self.visit_here(schema, path);
+        self.depth -= 1;
+        expr
+    }
+
+    fn visit_here(&mut self, schema: &Value, path: &str) -> Result<String, SchemaError> {
         let map = match schema {
             Value::Bool(true) => return Ok("value".into()),
             Value::Object(map) => map,
@@ -212,7 +289,7 @@ impl Converter {
             let alternatives = options
                 .iter()
                 .enumerate()
-                .map(|(i, o)| self.visit(o, &format!("{path}.anyOf[{i}]")))
+                .map(|(i, o)| self.visit_named(o, &format!("{path}.anyOf[{i}]")))
                 .collect::<Result<Vec<_>, _>>()?;
             return Ok(format!("({})", alternatives.join(" | ")));
         }
@@ -270,7 +347,7 @@ impl Converter {
             "array" => {
                 let item = match map.get("items") {
                     None => "value".to_string(),
-                    Some(items) => self.visit(items, &format!("{path}.items"))?,
+                    Some(items) => self.visit_named(items, &format!("{path}.items"))?,
                 };
                 let min = count(map, "minItems", path)?.unwrap_or(0);
                 let max = count(map, "maxItems", path)?;
@@ -323,7 +400,7 @@ impl Converter {
         let mut mandatory = Vec::new();
         let mut optional = Vec::new();
         for (name, schema) in properties {
-            let value = self.visit(schema, &format!("{path}.properties.{name}"))?;
+            let value = self.visit_named(schema, &format!("{path}.properties.{name}"))?;
             let pair = format!(
                 "{} \":\" space {value}",
                 json_literal(&Value::String(name.clone()))
@@ -336,15 +413,24 @@ impl Converter {
         }
         // Any ordered subset of the optional properties: rule i is "a non-empty subset of the
         // properties from i on", `pair_i ("," rule_{i+1})? | rule_{i+1}`.
-        let id = self.rules.len();
+        let id = self.objects;
+        self.objects += usize::from(!optional.is_empty());
         let mut next: Option<String> = None;
         for (i, pair) in optional.iter().enumerate().rev() {
-            let name = format!("object-{id}-optional-{i}");
             let body = match &next {
                 None => pair.clone(),
                 Some(rest) => format!("{pair} (\",\" space {rest})? | {rest}"),
             };
-            self.rules.insert(name.clone(), body);
+            // Identical objects share their rules.
+            let name = match self.named.get(&body) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = format!("object-{id}-optional-{i}");
+                    self.named.insert(body.clone(), name.clone());
+                    self.add_rule(name.clone(), body, path)?;
+                    name
+                }
+            };
             next = Some(name);
         }
         let inside = match (mandatory.is_empty(), next) {
@@ -413,5 +499,79 @@ mod tests {
         assert_eq!(repeat("i", "\",\"", 3, None), "i (\",\" i){2,}");
         assert_eq!(repeat("i", "\",\"", 0, Some(0)), "");
         assert!(json_object_grammar().starts_with("root ::= object\n"));
+        gbnf::check(&json_object_grammar()).unwrap();
+    }
+
+    fn nested_arrays(depth: usize) -> Value {
+        (0..depth).fold(
+            json!({"type": "string"}),
+            |inner, _| json!({"type": "array", "items": inner, "minItems": 1}),
+        )
+    }
+
+    #[test]
+    fn nested_arrays_grow_the_grammar_linearly() {
+        // The attack: 24 levels used to write each item twice per level, 738 MB of grammar.
+        let start = std::time::Instant::now();
+        let g = schema_grammar(&nested_arrays(30)).unwrap();
+        assert!(start.elapsed() < std::time::Duration::from_millis(100));
+        assert!(g.len() < 4 * 1024, "{} bytes", g.len());
+        let g60 = schema_grammar(&nested_arrays(60)).unwrap();
+        assert!(g60.len() < g.len() * 3);
+        assert!(
+            g.contains("schema-0 ::= \"[\" space string (\",\" space string)* \"]\" space"),
+            "{g}"
+        );
+    }
+
+    #[test]
+    fn deep_schemas_are_refused_with_their_path() {
+        let e = schema_grammar(&nested_arrays(1000)).unwrap_err();
+        assert!(e.message.contains("more than 64"), "{e}");
+        assert_eq!(e.path, format!("${}", ".items".repeat(MAX_DEPTH)));
+        schema_grammar(&nested_arrays(MAX_DEPTH - 1)).unwrap();
+        let deep_any = (0..100).fold(
+            json!({"type": "null"}),
+            |inner, _| json!({"anyOf": [inner]}),
+        );
+        assert!(schema_grammar(&deep_any)
+            .unwrap_err()
+            .message
+            .contains("deep"));
+    }
+
+    #[test]
+    fn wide_and_deep_schemas_stay_small() {
+        // Five properties per level, six levels: 5^6 copies if sub-schemas were inlined.
+        let tree = (0..6).fold(json!({"type": "integer"}), |inner, level| {
+            let properties: Map<String, Value> = (0..5)
+                .map(|i| (format!("p{level}-{i}"), inner.clone()))
+                .collect();
+            json!({"type": "object", "properties": properties, "required": [format!("p{level}-0")]})
+        });
+        let g = schema_grammar(&tree).unwrap();
+        assert!(g.len() < 16 * 1024, "{} bytes", g.len());
+        // Strings of one length bound share one rule.
+        let strings: Map<String, Value> = (0..500)
+            .map(|i| {
+                (
+                    format!("s{i}"),
+                    json!({"type": "string", "maxLength": 1000}),
+                )
+            })
+            .collect();
+        let g = schema_grammar(&json!({"type": "object", "properties": strings})).unwrap();
+        assert_eq!(g.matches("char{0,1000}").count(), 1);
+    }
+
+    #[test]
+    fn a_grammar_past_the_budget_is_refused_while_it_is_built() {
+        let name = "n".repeat(300);
+        let wide: Map<String, Value> = (0..1000)
+            .map(|i| (format!("{name}{i}"), json!({"type": "integer"})))
+            .collect();
+        let e = schema_grammar(&json!({"type": "object", "properties": wide})).unwrap_err();
+        assert_eq!(e.path, "$");
+        assert!(e.message.contains("larger than 256 KiB"), "{e}");
     }
 }
