@@ -2,6 +2,8 @@
 //! pool runs (every rejection names its field); [`response`] builds response bodies and stream
 //! chunks. The endpoints and their deviations from OpenAI and llama-server are in docs/API.md.
 
+#[cfg(test)]
+mod fuzz_tests;
 pub mod grammar;
 pub mod logprobs;
 pub mod request;
