@@ -87,6 +87,8 @@ pub struct Metrics {
     resumed: Counter,
     cancelled: Counter,
     hung_kills: Family<WorkerLabel, Counter>,
+    poison_convictions: Counter,
+    poison_refusals: Counter,
     routed: Family<OutcomeLabel, Counter>,
     /// llama-server's `n_tokens_max`: the longest prompt + generation finished so far.
     longest_sequence: AtomicU64,
@@ -117,6 +119,8 @@ impl Default for Metrics {
             resumed: Counter::default(),
             cancelled: Counter::default(),
             hung_kills: Family::default(),
+            poison_convictions: Counter::default(),
+            poison_refusals: Counter::default(),
             routed: Family::default(),
             longest_sequence: AtomicU64::new(0),
         };
@@ -227,6 +231,16 @@ impl Metrics {
             self.hung_kills.clone(),
         );
         r.register(
+            "llamapool_poison_requests",
+            "Requests ended because the poison policy blamed them for workers' deaths",
+            self.poison_convictions.clone(),
+        );
+        r.register(
+            "llamapool_poison_refusals",
+            "Requests refused because an identical request killed workers recently",
+            self.poison_refusals.clone(),
+        );
+        r.register(
             "llamapool_routed",
             "Requests dispatched (moved ones again), by how their worker was chosen: packed (the \
              first adaptive worker no foreign work crowds, with a free slot), affinity (the worker most \
@@ -284,6 +298,16 @@ impl Metrics {
     /// The watchdog killed worker `worker` as hung.
     pub fn record_hung_kill(&self, worker: usize) {
         self.hung_kills.get_or_create(&WorkerLabel { worker }).inc();
+    }
+
+    /// The poison policy ended a request that was in flight at workers' deaths.
+    pub fn record_poison_conviction(&self) {
+        self.poison_convictions.inc();
+    }
+
+    /// A request identical to a convicted one was refused.
+    pub fn record_poison_refusal(&self) {
+        self.poison_refusals.inc();
     }
 
     /// A request (or a moved one) was dispatched; `outcome` says how its worker was chosen.

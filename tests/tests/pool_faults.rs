@@ -1,5 +1,5 @@
 //! Faults of the pool with the real binaries (SmolLM2, two pinned workers): a hung worker, a
-//! crash-looping worker, workers of different context sizes, per-worker drain and restart,
+//! worker killed from outside again and again, workers of different context sizes, per-worker drain and restart,
 //! and a rolling reload under load. Each test asserts what was lost, not only that the server
 //! is still up.
 
@@ -155,39 +155,30 @@ fn an_idle_stopped_worker_stops_counting_for_health_and_is_replaced() {
     assert_eq!(short_completion(&server), 200);
 }
 
+/// Kills from outside (SIGKILL: an operator, the OOM killer) are not a crash loop: a worker
+/// killed again and again, even right after it became ready, is started again each time and
+/// never marked `failed` (the crash-loop rule counts only failed starts and crashes before
+/// serving), while the other serves.
 #[test]
-fn a_crash_looping_worker_is_marked_failed_and_the_other_keeps_serving() {
+fn a_worker_killed_from_outside_again_and_again_is_never_marked_failed() {
     let server = Server::start(&config(
         "crash_loop_deaths = 3\ncrash_loop_window_secs = 300\nfailed_retry_secs = 600",
         PINNED_0_1,
     ));
     let mut last_pid = None;
-    for _ in 0..3 {
-        let w = wait_for(&server, 1, Duration::from_secs(60), "became ready", |w| {
+    for _ in 0..5 {
+        let w = wait_for(&server, 1, Duration::from_secs(30), "became ready", |w| {
             w["state"] == "ready" && w["pid"].as_u64() != last_pid
         });
         let pid = w["pid"].as_u64().unwrap();
         signal(pid, Signal::SIGKILL);
         last_pid = Some(pid);
-    }
-    let failed = wait_for(
-        &server,
-        1,
-        Duration::from_secs(10),
-        "was marked failed",
-        |w| w["state"] == "failed",
-    );
-    assert!(
-        failed["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("exited")),
-        "{failed}"
-    );
-    // It stays failed (retried only after failed_retry_secs) while the other serves.
-    for _ in 0..3 {
         assert_eq!(short_completion(&server), 200);
     }
-    assert_eq!(worker(&server, 1)["state"], "failed");
+    let back = wait_for(&server, 1, Duration::from_secs(30), "came back", |w| {
+        w["state"] == "ready" && w["pid"].as_u64() != last_pid
+    });
+    assert_eq!(back["restarts"], 5, "{back}");
     assert_eq!(worker(&server, 0)["state"], "ready");
     assert_eq!(server.get("/health").status, 200);
 }

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default: warnings, and this crate's info lines),
+/// Logs to stderr (stdout under the router, see `logging::LOG_TO_STDOUT_ENV`), filtered by `RUST_LOG` (default: warnings, and this crate's info lines),
 /// as text or JSON by [`LOG_FORMAT_ENV`] (the router sets it from `server.log_format`). Text
 /// has colours only on a terminal; JSON has none, one object per line with the event's fields
 /// at the top level and the current span's (a request's `request_id`) under `span`.
@@ -82,7 +82,9 @@ fn init_logging() {
         Some(Ok(format)) => format,
         _ => LogFormat::Text,
     };
-    logging::init(shown, "warn,llamapool_worker=info");
+    // Under the router, log lines go to stdout: stderr is left to native code's own prints.
+    let to_stdout = std::env::var_os(logging::LOG_TO_STDOUT_ENV).is_some();
+    logging::init_on(shown, "warn,llamapool_worker=info", to_stdout);
     if let Some(Err(e)) = format {
         tracing::warn!("{LOG_FORMAT_ENV}: {e}; writing text");
     }

@@ -45,6 +45,18 @@ pub struct InFlight {
     pub min_ctx: u32,
     /// The prompt's block hashes for prefix affinity (empty: affinity is off).
     pub prefix: PrefixChain,
+    /// While on probation after a worker's death (`super::poison`): told when the request
+    /// produces its first token or ends; `Some` means it has not yet.
+    pub probation: Option<mpsc::Sender<()>>,
+}
+
+impl InFlight {
+    /// The request is known fine on its worker: it produced a token or ended.
+    pub fn pass_probation(&mut self) {
+        if let Some(tx) = self.probation.take() {
+            let _ = tx.try_send(());
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -284,6 +296,9 @@ impl<W: AsyncWrite> Connection<'_, W> {
         let r = self.running.get_mut(&id)?;
         r.flight.generated.extend_from_slice(&output.tokens);
         let done = output.finish.is_some();
+        if done || !output.tokens.is_empty() {
+            r.flight.pass_probation();
+        }
         if let Some(finish) = &mut output.finish {
             finish.usage.prompt_tokens = finish.usage.prompt_tokens.saturating_sub(r.resumed);
             finish.usage.completion_tokens += r.resumed;

@@ -11,9 +11,11 @@
 //!   worker's events to the requests; pings it.
 //! - [`vitals`]: what the worker last pushed, and the hang rule.
 //! - [`affinity`]: which worker's prompt cache most likely holds a prompt's prefix.
+//! - [`poison`]: which request a worker's death points to, and the requests refused for it.
 
 pub mod affinity;
 pub mod connection;
+pub mod poison;
 pub mod pool;
 pub mod supervisor;
 pub mod vitals;
@@ -44,6 +46,15 @@ pub enum DispatchError {
     TooLargeToSend(String),
     #[error("unexpected worker reply: {0}")]
     UnexpectedReply(String),
+    /// The request was in flight when workers died, and the poison policy blames it.
+    #[error("this request was ended because {0}; requests like it are refused for a while")]
+    PoisonKilled(String),
+    /// The request is one that killed workers recently (same prompt and parameters).
+    #[error("this request is refused: an identical request was in flight when {reason}; it is refused for {retry_after_secs} s more")]
+    PoisonRefused {
+        reason: String,
+        retry_after_secs: u64,
+    },
 }
 
 /// What a request's handler receives, in order: `Accepted` (or an error), then outputs until

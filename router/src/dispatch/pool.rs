@@ -6,6 +6,7 @@
 //! its supervisor; `draining` also by the operator), an atomic load counter (one
 //! [`LoadTicket`] per request it owns) and its [`Vitals`] (written by its connection).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::affinity::{prefix_chain, PrefixChain, PrefixTable};
 use super::connection::{ConnCommand, InFlight};
+use super::poison::{last_words, DeathCause, Fingerprint, PoisonRegistry, Suspect, Verdict};
 use super::supervisor::{supervise, SupervisionPolicy};
 use super::vitals::Vitals;
 use super::{AbortGuard, DispatchError, Load, LoadTicket, RequestHandle, StreamEvent};
@@ -74,6 +76,8 @@ pub(super) struct Status {
     pub commands: Option<mpsc::UnboundedSender<ConnCommand>>,
     /// The operator asked for no new work (drain, or a restart in progress).
     pub draining: bool,
+    /// It served, died, and is being started again: requests wait for it rather than fail.
+    pub respawning: bool,
 }
 
 #[derive(Debug)]
@@ -87,7 +91,12 @@ pub(super) struct Worker {
     pub restart: Notify,
     /// What its prompt cache most likely holds (cleared when it starts).
     pub prefixes: PrefixTable,
+    /// The last lines its process wrote to stderr: its last words when it dies.
+    pub stderr_tail: Mutex<VecDeque<String>>,
 }
+
+/// Lines of a worker's stderr kept as its last words.
+const STDERR_TAIL_LINES: usize = 6;
 
 impl Worker {
     pub fn status(&self) -> Status {
@@ -122,6 +131,29 @@ impl Worker {
         s.state == WorkerState::Ready && !s.draining
     }
 
+    /// Keeps `line` among its last words.
+    pub fn remember_stderr(&self, line: String) {
+        let mut tail = self
+            .stderr_tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if tail.len() == STDERR_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+
+    /// Its last words, joined (and forgotten: a new process starts afresh).
+    pub fn take_last_words(&self) -> String {
+        let lines: Vec<String> = self
+            .stderr_tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        last_words(&lines)
+    }
+
     /// Ready, and heard from recently (a hung worker stops counting before the watchdog acts).
     fn answers(&self, window: Duration) -> bool {
         self.status().state == WorkerState::Ready
@@ -129,8 +161,9 @@ impl Worker {
     }
 }
 
-/// How many times a request may move to another worker after its worker died.
-const MAX_MOVES: u32 = 2;
+/// How many times a request may move off a worker that died of an inside cause: a safety
+/// net only, since the poison policy convicts a request after two such deaths.
+const MAX_MOVES: u32 = 8;
 
 /// How to start workers.
 #[derive(Debug, Clone)]
@@ -156,6 +189,10 @@ pub(super) struct Inner {
     /// Held from choosing a worker until its load counts the request, so that two requests
     /// dispatched at the same moment do not both see the same worker as the least loaded.
     pub choosing: Mutex<()>,
+    /// Which requests killed workers, and which are refused for it.
+    pub poison: PoisonRegistry,
+    /// Requests waiting for a worker that is being started again, with their deadlines.
+    pub parked: Mutex<Vec<(tokio::time::Instant, InFlight)>>,
 }
 
 /// How long, after the first worker is ready, `/health` waits for the others' first starts:
@@ -336,11 +373,13 @@ impl Pool {
                         last_error: None,
                         commands: None,
                         draining: false,
+                        respawning: false,
                     }),
                     load: Load::default(),
                     vitals: Vitals::default(),
                     restart: Notify::new(),
                     prefixes: PrefixTable::default(),
+                    stderr_tail: Mutex::new(VecDeque::new()),
                 })
                 .collect(),
             launch: RwLock::new(launch),
@@ -351,10 +390,13 @@ impl Pool {
             metrics,
             first_ready: OnceLock::new(),
             choosing: Mutex::new(()),
+            poison: PoisonRegistry::new(policy.poison),
+            parked: Mutex::new(Vec::new()),
         });
         for index in 0..inner.workers.len() {
             tokio::spawn(supervise(inner.clone(), index));
         }
+        tokio::spawn(sweep_parked(inner.clone()));
         Self { inner }
     }
 
@@ -446,10 +488,9 @@ impl Pool {
             ticket: None,
             min_ctx,
             prefix,
+            probation: None,
         };
-        self.inner
-            .send_to_best(flight, None)
-            .map_err(|(_, error)| error)?;
+        self.inner.place(flight, None).map_err(|(_, error)| error)?;
         Ok(RequestHandle {
             events,
             guard: AbortGuard {
@@ -466,6 +507,7 @@ impl Pool {
     /// worker is tried on a larger one: the request is refused as too long only when no worker
     /// can take it.
     pub async fn submit(&self, request: GenerateRequest) -> Result<RequestHandle, Refusal> {
+        self.inner.refuse_poison(&request)?;
         let mut min_ctx = known_prompt_len(&request);
         let mut next = Some(request);
         loop {
@@ -499,6 +541,24 @@ impl Pool {
                 Err(refusal) => return Err(refusal),
             }
         }
+    }
+
+    /// Submits several requests (the `n` choices or the prompts of one HTTP request): the
+    /// first alone, then, once a worker accepted it, the others together. So a request that
+    /// kills a worker while it is prepared or admitted costs one worker, not one per choice;
+    /// the others are refused as poison by then. All or nothing: a refusal drops (and so
+    /// aborts) the choices already accepted.
+    pub async fn submit_all(
+        &self,
+        requests: Vec<GenerateRequest>,
+    ) -> Result<Vec<RequestHandle>, Refusal> {
+        let mut requests = requests.into_iter();
+        let Some(first) = requests.next() else {
+            return Ok(Vec::new());
+        };
+        let first = self.submit(first).await?;
+        let rest = futures_util::future::try_join_all(requests.map(|r| self.submit(r))).await?;
+        Ok(std::iter::once(first).chain(rest).collect())
     }
 
     fn contexts(&self) -> impl Iterator<Item = u32> + '_ {
@@ -865,31 +925,218 @@ impl Inner {
         worker.prefixes.record(prefix, slots as usize);
     }
 
-    /// Requests of a worker that went away move to the others.
-    pub fn requeue(&self, from: usize, orphans: Vec<InFlight>) {
-        for mut flight in orphans {
+    /// Refuses a request whose fingerprint killed workers recently (see [`super::poison`]).
+    fn refuse_poison(&self, request: &GenerateRequest) -> Result<(), DispatchError> {
+        if !self.poison.has_convictions() {
+            return Ok(());
+        }
+        let fingerprint = Fingerprint::of(request);
+        let Some(conviction) = self.poison.refusal(fingerprint, Instant::now()) else {
+            return Ok(());
+        };
+        self.metrics.record_poison_refusal();
+        tracing::warn!(request_id = %request.request_id, %fingerprint, "refusing a request that killed workers");
+        let secs = conviction
+            .until
+            .saturating_duration_since(Instant::now())
+            .as_secs();
+        Err(DispatchError::PoisonRefused {
+            reason: conviction.reason,
+            retry_after_secs: secs,
+        })
+    }
+
+    /// Sends a request to the best worker; when none takes work but one that served is being
+    /// started again, the request waits for it (parked, see [`Inner::unpark`]).
+    pub fn place(
+        &self,
+        flight: InFlight,
+        exclude: Option<usize>,
+    ) -> Result<(), (InFlight, DispatchError)> {
+        match self.send_to_best(flight, exclude) {
+            Err((flight, DispatchError::NoWorkerReady)) if self.one_is_coming_back() => {
+                self.park(flight);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// A worker that served is being started again (after a death, not an operator's stop).
+    fn one_is_coming_back(&self) -> bool {
+        self.workers.iter().any(|w| {
+            let s = w.status();
+            s.respawning && !s.draining && s.state != WorkerState::Failed
+        })
+    }
+
+    /// How long a parked request waits for a worker to come back before it gets a 503.
+    fn park_timeout(&self) -> Duration {
+        self.launch().ready_timeout.min(Duration::from_secs(60))
+    }
+
+    fn park(&self, flight: InFlight) {
+        let deadline = tokio::time::Instant::now() + self.park_timeout();
+        tracing::info!(request_id = %flight.request.request_id, "no worker is ready; the request waits for one that is restarting");
+        self.parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((deadline, flight));
+    }
+
+    /// Sends the parked requests on (a worker became ready), and ends those whose wait ran
+    /// out or whose client left.
+    pub fn unpark(&self) {
+        let now = tokio::time::Instant::now();
+        let parked: Vec<(tokio::time::Instant, InFlight)> =
+            std::mem::take(&mut *self.parked.lock().unwrap_or_else(PoisonError::into_inner));
+        for (deadline, flight) in parked {
             if flight.events.is_closed() {
                 continue;
             }
-            flight.moves += 1;
-            if flight.moves > MAX_MOVES {
-                // A request that keeps taking workers down must not take down the whole pool.
+            if now >= deadline {
                 let _ = flight
                     .events
-                    .send(StreamEvent::Unavailable(DispatchError::TooManyMoves(
-                        flight.moves,
-                    )));
+                    .send(StreamEvent::Unavailable(DispatchError::NoWorkerReady));
                 continue;
             }
-            tracing::info!(request_id = %flight.request.request_id, id = %flight.request.id, from, tokens = flight.generated.len(), "moving a request off a failed worker");
-            let resumed = !flight.generated.is_empty();
-            match self.send_to_best(flight, Some(from)) {
-                Ok(()) => self.metrics.record_move(resumed),
+            match self.send_to_best(flight, None) {
+                Ok(()) => {}
+                Err((flight, DispatchError::NoWorkerReady)) if self.one_is_coming_back() => {
+                    self.parked
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((deadline, flight));
+                }
                 Err((flight, error)) => {
                     let _ = flight.events.send(StreamEvent::Unavailable(error));
                 }
             }
         }
+    }
+
+    /// Requests of a worker that went away: judged by the poison policy, then moved to the
+    /// others (those on probation one fingerprint at a time), or ended as poison.
+    pub fn requeue(self: &Arc<Self>, from: usize, orphans: Vec<InFlight>, cause: &DeathCause) {
+        let orphans: Vec<InFlight> = orphans
+            .into_iter()
+            .filter(|f| !f.events.is_closed())
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        let suspects: Vec<Suspect> = orphans
+            .iter()
+            .map(|f| Suspect {
+                fingerprint: Fingerprint::of(&f.request),
+                on_probation: f.probation.is_some(),
+            })
+            .collect();
+        let last_words = self.workers[from].take_last_words();
+        let verdicts = self
+            .poison
+            .judge(cause, &suspects, &last_words, Instant::now());
+        let mut on_probation: Vec<(Fingerprint, InFlight)> = Vec::new();
+        for ((mut flight, suspect), verdict) in orphans.into_iter().zip(suspects).zip(verdicts) {
+            flight.probation = None;
+            match verdict {
+                Verdict::Convicted(conviction) => {
+                    self.metrics.record_poison_conviction();
+                    tracing::error!(
+                        request_id = %flight.request.request_id,
+                        fingerprint = %conviction.fingerprint,
+                        worker = from,
+                        reason = %conviction.reason,
+                        "a request killed its worker: ending it and refusing it for a while"
+                    );
+                    let _ =
+                        flight
+                            .events
+                            .send(StreamEvent::Unavailable(DispatchError::PoisonKilled(
+                                conviction.reason,
+                            )));
+                }
+                Verdict::Move { probation: true } => {
+                    on_probation.push((suspect.fingerprint, flight));
+                }
+                Verdict::Move { probation: false } => self.move_one(from, flight, cause),
+            }
+        }
+        if !on_probation.is_empty() {
+            tokio::spawn(probation(self.clone(), from, on_probation));
+        }
+    }
+
+    /// Moves one request off worker `from`. Only inside deaths count against its moves.
+    fn move_one(&self, from: usize, mut flight: InFlight, cause: &DeathCause) {
+        if matches!(cause, DeathCause::Inside(_)) {
+            flight.moves += 1;
+            if flight.moves > MAX_MOVES {
+                let _ = flight
+                    .events
+                    .send(StreamEvent::Unavailable(DispatchError::TooManyMoves(
+                        flight.moves,
+                    )));
+                return;
+            }
+        }
+        tracing::info!(request_id = %flight.request.request_id, id = %flight.request.id, from, tokens = flight.generated.len(), "moving a request off a failed worker");
+        let resumed = !flight.generated.is_empty();
+        match self.place(flight, Some(from)) {
+            Ok(()) => self.metrics.record_move(resumed),
+            Err((flight, error)) => {
+                let _ = flight.events.send(StreamEvent::Unavailable(error));
+            }
+        }
+    }
+}
+
+/// Ends the parked requests whose wait ran out (or whose client left), once a second, until
+/// the pool shuts down.
+async fn sweep_parked(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.changed() => {}
+        }
+        let waiting = !inner
+            .parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        if waiting {
+            inner.unpark();
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// Sends the suspects of a death on one fingerprint at a time, the freshest (no token yet)
+/// first: the next group goes when one of the previous produced a token, or all of it ended,
+/// or after the hang timeout. A death meanwhile convicts the group still on probation.
+async fn probation(inner: Arc<Inner>, from: usize, suspects: Vec<(Fingerprint, InFlight)>) {
+    let mut groups: Vec<(Fingerprint, Vec<InFlight>)> = Vec::new();
+    for (fingerprint, flight) in suspects {
+        match groups.iter_mut().find(|(f, _)| *f == fingerprint) {
+            Some((_, group)) => group.push(flight),
+            None => groups.push((fingerprint, vec![flight])),
+        }
+    }
+    groups.sort_by_key(|(_, group)| group.iter().any(|f| !f.generated.is_empty()));
+    let cause = DeathCause::Inside("died".into());
+    for (fingerprint, group) in groups {
+        let (passed_tx, mut passed) = mpsc::channel(1);
+        tracing::info!(worker = from, %fingerprint, requests = group.len(), "sending a suspect on, on probation");
+        for mut flight in group {
+            flight.probation = Some(passed_tx.clone());
+            inner.move_one(from, flight, &cause);
+        }
+        drop(passed_tx);
+        let _ = tokio::time::timeout(inner.policy.hang_timeout, passed.recv()).await;
     }
 }
 

@@ -4,9 +4,19 @@
 //! service manager's group signal reaches only the router, which drains and then stops it),
 //! waits for its socket and `Ready`, and runs the connection until one of: the worker goes
 //! away (death), the watchdog finds it hung (killed, then handled exactly as a death), the
-//! operator restarts it, or the pool shuts down. Requests it still had move to the other
-//! workers. Deaths are counted: a worker that dies too often in a short window is `failed`
-//! and retried slowly instead of every few hundred milliseconds.
+//! operator restarts it, or the pool shuts down. Requests it still had are judged by the
+//! poison policy ([`super::poison`]) and move to the other workers.
+//!
+//! Restarts fit the cause: a worker that reached ready and served (it stepped, or stayed up
+//! [`SERVED_AFTER`]) is started again at once, whoever killed it; one that cannot start, or
+//! dies before serving, backs off exponentially (250 ms doubling, at most 30 s), and after
+//! `crash_deaths` such failures in a row within `crash_window` it is `failed` and retried every
+//! `failed_retry` — systemd's start limit and Kubernetes' CrashLoopBackOff, which also never
+//! count a container that ran fine. Kills from outside never make a worker `failed`.
+//!
+//! The worker's own log lines come on its stdout and are written to the router's stderr as
+//! they are; what native code prints on its stderr is captured line by line, capped, escaped
+//! and logged through the router's logger, and its last lines are the worker's last words.
 
 use std::collections::VecDeque;
 use std::process::Stdio;
@@ -16,10 +26,14 @@ use std::time::{Duration, Instant};
 use interprocess::local_socket::tokio::prelude::*;
 use interprocess::local_socket::{ConnectOptions, GenericFilePath};
 use llamapool_common::protocol::WorkerInfo;
+use std::io::Write;
+use std::process::ExitStatus;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use super::connection::{self, Watch};
+use super::poison::{DeathCause, PoisonPolicy};
 use super::pool::{Inner, Worker, WorkerState};
 
 /// Timing of supervision: the hang watchdog and the crash-loop rule.
@@ -32,6 +46,18 @@ pub struct SupervisionPolicy {
     pub crash_window: Duration,
     /// How long a failed worker waits before the next try.
     pub failed_retry: Duration,
+    /// How long requests that killed workers are refused.
+    pub poison: PoisonPolicy,
+}
+
+/// A worker that stays up this long after `Ready` has served, even if idle.
+pub const SERVED_AFTER: Duration = Duration::from_secs(5);
+
+/// The back-off after a round that did not serve: 250 ms doubling per failure in a row, at
+/// most 30 s.
+fn early_death_backoff(failures: u32) -> Duration {
+    Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(7)))
+        .min(Duration::from_secs(30))
 }
 
 impl SupervisionPolicy {
@@ -44,6 +70,15 @@ impl SupervisionPolicy {
     pub fn answer_window(&self) -> Duration {
         (self.ping_interval() * 3).max(Duration::from_secs(2))
     }
+}
+
+/// How one round went: how it ended, and whether the worker served before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Round {
+    end: RoundEnd,
+    served: bool,
+    /// Why it died (for `Died` and `Hung`).
+    cause: Option<DeathCause>,
 }
 
 /// How one connection round ended.
@@ -93,52 +128,76 @@ pub(super) async fn supervise(inner: Arc<Inner>, index: usize) {
     let worker = &inner.workers[index];
     let mut shutdown = inner.shutdown.subscribe();
     let policy = inner.policy;
-    let mut crashes = CrashHistory::new(policy.crash_deaths, policy.crash_window);
-    let mut start_failures: u32 = 0;
+    // Failed starts and deaths before serving, in a row: the crash-loop rule.
+    let mut early = CrashHistory::new(policy.crash_deaths, policy.crash_window);
+    let mut failures_in_a_row: u32 = 0;
     loop {
         if *shutdown.borrow() {
             break;
         }
         worker.update(|s| {
             if s.state != WorkerState::Failed {
-                s.state = if s.restarts == 0 && start_failures == 0 {
+                s.state = if s.restarts == 0 && failures_in_a_row == 0 {
                     WorkerState::Starting
                 } else {
                     WorkerState::Restarting
                 };
             }
         });
-        let end = match start_worker(&inner, index).await {
-            Ok((child, stream, info)) => {
-                start_failures = 0;
-                Some(run_round(&inner, index, child, stream, info).await)
-            }
+        let round = match start_worker(&inner, index).await {
+            Ok((child, stream, info)) => Some(run_round(&inner, index, child, stream, info).await),
             Err(e) => {
                 tracing::error!(worker = index, error = %e, "worker failed to start");
-                worker.update(|s| s.last_error = Some(e));
-                start_failures += 1;
+                worker.update(|s| {
+                    s.last_error = Some(e);
+                    s.respawning = false;
+                });
                 None
             }
         };
-        if end == Some(RoundEnd::Shutdown) || *shutdown.borrow() {
+        if round.as_ref().is_some_and(|r| r.end == RoundEnd::Shutdown) || *shutdown.borrow() {
             break;
         }
         worker.update(|s| s.restarts += 1);
-        let backoff = if end == Some(RoundEnd::Restart) {
-            worker.update(|s| s.draining = false);
-            Duration::ZERO
-        } else if crashes.record(Instant::now()) {
-            tracing::error!(
-                worker = index,
-                deaths = policy.crash_deaths,
-                window = ?policy.crash_window,
-                "worker is crash-looping; marking it failed and retrying slowly"
-            );
-            worker.update(|s| s.state = WorkerState::Failed);
-            policy.failed_retry
-        } else {
-            Duration::from_millis(250u64.saturating_mul(1 << start_failures.min(7)))
-                .min(Duration::from_secs(30))
+        let backoff = match round {
+            Some(Round {
+                end: RoundEnd::Restart,
+                ..
+            }) => {
+                worker.update(|s| s.draining = false);
+                Duration::ZERO
+            }
+            Some(Round { served: true, .. }) => {
+                // It served: whoever killed it, start it again now.
+                failures_in_a_row = 0;
+                early = CrashHistory::new(policy.crash_deaths, policy.crash_window);
+                Duration::ZERO
+            }
+            Some(Round {
+                cause: Some(DeathCause::Outside(_)),
+                ..
+            }) => {
+                // Killed from outside before it served: not its fault, but do not spin.
+                early_death_backoff(1)
+            }
+            _ => {
+                failures_in_a_row += 1;
+                if early.record(Instant::now()) {
+                    tracing::error!(
+                        worker = index,
+                        failures = failures_in_a_row,
+                        window = ?policy.crash_window,
+                        "worker cannot start or dies before serving; marking it failed and retrying slowly"
+                    );
+                    worker.update(|s| {
+                        s.state = WorkerState::Failed;
+                        s.respawning = false;
+                    });
+                    policy.failed_retry
+                } else {
+                    early_death_backoff(failures_in_a_row)
+                }
+            }
         };
         // An operator's restart cuts the wait short (also for a failed worker).
         tokio::select! {
@@ -150,18 +209,21 @@ pub(super) async fn supervise(inner: Arc<Inner>, index: usize) {
     worker.update(|s| {
         s.state = WorkerState::Stopped;
         s.commands = None;
+        s.respawning = false;
     });
+    // Nothing will come back for requests still waiting.
+    inner.unpark();
 }
 
-/// Runs one started worker until it dies, hangs, is restarted or the pool shuts down; moves
-/// its requests elsewhere and makes sure the process is gone.
+/// Runs one started worker until it dies, hangs, is restarted or the pool shuts down; judges
+/// and moves its requests, and makes sure the process is gone.
 async fn run_round(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     index: usize,
     mut child: Child,
     stream: interprocess::local_socket::tokio::Stream,
     info: WorkerInfo,
-) -> RoundEnd {
+) -> Round {
     let worker = &inner.workers[index];
     let (tx, rx) = mpsc::unbounded_channel();
     let pid = info.pid;
@@ -173,9 +235,12 @@ async fn run_round(
         s.info = Some(info);
         s.commands = Some(tx);
         s.last_error = None;
+        s.respawning = false;
     });
+    let ready_at = Instant::now();
     inner.first_ready.get_or_init(std::time::Instant::now);
     tracing::info!(worker = index, pid, cpus = %worker.plan().cpus, "worker ready");
+    inner.unpark();
     let watch = Watch {
         metrics: &inner.metrics,
         vitals: &worker.vitals,
@@ -210,24 +275,44 @@ async fn run_round(
             (RoundEnd::Hung, connection.await)
         }
     };
+    let served =
+        ready_at.elapsed() >= SERVED_AFTER || worker.vitals.stats().is_some_and(|s| s.steps > 0);
+    let dying = matches!(end, RoundEnd::Died | RoundEnd::Hung);
     worker.update(|s| {
         s.commands = None;
         if s.state == WorkerState::Ready {
             s.state = WorkerState::Restarting;
         }
+        // Requests wait for a worker that reached ready and died (until it fails to start
+        // again), not for one an operator stops.
+        s.respawning = dying;
     });
-    inner.requeue(index, orphans);
-    let status = stop_child(&mut child).await;
+    // Its exit status says who is to blame; it is known as soon as the connection broke.
+    let (status, lingered) = stop_child(&mut child).await;
+    let cause = match end {
+        RoundEnd::Died if lingered => Some(DeathCause::Inside(
+            "closed its connection and did not exit".into(),
+        )),
+        RoundEnd::Died => Some(DeathCause::classify(status, false)),
+        RoundEnd::Hung => Some(DeathCause::classify(status, true)),
+        RoundEnd::Restart | RoundEnd::Shutdown => None,
+    };
+    // Requests of a restart or a shutdown blame nobody.
+    let judged = cause
+        .clone()
+        .unwrap_or_else(|| DeathCause::Outside("stopped by the router".into()));
+    inner.requeue(index, orphans, &judged);
+    let status_text = status.map_or_else(|| "unknown".to_string(), |s| s.to_string());
     worker.update(|s| {
         s.pid = None;
         if end == RoundEnd::Died {
-            s.last_error = Some(format!("the worker exited ({status})"));
+            s.last_error = Some(format!("the worker exited ({status_text})"));
         }
     });
-    if end == RoundEnd::Died {
-        tracing::warn!(worker = index, %status, "worker went away; restarting it");
+    if let Some(cause) = &cause {
+        tracing::warn!(worker = index, status = %status_text, cause = cause.description(), served, "worker went away; restarting it");
     }
-    end
+    Round { end, served, cause }
 }
 
 /// Resolves when the worker's vitals say it is hung.
@@ -242,20 +327,143 @@ async fn watchdog(worker: &Worker, policy: SupervisionPolicy) {
 }
 
 /// Waits for the child to exit after its connection closed; kills it if it lingers (workers
-/// ignore SIGTERM, so SIGKILL it is). Returns how it ended.
-async fn stop_child(child: &mut Child) -> String {
+/// ignore SIGTERM, so SIGKILL it is). Returns its exit status and whether it lingered.
+async fn stop_child(child: &mut Child) -> (Option<ExitStatus>, bool) {
     if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
-        return status.to_string();
+        return (Some(status), false);
     }
     let _ = child.kill().await;
-    match child.wait().await {
-        Ok(status) => format!("{status}, killed after it lingered"),
-        Err(e) => format!("unknown: {e}"),
+    (child.wait().await.ok(), true)
+}
+
+/// Longest line of a worker's output kept; the rest of the line is dropped.
+const MAX_LINE_BYTES: usize = 2048;
+/// Lines of a worker's stderr logged per second at most; the others are counted and dropped.
+const MAX_STDERR_LINES_PER_SEC: u32 = 50;
+
+/// Reads one line of at most [`MAX_LINE_BYTES`] (the rest of a longer line is skipped);
+/// `None` at the end of the stream.
+async fn read_capped_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    line: &mut Vec<u8>,
+) -> Option<bool> {
+    line.clear();
+    let mut truncated = false;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) if buf.is_empty() => {
+                return (!line.is_empty() || truncated).then_some(truncated);
+            }
+            Ok(buf) => buf,
+            Err(_) => return None,
+        };
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = MAX_LINE_BYTES.saturating_sub(line.len());
+        let kept = take.min(room);
+        line.extend_from_slice(&buf[..kept]);
+        truncated |= kept < take && !(done && kept + 1 == take);
+        reader.consume(take);
+        if done {
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            return Some(truncated);
+        }
+    }
+}
+
+/// `bytes` as one printable line: invalid UTF-8 replaced, control characters (escape
+/// sequences, carriage returns, NULs) written as `\u{..}` escapes.
+pub fn escape_line(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The worker's own log lines (its stdout under the router): written to the router's stderr
+/// as they are when they have the router's format (JSON: one JSON object), else logged as
+/// foreign lines.
+async fn relay_worker_log<R: AsyncRead + Unpin>(index: usize, out: R) {
+    // The router's own format, which the workers inherit through this variable.
+    let json = std::env::var(llamapool_common::settings::LOG_FORMAT_ENV).is_ok_and(|f| f == "json");
+    let mut reader = BufReader::new(out);
+    let mut line = Vec::new();
+    while let Some(truncated) = read_capped_line(&mut reader, &mut line).await {
+        let trusted = !truncated
+            && (!json
+                || serde_json::from_slice::<serde_json::Value>(&line).is_ok_and(|v| v.is_object()));
+        if trusted && !line.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
+            line.push(b'\n');
+            let _ = std::io::stderr().lock().write_all(&line);
+        } else {
+            let text = escape_line(&line);
+            tracing::warn!(worker = index, line = %text, truncated, "worker log line");
+        }
+    }
+}
+
+/// What native code printed on the worker's stderr: each line capped, escaped and logged
+/// through the router's logger (at most [`MAX_STDERR_LINES_PER_SEC`] a second), and kept as
+/// the worker's last words.
+async fn relay_worker_stderr<R: AsyncRead + Unpin>(inner: Arc<Inner>, index: usize, err: R) {
+    let mut reader = BufReader::new(err);
+    let mut line = Vec::new();
+    let mut second = Instant::now();
+    let (mut logged, mut dropped) = (0u32, 0u64);
+    while let Some(truncated) = read_capped_line(&mut reader, &mut line).await {
+        let text = escape_line(&line);
+        if second.elapsed() >= Duration::from_secs(1) {
+            if dropped > 0 {
+                tracing::warn!(
+                    worker = index,
+                    dropped,
+                    "worker stderr lines dropped (too many)"
+                );
+            }
+            second = Instant::now();
+            logged = 0;
+            dropped = 0;
+        }
+        if logged < MAX_STDERR_LINES_PER_SEC {
+            logged += 1;
+            tracing::warn!(worker = index, line = %text, truncated, "worker stderr");
+        } else {
+            dropped += 1;
+        }
+        let mut kept = text;
+        if kept.len() > 256 {
+            let mut cut = 256;
+            while !kept.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            kept.truncate(cut);
+            kept.push('…');
+        }
+        if !kept.trim().is_empty() {
+            inner.workers[index].remember_stderr(kept);
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            worker = index,
+            dropped,
+            "worker stderr lines dropped (too many)"
+        );
     }
 }
 
 async fn start_worker(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     index: usize,
 ) -> Result<(Child, interprocess::local_socket::tokio::Stream, WorkerInfo), String> {
     let plan = inner.workers[index].plan();
@@ -272,13 +480,20 @@ async fn start_worker(
         .env("LLAMAPOOL_ROUTER_PID", std::process::id().to_string())
         // Its own process group: group signals (Ctrl-C) reach the router, which drains first.
         .process_group(0)
+        .env(llamapool_common::logging::LOG_TO_STDOUT_ENV, "1")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("spawning {}: {e}", launch.worker_binary.display()))?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(relay_worker_log(index, out));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(relay_worker_stderr(inner.clone(), index, err));
+    }
     inner.workers[index].update(|s| s.pid = child.id());
     let deadline = tokio::time::Instant::now() + launch.ready_timeout;
     while !socket.exists() {
@@ -354,6 +569,7 @@ mod tests {
             crash_deaths: 5,
             crash_window: Duration::from_secs(300),
             failed_retry: Duration::from_secs(60),
+            poison: PoisonPolicy::default(),
         };
         assert_eq!(policy.ping_interval(), Duration::from_millis(750));
         assert!(policy.answer_window() < policy.hang_timeout);

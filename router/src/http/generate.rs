@@ -119,8 +119,7 @@ async fn respond(
     // Committed to a status only once a worker accepted every choice; a refusal drops (and
     // so aborts) the choices already accepted.
     let handles =
-        futures_util::future::try_join_all(requests.into_iter().map(|r| state.pool.submit(r)))
-            .await?;
+        state.pool.submit_all(requests).await?;
     let timers = choice_timers(state, timer, handles.len());
     let served_by = workers_header(&handles);
     let mut choices = Choices::new(handles, timers, valid.n as usize);

@@ -188,8 +188,7 @@ async fn respond_batch(
         .map(|r| native.for_prompt(&r.prompt))
         .collect();
     let mut handles =
-        futures_util::future::try_join_all(requests.into_iter().map(|r| state.pool.submit(r)))
-            .await?;
+        state.pool.submit_all(requests).await?;
     log.on_worker(handles[0].worker());
     let timers = choice_timers(state, timer, handles.len());
     let collected = futures_util::future::try_join_all(

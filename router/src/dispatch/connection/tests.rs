@@ -78,6 +78,7 @@ fn flight(
         ticket: Some(LoadTicket::take(load)),
         min_ctx: 0,
         prefix: Default::default(),
+        probation: None,
     };
     (flight, rx)
 }
