@@ -39,6 +39,23 @@ pub struct ServerSettings {
     /// A file of API keys, one per line; blank lines and lines starting with `#` are ignored.
     /// Read at start-up (see [`ServerSettings::api_keys`]).
     pub api_key_file: Option<PathBuf>,
+    /// Keys of the admin routes (`/admin/...`: drain, restart, reload), separate from the
+    /// API keys: with any admin key set (this or `admin_api_key_file`), an admin route takes
+    /// only an admin key, and an API key does not open it. An admin key also opens every other
+    /// route. Without one, the admin routes are served to loopback clients only, and only to
+    /// requests a web page cannot send without a preflight (see `docs/API.md`). From the
+    /// environment or `--set`, one comma-separated string.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub admin_api_keys: Vec<String>,
+    /// A file of admin keys, in the format of `api_key_file`. Read at start-up.
+    pub admin_api_key_file: Option<PathBuf>,
+    /// Host names (the `Host` header, port optional: `name` or `name:port`) that requests to a
+    /// loopback address may name, beyond `localhost`, `127.0.0.1`, `[::1]` and the listen
+    /// addresses; `"*"` allows any. A request to a loopback address naming another host is a
+    /// 403 (DNS rebinding: a web page whose name resolves to 127.0.0.1). Requests to other
+    /// addresses are not checked. From the environment or `--set`, one comma-separated string.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub allowed_hosts: Vec<String>,
     /// Origins (`scheme://host[:port]`) whose web pages may call the API (CORS). Empty, the
     /// default, allows every origin, as llama-server does; `"*"` in the list does too. From the
     /// environment or `--set`, one comma-separated string.
@@ -76,6 +93,14 @@ pub struct ServerSettings {
     /// Open client connections at most; at the cap the router stops accepting (new
     /// connections wait in the kernel's listen backlog) until one closes.
     pub max_connections: usize,
+    /// A request body must be read whole within this many seconds of the handler starting to
+    /// read it; else 408 and the connection is closed (a body trickled byte by byte).
+    pub body_read_timeout_secs: u64,
+    /// Most HTTP/2 streams (requests) open at once on one connection (h2c).
+    pub max_h2_streams: u32,
+    /// Most bytes of request bodies being read or held at once, over every connection; a body
+    /// that would go beyond gets 503 with `Retry-After`. At least `max_body_bytes`.
+    pub max_buffered_body_bytes: usize,
     /// A response whose client accepts no bytes for this many seconds is aborted: a stream
     /// stops its generation and frees its slot and admission permit, and the connection is
     /// closed.
@@ -117,6 +142,9 @@ impl Default for ServerSettings {
             max_queued: 256,
             ready_timeout_secs: 300,
             drain_timeout_secs: 30,
+            admin_api_keys: Vec::new(),
+            admin_api_key_file: None,
+            allowed_hosts: Vec::new(),
             keepalive_secs: 10,
             runtime_threads: 0,
             worker_binary: None,
@@ -130,6 +158,9 @@ impl Default for ServerSettings {
             crash_loop_deaths: 5,
             crash_loop_window_secs: 300,
             failed_retry_secs: 60,
+            body_read_timeout_secs: 30,
+            max_h2_streams: 32,
+            max_buffered_body_bytes: 64 * 1024 * 1024,
             log_format: LogFormat::Text,
             prefix_affinity: true,
             slots_endpoint: true,
@@ -547,35 +578,64 @@ impl ServerSettings {
         Ok(())
     }
 
+        for (i, key) in self.admin_api_keys.iter().enumerate() {
+            check_api_key(key).map_err(|e| bad(format!("server.admin_api_keys[{i}]"), e))?;
+        }
+        for (i, host) in self.allowed_hosts.iter().enumerate() {
+            if host.is_empty() || !host.chars().all(|c| c.is_ascii_graphic()) || host.contains('/')
+            {
+                return Err(bad(
+                    format!("server.allowed_hosts[{i}]"),
+                    format!("{host:?} is not a host name (name, name:port or \"*\")"),
+                ));
+            }
+        }
     /// Every accepted API key: `api_key`, `api_keys`, then the keys of `api_key_file`, which
     /// is read now; duplicates are dropped. Empty: no key is needed. A key file that cannot be
     /// read, or holds no key, is an error (a file meant to protect the server must not leave
     /// it open).
     pub fn api_keys(&self) -> Result<Vec<String>, SettingsError> {
         self.check_access()?;
-        let mut keys: Vec<String> = self.api_key.iter().chain(&self.api_keys).cloned().collect();
-        if let Some(path) = &self.api_key_file {
-            let key = "server.api_key_file";
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
-            let from_file = parse_api_key_file(&text);
-            if from_file.is_empty() {
-                return Err(bad(
-                    key,
-                    format!(
-                        "{} holds no key (only blank lines and # comments)",
-                        path.display()
-                    ),
-                ));
-            }
-            for (i, k) in from_file.iter().enumerate() {
-                check_api_key(k).map_err(|e| bad(key, format!("key {}: {e}", i + 1)))?;
-            }
-            keys.extend(from_file);
+        let keys: Vec<String> = self.api_key.iter().chain(&self.api_keys).cloned().collect();
+        with_key_file(keys, self.api_key_file.as_deref(), "server.api_key_file")
+    }
+
+    /// Every admin key: `admin_api_keys`, then the keys of `admin_api_key_file` (read now, as
+    /// in [`ServerSettings::api_keys`]); duplicates dropped. Empty: see `admin_api_keys`.
+    pub fn admin_api_keys(&self) -> Result<Vec<String>, SettingsError> {
+        self.check_access()?;
+        with_key_file(
+            self.admin_api_keys.clone(),
+            self.admin_api_key_file.as_deref(),
+            "server.admin_api_key_file",
+        )
+    }
+}
+
+/// `keys` followed by those of the key file at `path`, if any (named `key` in errors), without
+/// duplicates. A file that cannot be read or holds no key is an error.
+fn with_key_file(
+    mut keys: Vec<String>,
+    path: Option<&Path>,
+    key: &str,
+) -> Result<Vec<String>, SettingsError> {
+    if let Some(path) = path {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+        let from_file = parse_api_key_file(&text);
+        if from_file.is_empty() {
+            return Err(bad(
+                key,
+                format!(
+                    "{} holds no key (only blank lines and # comments)",
+                    path.display()
+                ),
+            ));
         }
-        let mut seen = std::collections::HashSet::new();
-        keys.retain(|k| seen.insert(k.clone()));
-        Ok(keys)
+        for (i, k) in from_file.iter().enumerate() {
+            check_api_key(k).map_err(|e| bad(key, format!("key {}: {e}", i + 1)))?;
+        }
+        keys.extend(from_file);
     }
 }
 
@@ -583,6 +643,9 @@ impl ServerSettings {
 pub fn models_dir() -> PathBuf {
     std::env::var_os("LLAMAPOOL_MODELS")
         .map(PathBuf::from)
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|k| seen.insert(k.clone()));
+    Ok(keys)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
                 .join(".cache/llamapool/models")
@@ -627,6 +690,12 @@ impl Settings {
         let entries = self.worker_entries(allowed);
         if entries.is_empty() {
             return Err(bad("workers", "no CPU is available to run a worker on"));
+        }
+        if self.server.max_buffered_body_bytes < self.server.max_body_bytes {
+            return Err(bad(
+                "server.max_buffered_body_bytes",
+                "must be at least server.max_body_bytes",
+            ));
         }
         let plans = self.resolve_workers(&entries, allowed)?;
         validate_workers(&entries, &plans, allowed)?;
@@ -948,6 +1017,65 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("keys");
         std::fs::write(&file, "# operators\n\n  k3  \r\n#k4\nk1\n").unwrap();
+    #[test]
+    fn admin_keys_hosts_and_body_bounds() {
+        let dir = std::env::temp_dir().join(format!("llamapool-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("admin");
+        std::fs::write(&file, "# operators\na2\na1\n").unwrap();
+        let s: Settings = toml::from_str(&format!(
+            "[server]\napi_key = \"k\"\nadmin_api_keys = \"a1, a3\"\nadmin_api_key_file = {:?}\nallowed_hosts = [\"llm.example\", \"box:8080\"]\n",
+            file.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(s.server.admin_api_keys().unwrap(), ["a1", "a3", "a2"]);
+        assert_eq!(
+            s.server.api_keys().unwrap(),
+            ["k"],
+            "separate from the API keys"
+        );
+        assert_eq!(s.server.allowed_hosts, ["llm.example", "box:8080"]);
+        assert!(ServerSettings::default()
+            .admin_api_keys()
+            .unwrap()
+            .is_empty());
+        let defaults = ServerSettings::default();
+        assert_eq!(defaults.body_read_timeout_secs, 30);
+        assert_eq!(defaults.max_h2_streams, 32);
+        assert_eq!(defaults.max_buffered_body_bytes, 64 * 1024 * 1024);
+        s.plan_workers(&allowed()).unwrap();
+        for (server, key) in [
+            (
+                ServerSettings {
+                    admin_api_keys: vec![" a".into()],
+                    ..ServerSettings::default()
+                },
+                "server.admin_api_keys[0]",
+            ),
+            (
+                ServerSettings {
+                    allowed_hosts: vec!["http://x/".into()],
+                    ..ServerSettings::default()
+                },
+                "server.allowed_hosts[0]",
+            ),
+        ] {
+            assert_eq!(server.check_access().unwrap_err().key, key);
+        }
+        let small_budget = Settings {
+            server: ServerSettings {
+                max_buffered_body_bytes: 1024,
+                ..ServerSettings::default()
+            },
+            ..Settings::default()
+        };
+        assert_eq!(
+            small_budget.plan_workers(&allowed()).unwrap_err().key,
+            "server.max_buffered_body_bytes"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
         let server = ServerSettings {
             api_key: Some("k1".into()),
             api_keys: vec!["k2".into()],

@@ -196,6 +196,8 @@ mod tests {
             None,
             env(&[
                 ("LLAMAPOOL__SERVER__API_KEYS", "k1, k2"),
+                ("LLAMAPOOL__SERVER__ADMIN_API_KEYS", "a1,a2"),
+                ("LLAMAPOOL__SERVER__ALLOWED_HOSTS", "llm.example"),
                 ("LLAMAPOOL__SERVER__CORS_ORIGINS", "http://a.example"),
             ]),
             &[(
@@ -205,6 +207,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.server.api_keys, ["k1", "k2"]);
+        assert_eq!(s.server.admin_api_keys, ["a1", "a2"]);
+        assert_eq!(s.server.allowed_hosts, ["llm.example"]);
         assert_eq!(
             s.server.cors_origins,
             ["http://b.example", "https://c.example"]

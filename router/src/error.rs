@@ -87,6 +87,49 @@ impl ApiError {
         )
     }
 
+    /// An admin route refused for `reason` (who may call it: see `http::access`).
+    pub fn admin_forbidden(reason: impl Into<String>) -> Self {
+        Self {
+            code: Some("admin_forbidden".into()),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", reason)
+        }
+    }
+
+    /// A request to a loopback address naming a host this server does not answer to (DNS
+    /// rebinding; see `http::access::HostPolicy`).
+    pub fn host_not_allowed(host: &str) -> Self {
+        Self {
+            code: Some("host_not_allowed".into()),
+            ..Self::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                format!(
+                    "Host {host:?} is not a name of this server; add it to server.allowed_hosts \
+                     to serve it"
+                ),
+            )
+        }
+    }
+
+    /// The request body was not read whole within `server.body_read_timeout_secs`; the
+    /// response closes the connection (every 408 does, see `into_response`).
+    pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        Self {
+            code: Some("body_timeout".into()),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("the request body was not received within {timeout:?}"),
+            )
+        }
+    }
+
+    /// Reading this body would take the bytes of bodies held at once beyond
+    /// `server.max_buffered_body_bytes`.
+    pub fn bodies_over_budget() -> Self {
+        Self::unavailable("the server is holding too many request bodies; retry shortly")
+    }
+
     pub fn queue_full() -> Self {
         Self {
             retry_after: Some(1),
@@ -128,6 +171,18 @@ impl ApiError {
         Self::invalid_param(param, message)
     }
 
+    /// A request the poison policy blames for workers' deaths (500, `poison_request_error`).
+    fn poison(message: String, retry_after: Option<u32>) -> Self {
+        Self {
+            retry_after,
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "poison_request_error",
+                message,
+            )
+        }
+    }
+
     fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
@@ -158,6 +213,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -193,6 +254,13 @@ impl From<DispatchError> for ApiError {
             | DispatchError::TooManyMoves(_) => Self::unavailable(message),
             DispatchError::TooLargeToSend(_) => Self::invalid_param("prompt", message),
             DispatchError::UnexpectedReply(_) => Self::internal(message),
+            DispatchError::PoisonKilled(_) => Self::poison(message, None),
+            DispatchError::PoisonRefused {
+                retry_after_secs, ..
+            } => Self::poison(
+                message,
+                Some(u32::try_from(retry_after_secs.max(1)).unwrap_or(u32::MAX)),
+            ),
         }
     }
 }

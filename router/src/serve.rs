@@ -18,6 +18,10 @@
 //!   not started its first request within that time.
 //! - `idle_timeout_secs`: the [`Activity`] watchdog closes a connection with no request in
 //!   flight (from the request head to the end of its response body) for that long.
+//! - `body_read_timeout_secs`: a request body must arrive whole within that time of the
+//!   handler starting to read it, else 408 and the connection is closed (`http::LimitedBody`);
+//!   `max_buffered_body_bytes` bounds the bytes of bodies held at once, over all connections.
+//! - `max_h2_streams`: HTTP/2 streams open at once on one connection (hyper's default: 200).
 //! - `write_timeout_secs`: [`WriteGuard`] fails the connection's writes once they have been
 //!   refused that long; hyper then drops the connection and its responses, which aborts their
 //!   requests. `TCP_NOTSENT_LOWAT` keeps the kernel from buffering megabytes on behalf of a
@@ -45,6 +49,7 @@ use llamapool_common::settings::{ServerSettings, Settings, WorkerPlan};
 use llamapool_router::dispatch::pool::LaunchConfig;
 use llamapool_router::dispatch::{Pool, RoutingPolicy, SupervisionPolicy};
 use llamapool_router::http::{self, AppState};
+use llamapool_router::http::access::ConnInfo;
 use llamapool_router::metrics::Metrics;
 use llamapool_router::openai::request::ServedModel;
 use llamapool_router::reload::{ConfigReload, ConfigSource};
@@ -95,7 +100,7 @@ pub async fn run(
         .collect::<io::Result<Vec<SocketAddr>>>()?;
     let Some(&local) = locals.first() else {
         bail!("configuration key server.listen: no address given");
-    };
+    }
     let metrics = Arc::new(Metrics::default());
     let n_workers = plans.len();
     let model_path_text = model_path.display().to_string();
@@ -126,6 +131,21 @@ pub async fn run(
     let state = Arc::new(AppState {
         slots_endpoint: server_settings.slots_endpoint,
         pool: pool.clone(),
+    let inference_keys = server_settings.api_keys()?;
+    let admin_keys = server_settings.admin_api_keys()?;
+    if inference_keys.is_empty() && locals.iter().any(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            listen = server_settings.listen.as_str(),
+            admin_keys = !admin_keys.is_empty(),
+            "listening beyond loopback without an API key (server.api_keys): anyone who can \
+             reach this address can use the model; the admin routes {}",
+            if admin_keys.is_empty() {
+                "answer clients on this machine only (no server.admin_api_keys)"
+            } else {
+                "need an admin key"
+            }
+        );
+    }
         served: ServedModel {
             alias: served_names[0].clone(),
             names: served_names,
@@ -134,7 +154,12 @@ pub async fn run(
             defaults: settings.generation.clone(),
         },
         model_path: model_path_text,
-        api_keys: http::auth::ApiKeys::new(server_settings.api_keys()?),
+        api_keys: http::auth::ApiKeys::new(inference_keys),
+        admin_keys: http::auth::ApiKeys::new(admin_keys),
+        hosts: http::access::HostPolicy::new(
+            &server_settings.allowed_hosts,
+            &server_settings.listen_addresses(),
+        ),
         cors: http::cors::CorsPolicy::new(&server_settings.cors_origins),
         max_body_bytes: server_settings.max_body_bytes,
         keepalive: Duration::from_secs(server_settings.keepalive_secs.max(1)),
@@ -142,6 +167,12 @@ pub async fn run(
             pool.total_slots() + server_settings.max_queued,
         )),
         control_calls: Arc::new(Semaphore::new(http::control_call_limit(n_workers))),
+        body_read_timeout: Duration::from_secs(server_settings.body_read_timeout_secs.max(1)),
+        body_budget: Arc::new(Semaphore::new(
+            server_settings
+                .max_buffered_body_bytes
+                .max(server_settings.max_body_bytes),
+        )),
         max_tokenize_tokens: server_settings.max_tokenize_tokens,
         write_timeout: limits.write_timeout,
         next_id: AtomicU64::new(1),
@@ -226,6 +257,8 @@ async fn accept_loop(
         // Header names go out as `Content-Type`, as llama-server (cpp-httplib) writes them:
         // HTTP says case does not matter, but clients that look headers up in a plain dict
         // (llama.cpp's own test suite does) expect its spelling.
+    /// HTTP/2 streams open at once per connection (`server.max_h2_streams`).
+    pub max_h2_streams: u32,
         .title_case_headers(true);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut at_cap = false;
@@ -235,6 +268,7 @@ async fn accept_loop(
             Ok(slot) => {
                 if std::mem::take(&mut at_cap) {
                     tracing::info!("below server.max_connections again: accepting");
+            max_h2_streams: s.max_h2_streams.max(1),
                 }
                 slot
             }
@@ -252,13 +286,17 @@ async fn accept_loop(
                     .expect("the connection semaphore is never closed")
             }
         };
-        let stream = match accept_any(listeners).await {
-            Ok((stream, _)) => {
+        let (stream, peer) = match accept_any(listeners).await {
+            Ok((stream, peer)) => {
                 if let Some(errors) = backoff.succeeded() {
                     tracing::info!(errors, "accepting connections again");
                 }
-                stream
+                (stream, peer)
             }
+    // hyper's default is 200 streams per connection, each with its own body being read.
+    builder
+        .http2()
+        .max_concurrent_streams(limits.max_h2_streams);
             Err(error) => {
                 let (delay, first) = backoff.failed();
                 if first {
@@ -268,7 +306,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        serve_connection(stream, &app, &builder, limits, graceful, slot);
+        serve_connection(stream, peer, &app, &builder, limits, graceful, slot);
     }
 }
 
@@ -316,6 +354,7 @@ fn serve_connection(
     });
 }
 
+    peer: SocketAddr,
 /// The delay after each failed `accept` of a burst: 10 ms doubling to 1 s.
 #[derive(Debug, Default)]
 struct AcceptBackoff {
@@ -330,6 +369,10 @@ impl AcceptBackoff {
     /// After a failure: how long to wait, and whether it is the first of its burst (to log).
     fn failed(&mut self) -> (Duration, bool) {
         self.errors = self.errors.saturating_add(1);
+        conn: ConnInfo {
+            peer,
+            local: stream.local_addr().unwrap_or(peer),
+        },
         let factor = 1u32.checked_shl(self.errors - 1).unwrap_or(u32::MAX);
         (
             Self::FIRST.saturating_mul(factor).min(Self::MAX),
@@ -448,7 +491,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
     type Error = std::convert::Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
-    fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.conn);
         let guard = self.activity.begin();
         let response = self.inner.call(request);
         Box::pin(async move {
@@ -469,10 +513,12 @@ struct TrackedBody {
 }
 
 impl HttpBody for TrackedBody {
+/// Each request gets the connection's addresses as a [`ConnInfo`] extension.
     type Data = Bytes;
     type Error = axum::Error;
 
     fn poll_frame(
+    conn: ConnInfo,
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {

@@ -539,7 +539,12 @@ async function admin(id, action) {
   adminBusy.set(id, action);
   renderWorkers(lastWorkers);
   try {
-    await api(`admin/workers/${id}/${action}`, { method: 'POST' });
+    // A JSON content type (and the admin header): what the admin routes require of a
+    // request, so that no web page of another origin can send one without a preflight.
+    await api(`admin/workers/${id}/${action}`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', 'X-Llamapool-Admin': '1' },
+    });
     notice(`Worker ${id}: ${action === 'drain' ? 'draining' : 'restarted'}.`, 'info');
   } catch (e) {
     notice(`Worker ${id}: ${action} failed: ${e.message}`);

@@ -82,7 +82,7 @@ fn slowloris_connections_are_closed_after_the_header_timeout() {
     let timeout = Duration::from_secs(2);
     let margin = Duration::from_millis(2500);
     // 80 connections trickle a never-ending head, a byte each every 250 ms.
-    let head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Padding: ";
+    let head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nX-Padding: ";
     let mut conns: Vec<(TcpStream, Instant, Option<Duration>)> = (0..80)
         .map(|_| {
             let conn = TcpStream::connect(&server.addr).unwrap();
@@ -128,7 +128,7 @@ fn slowloris_connections_are_closed_after_the_header_timeout() {
     // hyper's header timer also runs while a keep-alive connection waits for its next
     // request: an idle HTTP/1 connection goes after min(header_read, idle) = 2 s here.
     let mut idle = TcpStream::connect(&server.addr).unwrap();
-    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     assert_eq!(read_response(&mut idle).status, 200);
     let closed = time_to_close(&mut idle, Duration::from_secs(10));
@@ -151,7 +151,7 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     for _ in 0..2 {
         write!(
             conn,
-            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
@@ -179,7 +179,7 @@ fn never_reading_stream(addr: &str, body: &Value) -> TcpStream {
     let body = body.to_string();
     write!(
         conn,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -312,4 +312,148 @@ fn oversized_tokenize_results_and_token_prompts_are_refused_in_the_router() {
             .status,
         200
     );
+}
+
+/// Opens a connection and sends a request head for a `/v1/completions` body of `length` bytes
+/// plus its first `sent` bytes; the rest is the caller's to send (or not).
+fn partial_post(addr: &str, length: usize, sent: &[u8]) -> TcpStream {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    .unwrap();
+    conn.write_all(sent).unwrap();
+    conn
+}
+
+#[test]
+fn trickled_bodies_are_cut_at_the_body_deadline_and_held_bodies_have_a_budget() {
+    // A small deadline for the test: 2 s (the default is 30 s). The body budget is two
+    // bodies of max_body_bytes (65536).
+    let server = Server::start(&one_worker(
+        "body_read_timeout_secs = 2\nmax_buffered_body_bytes = 131072",
+        2,
+        2048,
+    ));
+    let deadline = Duration::from_secs(2);
+    // 40 connections each promise a 1000-byte body and send a byte every 200 ms.
+    // Each: the connection, when it opened, and once closed: after how long, with which status.
+    type Trickler = (TcpStream, Instant, Option<(Duration, u16)>);
+    let mut conns: Vec<Trickler> = (0..40)
+        .map(|_| {
+            let conn = partial_post(&server.addr, 1000, b"{");
+            conn.set_nonblocking(true).unwrap();
+            (conn, Instant::now(), None)
+        })
+        .collect();
+    let started = Instant::now();
+    let served = std::thread::scope(|scope| {
+        let normal = scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            let start = Instant::now();
+            let r = server.post("/v1/completions", &completion(json!("Hello"), 4, false));
+            (r, start.elapsed())
+        });
+        while conns.iter().any(|c| c.2.is_none()) {
+            assert!(
+                started.elapsed() < deadline + Duration::from_secs(5),
+                "{} trickling bodies still open after {:?}",
+                conns.iter().filter(|c| c.2.is_none()).count(),
+                started.elapsed()
+            );
+            for (conn, opened, done) in conns.iter_mut().filter(|c| c.2.is_none()) {
+                let _ = conn.write(b" ");
+                let mut answer = Vec::new();
+                let mut buf = [0u8; 4096];
+                let closed = loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => break true,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                        Err(_) => break true,
+                    }
+                };
+                if closed {
+                    let status = HttpResponse::parse(&answer).map_or(0, |r| {
+                        assert_eq!(r.json()["error"]["code"], "body_timeout", "{}", r.text());
+                        r.status
+                    });
+                    *done = Some((opened.elapsed(), status));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        normal.join().unwrap()
+    });
+    assert_eq!(served.0.status, 200, "{}", served.0.text());
+    let times: Vec<Duration> = conns.iter().map(|c| c.2.unwrap().0).collect();
+    let (fastest, slowest) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+    eprintln!(
+        "40 trickled bodies: 408 and closed after {fastest:?} to {slowest:?}; a plain \
+         completion meanwhile: 200 in {:?}",
+        served.1
+    );
+    for c in &conns {
+        assert_eq!(
+            c.2.unwrap().1,
+            408,
+            "each trickler gets a 408 before the close"
+        );
+    }
+    assert!(
+        *fastest >= deadline - Duration::from_millis(300),
+        "{fastest:?}"
+    );
+    assert!(
+        *slowest <= deadline + Duration::from_millis(1500),
+        "{slowest:?}"
+    );
+
+    // Two bodies of 60000 bytes, sent but for their last byte, hold 120000 of the 131072
+    // bytes: a third body of 20000 bytes gets 503 at once, with Retry-After.
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| partial_post(&server.addr, 60001, &[b' '; 60000]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let big = completion(json!("Hello ".repeat(3000)), 1, false);
+    let r = server.post("/v1/completions", &big);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["type"], "unavailable_error");
+    // Small bodies still fit; once the held ones time out, the big one is served.
+    let r = server.post("/v1/completions", &completion(json!("Hi"), 1, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::thread::sleep(deadline);
+    drop(held);
+    let r = server.post("/v1/completions", &big);
+    assert_ne!(r.status, 503, "{}", r.text());
+}
+
+#[test]
+fn http2_connections_advertise_the_stream_cap() {
+    let server = Server::start(&one_worker("max_h2_streams = 7", 2, 2048));
+    let mut conn = TcpStream::connect(&server.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The h2c prior-knowledge preface and an empty SETTINGS frame.
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let mut head = [0u8; 9];
+    conn.read_exact(&mut head).unwrap();
+    let length = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    assert_eq!(head[3], 4, "the server's first frame is its SETTINGS");
+    let mut payload = vec![0u8; length];
+    conn.read_exact(&mut payload).unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS is 0x3.
+    assert!(settings.contains(&(3, 7)), "{settings:?}");
 }

@@ -67,7 +67,12 @@ fn cors_allows_the_listed_origins_only() {
             r.header("access-control-allow-methods"),
             Some("GET, POST, DELETE, OPTIONS")
         );
-        assert_eq!(r.header("access-control-allow-headers"), Some("*"));
+        // `*` never covers Authorization (Fetch standard): the preflight asked for it, so it
+        // is listed.
+        assert_eq!(
+            r.header("access-control-allow-headers"),
+            Some("Authorization")
+        );
         assert!(values(&r, "vary").contains(&"origin".to_string()));
 
         let r = call(&server, "GET", "/v1/models", &[("Origin", origin), key]);
@@ -164,7 +169,10 @@ fn several_keys_each_work_in_either_header() {
         r.header("access-control-allow-methods"),
         Some("GET, POST, DELETE, OPTIONS")
     );
-    assert_eq!(r.header("access-control-allow-headers"), Some("*"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("Authorization")
+    );
 }
 
 #[test]
@@ -320,4 +328,277 @@ fn the_worker_refuses_a_connection_that_is_not_the_router() {
         !socket.exists(),
         "once the router is connected, nobody else can connect"
     );
+}
+
+/// Sends `head` (the request line and headers, without the blank line) with `body` on a new
+/// connection, exactly as written (no header added), and reads the whole answer.
+fn raw(server_addr: &str, head: &str, body: &str) -> HttpResponse {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(server_addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        conn,
+        "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).unwrap();
+    HttpResponse::parse(&answer).unwrap()
+}
+
+fn worker_state(server: &Server, id: usize) -> (String, u64) {
+    let w = &server.workers()[id];
+    (
+        w["state"].as_str().unwrap().to_string(),
+        w["pid"].as_u64().unwrap(),
+    )
+}
+
+fn assert_refused(r: &HttpResponse, status: u16, code: &str, what: &str) {
+    assert_eq!(r.status, status, "{what}: {}", r.text());
+    let error = &r.json()["error"];
+    for key in ["message", "type", "param", "code"] {
+        assert!(error.get(key).is_some(), "{what}: no {key} in {}", r.text());
+    }
+    assert_eq!(error["code"], code, "{what}");
+    for (name, _) in &r.headers {
+        assert!(
+            !name.starts_with("access-control-"),
+            "{what}: {name} on an admin answer"
+        );
+    }
+}
+
+#[test]
+fn a_web_page_cannot_drain_a_worker_and_the_host_must_name_this_machine() {
+    // The default access settings: no key of any kind.
+    let server = Server::start(&config(""));
+    let addr = server.addr.clone();
+    let before = worker_state(&server, 0);
+    assert_eq!(before.0, "ready");
+    // What any web page can send from the operator's browser without a preflight: a form
+    // post, text/plain, or no body at all, with its own Origin.
+    for (what, content_type) in [
+        ("text/plain", "Content-Type: text/plain\r\n"),
+        (
+            "a form",
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+        ),
+        ("no content type", ""),
+    ] {
+        for path in [
+            "/admin/workers/0/drain",
+            "/admin/workers/0/restart",
+            "/admin/reload",
+        ] {
+            let r = raw(
+                &addr,
+                &format!(
+                    "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{content_type}Origin: https://evil.example"
+                ),
+                "x",
+            );
+            assert_refused(&r, 403, "admin_forbidden", &format!("{what} to {path}"));
+            assert_eq!(r.json()["error"]["type"], "permission_error");
+        }
+    }
+    // Its preflight grants nothing, so the browser never sends a JSON post either.
+    let r = raw(
+        &addr,
+        &format!(
+            "OPTIONS /admin/workers/0/drain HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://evil.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type"
+        ),
+        "",
+    );
+    assert_refused(&r, 403, "admin_forbidden", "preflight");
+    // And were it sent anyway, another origin is refused.
+    let r = raw(
+        &addr,
+        &format!(
+            "POST /admin/workers/0/drain HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nOrigin: https://evil.example"
+        ),
+        "{}",
+    );
+    assert_refused(
+        &r,
+        403,
+        "admin_forbidden",
+        "a JSON post from another origin",
+    );
+    // DNS rebinding: the page's own name resolved to 127.0.0.1; every route refuses it.
+    let port = addr.rsplit(':').next().unwrap();
+    for (method, path, extra) in [
+        (
+            "POST",
+            "/admin/workers/0/drain",
+            "Content-Type: application/json\r\n",
+        ),
+        ("GET", "/v1/models", ""),
+        ("GET", "/workers", ""),
+    ] {
+        let r = raw(
+            &addr,
+            &format!("{method} {path} HTTP/1.1\r\n{extra}Host: evil.example:{port}"),
+            "",
+        );
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "host_not_allowed");
+    }
+    assert_eq!(worker_state(&server, 0), before, "nothing changed");
+    // Names of this machine are served.
+    for host in [
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        addr.clone(),
+    ] {
+        let r = raw(
+            &addr,
+            &format!("GET /v1/models HTTP/1.1\r\nHost: {host}"),
+            "",
+        );
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+    // The operator's own calls from this machine work: a JSON post (what curl -H
+    // 'Content-Type: application/json' and the kit send), or the admin header.
+    let r = server.request("POST", "/admin/workers/0/drain", Some(b""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    assert_eq!(worker_state(&server, 0).0, "draining");
+    let r = raw(
+        &addr,
+        &format!("POST /admin/workers/0/restart HTTP/1.1\r\nHost: localhost:{port}\r\nX-Llamapool-Admin: 1"),
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = worker_state(&server, 0);
+    assert_eq!(after.0, "ready");
+    assert_ne!(after.1, before.1, "restarted");
+    // Inference preflights: Authorization asked for is listed, `*` otherwise.
+    let r = raw(
+        &addr,
+        &format!("OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://web.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type,authorization"),
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("content-type,authorization")
+    );
+    let r = raw(
+        &addr,
+        &format!("OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://web.example\r\nAccess-Control-Request-Method: POST"),
+        "",
+    );
+    assert_eq!(r.header("access-control-allow-headers"), Some("*"));
+}
+
+#[test]
+fn admin_keys_are_not_api_keys_and_every_admin_action_is_logged() {
+    let dir = scratch_dir("admin-keys").unwrap();
+    let file = dir.path().join("admin-keys");
+    std::fs::write(&file, "# operators\nsk-admin-file\n").unwrap();
+    let log = dir.path().join("router.log");
+    let mut command = std::process::Command::new(bin_dir().join("llamapool-router"));
+    command
+        .env(
+            "LLAMAPOOL__SERVER__ADMIN_API_KEYS",
+            "sk-admin-env, sk-admin-two",
+        )
+        .env("RUST_LOG", "warn,llamapool_router::http::access=info");
+    let mut server = Router::launch_with_stderr(
+        command,
+        &config(&format!(
+            "api_key = \"sk-infer\"\nadmin_api_key_file = {:?}",
+            file.display().to_string()
+        )),
+        std::fs::File::create(&log).unwrap().into(),
+    )
+    .unwrap();
+    server
+        .wait_ready(Duration::from_secs(120), Some("Bearer sk-infer"))
+        .unwrap();
+    let drain = "/admin/workers/0/drain";
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer sk-infer")],
+        vec![("X-Api-Key", "sk-infer")],
+        vec![("Authorization", "Bearer sk-admin")],
+    ] {
+        let r = http::request(&server.addr, "POST", drain, &headers, b"").unwrap();
+        assert_eq!(r.status, 401, "{headers:?}: {}", r.text());
+        assert_eq!(r.json()["error"]["type"], "authentication_error");
+    }
+    let state = |server: &Router| {
+        let r = http::request(
+            &server.addr,
+            "GET",
+            "/workers",
+            &[("X-Api-Key", "sk-infer")],
+            b"",
+        )
+        .unwrap();
+        r.json()["workers"][0]["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(state(&server), "ready", "an API key drains nothing");
+    let r = http::request(
+        &server.addr,
+        "POST",
+        drain,
+        &[("Authorization", "Bearer sk-admin-two")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(state(&server), "draining");
+    let r = http::request(
+        &server.addr,
+        "POST",
+        "/admin/workers/0/restart",
+        &[("X-Api-Key", "sk-admin-file")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(state(&server), "ready");
+    // The operator's key opens the other routes too; the API key still does.
+    for key in ["sk-admin-env", "sk-infer"] {
+        let r = http::request(
+            &server.addr,
+            "GET",
+            "/v1/models",
+            &[("X-Api-Key", key)],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{key}");
+    }
+    assert!(server.terminate(Duration::from_secs(30)));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let actions: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("admin action"))
+        .collect();
+    assert_eq!(actions.len(), 2, "{text}");
+    assert!(
+        actions[0].contains("admin#1") && actions[0].contains("drain"),
+        "{}",
+        actions[0]
+    );
+    assert!(
+        actions[1].contains("admin#2") && actions[1].contains("restart"),
+        "{}",
+        actions[1]
+    );
+    for line in &actions {
+        assert!(
+            line.contains("127.0.0.1:") && line.contains("worker=0"),
+            "{line}"
+        );
+    }
+    assert!(!text.contains("sk-admin"), "a key in the log: {text}");
 }

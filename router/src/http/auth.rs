@@ -51,12 +51,27 @@ impl ApiKeys {
     /// Whether the request's headers carry an accepted key, as `Authorization: Bearer <key>`
     /// (the scheme in any case) or as `X-Api-Key: <key>`. Both are looked at.
     pub fn admits(&self, headers: &HeaderMap) -> bool {
+        self.which(headers).is_some()
+    }
+
+    /// Which key (its place in the list) the request's headers carry, as in
+    /// [`ApiKeys::admits`]: for logs, which must never show the key itself. Every key is
+    /// compared with both candidates, each in constant time.
+    pub fn which(&self, headers: &HeaderMap) -> Option<usize> {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| bearer_token(v.as_bytes()));
         let x_api_key = headers.get("x-api-key").map(|v| v.as_bytes());
-        // `|` rather than `||`: both candidates are compared whatever the first gave.
-        bearer.is_some_and(|k| self.accepts(k)) | x_api_key.is_some_and(|k| self.accepts(k))
+        let mut found = None;
+        for (i, key) in self.0.iter().enumerate() {
+            // `|` rather than `||`: both candidates are compared whatever the first gave.
+            let hit = bearer.map_or(subtle::Choice::from(0), |k| key.ct_eq(k))
+                | x_api_key.map_or(subtle::Choice::from(0), |k| key.ct_eq(k));
+            if bool::from(hit) && found.is_none() {
+                found = Some(i);
+            }
+        }
+        found
     }
 }
 
@@ -91,7 +106,8 @@ pub fn needs_key(method: &Method, path: &str) -> bool {
 }
 
 /// The middleware: 401 in the OpenAI error shape ([`ApiError::unauthorized`]) unless the
-/// request is open ([`needs_key`]) or carries an accepted key.
+/// request is open ([`needs_key`]) or carries an accepted key (an admin key is accepted too).
+/// The admin routes are left to [`super::access::guard`], which has their own keys.
 pub async fn require_api_key(
     State(state): State<SharedState>,
     request: Request,
@@ -99,7 +115,9 @@ pub async fn require_api_key(
 ) -> Result<Response, ApiError> {
     if !state.api_keys.is_empty()
         && needs_key(request.method(), request.uri().path())
+        && !super::access::is_admin_path(request.uri().path())
         && !state.api_keys.admits(request.headers())
+        && !state.admin_keys.admits(request.headers())
     {
         tracing::debug!(
             method = %request.method(),
@@ -161,6 +179,21 @@ mod tests {
             assert!(!keys.admits(&h), "{h:?} was admitted");
         }
         assert!(!ApiKeys::default().accepts(b""));
+    }
+
+    #[test]
+    fn which_names_the_place_of_the_key() {
+        let keys = keys();
+        assert_eq!(keys.which(&headers(&[("x-api-key", "sk-one")])), Some(0));
+        assert_eq!(
+            keys.which(&headers(&[("authorization", "Bearer sk-two")])),
+            Some(1)
+        );
+        assert_eq!(keys.which(&headers(&[("x-api-key", "sk-three")])), None);
+        assert_eq!(
+            ApiKeys::default().which(&headers(&[("x-api-key", "")])),
+            None
+        );
     }
 
     #[test]

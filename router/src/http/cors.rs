@@ -5,9 +5,12 @@
 //!
 //! - Every `OPTIONS` request (a preflight: browsers send no credentials on it) is answered
 //!   here, before the API-key check and before routing: 200, empty body,
-//!   `Access-Control-Allow-Methods: GET, POST, DELETE, OPTIONS`, `Access-Control-Allow-Headers: *`, and for an
-//!   allowed origin `Access-Control-Allow-Origin: <the Origin>` and
+//!   `Access-Control-Allow-Methods: GET, POST, DELETE, OPTIONS`, `Access-Control-Allow-Headers: *`
+//!   (or, when the preflight asks for `Authorization`, the header names it asked for), and
+//!   for an allowed origin `Access-Control-Allow-Origin: <the Origin>` and
 //!   `Access-Control-Allow-Credentials: true`.
+//! - The admin routes (`/admin/...`) are never granted: a preflight to one is a 403, and their
+//!   answers carry no `Access-Control-*` header whatever the origin (see [`super::access`]).
 //! - Any other response (401s included, so that a page can read why it was refused) to a
 //!   request from an allowed origin gets `Access-Control-Allow-Origin: <the Origin>` and
 //!   `Access-Control-Allow-Credentials: true`.
@@ -25,17 +28,18 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use llamapool_common::settings::{is_local_origin, parse_cors_origin, LOCALHOST_ORIGINS};
 
 use super::SharedState;
+use crate::error::ApiError;
 
 /// llama-server's `Access-Control-Allow-Methods`.
 pub const ALLOW_METHODS: &str = "GET, POST, DELETE, OPTIONS";
 /// llama-server's `Access-Control-Allow-Headers`. Browsers take `*` as "any header" on
 /// requests without cookies (what API clients send), but never as covering `Authorization`:
-/// a page that sends `Authorization` needs its preflight to list it, so pages should send the
-/// key as `X-Api-Key`, which `*` covers.
+/// a preflight that asks for `Authorization` gets the names it asked for instead
+/// ([`allow_headers`]).
 pub const ALLOW_HEADERS: &str = "*";
 
 /// Which origins may call the API from a web page.
@@ -84,21 +88,48 @@ impl CorsPolicy {
     }
 }
 
+/// The `Access-Control-Allow-Headers` of a preflight whose `Access-Control-Request-Headers`
+/// is `requested`: [`ALLOW_HEADERS`] (`*`), unless the page asks for `Authorization`, which
+/// the Fetch standard never lets `*` cover: then the requested names, echoed.
+fn allow_headers(requested: Option<&HeaderValue>) -> HeaderValue {
+    let asks_authorization = requested.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(',')
+            .any(|name| name.trim().eq_ignore_ascii_case("authorization"))
+    });
+    match requested {
+        Some(names) if asks_authorization => names.clone(),
+        _ => HeaderValue::from_static(ALLOW_HEADERS),
+    }
+}
+
 /// The middleware; see the module doc.
 pub async fn cors(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    if super::access::is_admin_path(request.uri().path()) {
+        // The admin routes are the operator's: no page of another origin may call them, so
+        // a preflight grants nothing and no answer says who may read it.
+        if request.method() == Method::OPTIONS {
+            return ApiError::admin_forbidden(
+                "the admin routes do not answer cross-origin requests",
+            )
+            .into_response();
+        }
+        return next.run(request).await;
+    }
     let origin = state.cors.allowed_origin(request.headers());
     let mut response = if request.method() == Method::OPTIONS {
         let mut preflight = Response::new(Body::empty());
         *preflight.status_mut() = StatusCode::OK;
+        let allow = allow_headers(
+            request
+                .headers()
+                .get(header::ACCESS_CONTROL_REQUEST_HEADERS),
+        );
         let h = preflight.headers_mut();
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static(ALLOW_METHODS),
         );
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static(ALLOW_HEADERS),
-        );
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow);
         preflight
     } else {
         next.run(request).await
@@ -118,6 +149,26 @@ pub async fn cors(State(state): State<SharedState>, request: Request, next: Next
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_preflight_asking_for_authorization_gets_it_listed() {
+        assert_eq!(allow_headers(None), "*");
+        assert_eq!(
+            allow_headers(Some(&HeaderValue::from_static("content-type, x-api-key"))),
+            "*"
+        );
+        for asked in [
+            "Authorization",
+            "content-type,authorization",
+            "x, AUTHORIZATION ",
+        ] {
+            assert_eq!(
+                allow_headers(Some(&HeaderValue::from_static(asked))),
+                asked,
+                "{asked}"
+            );
+        }
+    }
 
     fn list(origins: &[&str]) -> Vec<String> {
         origins.iter().map(|s| s.to_string()).collect()

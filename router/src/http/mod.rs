@@ -11,6 +11,7 @@
 //! (models, health, workers, metrics, tokenize). Every failure is an [`ApiError`], turned into
 //! a response in one place (`crate::error`).
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod cors;
@@ -25,12 +26,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, Method, Uri};
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
+use bytes::BytesMut;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::dispatch::Pool;
@@ -47,9 +49,18 @@ pub struct AppState {
     pub model_path: String,
     /// Accepted API keys (none: nothing is checked); see [`auth`].
     pub api_keys: auth::ApiKeys,
+    /// Keys of the admin routes (`server.admin_api_keys`); see [`access`].
+    pub admin_keys: auth::ApiKeys,
+    /// The `Host` names requests to a loopback address may carry; see [`access`].
+    pub hosts: access::HostPolicy,
     /// Origins allowed to call from a web page; see [`cors`].
     pub cors: cors::CorsPolicy,
     pub max_body_bytes: usize,
+    /// How long reading one request body may take (`server.body_read_timeout_secs`).
+    pub body_read_timeout: Duration,
+    /// Bytes of request bodies being read or held at once (`server.max_buffered_body_bytes`):
+    /// one permit per byte, held by the body's [`Bytes`] until the last of them is dropped.
+    pub body_budget: Arc<Semaphore>,
     /// Idle time after which a quiet stream gets an SSE comment.
     pub keepalive: Duration,
     /// Slots of the whole pool plus the allowed queue; a request holds a permit until it ends.
@@ -164,6 +175,9 @@ pub fn router(state: SharedState) -> Router {
             state.clone(),
             auth::require_api_key,
         ))
+        // The Host check and the admin gate: inside CORS, so that the admin routes' answers
+        // get no CORS headers and a preflight never reaches them.
+        .layer(middleware::from_fn_with_state(state.clone(), access::guard))
         .layer(middleware::from_fn_with_state(state.clone(), cors::cors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -182,7 +196,10 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
 }
 
-/// A request body of at most `server.max_body_bytes` (413 beyond).
+/// A request body of at most `server.max_body_bytes` (413 beyond), read whole within
+/// `server.body_read_timeout_secs` (408 and the connection closed otherwise), its bytes
+/// counted against `server.max_buffered_body_bytes` from the first chunk until the returned
+/// [`Bytes`] (and every slice of them) is dropped (503 with `Retry-After` when over).
 #[derive(Debug)]
 pub struct LimitedBody(pub Bytes);
 
@@ -198,21 +215,61 @@ impl FromRequest<SharedState> for LimitedBody {
         if declared.is_some_and(|len| len > limit) {
             return Err(ApiError::too_large(limit));
         }
-        match axum::body::to_bytes(request.into_body(), limit).await {
-            Ok(bytes) => Ok(Self(bytes)),
-            Err(e) if is_length_limit(&e) => Err(ApiError::too_large(limit)),
-            Err(e) => Err(ApiError::unreadable_body(e)),
+        let read = read_body(request.into_body(), limit, &state.body_budget);
+        match tokio::time::timeout(state.body_read_timeout, read).await {
+            Ok(body) => body.map(Self),
+            Err(_) => {
+                tracing::debug!(timeout = ?state.body_read_timeout, "refused: body read timed out");
+                Err(ApiError::body_timeout(state.body_read_timeout))
+            }
         }
     }
 }
 
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
+/// Reads `body` whole (at most `limit` bytes), taking one permit of `budget` per byte as the
+/// chunks arrive; the permits go with the returned bytes.
+async fn read_body(body: Body, limit: usize, budget: &Arc<Semaphore>) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt as _;
+
+    let mut body = body;
+    let mut buffer = BytesMut::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ApiError::unreadable_body)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buffer.len() + data.len() > limit {
+            return Err(ApiError::too_large(limit));
         }
-        source = err.source();
+        let n = u32::try_from(data.len()).map_err(|_| ApiError::too_large(limit))?;
+        let more = budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| ApiError::bodies_over_budget())?;
+        match &mut held {
+            Some(permit) => permit.merge(more),
+            None => held = Some(more),
+        }
+        buffer.extend_from_slice(&data);
     }
-    false
+    Ok(match held {
+        Some(permit) => Bytes::from_owner(Budgeted {
+            bytes: buffer.freeze(),
+            _permit: permit,
+        }),
+        None => Bytes::new(),
+    })
+}
+
+/// Body bytes with their share of `server.max_buffered_body_bytes`.
+struct Budgeted {
+    bytes: Bytes,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }

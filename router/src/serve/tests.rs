@@ -74,6 +74,7 @@ fn limits_come_from_the_settings_and_are_at_least_one() {
         defaults,
         ConnLimits {
             header_read_timeout: Duration::from_secs(10),
+            max_h2_streams: 32,
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(60),
             max_connections: 1024,
@@ -167,6 +168,7 @@ impl TestServer {
 fn limits(header: u64, idle: u64, write: u64, max_connections: usize) -> ConnLimits {
     ConnLimits {
         header_read_timeout: Duration::from_secs(header),
+        max_h2_streams: 32,
         idle_timeout: Duration::from_secs(idle),
         write_timeout: Duration::from_secs(write),
         max_connections,

@@ -1,0 +1,360 @@
+//! Who may reach the server, beyond the API keys of [`super::auth`]: the `Host` check against
+//! DNS rebinding ([`HostPolicy`]) and the gate of the admin routes ([`guard`]), which logs
+//! every admin action with who asked. `serve` gives each request its connection's addresses
+//! ([`ConnInfo`]); the route table puts [`guard`] inside CORS and outside the key check.
+//!
+//! The rules (also in `docs/API.md`):
+//!
+//! - **Host.** A request that arrived on a loopback address must name this machine in `Host`
+//!   (or HTTP/2's `:authority`): `localhost` (or `*.localhost`), `127.0.0.1`, `[::1]`, the
+//!   address it arrived on, a host of `server.listen`, or an entry of `server.allowed_hosts`
+//!   (`*` allows any). Anything else is a 403: a web page on `evil.example` whose name the
+//!   attacker re-points at 127.0.0.1 (DNS rebinding) sends `Host: evil.example`. A request
+//!   that arrived on another address (a server listening on `0.0.0.0` or a LAN address,
+//!   reached by whatever name) is not checked; a request without `Host` (HTTP/1.0) neither.
+//! - **Admin routes** (`/admin/...`) with admin keys (`server.admin_api_keys`,
+//!   `server.admin_api_key_file`): an admin key is needed (401 otherwise); API keys do not
+//!   count.
+//! - **Admin routes without admin keys**: loopback clients only, and only requests that a
+//!   web page cannot send without a CORS preflight (which [`super::cors`] refuses for admin
+//!   routes): `Content-Type: application/json` or an [`ADMIN_HEADER`] header, and no
+//!   `Origin` other than the server's own. With API keys set, one of them is needed too.
+//!   Anything else is a 403 (`permission_error`, code `admin_forbidden`).
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::SharedState;
+use crate::error::ApiError;
+
+/// The header that marks a request to an admin route as not coming from a plain web form
+/// (any value); `Content-Type: application/json` does the same.
+pub const ADMIN_HEADER: &str = "x-llamapool-admin";
+
+/// The addresses of the connection a request came on; a request extension set by `serve`.
+/// Absent (a request not from a socket), the client is taken as not local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+}
+
+/// Which `Host` names requests to a loopback address may carry; see the module doc.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostPolicy {
+    /// `*` in `server.allowed_hosts`.
+    any: bool,
+    /// Lower-case names of `server.allowed_hosts` and `server.listen`, each with its port if
+    /// the entry gave one (then only that port matches).
+    names: Vec<(String, Option<u16>)>,
+}
+
+impl HostPolicy {
+    /// The policy of `server.allowed_hosts` and the addresses of `server.listen`.
+    pub fn new(allowed_hosts: &[String], listen: &[String]) -> Self {
+        let any = allowed_hosts.iter().any(|h| h == "*");
+        let mut names: Vec<(String, Option<u16>)> =
+            allowed_hosts.iter().filter_map(|h| split_host(h)).collect();
+        // A listen address's host (a name or an address) with any port: the listen port may
+        // be 0, and the port is not what a rebinding attack changes.
+        names.extend(
+            listen
+                .iter()
+                .filter_map(|a| split_host(a))
+                .map(|(name, _)| (name, None)),
+        );
+        Self { any, names }
+    }
+
+    /// Whether a request naming `host` (the `Host` value, if any) that arrived on `local` may
+    /// be served.
+    pub fn allows(&self, host: Option<&str>, local: Option<SocketAddr>) -> bool {
+        let (Some(host), Some(local)) = (host, local) else {
+            return true;
+        };
+        if self.any || !local.ip().is_loopback() {
+            return true;
+        }
+        let Some((name, port)) = split_host(host) else {
+            return false;
+        };
+        let own = match local.ip() {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        ["localhost", "127.0.0.1", "[::1]", own.as_str()].contains(&name.as_str())
+            || name.ends_with(".localhost")
+            || self
+                .names
+                .iter()
+                .any(|(n, p)| *n == name && (p.is_none() || *p == port))
+    }
+}
+
+/// `name[:port]` (`[v6]:port` for IPv6) split, the name in lower case; `None` if the port is
+/// not a number or the name is empty.
+fn split_host(text: &str) -> Option<(String, Option<u16>)> {
+    let text = text.trim();
+    let (name, port) = if text.starts_with('[') {
+        let end = text.find(']')?;
+        let rest = &text[end + 1..];
+        let port = match rest.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if rest.is_empty() => None,
+            None => return None,
+        };
+        (&text[..=end], port)
+    } else {
+        match text.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (text, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok()?),
+        None => None,
+    };
+    (!name.is_empty()).then(|| (name.to_ascii_lowercase(), port))
+}
+
+/// The host a request names: HTTP/2's `:authority` (in the URI), else `Host`.
+fn host_of(request: &Request) -> Option<&str> {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// Whether `path` is an admin route's (its first segment is `admin`).
+pub fn is_admin_path(path: &str) -> bool {
+    path.split('/').find(|s| !s.is_empty()) == Some("admin")
+}
+
+/// Whether a web page could have sent a request with these headers without a CORS
+/// preflight, as far as the admin routes are concerned: it has none of
+/// `Content-Type: application/json`, [`ADMIN_HEADER`], `Authorization` or `X-Api-Key`.
+pub fn is_simple(headers: &HeaderMap) -> bool {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    !(json
+        || headers.contains_key(ADMIN_HEADER)
+        || headers.contains_key(header::AUTHORIZATION)
+        || headers.contains_key("x-api-key"))
+}
+
+/// Whether `Origin` (if any) names another site than `host`: a page from elsewhere.
+fn foreign_origin(headers: &HeaderMap, host: Option<&str>) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let authority = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, authority)| authority);
+    match (authority, host) {
+        (Some(a), Some(h)) => !a.eq_ignore_ascii_case(h),
+        _ => true,
+    }
+}
+
+/// The action and worker an admin path names: `("drain", Some(0))`, `("reload", None)`.
+fn admin_action(path: &str) -> (&str, Option<&str>) {
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match parts.as_slice() {
+        ["admin", "workers", id, action] => (action, Some(id)),
+        ["admin", action] => (action, None),
+        _ => (path, None),
+    }
+}
+
+/// The middleware; see the module doc. Refusals are logged at debug, admin actions (every
+/// admin request that got through) at info with the client's address and which key it used
+/// (`admin#N`, `api#N`: its place in the configured list, never the key).
+pub async fn guard(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let conn = request.extensions().get::<ConnInfo>().copied();
+    let host = host_of(&request).map(str::to_owned);
+    let host = host.as_deref();
+    if !state.hosts.allows(host, conn.map(|c| c.local)) {
+        let host = host.unwrap_or_default();
+        tracing::debug!(host, "refused: Host is not a name of this server");
+        return Err(ApiError::host_not_allowed(host));
+    }
+    let path = request.uri().path().to_owned();
+    let path = path.as_str();
+    if !is_admin_path(path) {
+        return Ok(next.run(request).await);
+    }
+    let headers = request.headers();
+    let who = if !state.admin_keys.is_empty() {
+        match state.admin_keys.which(headers) {
+            Some(i) => format!("admin#{i}"),
+            None => {
+                tracing::debug!(path, "refused: an admin route without an admin key");
+                return Err(ApiError::unauthorized());
+            }
+        }
+    } else {
+        let refuse = |reason: &str| {
+            tracing::debug!(path, peer = ?conn.map(|c| c.peer), reason, "refused: admin route");
+            Err(ApiError::admin_forbidden(reason))
+        };
+        if !conn.is_some_and(|c| c.peer.ip().to_canonical().is_loopback()) {
+            return refuse(
+                "without server.admin_api_keys, the admin routes answer clients on this \
+                 machine only",
+            );
+        }
+        if is_simple(headers) {
+            return refuse(
+                "an admin request must send Content-Type: application/json or an \
+                 X-Llamapool-Admin header",
+            );
+        }
+        if foreign_origin(headers, host) {
+            return refuse("the admin routes do not answer web pages of other origins");
+        }
+        if state.api_keys.is_empty() {
+            "none".to_string()
+        } else {
+            match state.api_keys.which(headers) {
+                Some(i) => format!("api#{i}"),
+                None => return Err(ApiError::unauthorized()),
+            }
+        }
+    };
+    let method = request.method().clone();
+    let (action, worker) = admin_action(path);
+    let (action, worker) = (action.to_string(), worker.map(str::to_string));
+    let response = next.run(request).await;
+    if method != Method::GET && method != Method::HEAD {
+        tracing::info!(
+            peer = %conn.map_or_else(|| "unknown".to_string(), |c| c.peer.to_string()),
+            key = %who,
+            action = %action,
+            worker = %worker.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            "admin action"
+        );
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn addr(text: &str) -> Option<SocketAddr> {
+        Some(text.parse().unwrap())
+    }
+
+    fn list(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn loopback_requests_must_name_this_machine() {
+        let policy = HostPolicy::new(&list(&["llm.example:8080", "box"]), &list(&["127.0.0.1:0"]));
+        let local = addr("127.0.0.1:8080");
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST:1",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "app.localhost:3000",
+            "llm.example:8080",
+            "box",
+            "box:9",
+        ] {
+            assert!(policy.allows(Some(host), local), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "llm.example:8081",
+            "llm.example",
+            "localhost.evil.example",
+            "127.0.0.2",
+            "localhost:x",
+            "",
+        ] {
+            assert!(!policy.allows(Some(host), local), "{host}");
+        }
+        let v6 = addr("[::1]:8080");
+        assert!(policy.allows(Some("[::1]:8080"), v6));
+        assert!(!policy.allows(Some("evil.example"), v6));
+        // Not checked: no Host, no connection, another address.
+        assert!(policy.allows(None, local));
+        assert!(policy.allows(Some("evil.example"), None));
+        assert!(policy.allows(Some("llm.lan"), addr("192.168.1.5:8080")));
+        let any = HostPolicy::new(&list(&["*"]), &[]);
+        assert!(any.allows(Some("evil.example"), local));
+        // A host named in server.listen.
+        let named = HostPolicy::new(&[], &list(&["myhost.local:8080", "[::1]:0"]));
+        assert!(named.allows(Some("myhost.local:8080"), local));
+        assert!(!named.allows(Some("otherhost.local:8080"), local));
+    }
+
+    #[test]
+    fn admin_paths_simple_requests_and_actions() {
+        for p in [
+            "/admin/reload",
+            "/admin/workers/0/drain",
+            "//admin/x",
+            "/admin",
+        ] {
+            assert!(is_admin_path(p), "{p}");
+        }
+        for p in ["/administer", "/v1/admin", "/", "/workers"] {
+            assert!(!is_admin_path(p), "{p}");
+        }
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in pairs {
+                map.append(*k, HeaderValue::from_str(v).unwrap());
+            }
+            map
+        };
+        for simple in [
+            headers(&[]),
+            headers(&[("content-type", "text/plain")]),
+            headers(&[("content-type", "application/x-www-form-urlencoded")]),
+            headers(&[("content-type", "multipart/form-data; boundary=x")]),
+            headers(&[("content-type", "text/plain; x=application/json")]),
+        ] {
+            assert!(is_simple(&simple), "{simple:?}");
+        }
+        for not_simple in [
+            headers(&[("content-type", "application/json")]),
+            headers(&[("content-type", "Application/JSON; charset=utf-8")]),
+            headers(&[("x-llamapool-admin", "1")]),
+            headers(&[("authorization", "Bearer k")]),
+            headers(&[("x-api-key", "k")]),
+        ] {
+            assert!(!is_simple(&not_simple), "{not_simple:?}");
+        }
+        let same = headers(&[("origin", "http://127.0.0.1:8080")]);
+        assert!(!foreign_origin(&same, Some("127.0.0.1:8080")));
+        assert!(foreign_origin(&same, Some("localhost:8080")));
+        assert!(foreign_origin(&headers(&[("origin", "null")]), Some("x")));
+        assert!(!foreign_origin(&headers(&[]), Some("x")));
+        assert_eq!(admin_action("/admin/workers/3/drain"), ("drain", Some("3")));
+        assert_eq!(admin_action("/admin/reload"), ("reload", None));
+    }
+}
