@@ -92,6 +92,11 @@ impl SamplingParams {
     /// Longest grammar accepted, in bytes (a JSON schema's grammar is a few KiB).
     pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
 
+    /// Most `logit_bias` entries (token ids, and texts before the worker tokenizes them; after,
+    /// the tokens the texts became): the sampler walks them at every step. OpenAI allows 300,
+    /// llama-server any number.
+    pub const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
+
     /// Checks ranges; the error names the field.
     pub fn validate(&self) -> Result<(), ParamError> {
         let bounds = [
@@ -126,6 +131,16 @@ impl SamplingParams {
                 format!(
                     "top_logprobs must be between 0 and {}, got {n}",
                     Self::MAX_TOP_LOGPROBS
+                ),
+            ));
+        }
+        let entries = self.logit_bias.len() + self.logit_bias_text.len();
+        if entries > Self::MAX_LOGIT_BIAS_ENTRIES {
+            return Err(ParamError::new(
+                "logit_bias",
+                format!(
+                    "logit_bias may have at most {} entries (tokens), got {entries}",
+                    Self::MAX_LOGIT_BIAS_ENTRIES
                 ),
             ));
         }
@@ -423,6 +438,12 @@ mod tests {
         }
         .validate()
         .unwrap();
+        let many = SamplingParams {
+            logit_bias: vec![(1, 1.0); SamplingParams::MAX_LOGIT_BIAS_ENTRIES],
+            logit_bias_text: vec![("x".into(), 1.0)],
+            ..SamplingParams::default()
+        };
+        assert_eq!(many.validate().unwrap_err().param, "logit_bias");
         SamplingParams {
             logit_bias: vec![(1, f32::NEG_INFINITY), (2, -100.0), (3, 100.0)],
             ..SamplingParams::default()

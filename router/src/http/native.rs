@@ -187,8 +187,7 @@ async fn respond_batch(
         .iter()
         .map(|r| native.for_prompt(&r.prompt))
         .collect();
-    let mut handles =
-        state.pool.submit_all(requests).await?;
+    let mut handles = state.pool.submit_all(requests).await?;
     log.on_worker(handles[0].worker());
     let timers = choice_timers(state, timer, handles.len());
     let collected = futures_util::future::try_join_all(
@@ -274,6 +273,10 @@ fn result_json(native: &Native, slot: u32, collected: Collected) -> Value {
     result
 }
 
+/// Most strings in the mixed prompts (`["text", 123, "text"]`) of one request: each is a
+/// `Tokenize` control call to a worker, made one after another under one control permit.
+pub const MAX_PROMPT_TEXT_PARTS: usize = 256;
+
 /// The body validated like an OpenAI completion, with the native prompt forms (a batch's
 /// prompts after the first in `more_prompts`); a mixed prompt is tokenized here (its first
 /// text part with BOS, as llama-server does).
@@ -296,8 +299,30 @@ async fn parse_native(
     let sampling = body.sampling(&served.defaults)?;
     let return_tokens = body.return_tokens.unwrap_or(false);
     let post_sampling_probs = body.post_sampling_probs.unwrap_or(false);
+    let native = native_prompts(body.prompt.take())?;
+    let texts: usize = native
+        .iter()
+        .map(|prompt| match prompt {
+            NativePrompt::Mixed(parts) => parts
+                .iter()
+                .filter(|part| matches!(part, PromptPart::Text(_)))
+                .count(),
+            NativePrompt::Ready(_) => 0,
+        })
+        .sum();
+    if texts > MAX_PROMPT_TEXT_PARTS {
+        return Err(crate::openai::InvalidRequest::Field {
+            param: "prompt".into(),
+            message: format!(
+                "a request's prompts mixing text and token ids may hold at most {MAX_PROMPT_TEXT_PARTS} strings in all (each is a tokenize call), got {texts}"
+            ),
+        }
+        .into());
+    }
+    // The tokenize calls count against the control-call limit, as /tokenize's do.
+    let _permit = (texts > 0).then(|| state.admit_control()).transpose()?;
     let mut prompts = Vec::new();
-    for prompt in native_prompts(body.prompt.take())? {
+    for prompt in native {
         prompts.push(match prompt {
             NativePrompt::Ready(prompt) => prompt,
             NativePrompt::Mixed(parts) => Prompt::Tokens(tokenize_mixed(state, parts).await?),
