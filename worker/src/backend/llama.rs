@@ -740,6 +740,7 @@ mod tests {
                 .unwrap()
                 .to_string()
         };
+        eprintln!("model loaded: {}", hwm());
         let literal = format!("\"{}\"", "x".repeat(1000));
         let chain: String = (0..9_998)
             .map(|i| format!("r{i} ::= r{}\n", i + 1))
