@@ -49,7 +49,8 @@ const CLIENT_STACK: usize = 256 * 1024;
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub model: String,
-    pub workers: usize,
+    /// Explicit workers asked for; `None`: the default layout (one adaptive worker per core).
+    pub workers: Option<usize>,
     pub max_queued: usize,
     pub kill: Option<KillReport>,
     pub load: Option<LoadReport>,
@@ -181,10 +182,23 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `configs/default.toml`'s settings with `workers` explicit one-thread workers on the first
-/// allowed CPUs, a free port, no keep-alive pings, and no crash-loop guard (the kills are
-/// deliberate; a worker marked `failed` would leave the others alone for a minute).
-fn router_config(model: &std::path::Path, workers: usize, max_queued: usize) -> Result<String> {
+/// `configs/default.toml`'s settings (crash-loop rule included) on a free port, with
+/// `max_queued` and no keep-alive pings (so that a stalled stream is silent); the default
+/// layout (one adaptive worker per core) unless `workers` asks for that many explicit
+/// one-thread workers on the first allowed CPUs.
+fn router_config(
+    model: &std::path::Path,
+    workers: Option<usize>,
+    max_queued: usize,
+) -> Result<String> {
+    let mut config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_queued = {max_queued}\nkeepalive_secs = 86400\n\
+         [model]\npath = {path}\nalias = \"{ALIAS}\"\n",
+        path = json!(model),
+    );
+    let Some(workers) = workers else {
+        return Ok(config);
+    };
     let allowed = CpuList::allowed();
     if workers == 0 || workers > allowed.len() {
         bail!(
@@ -192,11 +206,6 @@ fn router_config(model: &std::path::Path, workers: usize, max_queued: usize) -> 
             allowed.len()
         );
     }
-    let mut config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmax_queued = {max_queued}\nkeepalive_secs = 86400\n\
-         crash_loop_deaths = 1000000\n[model]\npath = {path}\nalias = \"{ALIAS}\"\n",
-        path = json!(model),
-    );
     for cpu in &allowed.cpus()[..workers] {
         config.push_str(&format!("[[workers]]\ncpus = \"{cpu}\"\nthreads = 1\n"));
     }
@@ -574,8 +583,13 @@ fn counts<K: std::fmt::Display>(map: &BTreeMap<K, usize>) -> String {
 /// The report as text.
 fn table(report: &Report) -> String {
     let mut out = format!(
-        "router: {} workers (one pinned thread each), max_queued {}, {}\n",
-        report.workers, report.max_queued, report.model
+        "router: {}, max_queued {}, {}\n",
+        report.workers.map_or_else(
+            || "the default layout (one adaptive worker per core)".to_string(),
+            |n| format!("{n} workers (one pinned thread each)")
+        ),
+        report.max_queued,
+        report.model
     );
     if let Some(k) = &report.kill {
         out.push_str(&format!(

@@ -127,9 +127,10 @@ pub struct Args {
     /// With --chaos: tokens per request of the load phase.
     #[arg(long, default_value_t = 16)]
     load_max_tokens: u32,
-    /// With --chaos: workers of the router, one pinned one-thread worker per CPU.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    /// With --chaos: explicit workers of the router, one pinned one-thread worker per CPU;
+    /// without it, the default layout (one adaptive worker per core).
+    #[arg(long)]
+    workers: Option<usize>,
     /// With --chaos: the router's server.max_queued (beyond the 16 slots per worker, then 429).
     #[arg(long, default_value_t = 64)]
     max_queued: usize,

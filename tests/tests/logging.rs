@@ -262,3 +262,38 @@ fn text_logs_to_a_file_have_no_colour_codes_and_carry_the_request_id() {
         "no worker line has test-123:\n{log}"
     );
 }
+
+/// What a client sends never reaches the log raw: llama.cpp prints a grammar it refuses to the
+/// worker's stderr, which the router captures line by line, escapes, caps and logs as JSON.
+/// A grammar made of fake log lines, escape sequences and a long line leaves one JSON object
+/// per line, none of them the fake, and only a few KiB.
+#[test]
+fn a_hostile_grammar_cannot_inject_log_lines() {
+    let server = LoggedRouter::start(&config("json", "0"));
+    let fake = r#"{"level":"ERROR","target":"llamapool_router::serve","message":"INJECTED"}"#;
+    let grammar = format!(
+        "root ::= undefined-rule\n{fake}\n\u{1b}[31mred\u{1b}[0m\r\n# {}\n",
+        "A".repeat(60_000)
+    );
+    let body = json!({"prompt": "Hi", "max_tokens": 2, "grammar": grammar}).to_string();
+    let before = std::fs::metadata(&server.log).map_or(0, |m| m.len());
+    let r = server.request("POST", "/completion", None, body.as_bytes());
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(!r.text().contains('\u{1b}'), "{}", r.text());
+    let ok = server.request(
+        "POST",
+        "/completion",
+        None,
+        br#"{"prompt":"Hi","n_predict":2}"#,
+    );
+    assert_eq!(ok.status, 200);
+    let log = server.stop();
+    assert!(!log.contains('\u{1b}'), "a raw escape sequence in the log");
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        assert_ne!(v["message"], "INJECTED", "{line}");
+    }
+    let grew = log.len() as u64 - before.min(log.len() as u64);
+    assert!(grew < 64 * 1024, "the log grew by {grew} bytes");
+}

@@ -563,6 +563,34 @@ mod tests {
     }
 
     #[test]
+    fn foreign_lines_are_escaped_and_capped() {
+        assert_eq!(escape_line(b"a\x1b[31mb\rc\td"), "a\\u{1b}[31mb\\u{d}c\td");
+        assert_eq!(escape_line(b"caf\xc3\xa9 \xff"), "caf\u{e9} \u{fffd}");
+        let mut input: Vec<u8> = vec![b'x'; MAX_LINE_BYTES * 3];
+        input.extend_from_slice(b"\nshort\nlast");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let lines = rt.block_on(async {
+            let mut reader = BufReader::new(&input[..]);
+            let mut line = Vec::new();
+            let mut lines = Vec::new();
+            while let Some(truncated) = read_capped_line(&mut reader, &mut line).await {
+                lines.push((line.len(), truncated));
+            }
+            lines
+        });
+        assert_eq!(lines, [(MAX_LINE_BYTES, true), (5, false), (4, false)]);
+    }
+
+    #[test]
+    fn early_deaths_back_off_exponentially_up_to_30_s() {
+        assert_eq!(early_death_backoff(1), Duration::from_millis(250));
+        assert_eq!(early_death_backoff(2), Duration::from_millis(500));
+        assert_eq!(early_death_backoff(20), Duration::from_secs(30));
+    }
+
+    #[test]
     fn pings_fit_several_times_into_the_hang_timeout() {
         let policy = SupervisionPolicy {
             hang_timeout: Duration::from_secs(3),
