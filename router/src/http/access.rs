@@ -78,13 +78,15 @@ impl HostPolicy {
         let (Some(host), Some(local)) = (host, local) else {
             return true;
         };
-        if self.any || !local.ip().is_loopback() {
+        // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`.
+        let ip = local.ip().to_canonical();
+        if self.any || !ip.is_loopback() {
             return true;
         }
         let Some((name, port)) = split_host(host) else {
             return false;
         };
-        let own = match local.ip() {
+        let own = match ip {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
         };
@@ -296,6 +298,9 @@ mod tests {
         ] {
             assert!(!policy.allows(Some(host), local), "{host}");
         }
+        let mapped = addr("[::ffff:127.0.0.1]:8080");
+        assert!(policy.allows(Some("127.0.0.1:8080"), mapped));
+        assert!(!policy.allows(Some("evil.example"), mapped));
         let v6 = addr("[::1]:8080");
         assert!(policy.allows(Some("[::1]:8080"), v6));
         assert!(!policy.allows(Some("evil.example"), v6));
