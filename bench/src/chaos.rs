@@ -649,13 +649,17 @@ mod tests {
     }
 
     #[test]
-    fn the_config_pins_one_worker_per_cpu_without_pings() {
-        let config = router_config(std::path::Path::new("/m.gguf"), 1, 7).unwrap();
+    fn the_config_is_the_default_one_without_pings() {
+        let m = std::path::Path::new("/m.gguf");
+        let config = router_config(m, None, 7).unwrap();
         assert!(config.contains("max_queued = 7"));
         assert!(config.contains("keepalive_secs = 86400"));
-        assert!(config.contains("crash_loop_deaths = 1000000"));
-        assert_eq!(config.matches("[[workers]]").count(), 1);
-        assert!(router_config(std::path::Path::new("/m.gguf"), 0, 7).is_err());
-        assert!(router_config(std::path::Path::new("/m.gguf"), 100_000, 7).is_err());
+        // The default crash-loop rule and the default layout.
+        assert!(!config.contains("crash_loop"));
+        assert!(!config.contains("[[workers]]"));
+        let pinned = router_config(m, Some(1), 7).unwrap();
+        assert_eq!(pinned.matches("[[workers]]").count(), 1);
+        assert!(router_config(m, Some(0), 7).is_err());
+        assert!(router_config(m, Some(100_000), 7).is_err());
     }
 }

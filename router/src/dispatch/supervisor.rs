@@ -351,7 +351,7 @@ async fn read_capped_line<R: AsyncRead + Unpin>(
     let mut truncated = false;
     loop {
         let buf = match reader.fill_buf().await {
-            Ok(buf) if buf.is_empty() => {
+            Ok([]) => {
                 return (!line.is_empty() || truncated).then_some(truncated);
             }
             Ok(buf) => buf,
