@@ -399,6 +399,9 @@ mod tests {
             "root ::= <think> !<[12]>* \"ü\"{3}",
             "root ::= x{0,}\nx ::= [0-9]{1,16}",
             "root ::= \"a\"{5,2001}",
+            "root ::= a\r\na ::= \"x\" | ( # c\r\n \"y\" )\r\n",
+            "root ::= [a-] [-a] [\\-] \"\\x41\\u00e9\\U0001F600\"",
+            "root ::= [a-z]{2,5} \"b\"{0,} (\"c\" | \"d\"){3} x{ 1 , 2 }\nx ::= \"e\"",
         ] {
             check(grammar).unwrap_or_else(|e| panic!("{grammar:?}: {e}"));
         }
@@ -473,6 +476,14 @@ mod tests {
         assert!(check(&format!("root ::= \"{}\"{{40}}{{40}}", "x".repeat(1000))).is_err());
         // A group is one reference, whatever is inside it.
         check(&format!("root ::= (\"{}\"){{2000}}", "x".repeat(1000))).unwrap();
+    }
+
+    proptest::proptest! {
+        /// Any text: an answer, never a panic (a slice out of range, an overflow).
+        #[test]
+        fn any_text_is_answered(text in "(root ::= |[\"\\\\\\[\\]()|*+?{},0-9a-z#\n\r\t ^.<>!-]|é){0,80}") {
+            let _ = check(&text);
+        }
     }
 
     #[test]
