@@ -1,0 +1,217 @@
+//! Issue 17's attacks, one after the other, against one router with the default
+//! configuration (one adaptive worker per core) and the real model, while a stream is under
+//! way: every attack gets its clear error, no worker dies, a plain request gets 200 right
+//! after each, the stream keeps its pace, the foreign page's POST changes nothing, and the
+//! router's peak resident memory stays under 300 MB.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use llamapool_tests::*;
+use serde_json::{json, Value};
+
+fn default_config() -> String {
+    r#"
+[server]
+listen = "127.0.0.1:0"
+[model]
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+alias = "smol"
+"#
+    .to_string()
+}
+
+/// The pids and restart counts of the workers: unchanged means no worker died.
+fn lives(router: &Router) -> Vec<(Value, Value)> {
+    router
+        .workers()
+        .iter()
+        .map(|w| (w["pid"].clone(), w["restarts"].clone()))
+        .collect()
+}
+
+fn plain(router: &Router) -> u16 {
+    router
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}),
+        )
+        .status
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `body` on a raw connection with `headers` and returns the status line's code and
+/// the whole answer.
+fn raw_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+fn nested_array_schema(depth: usize) -> Value {
+    let mut schema = json!({"type": "string"});
+    for _ in 0..depth {
+        schema = json!({"type": "array", "items": schema});
+    }
+    schema
+}
+
+#[test]
+fn no_attack_costs_a_worker_the_pool_or_the_stream_under_way() {
+    let mut router = Router::launch(&default_config()).unwrap_or_else(|e| panic!("{e}"));
+    router
+        .wait_ready(Duration::from_secs(120), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = lives(&router);
+
+    // A stream under way all along: its largest gap between two events is its pace.
+    let mut stream = router.stream(
+        "/v1/completions",
+        &json!({"prompt": "Tell a long story about the sea.", "max_tokens": 400,
+                "ignore_eos": true, "temperature": 0, "stream": true}),
+    );
+    let watcher = std::thread::spawn(move || {
+        let (mut events, mut widest, mut last) = (0, Duration::ZERO, Instant::now());
+        while let Some(data) = stream.next_data() {
+            if data == "[DONE]" {
+                return Ok((events, widest));
+            }
+            if data.contains("\"error\"") {
+                return Err(data);
+            }
+            events += 1;
+            if events > 1 {
+                widest = widest.max(last.elapsed());
+            }
+            last = Instant::now();
+        }
+        Err("no [DONE]".to_string())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let nested_groups = format!(
+        "root ::= {}\"a\"{}",
+        "(".repeat(100_000),
+        ")".repeat(100_000)
+    );
+    let repetition = format!(
+        "root ::= {}",
+        vec![format!("\"{}\"{{2000}}", "x".repeat(1000)); 250].join(" ")
+    );
+    let attacks: Vec<(&str, &str, Value, u16)> = vec![
+        (
+            "nested groups, n = 16",
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 4, "n": 16, "grammar": nested_groups}),
+            400,
+        ),
+        (
+            "repetition expansion",
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 4, "grammar": repetition}),
+            400,
+        ),
+        (
+            "schema nested 30 deep",
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 4, "response_format": {"type": "json_schema",
+                   "json_schema": {"schema": nested_array_schema(30)}}}),
+            200,
+        ),
+        (
+            "schema nested 200 deep",
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 4, "response_format": {"type": "json_schema",
+                   "json_schema": {"schema": nested_array_schema(200)}}}),
+            400,
+        ),
+        (
+            "native prompt fan-out",
+            "/completion",
+            json!({"prompt": (0..5000).map(|i| if i % 2 == 0 { json!("a") } else { json!(1) }).collect::<Vec<_>>(), "n_predict": 1}),
+            400,
+        ),
+        (
+            "logit_bias of 40 000 entries",
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 1,
+                   "logit_bias": (0..40_000).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()}),
+            400,
+        ),
+    ];
+    for (name, path, body, status) in attacks {
+        let started = Instant::now();
+        let r = router.post(path, &body);
+        assert_eq!(r.status, status, "{name}: {}", r.text());
+        if status != 200 {
+            let error = &r.json()["error"];
+            assert!(
+                error["message"].is_string() && error["type"].is_string(),
+                "{name}: {error}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(plain(&router), 200, "a plain request right after {name}");
+        assert_eq!(lives(&router), before, "a worker died of {name}");
+    }
+
+    // A foreign page's simple POST to the admin API changes nothing.
+    let (status, answer) = raw_post(
+        &router.addr,
+        "/admin/workers/0/drain",
+        &[
+            ("Content-Type", "text/plain"),
+            ("Origin", "https://evil.example"),
+        ],
+        b"drain",
+    );
+    assert!(status == 403 || status == 401, "{answer}");
+    assert!(
+        !answer
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "{answer}"
+    );
+    assert!(
+        router.workers().iter().all(|w| w["state"] == "ready"),
+        "{:?}",
+        router.workers()
+    );
+
+    let (events, widest) = watcher.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert!(events > 100, "{events} events");
+    assert!(
+        widest < Duration::from_secs(3),
+        "the stream stalled for {widest:?}"
+    );
+    assert_eq!(lives(&router), before);
+    let peak = peak_rss_kib(router.pid());
+    assert!(peak > 0 && peak < 300 * 1024, "router peak RSS {peak} KiB");
+}
