@@ -87,6 +87,16 @@ impl ApiError {
         )
     }
 
+    /// An admin route without an admin key while admin keys are configured.
+    pub fn admin_unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or invalid admin key (server.admin_api_keys); an API key does not open \
+             the admin routes",
+        )
+    }
+
     /// An admin route refused for `reason` (who may call it: see `http::access`).
     pub fn admin_forbidden(reason: impl Into<String>) -> Self {
         Self {

@@ -529,6 +529,8 @@ fn admin_keys_are_not_api_keys_and_every_admin_action_is_logged() {
         let r = http::request(&server.addr, "POST", drain, &headers, b"").unwrap();
         assert_eq!(r.status, 401, "{headers:?}: {}", r.text());
         assert_eq!(r.json()["error"]["type"], "authentication_error");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("admin key"), "{message}");
     }
     let state = |server: &Router| {
         let r = http::request(
@@ -600,5 +602,10 @@ fn admin_keys_are_not_api_keys_and_every_admin_action_is_logged() {
             "{line}"
         );
     }
+    let refused = text
+        .lines()
+        .filter(|l| l.contains("admin request refused") && l.contains("action=drain"))
+        .count();
+    assert_eq!(refused, 4, "each refusal is logged: {text}");
     assert!(!text.contains("sk-admin"), "a key in the log: {text}");
 }

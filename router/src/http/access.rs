@@ -180,9 +180,22 @@ fn admin_action(path: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// The middleware; see the module doc. Refusals are logged at debug, admin actions (every
-/// admin request that got through) at info with the client's address and which key it used
-/// (`admin#N`, `api#N`: its place in the configured list, never the key).
+/// Logs a refused admin request at info: who tried what, and why.
+fn log_refusal(conn: Option<ConnInfo>, path: &str, reason: &str) {
+    let (action, worker) = admin_action(path);
+    tracing::info!(
+        peer = %conn.map_or_else(|| "unknown".to_string(), |c| c.peer.to_string()),
+        action = %action,
+        worker = %worker.unwrap_or("-"),
+        reason,
+        "admin request refused"
+    );
+}
+
+/// The middleware; see the module doc. Host refusals are logged at debug; admin refusals and
+/// admin actions (every admin request that got through) at info with the client's address,
+/// and for actions which key it used (`admin#N`, `api#N`: its place in the configured list,
+/// never the key).
 pub async fn guard(
     State(state): State<SharedState>,
     request: Request,
@@ -206,13 +219,13 @@ pub async fn guard(
         match state.admin_keys.which(headers) {
             Some(i) => format!("admin#{i}"),
             None => {
-                tracing::debug!(path, "refused: an admin route without an admin key");
-                return Err(ApiError::unauthorized());
+                log_refusal(conn, path, "no admin key");
+                return Err(ApiError::admin_unauthorized());
             }
         }
     } else {
         let refuse = |reason: &str| {
-            tracing::debug!(path, peer = ?conn.map(|c| c.peer), reason, "refused: admin route");
+            log_refusal(conn, path, reason);
             Err(ApiError::admin_forbidden(reason))
         };
         if !conn.is_some_and(|c| c.peer.ip().to_canonical().is_loopback()) {
@@ -235,7 +248,10 @@ pub async fn guard(
         } else {
             match state.api_keys.which(headers) {
                 Some(i) => format!("api#{i}"),
-                None => return Err(ApiError::unauthorized()),
+                None => {
+                    log_refusal(conn, path, "no API key");
+                    return Err(ApiError::unauthorized());
+                }
             }
         }
     };
