@@ -249,6 +249,7 @@ async fn run_round(
     let connection = connection::run(stream, rx, watch);
     tokio::pin!(connection);
     let mut shutdown = inner.shutdown.subscribe();
+    let mut stopped_from_outside = false;
     let (end, orphans) = tokio::select! {
         orphans = &mut connection => (RoundEnd::Died, orphans),
         _ = shutdown.changed() => {
@@ -261,7 +262,8 @@ async fn run_round(
             (RoundEnd::Restart, connection.await)
         }
         () = watchdog(worker, inner.policy) => {
-            tracing::error!(worker = index, pid, timeout = ?inner.policy.hang_timeout, "worker is hung: no progress; killing it");
+            stopped_from_outside = is_stopped(pid);
+            tracing::error!(worker = index, pid, timeout = ?inner.policy.hang_timeout, stopped_from_outside, "worker is hung: no progress; killing it");
             inner.metrics.record_hung_kill(index);
             worker.update(|s| {
                 s.state = WorkerState::Hung;
@@ -294,6 +296,10 @@ async fn run_round(
             "closed its connection and did not exit".into(),
         )),
         RoundEnd::Died => Some(DeathCause::classify(status, false)),
+        // A process stopped by a signal (SIGSTOP, a debugger) hangs through no request.
+        RoundEnd::Hung if stopped_from_outside => Some(DeathCause::Outside(
+            "stopped by a signal and killed as hung".into(),
+        )),
         RoundEnd::Hung => Some(DeathCause::classify(status, true)),
         RoundEnd::Restart | RoundEnd::Shutdown => None,
     };
@@ -313,6 +319,16 @@ async fn run_round(
         tracing::warn!(worker = index, status = %status_text, cause = cause.description(), served, "worker went away; restarting it");
     }
     Round { end, served, cause }
+}
+
+/// Whether process `pid` is stopped (`T`) or traced (`t`), as `/proc/PID/stat` says.
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    })
 }
 
 /// Resolves when the worker's vitals say it is hung.
@@ -581,6 +597,12 @@ mod tests {
             lines
         });
         assert_eq!(lines, [(MAX_LINE_BYTES, true), (5, false), (4, false)]);
+    }
+
+    #[test]
+    fn a_running_process_is_not_stopped() {
+        assert!(!is_stopped(std::process::id()));
+        assert!(!is_stopped(u32::MAX));
     }
 
     #[test]
