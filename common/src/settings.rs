@@ -110,12 +110,17 @@ pub struct ServerSettings {
     /// move on. The default covers the longest legal step with a wide margin: a full 512-token
     /// prefill of a 7–8B Q4 model on one slow core runs at ~20 tokens/s, about 25 s.
     pub hang_timeout_secs: u64,
-    /// This many worker deaths (or hang kills, or failed starts) within
-    /// `crash_loop_window_secs` mark the worker `failed`; it is then retried every
-    /// `failed_retry_secs` instead of within a second.
+    /// This many failed starts in a row (a worker that exits before `Ready`, or dies before
+    /// it served: no step and up less than 5 s), within `crash_loop_window_secs`, mark the
+    /// worker `failed`; it is then retried every `failed_retry_secs`. A worker that served is
+    /// restarted at once however often it is killed, and kills from outside (SIGKILL, the OOM
+    /// killer) never count.
     pub crash_loop_deaths: usize,
     pub crash_loop_window_secs: u64,
     pub failed_retry_secs: u64,
+    /// A request the poison policy blames for workers' deaths is ended with a 500, and
+    /// requests identical to it (same prompt and parameters) are refused for this long.
+    pub poison_ttl_secs: u64,
     /// How the router and its workers write their log lines to stderr: `text` or `json`.
     /// Read at start-up only (`/admin/reload` does not change it).
     pub log_format: LogFormat,
@@ -137,14 +142,14 @@ impl Default for ServerSettings {
             api_key: None,
             api_keys: Vec::new(),
             api_key_file: None,
+            admin_api_keys: Vec::new(),
+            admin_api_key_file: None,
+            allowed_hosts: Vec::new(),
             cors_origins: Vec::new(),
             max_body_bytes: 4 * 1024 * 1024,
             max_queued: 256,
             ready_timeout_secs: 300,
             drain_timeout_secs: 30,
-            admin_api_keys: Vec::new(),
-            admin_api_key_file: None,
-            allowed_hosts: Vec::new(),
             keepalive_secs: 10,
             runtime_threads: 0,
             worker_binary: None,
@@ -153,14 +158,15 @@ impl Default for ServerSettings {
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_connections: 1024,
+            body_read_timeout_secs: 30,
+            max_h2_streams: 32,
+            max_buffered_body_bytes: 64 * 1024 * 1024,
             write_timeout_secs: 60,
             hang_timeout_secs: 60,
             crash_loop_deaths: 5,
             crash_loop_window_secs: 300,
             failed_retry_secs: 60,
-            body_read_timeout_secs: 30,
-            max_h2_streams: 32,
-            max_buffered_body_bytes: 64 * 1024 * 1024,
+            poison_ttl_secs: 600,
             log_format: LogFormat::Text,
             prefix_affinity: true,
             slots_endpoint: true,
@@ -572,12 +578,6 @@ impl ServerSettings {
         for (i, key) in self.api_keys.iter().enumerate() {
             check_api_key(key).map_err(|e| bad(format!("server.api_keys[{i}]"), e))?;
         }
-        for (i, origin) in self.cors_origins.iter().enumerate() {
-            parse_cors_origin(origin).map_err(|e| bad(format!("server.cors_origins[{i}]"), e))?;
-        }
-        Ok(())
-    }
-
         for (i, key) in self.admin_api_keys.iter().enumerate() {
             check_api_key(key).map_err(|e| bad(format!("server.admin_api_keys[{i}]"), e))?;
         }
@@ -590,6 +590,12 @@ impl ServerSettings {
                 ));
             }
         }
+        for (i, origin) in self.cors_origins.iter().enumerate() {
+            parse_cors_origin(origin).map_err(|e| bad(format!("server.cors_origins[{i}]"), e))?;
+        }
+        Ok(())
+    }
+
     /// Every accepted API key: `api_key`, `api_keys`, then the keys of `api_key_file`, which
     /// is read now; duplicates are dropped. Empty: no key is needed. A key file that cannot be
     /// read, or holds no key, is an error (a file meant to protect the server must not leave
@@ -637,15 +643,15 @@ fn with_key_file(
         }
         keys.extend(from_file);
     }
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|k| seen.insert(k.clone()));
+    Ok(keys)
 }
 
 /// Where `scripts/setup` keeps models: `$LLAMAPOOL_MODELS`, else `~/.cache/llamapool/models`.
 pub fn models_dir() -> PathBuf {
     std::env::var_os("LLAMAPOOL_MODELS")
         .map(PathBuf::from)
-    let mut seen = std::collections::HashSet::new();
-    keys.retain(|k| seen.insert(k.clone()));
-    Ok(keys)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
                 .join(".cache/llamapool/models")
@@ -685,17 +691,17 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return Err(bad("server.max_body_bytes", "must be at least 1024"));
         }
-        self.server.check_access()?;
-        self.generation.check()?;
-        let entries = self.worker_entries(allowed);
-        if entries.is_empty() {
-            return Err(bad("workers", "no CPU is available to run a worker on"));
-        }
         if self.server.max_buffered_body_bytes < self.server.max_body_bytes {
             return Err(bad(
                 "server.max_buffered_body_bytes",
                 "must be at least server.max_body_bytes",
             ));
+        }
+        self.server.check_access()?;
+        self.generation.check()?;
+        let entries = self.worker_entries(allowed);
+        if entries.is_empty() {
+            return Err(bad("workers", "no CPU is available to run a worker on"));
         }
         let plans = self.resolve_workers(&entries, allowed)?;
         validate_workers(&entries, &plans, allowed)?;
@@ -1012,12 +1018,6 @@ mod tests {
     }
 
     #[test]
-    fn api_keys_come_from_all_three_keys_and_must_be_sendable() {
-        let dir = std::env::temp_dir().join(format!("llamapool-keys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("keys");
-        std::fs::write(&file, "# operators\n\n  k3  \r\n#k4\nk1\n").unwrap();
-    #[test]
     fn admin_keys_hosts_and_body_bounds() {
         let dir = std::env::temp_dir().join(format!("llamapool-admin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1076,6 +1076,12 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn api_keys_come_from_all_three_keys_and_must_be_sendable() {
+        let dir = std::env::temp_dir().join(format!("llamapool-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# operators\n\n  k3  \r\n#k4\nk1\n").unwrap();
         let server = ServerSettings {
             api_key: Some("k1".into()),
             api_keys: vec!["k2".into()],

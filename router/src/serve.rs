@@ -45,11 +45,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use llamapool_common::settings::{ServerSettings, Settings, WorkerPlan};
+use llamapool_common::settings::{LogFormat, ServerSettings, Settings, WorkerPlan};
+use llamapool_router::dispatch::poison::PoisonPolicy;
 use llamapool_router::dispatch::pool::LaunchConfig;
 use llamapool_router::dispatch::{Pool, RoutingPolicy, SupervisionPolicy};
-use llamapool_router::http::{self, AppState};
 use llamapool_router::http::access::ConnInfo;
+use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
 use llamapool_router::openai::request::ServedModel;
 use llamapool_router::reload::{ConfigReload, ConfigSource};
@@ -98,7 +99,7 @@ pub async fn run(
         .iter()
         .map(TcpListener::local_addr)
         .collect::<io::Result<Vec<SocketAddr>>>()?;
-    let Some(&local) = locals.first() else {
+    if locals.is_empty() {
         bail!("configuration key server.listen: no address given");
     }
     let metrics = Arc::new(Metrics::default());
@@ -118,6 +119,10 @@ pub async fn run(
             crash_deaths: server_settings.crash_loop_deaths.max(1),
             crash_window: Duration::from_secs(server_settings.crash_loop_window_secs),
             failed_retry: Duration::from_secs(server_settings.failed_retry_secs),
+            poison: PoisonPolicy {
+                ttl: Duration::from_secs(server_settings.poison_ttl_secs),
+                strike_window: Duration::from_secs(server_settings.poison_ttl_secs.max(60)),
+            },
         },
         RoutingPolicy {
             prefix_affinity: server_settings.prefix_affinity,
@@ -126,11 +131,6 @@ pub async fn run(
         metrics,
     );
     let limits = ConnLimits::from_settings(server_settings);
-    // plan_workers refused an empty alias: there is at least one name.
-    let served_names = settings.model.names();
-    let state = Arc::new(AppState {
-        slots_endpoint: server_settings.slots_endpoint,
-        pool: pool.clone(),
     let inference_keys = server_settings.api_keys()?;
     let admin_keys = server_settings.admin_api_keys()?;
     if inference_keys.is_empty() && locals.iter().any(|a| !a.ip().is_loopback()) {
@@ -146,6 +146,11 @@ pub async fn run(
             }
         );
     }
+    // plan_workers refused an empty alias: there is at least one name.
+    let served_names = settings.model.names();
+    let state = Arc::new(AppState {
+        slots_endpoint: server_settings.slots_endpoint,
+        pool: pool.clone(),
         served: ServedModel {
             alias: served_names[0].clone(),
             names: served_names,
@@ -162,17 +167,17 @@ pub async fn run(
         ),
         cors: http::cors::CorsPolicy::new(&server_settings.cors_origins),
         max_body_bytes: server_settings.max_body_bytes,
-        keepalive: Duration::from_secs(server_settings.keepalive_secs.max(1)),
-        admission: Arc::new(Semaphore::new(
-            pool.total_slots() + server_settings.max_queued,
-        )),
-        control_calls: Arc::new(Semaphore::new(http::control_call_limit(n_workers))),
         body_read_timeout: Duration::from_secs(server_settings.body_read_timeout_secs.max(1)),
         body_budget: Arc::new(Semaphore::new(
             server_settings
                 .max_buffered_body_bytes
                 .max(server_settings.max_body_bytes),
         )),
+        keepalive: Duration::from_secs(server_settings.keepalive_secs.max(1)),
+        admission: Arc::new(Semaphore::new(
+            pool.total_slots() + server_settings.max_queued,
+        )),
+        control_calls: Arc::new(Semaphore::new(http::control_call_limit(n_workers))),
         max_tokenize_tokens: server_settings.max_tokenize_tokens,
         write_timeout: limits.write_timeout,
         next_id: AtomicU64::new(1),
@@ -188,11 +193,11 @@ pub async fn run(
     });
     // The line tests and scripts wait for. Written without `println!`, which panics when
     // stdout is closed: a reader that stops after the first line must not stop the server.
-    let mut banner =
-        format!("llamapool listening on http://{local} ({n_workers} workers starting)\n");
-    for also in &locals[1..] {
-        banner.push_str(&format!("llamapool also listening on http://{also}\n"));
-    }
+    let banner = banner(
+        server_settings.log_format,
+        &locals.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        n_workers,
+    );
     let mut stdout = io::stdout().lock();
     let _ = stdout
         .write_all(banner.as_bytes())
@@ -221,10 +226,39 @@ pub async fn run(
     Ok(())
 }
 
+/// The start-up lines on stdout, which tests and scripts wait for: `llamapool listening on
+/// http://ADDR (N workers starting)`, then one `llamapool also listening on http://ADDR` per
+/// other address; with `log_format = "json"`, each is a JSON object whose `message` is that
+/// text, like every other line the router writes.
+fn banner(format: LogFormat, addresses: &[String], n_workers: usize) -> String {
+    let mut lines = Vec::new();
+    for (i, address) in addresses.iter().enumerate() {
+        let message = if i == 0 {
+            format!("llamapool listening on http://{address} ({n_workers} workers starting)")
+        } else {
+            format!("llamapool also listening on http://{address}")
+        };
+        tracing::info!(address = %address, "{message}");
+        lines.push(match format {
+            LogFormat::Json => serde_json::json!({
+                "level": "INFO",
+                "target": "llamapool_router",
+                "message": message,
+                "address": address,
+            })
+            .to_string(),
+            LogFormat::Text => message,
+        });
+    }
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
 /// The per-connection bounds, from `server.*` (each at least 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
+    /// HTTP/2 streams open at once per connection (`server.max_h2_streams`).
+    pub max_h2_streams: u32,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
     pub max_connections: usize,
@@ -234,6 +268,7 @@ impl ConnLimits {
     pub fn from_settings(s: &ServerSettings) -> Self {
         Self {
             header_read_timeout: Duration::from_secs(s.header_read_timeout_secs.max(1)),
+            max_h2_streams: s.max_h2_streams.max(1),
             idle_timeout: Duration::from_secs(s.idle_timeout_secs.max(1)),
             write_timeout: Duration::from_secs(s.write_timeout_secs.max(1)),
             max_connections: s.max_connections.max(1),
@@ -257,9 +292,11 @@ async fn accept_loop(
         // Header names go out as `Content-Type`, as llama-server (cpp-httplib) writes them:
         // HTTP says case does not matter, but clients that look headers up in a plain dict
         // (llama.cpp's own test suite does) expect its spelling.
-    /// HTTP/2 streams open at once per connection (`server.max_h2_streams`).
-    pub max_h2_streams: u32,
         .title_case_headers(true);
+    // hyper's default is 200 streams per connection, each with its own body being read.
+    builder
+        .http2()
+        .max_concurrent_streams(limits.max_h2_streams);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut at_cap = false;
     let mut backoff = AcceptBackoff::default();
@@ -268,7 +305,6 @@ async fn accept_loop(
             Ok(slot) => {
                 if std::mem::take(&mut at_cap) {
                     tracing::info!("below server.max_connections again: accepting");
-            max_h2_streams: s.max_h2_streams.max(1),
                 }
                 slot
             }
@@ -293,10 +329,6 @@ async fn accept_loop(
                 }
                 (stream, peer)
             }
-    // hyper's default is 200 streams per connection, each with its own body being read.
-    builder
-        .http2()
-        .max_concurrent_streams(limits.max_h2_streams);
             Err(error) => {
                 let (delay, first) = backoff.failed();
                 if first {
@@ -322,6 +354,7 @@ async fn accept_any(listeners: &[TcpListener]) -> io::Result<(TcpStream, SocketA
 /// Serves one connection on its own task, which holds the connection's `slot`.
 fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     app: &Router,
     builder: &auto::Builder<TokioExecutor>,
     limits: ConnLimits,
@@ -336,6 +369,10 @@ fn serve_connection(
     let service = Tracked {
         inner: TowerToHyperService::new(app.clone()),
         activity: activity.clone(),
+        conn: ConnInfo {
+            peer,
+            local: stream.local_addr().unwrap_or(peer),
+        },
     };
     let io = TokioIo::new(WriteGuard::new(stream, limits.write_timeout));
     let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
@@ -354,7 +391,6 @@ fn serve_connection(
     });
 }
 
-    peer: SocketAddr,
 /// The delay after each failed `accept` of a burst: 10 ms doubling to 1 s.
 #[derive(Debug, Default)]
 struct AcceptBackoff {
@@ -369,10 +405,6 @@ impl AcceptBackoff {
     /// After a failure: how long to wait, and whether it is the first of its burst (to log).
     fn failed(&mut self) -> (Duration, bool) {
         self.errors = self.errors.saturating_add(1);
-        conn: ConnInfo {
-            peer,
-            local: stream.local_addr().unwrap_or(peer),
-        },
         let factor = 1u32.checked_shl(self.errors - 1).unwrap_or(u32::MAX);
         (
             Self::FIRST.saturating_mul(factor).min(Self::MAX),
@@ -480,10 +512,12 @@ impl Drop for InFlightGuard {
 
 /// The route table as a hyper service that counts a connection's requests in flight: from
 /// the call to the end (or drop) of the response body, so a stream is a request in flight.
+/// Each request gets the connection's addresses as a [`ConnInfo`] extension.
 #[derive(Debug, Clone)]
 struct Tracked {
     inner: TowerToHyperService<Router>,
     activity: Arc<Activity>,
+    conn: ConnInfo,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
@@ -513,12 +547,10 @@ struct TrackedBody {
 }
 
 impl HttpBody for TrackedBody {
-/// Each request gets the connection's addresses as a [`ConnInfo`] extension.
     type Data = Bytes;
     type Error = axum::Error;
 
     fn poll_frame(
-    conn: ConnInfo,
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
