@@ -1022,3 +1022,43 @@ fn fuzz_schema_converter_deep() {
         check_schema(&schema)
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests: each a crasher or a property the targets guard, with its minimal input.
+
+/// serde_json's recursion limit (128) is in force for every body parser: the `unbounded_depth`
+/// feature would let a deep body overflow a handler thread's stack.
+#[test]
+fn bodies_nested_past_128_levels_are_refused_at_the_recursion_limit() {
+    let nested =
+        |depth: usize| format!("{{\"prompt\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+    for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+        let e = parse_generation(nested(128).as_bytes(), endpoint, &served()[0], RequestId(1))
+            .unwrap_err();
+        assert!(
+            matches!(&e, InvalidRequest::Body(m) if m.contains("recursion limit")),
+            "{e:?}"
+        );
+        let e = parse_generation(nested(100).as_bytes(), endpoint, &served()[0], RequestId(1))
+            .unwrap_err();
+        assert!(
+            !matches!(&e, InvalidRequest::Body(m) if m.contains("recursion limit")),
+            "{e:?}"
+        );
+    }
+    assert!(parse_native(nested(20_000).as_bytes(), &served()[0]).is_err());
+}
+
+/// Converter (router/src/openai/grammar.rs, not this file's): `items` was copied twice per
+/// level (`item ("," item)*`), so 16 nested arrays made a grammar of megabytes and 40 made
+/// one of terabytes, built before any size check. Found by reading the converter while
+/// writing `fuzz_schema_converter_deep`; its rewrite names each item in a rule.
+#[test]
+fn nested_array_schemas_make_a_grammar_linear_in_their_depth() {
+    let mut schema = json!({"type": "string"});
+    for _ in 0..16 {
+        schema = json!({"type": "array", "items": schema});
+    }
+    let grammar = grammar::schema_grammar(&schema).unwrap();
+    assert!(grammar.len() < 16 * 1024, "{} bytes", grammar.len());
+}

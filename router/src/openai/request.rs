@@ -348,9 +348,13 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
-    /// Choices in the response: `n` for each prompt, prompt-major.
+    /// Choices in the response: `n` for each prompt, prompt-major. Saturates rather than
+    /// wraps, so that a huge batch cannot pass the [`MAX_CHOICES`] check as a small number.
     pub fn total_choices(&self) -> u32 {
-        self.n * (1 + u32::try_from(self.more_prompts.len()).unwrap_or(u32::MAX))
+        let prompts = u32::try_from(self.more_prompts.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        self.n.saturating_mul(prompts)
     }
 }
 
