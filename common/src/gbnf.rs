@@ -6,7 +6,9 @@
 //! no limit of its own but 2000 repetitions of one item. A 200 KB grammar can therefore
 //! overflow a thread's stack (a process abort) or expand to hundreds of millions of elements.
 //! [`check`] scans the text the way that parser reads it, without building anything, and
-//! refuses a grammar past [`MAX_NESTING`], [`MAX_RULES`] or [`MAX_ELEMENTS`]; it runs in
+//! refuses a grammar past [`MAX_NESTING`], [`MAX_RULES`], [`MAX_ELEMENTS`] or
+//! [`MAX_START_PATHS`] (llama.cpp tracks one parse stack per way a rule may start, and compares
+//! each new one with all the others); it runs in
 //! `SamplingParams::validate`, so in the router (a 400 naming `grammar`) and again in the
 //! worker before llama.cpp parses the grammar. It is not a full validator: what it lets pass,
 //! llama.cpp may still refuse (an undefined rule, left recursion), and the worker turns that
@@ -17,6 +19,8 @@
 //! `\U........`, `\t \r \n \\ \" \[ \] \-`), classes `[…]` / `[^…]` with ranges, tokens `<…>` /
 //! `!<…>`, rule names (`[a-zA-Z0-9-]+`), `.`, groups `( … )` (newlines allowed inside), each
 //! optionally followed by `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}`; `#` starts a comment.
+
+use std::collections::HashMap;
 
 /// Deepest nesting of groups `( … )` inside one another.
 pub const MAX_NESTING: usize = 128;
@@ -31,6 +35,12 @@ pub const MAX_RULES: usize = 10_000;
 /// a few thousand (a string with `maxLength: 1000` is about 4000).
 pub const MAX_ELEMENTS: u64 = 1 << 20;
 
+/// Most ways one rule may start (an upper bound on the parse stacks llama.cpp creates when it
+/// expands the rule: one per alternative, through each leading rule reference). llama.cpp keeps
+/// every stack and looks each new one up among the others, so the cost is quadratic: 4096 stacks
+/// took 0.2 s, 65 536 (a 400-byte grammar of 16 rules `r ::= s "a" | s "b"`) took 115 s.
+pub const MAX_START_PATHS: u64 = 2048;
+
 /// llama.cpp's own limit on a repetition count (`MAX_REPETITION_THRESHOLD`): a larger minimum
 /// is an error, a larger maximum means no maximum.
 pub const MAX_REPETITION: u64 = 2000;
@@ -44,6 +54,8 @@ pub struct GrammarSize {
     pub elements: u64,
     /// Deepest group nesting.
     pub nesting: usize,
+    /// The most ways a rule may start ([`MAX_START_PATHS`]; an upper bound).
+    pub start_paths: u64,
 }
 
 /// Scans `grammar` and refuses one that llama.cpp could not parse safely or cheaply. The error
@@ -57,14 +69,23 @@ pub fn check(grammar: &str) -> Result<GrammarSize, String> {
             rules: 0,
             elements: 0,
             nesting: 0,
+            start_paths: 0,
         },
-        has_root: false,
+        names: HashMap::new(),
+        rules: Vec::new(),
     };
     scanner.grammar()?;
-    if !scanner.has_root {
+    if !scanner.names.contains_key(b"root".as_slice()) {
         return Err("grammar has no `root` rule to start from".into());
     }
-    Ok(scanner.size)
+    let mut size = scanner.size;
+    size.start_paths = start_paths(&scanner.rules);
+    if size.start_paths > MAX_START_PATHS {
+        return Err(format!(
+            "grammar is too ambiguous: a rule may start in more than {MAX_START_PATHS} ways (through its alternatives and leading rule references)"
+        ));
+    }
+    Ok(size)
 }
 
 struct Scanner<'a> {
@@ -72,14 +93,144 @@ struct Scanner<'a> {
     pos: usize,
     depth: usize,
     size: GrammarSize,
-    has_root: bool,
+    /// Rule ids by name (a name is given one when first seen, defined or not).
+    names: HashMap<&'a [u8], usize>,
+    /// Each rule's alternatives, by id (groups have ids too); `None` while undefined.
+    rules: Vec<Option<Vec<Vec<Symbol>>>>,
+}
+
+/// One item of a sequence, with the repetitions applied to it (`x?{2}`: `[(0, Some(1)), (2,
+/// Some(2))]`), kept flat so that no chain of them nests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Symbol {
+    base: Base,
+    repeats: Vec<(u64, Option<u64>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// Characters, a class, a token or `.`; `true` when it matches only the empty string
+    /// (`""`).
+    Terminal(bool),
+    Rule(usize),
+}
+
+impl Symbol {
+    fn new(base: Base) -> Self {
+        Self {
+            base,
+            repeats: Vec::new(),
+        }
+    }
+}
+
+/// Where the start-path count of each rule stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Paths {
+    Todo,
+    /// Being counted: met again, it is left recursion (which llama.cpp refuses).
+    Active,
+    Done {
+        paths: u64,
+        nullable: bool,
+    },
+}
+
+/// The most ways any rule may start: for each alternative, the sum over its leading symbols
+/// (up to the first that cannot match empty) of their own counts, plus one where the whole
+/// alternative can match empty. Counted without recursion (an explicit stack), rules in any
+/// order; an undefined or left-recursive reference counts as one way.
+fn start_paths(rules: &[Option<Vec<Vec<Symbol>>>]) -> u64 {
+    let mut state = vec![Paths::Todo; rules.len()];
+    let mut most = 0;
+    let mut stack = Vec::new();
+    for first in 0..rules.len() {
+        if state[first] != Paths::Todo {
+            continue;
+        }
+        stack.push(first);
+        while let Some(&rule) = stack.last() {
+            if matches!(state[rule], Paths::Done { .. }) {
+                stack.pop();
+                continue;
+            }
+            state[rule] = Paths::Active;
+            match count_rule(rules[rule].as_deref().unwrap_or(&[]), &state) {
+                Ok((paths, nullable)) => {
+                    state[rule] = Paths::Done { paths, nullable };
+                    most = most.max(paths);
+                    stack.pop();
+                }
+                Err(needed) => stack.extend(needed),
+            }
+        }
+    }
+    most
+}
+
+/// One rule's count and whether it can match empty, or the rules to count first (all those
+/// this pass met, so that a rule is counted again only when a rule it starts with can match
+/// empty).
+fn count_rule(alternatives: &[Vec<Symbol>], state: &[Paths]) -> Result<(u64, bool), Vec<usize>> {
+    let mut paths: u64 = 0;
+    let mut nullable = false;
+    let mut needed = Vec::new();
+    for alternative in alternatives {
+        let mut all_empty = true;
+        for symbol in alternative {
+            match count_symbol(symbol, state) {
+                Ok((count, empty)) => {
+                    paths = paths.saturating_add(count);
+                    if !empty {
+                        all_empty = false;
+                        break;
+                    }
+                }
+                Err(rule) => {
+                    needed.push(rule);
+                    all_empty = false;
+                    break;
+                }
+            }
+        }
+        if all_empty {
+            paths = paths.saturating_add(1);
+            nullable = true;
+        }
+    }
+    if needed.is_empty() {
+        Ok((paths, nullable))
+    } else {
+        Err(needed)
+    }
+}
+
+fn count_symbol(symbol: &Symbol, state: &[Paths]) -> Result<(u64, bool), usize> {
+    let (mut paths, mut empty) = match symbol.base {
+        Base::Terminal(empty) => (u64::from(!empty), empty),
+        Base::Rule(id) => match state.get(id) {
+            Some(Paths::Done { paths, nullable }) => (*paths, *nullable),
+            Some(Paths::Todo) => return Err(id),
+            // Left recursion, or a rule that does not exist: llama.cpp refuses either.
+            Some(Paths::Active) | None => (1, false),
+        },
+    };
+    for &(min, max) in &symbol.repeats {
+        if empty {
+            // Each copy may match empty, so the next one may start too.
+            let copies = max.unwrap_or(2).max(min).max(1);
+            paths = paths.saturating_mul(copies);
+        }
+        empty |= min == 0;
+    }
+    Ok((paths, empty))
 }
 
 fn is_word(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'-'
 }
 
-impl Scanner<'_> {
+impl<'a> Scanner<'a> {
     fn peek(&self) -> u8 {
         self.at(0)
     }
@@ -128,7 +279,8 @@ impl Scanner<'_> {
         }
     }
 
-    fn name(&mut self) -> Result<&[u8], String> {
+    /// A rule name, as its id.
+    fn name(&mut self) -> Result<usize, String> {
         let start = self.pos;
         while is_word(self.peek()) {
             self.pos += 1;
@@ -136,7 +288,14 @@ impl Scanner<'_> {
         if self.pos == start {
             return self.fail("expecting a rule name");
         }
-        Ok(&self.src[start..self.pos])
+        let src: &'a [u8] = self.src;
+        let name = &src[start..self.pos];
+        let next = self.rules.len();
+        let id = *self.names.entry(name).or_insert(next);
+        if id == next {
+            self.rules.push(None);
+        }
+        Ok(id)
     }
 
     fn int(&mut self) -> Result<u64, String> {
@@ -163,9 +322,7 @@ impl Scanner<'_> {
     }
 
     fn rule(&mut self) -> Result<(), String> {
-        if self.name()? == b"root" {
-            self.has_root = true;
-        }
+        let id = self.name()?;
         self.space(false);
         if !self.src[self.pos..].starts_with(b"::=") {
             return self.fail("expecting ::=");
@@ -173,7 +330,9 @@ impl Scanner<'_> {
         self.pos += 3;
         self.space(true);
         self.add_rule()?;
-        self.alternates(false)?;
+        let body = self.alternates(false)?;
+        // A rule defined again replaces the earlier definition, as in llama.cpp.
+        self.rules[id] = Some(body);
         match self.peek() {
             b'\r' => self.pos += if self.at(1) == b'\n' { 2 } else { 1 },
             b'\n' => self.pos += 1,
@@ -184,15 +343,16 @@ impl Scanner<'_> {
         Ok(())
     }
 
-    fn alternates(&mut self, nested: bool) -> Result<(), String> {
-        self.sequence(nested)?;
+    fn alternates(&mut self, nested: bool) -> Result<Vec<Vec<Symbol>>, String> {
+        let mut alternatives = vec![self.sequence(nested)?];
         while self.peek() == b'|' {
             self.add(1)?;
             self.pos += 1;
             self.space(true);
-            self.sequence(nested)?;
+            alternatives.push(self.sequence(nested)?);
         }
-        self.add(1)
+        self.add(1)?;
+        Ok(alternatives)
     }
 
     /// One character of a literal or class (an escape or a UTF-8 sequence).
@@ -227,7 +387,8 @@ impl Scanner<'_> {
         }
     }
 
-    fn sequence(&mut self, nested: bool) -> Result<(), String> {
+    fn sequence(&mut self, nested: bool) -> Result<Vec<Symbol>, String> {
+        let mut symbols = Vec::new();
         // Elements of the item a repetition would copy; `None` before the first item.
         let mut last: Option<u64> = None;
         loop {
@@ -242,6 +403,7 @@ impl Scanner<'_> {
                     self.pos += 1;
                     self.add(n)?;
                     last = Some(n);
+                    symbols.push(Symbol::new(Base::Terminal(n == 0)));
                     self.space(nested);
                 }
                 b'[' => {
@@ -262,6 +424,7 @@ impl Scanner<'_> {
                     self.pos += 1;
                     self.add(n)?;
                     last = Some(n);
+                    symbols.push(Symbol::new(Base::Terminal(n == 0)));
                     self.space(nested);
                 }
                 b'<' | b'!' => {
@@ -280,13 +443,15 @@ impl Scanner<'_> {
                     self.pos += 1;
                     self.add(1)?;
                     last = Some(1);
+                    symbols.push(Symbol::new(Base::Terminal(false)));
                     self.space(nested);
                 }
                 c if is_word(c) => {
-                    self.name()?;
+                    let id = self.name()?;
                     self.space(nested);
                     self.add(1)?;
                     last = Some(1);
+                    symbols.push(Symbol::new(Base::Rule(id)));
                 }
                 b'(' => {
                     self.pos += 1;
@@ -297,7 +462,10 @@ impl Scanner<'_> {
                     }
                     self.size.nesting = self.size.nesting.max(self.depth);
                     self.add_rule()?;
-                    self.alternates(true)?;
+                    let id = self.rules.len();
+                    self.rules.push(None);
+                    let body = self.alternates(true)?;
+                    self.rules[id] = Some(body);
                     self.depth -= 1;
                     if self.peek() != b')' {
                         return self.fail("expecting ')'");
@@ -305,12 +473,14 @@ impl Scanner<'_> {
                     self.pos += 1;
                     self.add(1)?;
                     last = Some(1);
+                    symbols.push(Symbol::new(Base::Rule(id)));
                     self.space(nested);
                 }
                 b'.' => {
                     self.pos += 1;
                     self.add(1)?;
                     last = Some(1);
+                    symbols.push(Symbol::new(Base::Terminal(false)));
                     self.space(nested);
                 }
                 b'*' | b'+' | b'?' => {
@@ -322,6 +492,7 @@ impl Scanner<'_> {
                     self.pos += 1;
                     self.space(nested);
                     last = Some(self.repeat(last, min, max)?);
+                    Self::repeated(&mut symbols, min, max);
                 }
                 b'{' => {
                     self.pos += 1;
@@ -363,9 +534,17 @@ impl Scanner<'_> {
                     // llama.cpp: a maximum above its limit means no maximum.
                     let max = max.filter(|&max| max <= MAX_REPETITION);
                     last = Some(self.repeat(last, min, max)?);
+                    Self::repeated(&mut symbols, min, max);
                 }
-                _ => return Ok(()),
+                _ => return Ok(symbols),
             }
+        }
+    }
+
+    /// Records a repetition on the last symbol ([`Self::repeat`] checked there is one).
+    fn repeated(symbols: &mut [Symbol], min: u64, max: Option<u64>) {
+        if let Some(last) = symbols.last_mut() {
+            last.repeats.push((min, max));
         }
     }
 
@@ -484,6 +663,45 @@ mod tests {
         fn any_text_is_answered(text in "(root ::= |[\"\\\\\\[\\]()|*+?{},0-9a-z#\n\r\t ^.<>!-]|é){0,80}") {
             let _ = check(&text);
         }
+    }
+
+    #[test]
+    fn ambiguous_grammars_are_refused() {
+        // 16 rules `r ::= s "a" | s "b"`: 65 536 parse stacks, 115 s in llama.cpp.
+        let layered = |levels: usize| {
+            let mut g = String::from("root ::= r0\n");
+            for i in 0..levels {
+                g.push_str(&format!("r{i} ::= r{} \"a\" | r{} \"b\"\n", i + 1, i + 1));
+            }
+            g + &format!("r{levels} ::= \"c\"\n")
+        };
+        assert_eq!(check(&layered(11)).unwrap().start_paths, 2048);
+        let error = check(&layered(16)).unwrap_err();
+        assert!(error.contains("ambiguous"), "{error}");
+        // The same, the rules defined bottom-up and through groups and nullable items.
+        let mut g = String::new();
+        for i in (0..16).rev() {
+            g.push_str(&format!(
+                "r{i} ::= (\"\" r{}) \"a\" | \"x\"? r{} \"b\"\n",
+                i + 1,
+                i + 1
+            ));
+        }
+        g.push_str("r16 ::= \"c\"\nroot ::= r0\n");
+        assert!(check(&g).unwrap_err().contains("ambiguous"));
+        // A long chain starts one way; so does left recursion (llama.cpp refuses it).
+        let mut chain = String::from("root ::= r0\n");
+        for i in 0..9_000 {
+            chain.push_str(&format!("r{i} ::= r{} \"x\"\n", i + 1));
+        }
+        chain.push_str("r9000 ::= \"a\"\n");
+        assert_eq!(check(&chain).unwrap().start_paths, 1);
+        check("root ::= root \"a\" | \"b\"").unwrap();
+        // Nullable repetitions multiply; bounded ones stay small.
+        assert_eq!(check("root ::= (\"a\"?){3} \"b\"").unwrap().start_paths, 7);
+        assert!(check("root ::= ((\"a\" | \"b\")?){2000}")
+            .unwrap_err()
+            .contains("ambiguous"));
     }
 
     #[test]

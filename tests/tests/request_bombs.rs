@@ -82,6 +82,18 @@ fn grammar_schema_and_fan_out_bombs_are_quick_400s_and_no_worker_dies() {
         "grammar",
     );
     assert!(m.contains("elements"), "{m}");
+    // 16 rules `r ::= s "a" | s "b"` (400 bytes): 65 536 parse stacks, 115 s in llama.cpp.
+    let mut layered = String::from("root ::= r0\n");
+    for i in 0..16 {
+        layered.push_str(&format!("r{i} ::= r{} \"a\" | r{} \"b\"\n", i + 1, i + 1));
+    }
+    layered.push_str("r16 ::= \"c\"\n");
+    let m = refused(
+        "/v1/completions",
+        &completion(json!({"grammar": layered, "n": 16})),
+        "grammar",
+    );
+    assert!(m.contains("ambiguous"), "{m}");
     // llama.cpp loops without end on a maximum below the minimum.
     refused(
         "/v1/completions",
