@@ -480,3 +480,32 @@ fn the_prompt_cache_reuses_prefixes_without_changing_greedy_output() {
     assert_eq!(stats.free_ids, 2);
     engine.stop(true);
 }
+
+#[test]
+fn an_ambiguous_grammar_ends_its_generation_instead_of_stalling_the_engine() {
+    // Every "a" doubles llama.cpp's parse stacks for this grammar, and the time of a step
+    // with them; a logit bias makes the model write "a"s.
+    let engine = engine(2, 1024, 256);
+    let h = &engine.handle;
+    let a = smollm2().tokenize("a", false);
+    let mut r = greedy(1, "Write the letter a many times:", 40);
+    r.sampling.grammar = Some("root ::= r\nr ::= \"a\" r \"b\" | \"a\" r \"c\" | \"d\"\n".into());
+    r.sampling.logit_bias = vec![(a[0], 100.0)];
+    let start = Instant::now();
+    let out = run(h, r);
+    let took = start.elapsed();
+    eprintln!("ambiguous grammar: {:?} in {took:?}", out.text);
+    assert_eq!(
+        out.finish.as_ref().unwrap().reason,
+        FinishReason::Stop,
+        "{out:?}"
+    );
+    assert!(
+        out.text.starts_with("aaaa") && out.text.len() < 30,
+        "{out:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The engine goes on serving.
+    let next = run(h, greedy(2, "Hello", 4));
+    assert_eq!(next.tokens.len(), 4);
+}

@@ -388,6 +388,12 @@ pub enum LlamaSampling {
 /// `logit_bias`, `ignore_eos` at the grammar's end). So sampling is done step by step here,
 /// and only a token the grammar allows is accepted; when none is left the sequence gets an
 /// end-of-generation token instead.
+///
+/// llama.cpp's grammar keeps one parse stack per way the text so far can be read, with no
+/// limit: an ambiguous grammar (`r ::= "a" r "b" | "a" r "c" | "d"`) doubles them with every
+/// token, and the time of each step with them (17 s by the 14th "a"), on the engine thread.
+/// So a step whose grammar work takes more than [`MAX_GRAMMAR_STEP`] is the grammar's last:
+/// from then on the sequence gets the end-of-generation token, as when the grammar is complete.
 pub struct Constrained {
     grammar: LlamaSampler,
     chain: LlamaSampler,
@@ -395,13 +401,36 @@ pub struct Constrained {
     candidates: Vec<LlamaTokenData>,
     /// Returned, unaccepted, when the grammar allows nothing any more.
     end: Token,
+    /// A step took longer than [`MAX_GRAMMAR_STEP`]: the grammar is not used again.
+    spent: bool,
 }
+
+/// The most one token's grammar work (masking, accepting) may take; a grammar that needs more
+/// ends its request's generation (`finish_reason` `stop`, a warning in the worker's log).
+pub const MAX_GRAMMAR_STEP: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Constrained {
     /// llama-server's order: the chain picks from the plain logits first, and only when the
     /// grammar refuses that token is it asked to mask the whole vocabulary and the chain picks
     /// again. The same token for greedy requests, at a fraction of the cost per step.
     fn sample(&mut self, logits: &[f32]) -> Token {
+        if self.spent {
+            return self.end;
+        }
+        let start = std::time::Instant::now();
+        let token = self.sample_with_grammar(logits);
+        let took = start.elapsed();
+        if took > MAX_GRAMMAR_STEP {
+            self.spent = true;
+            tracing::warn!(
+                ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                "the request's grammar took too long for one token (an ambiguous grammar); its generation ends here"
+            );
+        }
+        token
+    }
+
+    fn sample_with_grammar(&mut self, logits: &[f32]) -> Token {
         let fast = self.pick(logits, false);
         let picked = match fast {
             Some(token) if self.allows(token.0) => Some(token),
@@ -559,6 +588,7 @@ impl Backend for LlamaCppBackend {
             grammar,
             chain: sampler,
             candidates: Vec::new(),
+            spent: false,
             end: self
                 .model
                 .0
