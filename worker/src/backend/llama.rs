@@ -776,7 +776,13 @@ mod tests {
             .map(|i| format!("r{i} ::= r{}\n", i + 1))
             .collect::<String>()
             + "r9998 ::= \"a\"\nroot ::= r0\n";
+        let mut layered = String::from("root ::= r0\n");
+        for i in 0..11 {
+            layered.push_str(&format!("r{i} ::= r{} \"a\" | r{} \"b\"\n", i + 1, i + 1));
+        }
+        layered.push_str("r11 ::= \"c\"\n");
         let cases = [
+            ("11 layered rules (2048 start paths)", layered, true),
             (
                 "1000-char literal {2000} x 10 (unchecked)",
                 format!("root ::= {}", format!("{literal}{{2000}} ").repeat(10)),
