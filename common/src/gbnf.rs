@@ -75,7 +75,8 @@ pub fn check(grammar: &str) -> Result<GrammarSize, String> {
         rules: Vec::new(),
     };
     scanner.grammar()?;
-    if !scanner.names.contains_key(b"root".as_slice()) {
+    let root = scanner.names.get(b"root".as_slice());
+    if !root.is_some_and(|&id| scanner.rules[id].is_some()) {
         return Err("grammar has no `root` rule to start from".into());
     }
     let mut size = scanner.size;
@@ -601,6 +602,7 @@ mod tests {
             ("root ::= \"x\"{3", "expecting ',' or '}'"),
             ("root ::= \"x\" ) ", "expecting a newline"),
             ("start ::= \"x\"", "no `root` rule"),
+            ("start ::= root", "no `root` rule"),
             ("", "no `root` rule"),
         ] {
             let error = check(grammar).unwrap_err();
