@@ -76,7 +76,7 @@ pub fn check(grammar: &str) -> Result<GrammarSize, String> {
     };
     scanner.grammar()?;
     let root = scanner.names.get(b"root".as_slice());
-    if !root.is_some_and(|&id| scanner.rules[id].is_some()) {
+    if root.is_none_or(|&id| scanner.rules[id].is_none()) {
         return Err("grammar has no `root` rule to start from".into());
     }
     let mut size = scanner.size;
