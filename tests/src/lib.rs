@@ -35,6 +35,16 @@ context = {context}
     config
 }
 
+/// The default configuration (one adaptive worker per core, every default setting) serving
+/// SmolLM2 as `smol` on a free port.
+pub const DEFAULT_CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[model]
+path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+alias = "smol"
+"#;
+
 /// One worker, pinned to CPU 0 (for [`smol_config`]).
 pub const PINNED_0: &[&str] = &[r#"cpus = "0""#];
 

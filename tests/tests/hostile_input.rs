@@ -11,17 +11,6 @@ use std::time::{Duration, Instant};
 use llamapool_tests::*;
 use serde_json::{json, Value};
 
-fn default_config() -> String {
-    r#"
-[server]
-listen = "127.0.0.1:0"
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-"#
-    .to_string()
-}
-
 /// The pids and restart counts of the workers: unchanged means no worker died.
 fn lives(router: &Router) -> Vec<(Value, Value)> {
     router
@@ -81,7 +70,7 @@ fn nested_array_schema(depth: usize) -> Value {
 
 #[test]
 fn no_attack_costs_a_worker_the_pool_or_the_stream_under_way() {
-    let mut router = Router::launch(&default_config()).unwrap_or_else(|e| panic!("{e}"));
+    let mut router = Router::launch(DEFAULT_CONFIG).unwrap_or_else(|e| panic!("{e}"));
     router
         .wait_ready(Duration::from_secs(120), None)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -158,16 +158,7 @@ fn a_poison_sharing_a_batch_is_found_on_probation_and_the_innocent_stream_goes_o
 #[test]
 fn outside_kills_under_load_lose_nothing_with_the_default_configuration() {
     // The default configuration: one adaptive worker per core, the default crash-loop rule.
-    let mut router = Router::launch(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-"#,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let mut router = Router::launch(DEFAULT_CONFIG).unwrap_or_else(|e| panic!("{e}"));
     router
         .wait_ready(Duration::from_secs(120), None)
         .unwrap_or_else(|e| panic!("{e}"));
