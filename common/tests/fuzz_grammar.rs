@@ -38,6 +38,7 @@ fn check(grammar: &str) -> TestCaseResult {
         prop_assert!(size.nesting <= gbnf::MAX_NESTING, "{size:?}");
         prop_assert!(size.rules <= gbnf::MAX_RULES, "{size:?}");
         prop_assert!(size.elements <= gbnf::MAX_ELEMENTS, "{size:?}");
+        prop_assert!(size.start_paths <= gbnf::MAX_START_PATHS, "{size:?}");
     }
     let params = SamplingParams {
         grammar: Some(grammar.to_string()),
@@ -114,8 +115,19 @@ fn expression() -> impl Strategy<Value = String> {
         Just("[a-z]".to_string()),
         Just("[^x]".to_string()),
         Just(".".to_string()),
-        Just("r1".to_string()),
         Just("<|tok|>".to_string()),
+        // References: to rules defined below (some matching empty), to `root` (recursion, left
+        // recursion), to a rule that does not exist; the start-path count follows them.
+        prop::sample::select(vec![
+            "r1",
+            "rule0",
+            "rule1",
+            "rule2",
+            "root",
+            "undefined",
+            "\"\""
+        ])
+        .prop_map(String::from),
     ];
     let repetition = prop_oneof![
         4 => Just(String::new()),
@@ -140,13 +152,46 @@ fn expression() -> impl Strategy<Value = String> {
 }
 
 fn generated() -> impl Strategy<Value = String> {
-    (expression(), prop::collection::vec(expression(), 0..3)).prop_map(|(root, more)| {
-        let mut out = format!("root ::= {root}\nr1 ::= \"x\"\n");
+    (expression(), prop::collection::vec(expression(), 0..4)).prop_map(|(root, more)| {
+        let mut out = format!("root ::= {root}\nr1 ::= \"x\" | \"\"\n");
         for (i, e) in more.iter().enumerate() {
             out.push_str(&format!("rule{i} ::= {e}\n"));
         }
         out
     })
+}
+
+/// Grammars built to cost the start-path count the most: `n` rules that may match empty (or
+/// not), and a root of `alternatives` alternatives that each name them all in order, so that
+/// every rule is counted once more for each rule before it; or chains of ambiguous rules
+/// (`r1 ::= r0 "a" | r0 "b"`), each doubling the ways the next may start.
+fn start_path_bombs() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (1usize..7000, 1usize..40, any::<bool>()).prop_map(|(n, alternatives, empty)| {
+            let names: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+            let alternative = names.join(" ");
+            // Half the limit for the root, the rest for the rules.
+            let alternatives = alternatives
+                .min(128 * 1024 / (alternative.len() + 3))
+                .max(1);
+            let mut out = format!("root ::= {}\n", vec![alternative; alternatives].join(" | "));
+            let body = if empty { "\"\" | \"x\"" } else { "\"x\"" };
+            for name in &names {
+                out.push_str(&format!("{name} ::= {body}\n"));
+            }
+            out.truncate(SamplingParams::MAX_GRAMMAR_BYTES);
+            out
+        }),
+        (1usize..40, 1usize..4).prop_map(|(chain, ways)| {
+            let mut out = format!("root ::= r{chain}\nr0 ::= \"a\"\n");
+            for i in 1..=chain {
+                let alternatives: Vec<String> =
+                    (0..=ways).map(|w| format!("r{} \"{w}\"", i - 1)).collect();
+                out.push_str(&format!("r{i} ::= {}\n", alternatives.join(" | ")));
+            }
+            out
+        }),
+    ]
 }
 
 /// Large grammars near the 256 KiB limit: one piece repeated many times (deep nesting, long
@@ -213,6 +258,17 @@ fn fuzz_grammar_check_shaped() {
 #[test]
 fn fuzz_grammar_check_generated() {
     fuzz("grammar_check_generated", 256, generated(), |g| check(&g));
+    println!(
+        "fuzz: grammars accepted so far (all targets): {}",
+        accepted()
+    );
+}
+
+#[test]
+fn fuzz_grammar_check_start_paths() {
+    fuzz("grammar_check_start_paths", 32, start_path_bombs(), |g| {
+        check(&g)
+    });
     println!(
         "fuzz: grammars accepted so far (all targets): {}",
         accepted()
