@@ -266,7 +266,7 @@ fn fuzz_grammar_check_generated() {
 
 #[test]
 fn fuzz_grammar_check_start_paths() {
-    fuzz("grammar_check_start_paths", 32, start_path_bombs(), |g| {
+    fuzz("grammar_check_start_paths", 16, start_path_bombs(), |g| {
         check(&g)
     });
     println!(
