@@ -118,8 +118,7 @@ async fn respond(
     let requests = choice_requests(valid.generate, valid.n, valid.more_prompts, &state.next_id);
     // Committed to a status only once a worker accepted every choice; a refusal drops (and
     // so aborts) the choices already accepted.
-    let handles =
-        state.pool.submit_all(requests).await?;
+    let handles = state.pool.submit_all(requests).await?;
     let timers = choice_timers(state, timer, handles.len());
     let served_by = workers_header(&handles);
     let mut choices = Choices::new(handles, timers, valid.n as usize);
