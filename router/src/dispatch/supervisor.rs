@@ -145,7 +145,7 @@ pub(super) async fn supervise(inner: Arc<Inner>, index: usize) {
             }
         });
         let round = match start_worker(&inner, index).await {
-            Ok((child, stream, info)) => Some(run_round(&inner, index, child, stream, info).await),
+            Ok(started) => Some(run_round(&inner, index, started).await),
             Err(e) => {
                 tracing::error!(worker = index, error = %e, "worker failed to start");
                 worker.update(|s| {
@@ -217,13 +217,13 @@ pub(super) async fn supervise(inner: Arc<Inner>, index: usize) {
 
 /// Runs one started worker until it dies, hangs, is restarted or the pool shuts down; judges
 /// and moves its requests, and makes sure the process is gone.
-async fn run_round(
-    inner: &Arc<Inner>,
-    index: usize,
-    mut child: Child,
-    stream: interprocess::local_socket::tokio::Stream,
-    info: WorkerInfo,
-) -> Round {
+async fn run_round(inner: &Arc<Inner>, index: usize, started: Started) -> Round {
+    let Started {
+        mut child,
+        stream,
+        info,
+        stderr,
+    } = started;
     let worker = &inner.workers[index];
     let (tx, rx) = mpsc::unbounded_channel();
     let pid = info.pid;
@@ -291,6 +291,10 @@ async fn run_round(
     });
     // Its exit status says who is to blame; it is known as soon as the connection broke.
     let (status, lingered) = stop_child(&mut child).await;
+    // Its last words are what it wrote before it died: wait for the relay to read them all.
+    if let Some(stderr) = stderr {
+        let _ = tokio::time::timeout(Duration::from_millis(500), stderr).await;
+    }
     let cause = match end {
         RoundEnd::Died if lingered => Some(DeathCause::Inside(
             "closed its connection and did not exit".into(),
@@ -478,10 +482,16 @@ async fn relay_worker_stderr<R: AsyncRead + Unpin>(inner: Arc<Inner>, index: usi
     }
 }
 
-async fn start_worker(
-    inner: &Arc<Inner>,
-    index: usize,
-) -> Result<(Child, interprocess::local_socket::tokio::Stream, WorkerInfo), String> {
+/// A worker process that said `Ready`.
+struct Started {
+    child: Child,
+    stream: interprocess::local_socket::tokio::Stream,
+    info: WorkerInfo,
+    /// The task relaying its stderr; it ends when the process is gone.
+    stderr: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn start_worker(inner: &Arc<Inner>, index: usize) -> Result<Started, String> {
     let plan = inner.workers[index].plan();
     let launch = inner.launch();
     let socket = launch.runtime_dir.join(format!("worker-{index}.sock"));
@@ -507,9 +517,10 @@ async fn start_worker(
     if let Some(out) = child.stdout.take() {
         tokio::spawn(relay_worker_log(index, out));
     }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(relay_worker_stderr(inner.clone(), index, err));
-    }
+    let stderr = child
+        .stderr
+        .take()
+        .map(|err| tokio::spawn(relay_worker_stderr(inner.clone(), index, err)));
     inner.workers[index].update(|s| s.pid = child.id());
     let deadline = tokio::time::Instant::now() + launch.ready_timeout;
     while !socket.exists() {
@@ -550,7 +561,12 @@ async fn start_worker(
         }
     };
     let info = connection::handshake(&mut stream, Duration::from_secs(10)).await?;
-    Ok((child, stream, info))
+    Ok(Started {
+        child,
+        stream,
+        info,
+        stderr,
+    })
 }
 
 #[cfg(test)]
