@@ -1,6 +1,6 @@
-//! The fuzz targets' runner, shared by `tests/fuzz_*.rs` (the router's
-//! `src/openai/fuzz_tests.rs` has the same one): proptest's runner, run for a case count or a
-//! time budget.
+//! The fuzz targets' runner, shared by `tests/fuzz_*.rs` and the router's
+//! `src/openai/fuzz_tests.rs` (which includes this file by path): proptest's runner, run for a
+//! case count or a time budget.
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};

@@ -13,56 +13,22 @@
 //! each; `scripts/fuzz` runs them for a fixed time (`LLAMAPOOL_FUZZ_SECONDS`) or case count
 //! (`LLAMAPOOL_FUZZ_CASES`). A crasher found becomes a plain `#[test]` at the end.
 
-use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use llamapool_common::RequestId;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseResult, TestRunner};
+use proptest::test_runner::TestCaseResult;
 use serde_json::{json, Map, Value};
 
 use super::grammar;
 use super::request::*;
 use crate::error::ApiError;
 
-// ---------------------------------------------------------------------------------------------
-// The runner (common/tests/fuzz_support/mod.rs has the same one).
-
-/// Runs `test` on values of `strategy`. With `LLAMAPOOL_FUZZ_SECONDS` set (scripts/fuzz), runs
-/// batches of cases with fresh seeds until that many seconds have passed; otherwise
-/// `LLAMAPOOL_FUZZ_CASES` cases, or `ci_cases`. Prints how many cases ran; a failure panics
-/// with the minimal failing input proptest shrank it to.
-fn fuzz<S>(name: &str, ci_cases: u32, strategy: S, test: impl Fn(S::Value) -> TestCaseResult)
-where
-    S: Strategy,
-    S::Value: Debug,
-{
-    let env = |key: &str| std::env::var(key).ok().and_then(|v| v.parse::<u64>().ok());
-    let budget = env("LLAMAPOOL_FUZZ_SECONDS").map(Duration::from_secs);
-    let batch = match (budget, env("LLAMAPOOL_FUZZ_CASES")) {
-        (None, Some(cases)) => u32::try_from(cases).unwrap_or(u32::MAX),
-        _ => ci_cases,
-    };
-    let start = Instant::now();
-    let mut cases = 0u64;
-    loop {
-        let mut runner = TestRunner::new(Config {
-            cases: batch,
-            failure_persistence: None,
-            ..Config::default()
-        });
-        if let Err(e) = runner.run(&strategy, &test) {
-            panic!("fuzz: {name}: failed after {cases} cases: {e}");
-        }
-        cases += u64::from(batch);
-        if budget.is_none_or(|b| start.elapsed() >= b) {
-            break;
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!("fuzz: {name}: {cases} cases in {secs:.1} s");
-}
+// The runner, shared with llamapool-common's fuzz targets.
+#[path = "../../../common/tests/fuzz_support/mod.rs"]
+mod fuzz_support;
+use fuzz_support::fuzz;
 
 // ---------------------------------------------------------------------------------------------
 // JSON values: strings with odd Unicode, numbers at the edges, nesting.
