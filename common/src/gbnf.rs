@@ -388,6 +388,22 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// Past the closing quote or bracket of a literal or a class of `n` elements: counts
+    /// them, adds the terminal to `symbols` and skips the space after it. Returns `n`, the
+    /// elements a repetition of this item would copy.
+    fn end_terminal(
+        &mut self,
+        n: u64,
+        nested: bool,
+        symbols: &mut Vec<Symbol>,
+    ) -> Result<u64, String> {
+        self.pos += 1;
+        self.add(n)?;
+        symbols.push(Symbol::new(Base::Terminal(n == 0)));
+        self.space(nested);
+        Ok(n)
+    }
+
     fn sequence(&mut self, nested: bool) -> Result<Vec<Symbol>, String> {
         let mut symbols = Vec::new();
         // Elements of the item a repetition would copy; `None` before the first item.
@@ -401,11 +417,7 @@ impl<'a> Scanner<'a> {
                         self.char()?;
                         n += 1;
                     }
-                    self.pos += 1;
-                    self.add(n)?;
-                    last = Some(n);
-                    symbols.push(Symbol::new(Base::Terminal(n == 0)));
-                    self.space(nested);
+                    last = Some(self.end_terminal(n, nested, &mut symbols)?);
                 }
                 b'[' => {
                     self.pos += 1;
@@ -422,11 +434,7 @@ impl<'a> Scanner<'a> {
                             n += 1;
                         }
                     }
-                    self.pos += 1;
-                    self.add(n)?;
-                    last = Some(n);
-                    symbols.push(Symbol::new(Base::Terminal(n == 0)));
-                    self.space(nested);
+                    last = Some(self.end_terminal(n, nested, &mut symbols)?);
                 }
                 b'<' | b'!' => {
                     if self.peek() == b'!' {
