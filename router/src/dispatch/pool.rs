@@ -76,7 +76,8 @@ pub(super) struct Status {
     pub commands: Option<mpsc::UnboundedSender<ConnCommand>>,
     /// The operator asked for no new work (drain, or a restart in progress).
     pub draining: bool,
-    /// It served, died, and is being started again: requests wait for it rather than fail.
+    /// It reached ready, died, and is being started again: requests wait for it rather than
+    /// fail (until a start of it fails).
     pub respawning: bool,
 }
 
@@ -946,8 +947,9 @@ impl Inner {
         })
     }
 
-    /// Sends a request to the best worker; when none takes work but one that served is being
-    /// started again, the request waits for it (parked, see [`Inner::unpark`]).
+    /// Sends a request to the best worker; when none takes work but one that reached ready is
+    /// being started again after a death, the request waits for it (parked, see
+    /// [`Inner::unpark`]).
     pub fn place(
         &self,
         flight: InFlight,
@@ -962,7 +964,8 @@ impl Inner {
         }
     }
 
-    /// A worker that served is being started again (after a death, not an operator's stop).
+    /// A worker that reached ready is being started again (after a death, not an operator's
+    /// stop).
     fn one_is_coming_back(&self) -> bool {
         self.workers.iter().any(|w| {
             let s = w.status();
