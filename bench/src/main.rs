@@ -19,6 +19,7 @@
 
 mod chaos;
 mod chart;
+mod external;
 mod llama_server;
 mod multiturn;
 mod procs;
@@ -164,6 +165,12 @@ pub struct Args {
     /// (with --sweep also a quiet concurrency sweep, vs-llama-server-sweep.json).
     #[arg(long, value_name = "PATH")]
     vs_llama_server: Option<PathBuf>,
+    /// With --vs-llama-server: the clients that measure every row, each on a fresh server:
+    /// the built-in Rust client, the external Python one (bench/clients/stream_client.py, a
+    /// fresh python3 process per run), or both; rows and goals are given per client. The
+    /// --sweep uses the Rust client only.
+    #[arg(long, value_enum, default_value_t = versus::ClientChoice::Both)]
+    client: versus::ClientChoice,
     /// With --vs-llama-server: measure llamapool with this TOML config instead of the default
     /// one (server.listen, model.path and model.alias are overridden; no API key may be set).
     #[arg(long, value_name = "FILE", requires = "vs_llama_server")]

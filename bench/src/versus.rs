@@ -8,6 +8,12 @@
 //! router's built-in default worker layout, whatever it is at the time), or with `--vs-config`.
 //! llama-server runs as in docs/PERFORMANCE.md: `-np 8 -c 8192 -kvu`, with `-t 2`, `-t 1`,
 //! and `-t 2` under `OMP_WAIT_POLICY=passive`.
+//!
+//! Every (server, condition) is measured with each client of `--client` (default both): the
+//! built-in Rust client ([`http_load`]) and the external Python one ([`crate::external`], a
+//! fresh `python3` process per run), each run on a fresh server; the rows and the goals are
+//! given per client. The warm-up request is always the Rust client's. The `--sweep` runs the
+//! Rust client only.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -21,6 +27,7 @@ use llamapool_common::Token;
 use llamapool_testkit::{binary, Router};
 use serde_json::json;
 
+use crate::external::PythonClient;
 use crate::llama_server::{LlamaServer, Shape};
 use crate::stages::{http_load, http_request, Progress, Workload};
 use crate::{procs, Args};
@@ -31,7 +38,52 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 const WARM_UP_TOKENS: u32 = 4;
 /// The goals of docs/PERFORMANCE.md, as ratios of tokens/s.
 const QUIET_GOAL: f64 = 1.05;
-const BUSY_GOAL: f64 = 1.30;
+const BUSY_GOAL: f64 = 1.15;
+
+/// `--client`: which clients measure each (server, condition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientChoice {
+    /// The built-in Rust client only.
+    Rust,
+    /// The external Python client only (`bench/clients/stream_client.py`).
+    Python,
+    /// Both, one after the other on fresh servers.
+    Both,
+}
+
+impl ClientChoice {
+    fn clients(self) -> &'static [Client] {
+        match self {
+            Self::Rust => &[Client::Rust],
+            Self::Python => &[Client::Python],
+            Self::Both => &[Client::Rust, Client::Python],
+        }
+    }
+}
+
+/// The client that sends a run's workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// In this process: [`http_load`].
+    Rust,
+    /// A `python3` process: [`PythonClient`].
+    Python,
+}
+
+impl Client {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Rust => "rust",
+            Self::Python => "python",
+        }
+    }
+}
+
+/// The row key of `server` measured by `client` (the report's `stage` field, which
+/// `metrics::medians` groups by), e.g. `llamapool/python`.
+fn row_key(server: Server, client: Client) -> String {
+    format!("{}/{}", server.key(), client.key())
+}
 
 /// One server setting of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,7 +109,7 @@ const LS_T2_PASSIVE: Server = Server::LlamaServer {
 };
 
 impl Server {
-    /// The row key (the `stage` field of the report, which `metrics::medians` groups by).
+    /// The server's part of the row key ([`row_key`]).
     fn key(self) -> &'static str {
         match self {
             Self::Llamapool => "llamapool",
@@ -173,6 +225,8 @@ struct Comparison<'a> {
     /// llamapool's worker layout as `GET /workers` first showed it (cpus, threads, slots, wide shape), so
     /// a report says which default it measured.
     layout: RefCell<Option<serde_json::Value>>,
+    /// The script of the Python client, written out once when a run needs it.
+    python: Option<PythonClient>,
 }
 
 impl Comparison<'_> {
@@ -235,15 +289,21 @@ impl Comparison<'_> {
     }
 
     /// One measured run: the busy loop (when `busy`, started first as with `--interference`),
-    /// a fresh server, a warm-up request, then the workload; everything stopped afterwards.
+    /// a fresh server, a warm-up request, then the workload sent by `client`; everything
+    /// stopped afterwards.
     fn measure(
         &self,
         server: Server,
+        client: Client,
         busy: bool,
         concurrency: usize,
         requests: usize,
     ) -> Result<StageReport> {
-        let name = server.name(self.args.vs_config.as_deref());
+        let name = format!(
+            "{} · {} client",
+            server.name(self.args.vs_config.as_deref()),
+            client.key()
+        );
         eprintln!(
             "{name}: {requests} requests at concurrency {concurrency}{}",
             if busy { ", with a busy loop" } else { "" }
@@ -257,19 +317,37 @@ impl Comparison<'_> {
         }
         self.warm_up(running.addr())
             .with_context(|| format!("warming up {name}"))?;
-        let progress = Progress::start(requests);
-        let (records, wall) = http_load(
-            running.addr(),
-            &self.alias,
-            &self.workload.prompts[..requests],
-            concurrency,
-            self.args.max_tokens,
-            &progress,
-        );
-        progress.finish();
+        let prompts = &self.workload.prompts[..requests];
+        let (records, wall) = match client {
+            Client::Rust => {
+                let progress = Progress::start(requests);
+                let load = http_load(
+                    running.addr(),
+                    &self.alias,
+                    prompts,
+                    concurrency,
+                    self.args.max_tokens,
+                    &progress,
+                );
+                progress.finish();
+                load
+            }
+            Client::Python => self
+                .python
+                .as_ref()
+                .context("the python client was not set up")?
+                .load(
+                    running.addr(),
+                    &self.alias,
+                    prompts,
+                    concurrency,
+                    self.args.max_tokens,
+                )
+                .with_context(|| format!("the python client against {name}"))?,
+        };
         drop(running);
         drop(busy_loop);
-        let mut report = summarize(server.key(), &name, &records, wall);
+        let mut report = summarize(&row_key(server, client), &name, &records, wall);
         report.concurrency = concurrency;
         report.interference = busy;
         Ok(report)
@@ -286,6 +364,12 @@ pub fn run(args: &Args, workload: &Workload, llama_server: &Path) -> Result<()> 
     let alias = model
         .file_stem()
         .map_or("bench".into(), |s| s.to_string_lossy().into_owned());
+    let clients = args.client.clients();
+    let python = if clients.contains(&Client::Python) {
+        Some(PythonClient::new().context("setting up the python client")?)
+    } else {
+        None
+    };
     let cmp = Comparison {
         args,
         workload,
@@ -293,6 +377,7 @@ pub fn run(args: &Args, workload: &Workload, llama_server: &Path) -> Result<()> 
         model: model.clone(),
         alias,
         layout: RefCell::new(None),
+        python,
     };
     let reports = measure_rounds(&cmp)?;
     let sweep = if args.sweep {
@@ -302,7 +387,10 @@ pub fn run(args: &Args, workload: &Workload, llama_server: &Path) -> Result<()> 
     };
     let reports = metrics::medians(&reports);
     let sweep = metrics::medians(&sweep);
-    let goals = Goals::from_reports(&reports);
+    let goals: Vec<Goals> = clients
+        .iter()
+        .map(|&client| Goals::from_reports(&reports, client))
+        .collect();
     let workload_json = json!({
         "model": model,
         "llama_server": llama_server,
@@ -312,12 +400,13 @@ pub fn run(args: &Args, workload: &Workload, llama_server: &Path) -> Result<()> 
         "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "repeat": args.repeat,
+        "clients": clients.iter().map(|c| c.key()).collect::<Vec<_>>(),
         "llamapool_workers": cmp.layout.borrow().clone(),
     });
     let report = json!({
         "workload": workload_json,
-        "rows": reports,
-        "goals": goals.json(),
+        "rows": rows_json(&reports),
+        "goals": goals_json(&goals),
         "sweep": sweep_json(&sweep),
     });
     std::fs::create_dir_all(&args.out_dir)?;
@@ -338,7 +427,7 @@ pub fn run(args: &Args, workload: &Workload, llama_server: &Path) -> Result<()> 
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", table(&reports));
-        print!("{}", goals.lines());
+        print!("{}", goals_table(&goals));
         if args.sweep {
             print!("{}", sweep_table(&sweep));
         }
@@ -346,23 +435,60 @@ pub fn run(args: &Args, workload: &Workload, llama_server: &Path) -> Result<()> 
     Ok(())
 }
 
-/// `--repeat` rounds, each running every (row, condition) once in the same order, so drift
-/// over the run hits all rows alike.
-fn measure_rounds(cmp: &Comparison) -> Result<Vec<StageReport>> {
-    let mut reports = Vec::new();
-    for round in 0..cmp.args.repeat {
-        eprintln!("round {} of {}", round + 1, cmp.args.repeat);
+/// The order of the measured runs: per round, per condition, per server, per client, so
+/// drift over the run hits all rows alike.
+fn schedule(repeat: usize, clients: &[Client]) -> Vec<(usize, bool, Server, Client)> {
+    let mut runs = Vec::new();
+    for round in 0..repeat {
         for busy in [false, true] {
             for &server in rows(busy) {
-                reports.push(cmp.measure(server, busy, cmp.args.concurrency, cmp.args.requests)?);
+                for &client in clients {
+                    runs.push((round, busy, server, client));
+                }
             }
         }
+    }
+    runs
+}
+
+/// `--repeat` rounds, each running every (row, condition, client) once in the same order.
+fn measure_rounds(cmp: &Comparison) -> Result<Vec<StageReport>> {
+    let mut reports = Vec::new();
+    let mut last_round = None;
+    for (round, busy, server, client) in schedule(cmp.args.repeat, cmp.args.client.clients()) {
+        if last_round != Some(round) {
+            eprintln!("round {} of {}", round + 1, cmp.args.repeat);
+            last_round = Some(round);
+        }
+        reports.push(cmp.measure(
+            server,
+            client,
+            busy,
+            cmp.args.concurrency,
+            cmp.args.requests,
+        )?);
     }
     Ok(reports)
 }
 
+/// The report's rows, each with its `server` and `client` besides the `stage` key.
+fn rows_json(reports: &[StageReport]) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            let mut row = json!(r);
+            if let Some((server, client)) = r.stage.split_once('/') {
+                row["server"] = json!(server);
+                row["client"] = json!(client);
+            }
+            row
+        })
+        .collect();
+    json!(rows)
+}
+
 /// The quiet sweep: llamapool and llama-server -t 2 at every `--levels` concurrency, at least
-/// 4 requests per client, rounds interleaved as in [`measure_rounds`].
+/// 4 requests per client thread, rounds interleaved as in [`measure_rounds`]; the Rust client only.
 fn measure_sweep(cmp: &Comparison) -> Result<Vec<StageReport>> {
     let mut reports = Vec::new();
     for round in 0..cmp.args.repeat {
@@ -370,7 +496,7 @@ fn measure_sweep(cmp: &Comparison) -> Result<Vec<StageReport>> {
         for &level in &cmp.args.levels {
             let requests = cmp.args.requests.max(4 * level);
             for server in [LLAMAPOOL, LS_T2] {
-                reports.push(cmp.measure(server, false, level, requests)?);
+                reports.push(cmp.measure(server, Client::Rust, false, level, requests)?);
             }
         }
     }
@@ -384,12 +510,10 @@ fn find<'a>(reports: &'a [StageReport], key: &str, busy: bool) -> Option<&'a Sta
         .find(|r| r.stage == key && r.interference == busy)
 }
 
-fn tokens_per_s(reports: &[StageReport], key: &str, busy: bool) -> f64 {
-    find(reports, key, busy).map_or(f64::NAN, |r| r.tokens_per_s)
-}
-
-/// The numbers the project's goals are stated in.
+/// The numbers the project's goals are stated in, for one client: llamapool's rows against
+/// llama-server's rows measured by the same client.
 struct Goals {
+    client: Client,
     /// llamapool quiet ÷ llama-server -t 2 quiet (tokens/s).
     quiet: f64,
     /// llamapool busy ÷ the better of llama-server -t 1 and -t 2 passive, busy (tokens/s).
@@ -397,69 +521,140 @@ struct Goals {
     /// TTFT p50, quiet: llamapool and llama-server -t 2 (ms).
     ttft_llamapool_ms: f64,
     ttft_llama_server_ms: f64,
+    /// ITL p99, quiet: llamapool and llama-server -t 2 (ms).
+    itl_llamapool_ms: f64,
+    itl_llama_server_ms: f64,
 }
 
 impl Goals {
-    fn from_reports(reports: &[StageReport]) -> Self {
-        let ttft = |key| find(reports, key, false).map_or(f64::NAN, |r| r.ttft_p50_ms);
-        let best_busy = tokens_per_s(reports, LS_T1.key(), true).max(tokens_per_s(
-            reports,
-            LS_T2_PASSIVE.key(),
-            true,
-        ));
+    fn from_reports(reports: &[StageReport], client: Client) -> Self {
+        let row = |server, busy| find(reports, &row_key(server, client), busy);
+        let tps = |server, busy| row(server, busy).map_or(f64::NAN, |r| r.tokens_per_s);
+        let quiet = |server, f: fn(&StageReport) -> f64| row(server, false).map_or(f64::NAN, f);
         Self {
-            quiet: tokens_per_s(reports, LLAMAPOOL.key(), false)
-                / tokens_per_s(reports, LS_T2.key(), false),
-            busy: tokens_per_s(reports, LLAMAPOOL.key(), true) / best_busy,
-            ttft_llamapool_ms: ttft(LLAMAPOOL.key()),
-            ttft_llama_server_ms: ttft(LS_T2.key()),
+            client,
+            quiet: tps(LLAMAPOOL, false) / tps(LS_T2, false),
+            busy: tps(LLAMAPOOL, true) / tps(LS_T1, true).max(tps(LS_T2_PASSIVE, true)),
+            ttft_llamapool_ms: quiet(LLAMAPOOL, |r| r.ttft_p50_ms),
+            ttft_llama_server_ms: quiet(LS_T2, |r| r.ttft_p50_ms),
+            itl_llamapool_ms: quiet(LLAMAPOOL, |r| r.itl_p99_ms),
+            itl_llama_server_ms: quiet(LS_T2, |r| r.itl_p99_ms),
         }
+    }
+
+    fn quiet_met(&self) -> bool {
+        self.quiet >= QUIET_GOAL
+    }
+
+    fn busy_met(&self) -> bool {
+        self.busy >= BUSY_GOAL
+    }
+
+    fn ttft_met(&self) -> bool {
+        self.ttft_llamapool_ms <= self.ttft_llama_server_ms
+    }
+
+    fn itl_met(&self) -> bool {
+        self.itl_llamapool_ms <= self.itl_llama_server_ms
     }
 
     fn json(&self) -> serde_json::Value {
         json!({
             "quiet_ratio": self.quiet,
             "quiet_goal": QUIET_GOAL,
+            "quiet_met": self.quiet_met(),
             "busy_ratio": self.busy,
             "busy_goal": BUSY_GOAL,
+            "busy_met": self.busy_met(),
             "ttft_p50_quiet_llamapool_ms": self.ttft_llamapool_ms,
             "ttft_p50_quiet_llama_server_t2_ms": self.ttft_llama_server_ms,
+            "ttft_met": self.ttft_met(),
+            "itl_p99_quiet_llamapool_ms": self.itl_llamapool_ms,
+            "itl_p99_quiet_llama_server_t2_ms": self.itl_llama_server_ms,
+            "itl_met": self.itl_met(),
         })
     }
+}
 
-    fn lines(&self) -> String {
-        let met = |ok: bool| if ok { "met" } else { "NOT met" };
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "\nquiet: {:.2}x (goal >= {QUIET_GOAL:.2}, {}) = llamapool ÷ llama-server -t 2",
-            self.quiet,
-            met(self.quiet >= QUIET_GOAL)
-        );
-        let _ = writeln!(
-            out,
-            "busy: {:.2}x (goal >= {BUSY_GOAL:.2}, {}) = llamapool ÷ max(llama-server -t 1, -t 2 passive)",
-            self.busy,
-            met(self.busy >= BUSY_GOAL)
-        );
-        let _ = writeln!(
-            out,
-            "TTFT p50 quiet: {:.0} ms vs {:.0} ms (goal: <=, {})",
-            self.ttft_llamapool_ms,
-            self.ttft_llama_server_ms,
-            met(self.ttft_llamapool_ms <= self.ttft_llama_server_ms)
-        );
-        out
+/// The goals of every client, keyed by the client (`{"rust": {...}, "python": {...}}`).
+fn goals_json(goals: &[Goals]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for g in goals {
+        out.insert(g.client.key().into(), g.json());
     }
+    serde_json::Value::Object(out)
+}
+
+/// The goals side by side, one column per client.
+fn goals_table(goals: &[Goals]) -> String {
+    // NaN when a row is missing (a failed run): neither met nor not.
+    let met = |value: f64, ok: bool| {
+        if value.is_nan() {
+            "n/a"
+        } else if ok {
+            "met"
+        } else {
+            "NOT met"
+        }
+    };
+    let mut out = String::new();
+    let _ = write!(out, "\n| goal (llamapool vs llama-server) |");
+    for g in goals {
+        let _ = write!(out, " {} client |", g.client.key());
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in goals {
+        let _ = write!(out, "---|");
+    }
+    out.push('\n');
+    type Cell = fn(&Goals) -> (String, f64, bool);
+    let lines: [(String, Cell); 4] = [
+        (format!("quiet tokens/s ÷ -t 2 >= {QUIET_GOAL:.2}x"), |g| {
+            (format!("{:.2}x", g.quiet), g.quiet, g.quiet_met())
+        }),
+        (
+            format!("busy tokens/s ÷ max(-t 1, -t 2 passive) >= {BUSY_GOAL:.2}x"),
+            |g| (format!("{:.2}x", g.busy), g.busy, g.busy_met()),
+        ),
+        ("TTFT p50 quiet <= -t 2's".into(), |g| {
+            (
+                format!(
+                    "{:.0} vs {:.0} ms",
+                    g.ttft_llamapool_ms, g.ttft_llama_server_ms
+                ),
+                g.ttft_llamapool_ms - g.ttft_llama_server_ms,
+                g.ttft_met(),
+            )
+        }),
+        ("ITL p99 quiet <= -t 2's".into(), |g| {
+            (
+                format!(
+                    "{:.1} vs {:.1} ms",
+                    g.itl_llamapool_ms, g.itl_llama_server_ms
+                ),
+                g.itl_llamapool_ms - g.itl_llama_server_ms,
+                g.itl_met(),
+            )
+        }),
+    ];
+    for (label, cell) in lines {
+        let _ = write!(out, "| {label} |");
+        for g in goals {
+            let (text, value, ok) = cell(g);
+            let _ = write!(out, " {text} {} |", met(value, ok));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn table(reports: &[StageReport]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| condition | server | conc. | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | failed | runs tokens/s |"
+        "| condition | server | conc. | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | failed | runs tokens/s |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         let runs: Vec<String> = r
             .runs_tokens_per_s
@@ -468,7 +663,7 @@ fn table(reports: &[StageReport]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} | {} |",
             if r.interference { "busy" } else { "quiet" },
             r.name,
             r.concurrency,
@@ -476,6 +671,7 @@ fn table(reports: &[StageReport]) -> String {
             r.ttft_p50_ms,
             r.ttft_p99_ms,
             r.tpot_p50_ms,
+            r.itl_p99_ms,
             r.failed,
             runs.join(", ")
         );
@@ -494,8 +690,11 @@ fn sweep_levels(sweep: &[StageReport]) -> Vec<(usize, Option<&StageReport>, Opti
     levels
         .into_iter()
         .map(|c| {
-            let row = |key: &str| sweep.iter().find(|r| r.stage == key && r.concurrency == c);
-            (c, row(LLAMAPOOL.key()), row(LS_T2.key()))
+            let row = |server| {
+                let key = row_key(server, Client::Rust);
+                sweep.iter().find(|r| r.stage == key && r.concurrency == c)
+            };
+            (c, row(LLAMAPOOL), row(LS_T2))
         })
         .collect()
 }
@@ -549,8 +748,9 @@ fn sweep_table(sweep: &[StageReport]) -> String {
 mod tests {
     use super::*;
 
-    fn report(key: &str, busy: bool, tps: f64) -> StageReport {
-        let mut r = summarize(key, key, &[], Duration::from_secs(1));
+    fn report(server: Server, client: Client, busy: bool, tps: f64) -> StageReport {
+        let key = row_key(server, client);
+        let mut r = summarize(&key, &key, &[], Duration::from_secs(1));
         r.interference = busy;
         r.tokens_per_s = tps;
         r
@@ -558,17 +758,122 @@ mod tests {
 
     #[test]
     fn busy_ratio_is_against_the_better_single_thread_or_passive_row() {
+        let rust = Client::Rust;
         let reports = [
-            report("llamapool", false, 110.0),
-            report("ls-t2", false, 100.0),
-            report("llamapool", true, 90.0),
-            report("ls-t2", true, 10.0),
-            report("ls-t1", true, 50.0),
-            report("ls-t2-passive", true, 60.0),
+            report(LLAMAPOOL, rust, false, 110.0),
+            report(LS_T2, rust, false, 100.0),
+            report(LLAMAPOOL, rust, true, 90.0),
+            report(LS_T2, rust, true, 10.0),
+            report(LS_T1, rust, true, 50.0),
+            report(LS_T2_PASSIVE, rust, true, 60.0),
         ];
-        let goals = Goals::from_reports(&reports);
+        let goals = Goals::from_reports(&reports, rust);
         assert!((goals.quiet - 1.1).abs() < 1e-9);
         assert!((goals.busy - 1.5).abs() < 1e-9);
+    }
+
+    /// Each client's goals come from its own rows only, with the goals of docs/PERFORMANCE.md:
+    /// quiet >= 1.05x, busy >= 1.15x, TTFT p50 and ITL p99 at most llama-server -t 2's.
+    #[test]
+    fn goals_are_per_client() {
+        let (rust, python) = (Client::Rust, Client::Python);
+        let mut reports = vec![
+            report(LLAMAPOOL, rust, false, 106.0),
+            report(LLAMAPOOL, python, false, 100.0),
+            report(LS_T2, rust, false, 100.0),
+            report(LS_T2, python, false, 100.0),
+            report(LS_T1, rust, false, 60.0),
+            report(LS_T1, python, false, 60.0),
+            report(LLAMAPOOL, rust, true, 70.0),
+            report(LLAMAPOOL, python, true, 57.0),
+            report(LS_T1, rust, true, 60.0),
+            report(LS_T1, python, true, 40.0),
+            report(LS_T2_PASSIVE, rust, true, 50.0),
+            report(LS_T2_PASSIVE, python, true, 50.0),
+        ];
+        for r in &mut reports {
+            let lp = r.stage.starts_with("llamapool/");
+            r.ttft_p50_ms = if lp { 300.0 } else { 350.0 };
+            r.itl_p99_ms = match (lp, r.stage.ends_with("/python")) {
+                (true, true) => 80.0,
+                (true, false) => 50.0,
+                (false, _) => 60.0,
+            };
+        }
+        let rust_goals = Goals::from_reports(&reports, rust);
+        assert!((rust_goals.quiet - 1.06).abs() < 1e-9);
+        assert!((rust_goals.busy - 70.0 / 60.0).abs() < 1e-9);
+        assert!(rust_goals.quiet_met() && rust_goals.busy_met());
+        assert!(rust_goals.ttft_met() && rust_goals.itl_met());
+        let python_goals = Goals::from_reports(&reports, python);
+        assert!((python_goals.quiet - 1.0).abs() < 1e-9);
+        assert!((python_goals.busy - 57.0 / 50.0).abs() < 1e-9);
+        assert!(!python_goals.quiet_met() && !python_goals.busy_met());
+        assert!(python_goals.ttft_met() && !python_goals.itl_met());
+        assert_eq!(python_goals.itl_llamapool_ms, 80.0);
+        assert_eq!(python_goals.itl_llama_server_ms, 60.0);
+
+        let goals = [rust_goals, python_goals];
+        let json = goals_json(&goals);
+        assert_eq!(json["rust"]["busy_goal"], json!(1.15));
+        assert_eq!(json["python"]["itl_met"], json!(false));
+        assert_eq!(json["rust"]["itl_p99_quiet_llamapool_ms"], json!(50.0));
+        let table = goals_table(&goals);
+        assert!(table.contains("| rust client | python client |"), "{table}");
+        assert!(
+            table.contains(
+                "| ITL p99 quiet <= -t 2's | 50.0 vs 60.0 ms met | 80.0 vs 60.0 ms NOT met |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(">= 1.15x | 1.17x met | 1.14x NOT met |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_client_without_rows_has_no_goal_met() {
+        let reports = [report(LLAMAPOOL, Client::Rust, false, 100.0)];
+        let goals = Goals::from_reports(&reports, Client::Python);
+        assert!(goals.quiet.is_nan() && !goals.quiet_met());
+        assert!(!goals.ttft_met() && !goals.itl_met());
+        assert!(goals_table(&[goals]).contains("NaNx n/a"));
+    }
+
+    #[test]
+    fn runs_interleave_servers_and_clients_within_each_condition() {
+        let runs = schedule(2, ClientChoice::Both.clients());
+        assert_eq!(runs.len(), 2 * (3 + 3) * 2);
+        let keys: Vec<String> = runs[..6]
+            .iter()
+            .map(|&(_, busy, server, client)| {
+                assert!(!busy);
+                row_key(server, client)
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "llamapool/rust",
+                "llamapool/python",
+                "ls-t2/rust",
+                "ls-t2/python",
+                "ls-t1/rust",
+                "ls-t1/python"
+            ]
+        );
+        assert!(runs[6..12].iter().all(|r| r.0 == 0 && r.1));
+        assert!(runs[12..].iter().all(|r| r.0 == 1));
+        assert_eq!(schedule(1, ClientChoice::Python.clients()).len(), 6);
+    }
+
+    #[test]
+    fn rows_say_their_server_and_client() {
+        let rows = rows_json(&[report(LS_T2_PASSIVE, Client::Python, true, 1.0)]);
+        assert_eq!(rows[0]["stage"], "ls-t2-passive/python");
+        assert_eq!(rows[0]["server"], "ls-t2-passive");
+        assert_eq!(rows[0]["client"], "python");
     }
 
     #[test]
