@@ -341,6 +341,9 @@ mod tests {
             decode_calls: 99,
             kv_cells_used: 1234,
             packable: true,
+            wide: true,
+            threads_in_use: 2,
+            shape_changes: 3,
         }));
         round_trip(FromWorker::Pong { nonce: 9 });
         round_trip(FromWorker::Control {

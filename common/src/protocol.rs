@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 13;
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,6 +144,13 @@ pub struct WorkerStats {
     /// requests onto the first such worker while it has free slots (it widens once the other
     /// workers are idle). Always false for a fixed worker.
     pub packable: bool,
+    /// An adaptive worker running wide now (its threads over all of its wide CPUs).
+    pub wide: bool,
+    /// Threads its decode runs with now (an adaptive worker's change with its shape; 0 from
+    /// a fixed worker, which does not report it).
+    pub threads_in_use: u32,
+    /// Switches between wide and narrow since the worker started.
+    pub shape_changes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -131,6 +131,11 @@ pub struct ServerSettings {
     /// With `prefix_affinity`, the worker holding a prefix is passed over for the
     /// least-loaded one when it has more than this many requests in flight beyond it.
     pub affinity_max_load_gap: usize,
+    /// Running requests move between live adaptive workers when the machine changes under
+    /// them: onto the first worker when the CPUs are quiet again (so it runs wide), shared
+    /// over the narrow workers when a neighbour crowds them. They continue from the tokens
+    /// they generated. False: a request stays where it was placed until it ends.
+    pub rebalance: bool,
     /// `GET /slots` is served; false answers it 501, as llama-server started with `--no-slots`.
     pub slots_endpoint: bool,
 }
@@ -171,6 +176,7 @@ impl Default for ServerSettings {
             prefix_affinity: true,
             slots_endpoint: true,
             affinity_max_load_gap: 2,
+            rebalance: true,
         }
     }
 }

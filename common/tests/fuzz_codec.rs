@@ -363,6 +363,9 @@ fn from_worker_samples() -> Vec<FromWorker> {
             decode_calls: 99,
             kv_cells_used: 1234,
             packable: true,
+            wide: true,
+            threads_in_use: 2,
+            shape_changes: 3,
         }),
         FromWorker::Pong { nonce: 9 },
         FromWorker::Control {

@@ -60,6 +60,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerStateLabels {
     worker: usize,
     state: &'static str,
@@ -90,6 +95,7 @@ pub struct Metrics {
     poison_convictions: Counter,
     poison_refusals: Counter,
     routed: Family<OutcomeLabel, Counter>,
+    rebalanced: Family<ReasonLabel, Counter>,
     /// llama-server's `n_tokens_max`: the longest prompt + generation finished so far.
     longest_sequence: AtomicU64,
 }
@@ -122,6 +128,7 @@ impl Default for Metrics {
             poison_convictions: Counter::default(),
             poison_refusals: Counter::default(),
             routed: Family::default(),
+            rebalanced: Family::default(),
             longest_sequence: AtomicU64::new(0),
         };
         m.registered()
@@ -249,6 +256,16 @@ impl Metrics {
              or a prompt shorter than one block)",
             self.routed.clone(),
         );
+        for reason in ["pack", "split"] {
+            drop(self.rebalanced.get_or_create(&ReasonLabel { reason }));
+        }
+        r.register(
+            "llamapool_requests_rebalanced",
+            "Running requests moved between live adaptive workers: pack (the machine is quiet \
+             again, onto the first worker so it can run wide), split (a neighbour crowds the \
+             CPUs, shared over the narrow workers)",
+            self.rebalanced.clone(),
+        );
         self
     }
 
@@ -313,6 +330,11 @@ impl Metrics {
     /// A request (or a moved one) was dispatched; `outcome` says how its worker was chosen.
     pub fn record_routing(&self, outcome: &'static str) {
         self.routed.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// A running request moved between live workers, for `reason` (`pack` or `split`).
+    pub fn record_rebalance(&self, reason: &'static str) {
+        self.rebalanced.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// The whole exposition: the live metrics, then the snapshot's.
@@ -428,6 +450,12 @@ pub struct WorkerGauges {
     pub in_flight: usize,
     /// Times it was started again after its first start.
     pub restarts: u32,
+    /// An adaptive worker running wide now.
+    pub wide: bool,
+    /// Threads its decode runs with now.
+    pub threads_in_use: u32,
+    /// Switches between wide and narrow since the router started.
+    pub shape_changes: u64,
 }
 
 fn counter_at(value: u64) -> Counter {
@@ -471,7 +499,8 @@ impl Gauges {
         );
         let state = Family::<WorkerStateLabels, Gauge>::default();
         let restarts = Family::<WorkerLabel, Counter>::default();
-        let per_worker: [(&str, &str, PerWorker); 6] = [
+        let shape_changes = Family::<WorkerLabel, Counter>::default();
+        let per_worker: [(&str, &str, PerWorker); 8] = [
             (
                 "llamapool_worker_slots",
                 "Sequence slots of the worker",
@@ -502,6 +531,16 @@ impl Gauges {
                 "KV cache cells of the worker's context (slots times per-sequence context)",
                 |w| i64::try_from(w.kv_cells).unwrap_or(i64::MAX),
             ),
+            (
+                "llamapool_worker_wide",
+                "1 while an adaptive worker runs wide (its threads over all its wide CPUs), else 0",
+                |w| w.wide.into(),
+            ),
+            (
+                "llamapool_worker_threads",
+                "Threads the worker's decode runs with now (0 while it is not ready)",
+                |w| w.threads_in_use.into(),
+            ),
         ];
         for (id, w) in self.workers.iter().enumerate() {
             for &name in &self.states {
@@ -516,6 +555,9 @@ impl Gauges {
             restarts
                 .get_or_create(&WorkerLabel { worker: id })
                 .inc_by(u64::from(w.restarts));
+            shape_changes
+                .get_or_create(&WorkerLabel { worker: id })
+                .inc_by(w.shape_changes);
         }
         r.register(
             "llamapool_worker_state",
@@ -526,6 +568,11 @@ impl Gauges {
             "llamapool_worker_restarts",
             "Times the worker was started again (after a death, a hang, a failed start or an operator's restart)",
             restarts,
+        );
+        r.register(
+            "llamapool_worker_shape_changes",
+            "Times an adaptive worker switched between wide and narrow",
+            shape_changes,
         );
         for (name, help, value) in per_worker {
             let family = Family::<WorkerLabel, Gauge>::default();
@@ -751,6 +798,9 @@ mod tests {
                     kv_cells: 4096,
                     in_flight: 4,
                     restarts: 0,
+                    wide: true,
+                    threads_in_use: 2,
+                    shape_changes: 7,
                 },
                 WorkerGauges {
                     state: "hung",
@@ -780,6 +830,10 @@ mod tests {
         assert_eq!(w("llamapool_worker_kv_cells", 0), 4096.0);
         assert_eq!(w("llamapool_worker_slots", 1), 4.0);
         assert_eq!(w("llamapool_worker_running_requests", 1), 0.0);
+        assert_eq!(w("llamapool_worker_wide", 0), 1.0);
+        assert_eq!(w("llamapool_worker_wide", 1), 0.0);
+        assert_eq!(w("llamapool_worker_threads", 0), 2.0);
+        assert_eq!(w("llamapool_worker_shape_changes_total", 0), 7.0);
         let state = |worker: usize, state: &str| {
             sample(
                 &text,

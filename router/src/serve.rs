@@ -127,6 +127,7 @@ pub async fn run(
         RoutingPolicy {
             prefix_affinity: server_settings.prefix_affinity,
             max_load_gap: server_settings.affinity_max_load_gap,
+            rebalance: server_settings.rebalance,
         },
         metrics,
     );

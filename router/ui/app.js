@@ -399,8 +399,14 @@ function placement(w) {
   const gpu = w.gpu ?? w.gpus ?? w.device;
   if (gpu != null && gpu !== '') parts.push(`GPU ${gpu}`);
   if (w.cpus) parts.push(`CPU ${w.cpus}`);
-  if (w.threads != null) parts.push(`${w.threads} thr`);
   return parts.join(' · ');
+}
+
+/** An adaptive worker's shape now (wide or narrow) and its threads; a fixed worker's threads. */
+function shape(w) {
+  const threads = w.threads_in_use ?? w.threads;
+  const thr = threads != null ? `${threads} thr` : '';
+  return w.shape ? `${w.shape} · ${thr}` : thr ? `fixed · ${thr}` : '–';
 }
 
 function workerRow(id) {
@@ -408,6 +414,7 @@ function workerRow(id) {
   const c = {
     id: el('td'),
     placement: el('td', { class: 'placement' }),
+    shape: el('td', { class: 'c-shape' }),
     state: el('td', { class: 'c-state' }),
     slots: el('td', { class: 'c-slots' }),
     waiting: el('td', { class: 'num c-waiting' }),
@@ -430,7 +437,7 @@ function renderWorkers(workers) {
   const body = $('workers-body');
   $('workers').classList.toggle('no-worker-tps', !hasWorkerTps);
   if (!workers.length) {
-    body.replaceChildren(el('tr', { class: 'empty' }, el('td', { colspan: 9 }, 'no workers configured')));
+    body.replaceChildren(el('tr', { class: 'empty' }, el('td', { colspan: 10 }, 'no workers configured')));
     return;
   }
   const ordered = [];
@@ -439,6 +446,10 @@ function renderWorkers(workers) {
     c.id.textContent = w.id;
     c.id.title = w.pid != null ? `pid ${w.pid}` : 'no process';
     c.placement.textContent = placement(w);
+    c.shape.textContent = shape(w);
+    c.shape.title = w.shape_changes != null
+      ? `${w.shape_changes} switches between wide${w.wide_threads != null ? ` (${w.wide_threads} threads on CPU ${w.wide_cpus})` : ''} and narrow`
+      : 'a fixed worker: its shape does not change';
     const pill = el('span', { class: `pill ${STATE_CLASS[w.state] ?? ''}` }, w.state);
     const busy = adminBusy.get(w.id);
     const parts = [pill];

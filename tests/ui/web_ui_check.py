@@ -95,6 +95,7 @@ def rows():
         """return [...document.querySelectorAll('#workers-body tr[data-worker-id]')].map(tr => ({
              id: tr.dataset.workerId,
              placement: tr.children[1].textContent,
+             shape: tr.querySelector('.c-shape').textContent,
              state: tr.querySelector('.c-state .pill').textContent,
              restarts: tr.querySelector('.c-restarts').textContent,
              inflight: tr.querySelector('.c-inflight').textContent }));"""
@@ -170,6 +171,7 @@ try:
     )
     assert [w["id"] for w in workers] == ["0", "1"], workers
     assert "CPU 0" in workers[0]["placement"] and "CPU 1" in workers[1]["placement"], workers
+    assert all(" thr" in w["shape"] for w in workers), workers
     wait_for("the model name", lambda: driver.find_element(By.ID, "model").text == "smol")
     assert not driver.find_element(By.ID, "notice").is_displayed()
     step(f"two workers listed: {workers}")

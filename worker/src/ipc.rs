@@ -38,7 +38,7 @@ use crate::backend::Backend;
 use crate::engine::{
     Disconnected, EngineHooks, EngineRequest, EngineStats, EventSender, IterationHook,
 };
-use crate::shape::Shaper;
+use crate::shape::{ShapeNow, Shaper};
 use crate::{EngineHandle, Model, RunningEngine};
 
 /// What the writer thread sends.
@@ -86,18 +86,19 @@ where
 /// The engine's `on_iteration_end` hook for this writer: lets an adaptive worker's `shaper`
 /// adjust its width and say whether it is packable, ends the iteration's batch of events, and
 /// pushes `Progress` after every iteration that stepped or changed the load (running or
-/// waiting) or packability, so also after the one in which the last request left. The engine
+/// waiting) or shape, so also after the one in which the last request left. The engine
 /// drops it when its thread ends, which tells the writer to stop holding events.
 pub fn iteration_hook(out: &Sender<Outgoing>, mut shaper: Option<Shaper>) -> IterationHook {
     let hook = StopNotice(out.clone());
-    let mut last = (0, 0, 0, false);
+    let mut last = None;
     Box::new(move |stats: &EngineStats| {
-        let packable = shaper
+        let shape = shaper
             .as_mut()
-            .is_some_and(|s| s.tick(std::time::Instant::now()));
-        let now = (stats.steps, stats.running, stats.waiting, packable);
-        let progress = (now != last).then(|| progress(stats, packable));
-        last = now;
+            .map(|s| s.tick(std::time::Instant::now()))
+            .unwrap_or_default();
+        let now = (stats.steps, stats.running, stats.waiting, shape);
+        let progress = (last != Some(now)).then(|| progress(stats, shape));
+        last = Some(now);
         let _ = hook.0.send(Outgoing::IterationEnd(progress));
     })
 }
@@ -112,7 +113,7 @@ impl Drop for StopNotice {
 }
 
 /// The engine's stats as the router sees them.
-fn progress(stats: &EngineStats, packable: bool) -> WorkerStats {
+fn progress(stats: &EngineStats, shape: ShapeNow) -> WorkerStats {
     let unix_ms = stats
         .last_step
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -124,7 +125,10 @@ fn progress(stats: &EngineStats, packable: bool) -> WorkerStats {
         waiting: u32::try_from(stats.waiting).unwrap_or(u32::MAX),
         decode_calls: stats.decode_calls,
         kv_cells_used: u32::try_from(stats.kv_cells).unwrap_or(u32::MAX),
-        packable,
+        packable: shape.packable,
+        wide: shape.wide,
+        threads_in_use: shape.threads,
+        shape_changes: shape.changes,
     }
 }
 
@@ -614,7 +618,7 @@ mod tests {
             waiting,
             decode_calls: steps,
             kv_cells_used: 0,
-            packable: false,
+            ..WorkerStats::default()
         }
     }
 

@@ -11,9 +11,12 @@
 //!   kept busy by the rest of the pool (the router, its parent, and the other workers, its
 //!   children: `/proc/<router>/task/*/children`) and by foreign processes — the busy time
 //!   `/proc/stat` counts on those CPUs, less this process's own and the pool's.
-//! - [`WidthPolicy`] (policy, pure): the worker is *crowded* while foreign processes take more
-//!   than a third of a CPU, and *wide* only while nothing else — foreign or another worker —
-//!   does; each flips at once towards busy and back after two quiet windows in a row.
+//! - [`WidthPolicy`] (policy, pure): the worker is *crowded* while foreign processes took
+//!   more than 0.4 of a CPU on average over the last second, and quiet again at 0.2 or less
+//!   (a process starting, a client, a scrape is a spike that this average rides out; a busy
+//!   loop or a build trips it within a second); it is *wide* only while not crowded and no
+//!   other worker of the pool is working (which counts at once, and clears after two idle
+//!   windows: two workers at work must never both run wide).
 //! - [`Shaper`]: runs both from the engine thread after every engine iteration (and every
 //!   idle tick) and switches: the OpenMP team is turned off (`omp_set_max_active_levels(0)`:
 //!   ggml then computes with the one thread it got) and the engine thread is pinned to its own
@@ -29,17 +32,26 @@ use std::time::{Duration, Instant};
 use llamapool_common::cpus::CpuList;
 use llamapool_common::worker::WideShape;
 
-/// How often contention is measured: short enough to narrow within a few decode steps of a
-/// neighbour starting, long enough for `/proc`'s 10 ms ticks to add up to a usable figure.
+/// How often contention is measured: short enough to notice a neighbour within a few decode
+/// steps, long enough for `/proc`'s 10 ms ticks to add up to a usable figure.
 pub const WINDOW: Duration = Duration::from_millis(250);
 
-/// Busy CPUs above this count as busy at once ...
-const BUSY_ABOVE: f64 = 0.33;
-/// ... and below this as quiet, after [`QUIET_WINDOWS`] windows in a row.
-const QUIET_BELOW: f64 = 0.15;
-const QUIET_WINDOWS: u32 = 2;
-/// Another worker using more than this much CPU is working (an idle one uses next to none).
+/// Foreign work is judged over this much recent time, not one window: a process starting
+/// (an interpreter, a `curl`, a scrape) takes half a CPU for a window or two and is gone,
+/// while a real neighbour (a busy loop, a build) keeps taking it.
+const FOREIGN_SPAN: Duration = Duration::from_secs(1);
+/// Foreign processes took more than this many CPUs on average over [`FOREIGN_SPAN`]: the
+/// CPUs are crowded. A busy loop against a wide worker takes about 0.66 of a CPU, so this
+/// trips within about 0.75 s of it starting; a 0.6-CPU spike must last 0.7 s to trip it.
+const CROWDED_ABOVE: f64 = 0.4;
+/// ... and at most this many: quiet again (in between, the verdict stays as it was). A
+/// neighbour that stops is forgotten within about 0.8 s.
+const QUIET_BELOW: f64 = 0.2;
+/// Another worker using more than this much CPU in a window is working (an idle one uses
+/// next to none). Two workers at work must not both run wide, so this counts at once.
 const SIBLING_WORKING_ABOVE: f64 = 0.2;
+/// Windows in a row without a working sibling before widening again.
+const SIBLING_QUIET_WINDOWS: u32 = 2;
 
 /// One window's figures, in CPUs kept busy.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -50,64 +62,95 @@ pub struct Contention {
     pub siblings: f64,
 }
 
-/// Busy or quiet, turning busy at once and quiet only after a few quiet windows.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-struct Hysteresis {
-    busy: bool,
-    quiet_windows: u32,
+/// The average of foreign CPU use over the last [`FOREIGN_SPAN`], weighted by each window's
+/// length (an idle worker's windows are longer: it measures on idle ticks).
+#[derive(Debug, Clone, PartialEq, Default)]
+struct ForeignAverage {
+    /// (window length, foreign CPU-seconds in it), oldest first.
+    windows: std::collections::VecDeque<(Duration, f64)>,
 }
 
-impl Hysteresis {
-    fn observe(&mut self, busy_now: bool, quiet_now: bool) {
-        if busy_now {
-            self.busy = true;
-            self.quiet_windows = 0;
-        } else if quiet_now {
-            self.quiet_windows += 1;
-            if self.quiet_windows >= QUIET_WINDOWS {
-                self.busy = false;
-            }
-        } else {
-            self.quiet_windows = 0;
-        }
+impl ForeignAverage {
+    fn push(&mut self, length: Duration, foreign_cpus: f64) {
+        self.windows
+            .push_back((length, foreign_cpus * length.as_secs_f64()));
+        // Keep the newest windows that cover the span; older ones no longer count.
+        let mut covered = Duration::ZERO;
+        let keep = self
+            .windows
+            .iter()
+            .rev()
+            .take_while(|(len, _)| {
+                let before = covered;
+                covered += *len;
+                before < FOREIGN_SPAN
+            })
+            .count();
+        let drop = self.windows.len() - keep;
+        self.windows.drain(..drop);
+    }
+
+    /// Foreign CPUs on average over the span. A worker that has measured less than the span
+    /// counts the rest as quiet (it starts on a machine assumed quiet).
+    fn cpus(&self) -> f64 {
+        let covered: Duration = self.windows.iter().map(|(len, _)| *len).sum();
+        let busy: f64 = self.windows.iter().map(|(_, cpu_s)| cpu_s).sum();
+        busy / covered.max(FOREIGN_SPAN).as_secs_f64()
     }
 }
 
 /// The width decision, from one window's [`Contention`] at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct WidthPolicy {
-    /// Foreign processes keep the CPUs busy.
-    crowded: Hysteresis,
-    /// Anything else (foreign, or another worker) keeps them busy.
-    shared: Hysteresis,
+    foreign: ForeignAverage,
+    /// Foreign processes keep the CPUs busy (see [`CROWDED_ABOVE`]).
+    crowded: bool,
+    /// Another worker is working now, or was within the last [`SIBLING_QUIET_WINDOWS`].
+    sibling_working: bool,
+    sibling_quiet_windows: u32,
 }
 
 impl WidthPolicy {
     /// Starts wide and packable: a worker starts on a machine assumed quiet, and the first
-    /// window corrects it.
+    /// windows correct it.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Runs wide: nothing else keeps its CPUs busy.
+    /// Runs wide: no foreign process crowds its CPUs and no other worker is working.
     pub fn is_wide(&self) -> bool {
-        !self.shared.busy
+        !self.crowded && !self.sibling_working
     }
 
     /// May be packed with requests: no foreign process crowds its CPUs (the pool's own
     /// workers do not count: packing is what lets them go idle).
     pub fn is_packable(&self) -> bool {
-        !self.crowded.busy
+        !self.crowded
     }
 
-    pub fn observe(&mut self, c: Contention) {
-        self.crowded
-            .observe(c.foreign > BUSY_ABOVE, c.foreign < QUIET_BELOW);
-        let sibling_working = c.siblings > SIBLING_WORKING_ABOVE;
-        self.shared.observe(
-            c.foreign > BUSY_ABOVE || sibling_working,
-            c.foreign < QUIET_BELOW && !sibling_working,
-        );
+    /// Takes one window of `length`.
+    pub fn observe(&mut self, c: Contention, length: Duration) {
+        self.foreign.push(length, c.foreign);
+        let foreign = self.foreign.cpus();
+        if foreign > CROWDED_ABOVE {
+            self.crowded = true;
+        } else if foreign <= QUIET_BELOW {
+            self.crowded = false;
+        }
+        if c.siblings > SIBLING_WORKING_ABOVE {
+            self.sibling_working = true;
+            self.sibling_quiet_windows = 0;
+        } else {
+            self.sibling_quiet_windows += 1;
+            if self.sibling_quiet_windows >= SIBLING_QUIET_WINDOWS {
+                self.sibling_working = false;
+            }
+        }
+    }
+
+    /// Foreign CPUs on average over the last second, as the policy weighs them.
+    pub fn foreign_cpus(&self) -> f64 {
+        self.foreign.cpus()
     }
 }
 
@@ -147,8 +190,8 @@ impl ContentionMeter {
     }
 
     /// When at least [`WINDOW`] has passed since the last figure: who kept the CPUs busy over
-    /// that time. `None` before that, or when `/proc` cannot be read.
-    pub fn sample(&mut self, now: Instant) -> Option<Contention> {
+    /// that time, and how long it was. `None` before that, or when `/proc` cannot be read.
+    pub fn sample(&mut self, now: Instant) -> Option<(Contention, Duration)> {
         if let Some((at, _)) = self.last {
             if now.duration_since(at) < WINDOW {
                 return None;
@@ -157,7 +200,8 @@ impl ContentionMeter {
         let counters = read_counters(&self.cpus, self.router)?;
         let previous = self.last.replace((now, counters));
         let (at, before) = previous?;
-        Some(contention(before, counters, now.duration_since(at)))
+        let length = now.duration_since(at);
+        Some((contention(before, counters, length), length))
     }
 }
 
@@ -241,6 +285,18 @@ fn own_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// What an adaptive worker reports of its shape with every `Progress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShapeNow {
+    /// The router may pack requests onto it (see [`WidthPolicy::is_packable`]).
+    pub packable: bool,
+    pub wide: bool,
+    /// Threads its decode runs with now.
+    pub threads: u32,
+    /// Switches between wide and narrow since it started.
+    pub changes: u64,
+}
+
 /// Switches the worker's width from the engine thread (the thread that runs llama.cpp's
 /// decode, and so the master of its OpenMP team).
 #[derive(Debug)]
@@ -252,6 +308,7 @@ pub struct Shaper {
     /// OpenMP's nesting limit before any change: restored when widening.
     full_levels: i32,
     applied: Option<bool>,
+    changes: u64,
 }
 
 impl Shaper {
@@ -265,21 +322,28 @@ impl Shaper {
             wide,
             full_levels: omp::max_active_levels().max(1),
             applied: None,
+            changes: 0,
         }
     }
 
-    /// Measures when a window has passed and switches if the policy says so; returns whether
-    /// the router may pack requests onto this worker now. Must run on the engine thread.
-    pub fn tick(&mut self, now: Instant) -> bool {
-        if let Some(contention) = self.meter.sample(now) {
-            self.policy.observe(contention);
+    /// Measures when a window has passed and switches if the policy says so; returns the
+    /// shape it has now. Must run on the engine thread.
+    pub fn tick(&mut self, now: Instant) -> ShapeNow {
+        if let Some((contention, length)) = self.meter.sample(now) {
+            self.policy.observe(contention, length);
             if self.applied != Some(self.policy.is_wide()) {
                 self.apply(self.policy.is_wide(), contention);
             }
         } else if self.applied.is_none() {
             self.apply(self.policy.is_wide(), Contention::default());
         }
-        self.policy.is_packable()
+        let wide = self.applied == Some(true);
+        ShapeNow {
+            packable: self.policy.is_packable(),
+            wide,
+            threads: if wide { self.wide.threads } else { 1 },
+            changes: self.changes,
+        }
     }
 
     fn apply(&mut self, wide: bool, contention: Contention) {
@@ -292,19 +356,24 @@ impl Shaper {
         if let Err(e) = crate::pin::pin_to(cpus) {
             tracing::warn!(cpus = %cpus, "pinning the engine thread: {e}");
         }
+        let foreign = format!("{:.2}", self.policy.foreign_cpus());
         if wide {
             tracing::info!(
                 threads = self.wide.threads,
                 cpus = %self.wide.cpus,
+                foreign_busy_cpus_1s = foreign,
                 "wide: the CPUs are free"
             );
         } else {
             tracing::info!(
                 cpus = %self.home,
-                foreign_busy_cpus = format!("{:.2}", contention.foreign),
+                foreign_busy_cpus_1s = foreign,
                 other_workers_busy_cpus = format!("{:.2}", contention.siblings),
                 "narrow: other work keeps the CPUs busy"
             );
+        }
+        if self.applied.is_some() {
+            self.changes += 1;
         }
         self.applied = Some(wide);
     }
@@ -341,39 +410,83 @@ mod tests {
         Contention { foreign, siblings }
     }
 
-    #[test]
-    fn narrows_at_once_and_widens_after_two_quiet_windows() {
-        let mut p = WidthPolicy::new();
-        assert!(p.is_wide() && p.is_packable(), "starts wide");
-        p.observe(c(0.7, 0.0));
-        assert!(
-            !p.is_wide() && !p.is_packable(),
-            "a busy neighbour narrows it at once"
-        );
-        p.observe(c(0.05, 0.0));
-        assert!(!p.is_wide(), "one quiet window is not enough");
-        p.observe(c(0.05, 0.0));
-        assert!(p.is_wide() && p.is_packable(), "two are");
-        p.observe(c(1.0, 0.0));
-        p.observe(c(0.05, 0.0));
-        p.observe(c(0.2, 0.0));
-        p.observe(c(0.05, 0.0));
-        assert!(!p.is_wide(), "in between resets the quiet count");
-        p.observe(c(0.0, 0.0));
-        assert!(p.is_wide());
+    const W: Duration = WINDOW;
+
+    fn feed(p: &mut WidthPolicy, windows: usize, foreign: f64, siblings: f64) {
+        for _ in 0..windows {
+            p.observe(c(foreign, siblings), W);
+        }
     }
 
     #[test]
-    fn a_working_sibling_narrows_it_but_leaves_it_packable() {
+    fn a_spike_does_not_narrow_it_but_a_neighbour_does_within_a_second() {
         let mut p = WidthPolicy::new();
-        p.observe(c(0.0, 1.0));
+        assert!(p.is_wide() && p.is_packable(), "starts wide");
+        // A process starting: 0.6 of a CPU for half a second.
+        feed(&mut p, 2, 0.6, 0.0);
+        assert!(p.is_wide() && p.is_packable(), "a passing spike: {p:?}");
+        feed(&mut p, 4, 0.0, 0.0);
+        // A busy loop against a wide worker takes about 2/3 of a CPU.
+        feed(&mut p, 2, 0.66, 0.0);
+        assert!(p.is_wide(), "half a second of it is not enough yet");
+        feed(&mut p, 1, 0.66, 0.0);
+        assert!(
+            !p.is_wide() && !p.is_packable(),
+            "narrow within 0.75 s: {p:?}"
+        );
+    }
+
+    #[test]
+    fn a_neighbour_that_leaves_is_forgotten_within_a_second() {
+        let mut p = WidthPolicy::new();
+        feed(&mut p, 8, 0.55, 0.0);
+        assert!(!p.is_wide());
+        feed(&mut p, 2, 0.0, 0.0);
+        assert!(!p.is_wide(), "half a second later it still counts");
+        feed(&mut p, 2, 0.0, 0.0);
+        assert!(
+            p.is_wide() && p.is_packable(),
+            "one second later it does not"
+        );
+    }
+
+    #[test]
+    fn light_steady_foreign_work_changes_nothing_either_way() {
+        let mut p = WidthPolicy::new();
+        feed(&mut p, 20, 0.3, 0.0);
+        assert!(
+            p.is_wide(),
+            "a client using 0.3 of a CPU does not narrow it"
+        );
+        feed(&mut p, 8, 0.8, 0.0);
+        feed(&mut p, 20, 0.3, 0.0);
+        assert!(!p.is_wide(), "nor widens it once a neighbour narrowed it");
+    }
+
+    #[test]
+    fn windows_are_weighed_by_their_length() {
+        let mut p = WidthPolicy::new();
+        // An idle worker measures on 250 ms idle ticks, so windows can be up to twice as
+        // long: one 0.5 s window at 0.9 of a CPU is 0.45 CPU-seconds in the last second.
+        p.observe(c(0.9, 0.0), Duration::from_millis(500));
+        assert!(!p.is_packable(), "{p:?}");
+        let mut q = WidthPolicy::new();
+        q.observe(c(0.9, 0.0), Duration::from_millis(250));
+        assert!(q.is_packable(), "a quarter second of it is not: {q:?}");
+    }
+
+    #[test]
+    fn a_working_sibling_narrows_it_at_once_but_leaves_it_packable() {
+        let mut p = WidthPolicy::new();
+        p.observe(c(0.0, 1.0), W);
         assert!(!p.is_wide(), "two workers at work: each on its own CPU");
         assert!(
             p.is_packable(),
             "the router may still pack onto it, so the other drains"
         );
-        p.observe(c(0.0, 0.0));
-        p.observe(c(0.0, 0.0));
+        p.observe(c(0.0, 0.0), W);
+        assert!(!p.is_wide(), "one idle window is not enough");
+        p.observe(c(0.0, 0.0), W);
         assert!(p.is_wide(), "the other went idle");
     }
 

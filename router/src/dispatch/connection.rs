@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use llamapool_common::codec::{CodecError, FrameCodec};
 use llamapool_common::protocol::{
-    ControlCall, ControlReply, FromWorker, GenerateRequest, ToWorker, WorkerInfo, PROTOCOL_VERSION,
+    ControlCall, ControlReply, FromWorker, GenerateRequest, Prompt, ToWorker, WorkerInfo,
+    PROTOCOL_VERSION,
 };
 use llamapool_common::{GenerationEvent, RequestId, SeqOutput, Token};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
@@ -22,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::affinity::PrefixChain;
+use super::rebalance::Candidate;
 use super::vitals::Vitals;
 use super::{CurrentWorker, DispatchError, LoadTicket, StreamEvent};
 use crate::metrics::Metrics;
@@ -48,9 +50,26 @@ pub struct InFlight {
     /// While on probation after a worker's death (`super::poison`): told when the request
     /// produces its first token or ends; `Some` means it has not yet.
     pub probation: Option<mpsc::Sender<()>>,
+    /// How often the pool moved it between live workers (`super::rebalance`).
+    pub rebalanced: u32,
 }
 
 impl InFlight {
+    /// What decides whether it is worth moving to another live worker.
+    pub fn rebalance_candidate(&self) -> Candidate {
+        let prompt_tokens = match &self.request.prompt {
+            Prompt::Tokens(tokens) => tokens.len(),
+            Prompt::Text(text) => text.len() / 4,
+            Prompt::Chat(chat) => chat.messages.iter().map(|m| m.content.len()).sum::<usize>() / 4,
+        };
+        Candidate {
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            generated: u32::try_from(self.generated.len()).unwrap_or(u32::MAX),
+            max_tokens: self.request.stopping.max_tokens,
+            rebalanced: self.rebalanced,
+        }
+    }
+
     /// The request is known fine on its worker: it produced a token or ended.
     pub fn pass_probation(&mut self) {
         if let Some(tx) = self.probation.take() {
@@ -67,6 +86,12 @@ pub enum ConnCommand {
     Control {
         body: ControlCall,
         reply: oneshot::Sender<ControlReply>,
+    },
+    /// Hand back up to `count` running requests worth moving to another worker (see
+    /// `super::rebalance`): the connection forgets them and aborts them on its worker.
+    Release {
+        count: usize,
+        reply: oneshot::Sender<Vec<InFlight>>,
     },
 }
 
@@ -189,6 +214,18 @@ impl<W: AsyncWrite> Connection<'_, W> {
         match command {
             ConnCommand::Generate(flight) => self.start(*flight).await,
             ConnCommand::Abort(id) => self.abort(id).await,
+            ConnCommand::Release { count, reply } => {
+                let (released, flow) = self.release(count).await;
+                if let Err(released) = reply.send(released) {
+                    // The pool stopped waiting: it cannot be lost, so it runs here again.
+                    for flight in released {
+                        if self.start(flight).await == Flow::Close {
+                            return Flow::Close;
+                        }
+                    }
+                }
+                flow
+            }
             ConnCommand::Control { body, reply } => {
                 self.next_call += 1;
                 self.calls.insert(self.next_call, reply);
@@ -223,6 +260,32 @@ impl<W: AsyncWrite> Connection<'_, W> {
                 Flow::Continue
             }
         }
+    }
+
+    /// Takes up to `count` running requests worth moving, those with the most left to
+    /// generate first, and aborts them on the worker. Tokens the worker produced for them
+    /// after this are dropped (their ids are gone) and generated again where they go.
+    async fn release(&mut self, count: usize) -> (Vec<InFlight>, Flow) {
+        let mut movable: Vec<(u32, RequestId)> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.flight.probation.is_none() && !r.flight.events.is_closed())
+            .map(|(id, r)| (r.flight.rebalance_candidate(), *id))
+            .filter(|(c, _)| c.worth_moving())
+            .map(|(c, id)| (c.priority(), id))
+            .collect();
+        movable.sort_by_key(|&(priority, id)| (std::cmp::Reverse(priority), id.0));
+        let ids: Vec<RequestId> = movable.into_iter().take(count).map(|(_, id)| id).collect();
+        if ids.is_empty() {
+            return (Vec::new(), Flow::Continue);
+        }
+        let released = ids
+            .iter()
+            .filter_map(|id| self.running.remove(id))
+            .map(|r| r.flight)
+            .collect();
+        let flow = self.send(ToWorker::Abort { ids }).await;
+        (released, flow)
     }
 
     async fn abort(&mut self, id: RequestId) -> Flow {

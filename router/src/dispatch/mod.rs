@@ -12,11 +12,14 @@
 //! - [`vitals`]: what the worker last pushed, and the hang rule.
 //! - [`affinity`]: which worker's prompt cache most likely holds a prompt's prefix.
 //! - [`poison`]: which request a worker's death points to, and the requests refused for it.
+//! - [`rebalance`]: when running requests move between live adaptive workers (re-packing
+//!   when the machine is quiet again, splitting when a neighbour crowds it).
 
 pub mod affinity;
 pub mod connection;
 pub mod poison;
 pub mod pool;
+pub mod rebalance;
 pub mod supervisor;
 pub mod vitals;
 

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use super::affinity::{prefix_chain, PrefixChain, PrefixTable};
 use super::connection::{ConnCommand, InFlight};
 use super::poison::{last_words, DeathCause, Fingerprint, PoisonRegistry, Suspect, Verdict};
+use super::rebalance::{self, Move, Seat};
 use super::supervisor::{supervise, SupervisionPolicy};
 use super::vitals::Vitals;
 use super::{AbortGuard, DispatchError, Load, LoadTicket, RequestHandle, StreamEvent};
@@ -217,6 +218,9 @@ pub struct RoutingPolicy {
     pub prefix_affinity: bool,
     /// ... unless it has more than this many requests in flight beyond the least-loaded one.
     pub max_load_gap: usize,
+    /// Move running requests between live adaptive workers when the machine changes under
+    /// them (`server.rebalance`, see [`super::rebalance`]).
+    pub rebalance: bool,
 }
 
 /// How the dispatch policy chose a worker (`llamapool_routed_total`'s outcome).
@@ -312,6 +316,13 @@ pub struct WorkerView {
     /// An adaptive worker that no foreign process crowds: requests are packed onto the first
     /// such worker (from its last progress; `None` before any).
     pub packable: Option<bool>,
+    /// An adaptive worker's shape now: `wide` or `narrow` (from its last progress; `None`
+    /// for a fixed worker or before any).
+    pub shape: Option<&'static str>,
+    /// Threads its decode runs with now: `wide_threads` while wide, `threads` while narrow.
+    pub threads_in_use: Option<u32>,
+    /// Switches between wide and narrow since the router started (an adaptive worker).
+    pub shape_changes: Option<u64>,
     pub state: WorkerState,
     pub slots: u32,
     /// KV cells of its context as configured (llama.cpp may round them up).
@@ -398,6 +409,9 @@ impl Pool {
             tokio::spawn(supervise(inner.clone(), index));
         }
         tokio::spawn(sweep_parked(inner.clone()));
+        if inner.routing.rebalance {
+            tokio::spawn(rebalance(inner.clone()));
+        }
         Self { inner }
     }
 
@@ -490,6 +504,7 @@ impl Pool {
             min_ctx,
             prefix,
             probation: None,
+            rebalanced: 0,
         };
         self.inner.place(flight, None).map_err(|(_, error)| error)?;
         Ok(RequestHandle {
@@ -624,6 +639,7 @@ impl Pool {
                 let plan = w.plan();
                 let live = matches!(s.state, WorkerState::Ready);
                 let stats = w.vitals.stats().filter(|_| live);
+                let adaptive = stats.filter(|_| plan.wide.is_some());
                 let state = match s.state {
                     WorkerState::Ready if s.draining => WorkerState::Draining,
                     other => other,
@@ -635,7 +651,14 @@ impl Pool {
                     threads: plan.context.threads,
                     wide_cpus: plan.wide.as_ref().map(|w| w.cpus.to_string()),
                     wide_threads: plan.wide.as_ref().map(|w| w.threads),
-                    packable: stats.filter(|_| plan.wide.is_some()).map(|st| st.packable),
+                    packable: adaptive.map(|st| st.packable),
+                    shape: adaptive.map(|st| if st.wide { "wide" } else { "narrow" }),
+                    threads_in_use: match adaptive {
+                        Some(st) if st.threads_in_use > 0 => Some(st.threads_in_use),
+                        Some(_) => None,
+                        None => stats.map(|_| plan.context.threads),
+                    },
+                    shape_changes: plan.wide.is_some().then(|| w.vitals.shape_changes()),
                     state,
                     slots: plan.context.slots,
                     context: plan.context.context,
@@ -688,6 +711,9 @@ impl Pool {
                     kv_cells,
                     in_flight: view.in_flight,
                     restarts: view.restarts,
+                    wide: view.shape == Some("wide"),
+                    threads_in_use: view.threads_in_use.unwrap_or(0),
+                    shape_changes: view.shape_changes.unwrap_or(0),
                 }
             })
             .collect();
@@ -1018,6 +1044,66 @@ impl Inner {
         }
     }
 
+    /// Every worker as the rebalancing policy sees it.
+    fn seats(&self) -> Vec<Seat> {
+        self.workers
+            .iter()
+            .enumerate()
+            .map(|(index, w)| {
+                let stats = w.vitals.stats();
+                Seat {
+                    index,
+                    adaptive: w.plan().wide.is_some() && w.takes_work() && stats.is_some(),
+                    packable: stats.is_some_and(|s| s.packable),
+                    load: w.load.load(Ordering::Acquire),
+                    slots: w.status().info.map_or(0, |info| info.slots as usize),
+                }
+            })
+            .collect()
+    }
+
+    /// Asks worker `planned.from` to release requests and places them again (on
+    /// `planned.to`, as the routing policy picks it). Returns how many moved.
+    async fn rebalance_once(&self, planned: Move) -> usize {
+        let Some(tx) = self.workers[planned.from].status().commands else {
+            return 0;
+        };
+        let (reply, released) = oneshot::channel();
+        let command = ConnCommand::Release {
+            count: planned.count,
+            reply,
+        };
+        if tx.send(command).is_err() {
+            return 0;
+        }
+        let Ok(Ok(flights)) = tokio::time::timeout(rebalance::COOLDOWN, released).await else {
+            return 0;
+        };
+        let moved = flights.len();
+        if moved == 0 {
+            return 0;
+        }
+        tracing::info!(
+            from = planned.from,
+            to = planned.to,
+            requests = moved,
+            reason = planned.reason.name(),
+            "moving running requests between workers"
+        );
+        for mut flight in flights {
+            flight.rebalanced += 1;
+            self.metrics.record_rebalance(planned.reason.name());
+            let placed = match self.send_to_best(flight, Some(planned.from)) {
+                Err((flight, _)) => self.place(flight, None),
+                ok => ok,
+            };
+            if let Err((flight, error)) = placed {
+                let _ = flight.events.send(StreamEvent::Unavailable(error));
+            }
+        }
+        moved
+    }
+
     /// Requests of a worker that went away: judged by the poison policy, then moved to the
     /// others (those on probation one fingerprint at a time), or ended as poison.
     pub fn requeue(self: &Arc<Self>, from: usize, orphans: Vec<InFlight>, cause: &DeathCause) {
@@ -1090,6 +1176,29 @@ impl Inner {
             Err((flight, error)) => {
                 let _ = flight.events.send(StreamEvent::Unavailable(error));
             }
+        }
+    }
+}
+
+/// Compares the pool's placement with the workers' shapes every [`rebalance::INTERVAL`] and
+/// makes the move [`rebalance::plan`] asks for, until the pool shuts down.
+async fn rebalance(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut ticks = tokio::time::interval(rebalance::INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if inner.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(planned) = rebalance::plan(&inner.seats()) else {
+            continue;
+        };
+        if inner.rebalance_once(planned).await > 0 {
+            tokio::time::sleep(rebalance::COOLDOWN).await;
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct Heard {
     pub progress_at: Instant,
     /// When anything that proves the worker alive (`Progress` or `Pong`) last arrived.
     pub alive_at: Instant,
+    /// Shape changes its earlier processes made (each process counts from 0).
+    pub shape_changes_before: u64,
 }
 
 /// Shared between one worker's connection task and everyone who looks at the worker.
@@ -40,6 +42,7 @@ impl Vitals {
             stats: None,
             progress_at: now,
             alive_at: now,
+            shape_changes_before: 0,
         }))
     }
 
@@ -50,11 +53,20 @@ impl Vitals {
     /// A new connection: the clock starts now, and a worker that just said `Ready` runs
     /// nothing.
     pub fn reset(&self, now: Instant) {
-        *self.heard() = Heard {
+        let mut heard = self.heard();
+        let before = heard.shape_changes_before + heard.stats.map_or(0, |s| s.shape_changes);
+        *heard = Heard {
             stats: Some(WorkerStats::default()),
             progress_at: now,
             alive_at: now,
+            shape_changes_before: before,
         };
+    }
+
+    /// Shape changes of this worker slot since the router started, over all its processes.
+    pub fn shape_changes(&self) -> u64 {
+        let heard = self.heard();
+        heard.shape_changes_before + heard.stats.map_or(0, |s| s.shape_changes)
     }
 
     pub fn on_progress(&self, stats: WorkerStats, now: Instant) {
@@ -151,5 +163,20 @@ mod tests {
         assert!(!v.is_hung(HANG, t0 + Duration::from_secs(65)));
         v.reset(t0 + Duration::from_secs(100));
         assert_eq!(v.stats(), Some(WorkerStats::default()));
+    }
+
+    #[test]
+    fn shape_changes_add_up_over_restarts() {
+        let t0 = Instant::now();
+        let v = Vitals::new(t0);
+        let changed = |n| WorkerStats {
+            shape_changes: n,
+            ..WorkerStats::default()
+        };
+        v.on_progress(changed(3), t0);
+        v.reset(t0);
+        assert_eq!(v.shape_changes(), 3);
+        v.on_progress(changed(2), t0);
+        assert_eq!(v.shape_changes(), 5);
     }
 }

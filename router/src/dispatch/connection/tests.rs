@@ -79,6 +79,7 @@ fn flight(
         min_ctx: 0,
         prefix: Default::default(),
         probation: None,
+        rebalanced: 0,
     };
     (flight, rx)
 }
