@@ -38,6 +38,19 @@ pub struct StageReport {
     /// With --repeat: every run's tokens/s; the row shows the median run.
     pub runs_tokens_per_s: Vec<f64>,
     pub wall_s: f64,
+    /// llamapool's adaptive workers during the run, read from its `/metrics` before and
+    /// after (`None` for other servers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolActivity>,
+}
+
+/// How often llamapool's workers changed shape and its requests moved during one run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PoolActivity {
+    /// Switches between wide and narrow, all workers together, per minute of the run.
+    pub shape_changes_per_min: f64,
+    /// Running requests moved between live workers (`pack` and `split`).
+    pub rebalanced: u64,
 }
 
 /// The `p`th percentile (0 to 100, nearest rank) of `values`, which it sorts; NaN when empty.
@@ -87,6 +100,7 @@ pub fn summarize(
         runs_tokens_per_s: Vec::new(),
         generated_tokens: generated,
         wall_s: wall.as_secs_f64(),
+        pool: None,
     }
 }
 

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use llamapool_bench::metrics::{self, summarize, StageReport};
+use llamapool_bench::metrics::{self, summarize, PoolActivity, StageReport};
 use llamapool_common::Token;
 use llamapool_testkit::{binary, Router};
 use serde_json::json;
@@ -318,6 +318,7 @@ impl Comparison<'_> {
         self.warm_up(running.addr())
             .with_context(|| format!("warming up {name}"))?;
         let prompts = &self.workload.prompts[..requests];
+        let pool_before = pool_counters(&running);
         let (records, wall) = match client {
             Client::Rust => {
                 let progress = Progress::start(requests);
@@ -345,13 +346,39 @@ impl Comparison<'_> {
                 )
                 .with_context(|| format!("the python client against {name}"))?,
         };
+        let pool_after = pool_counters(&running);
         drop(running);
         drop(busy_loop);
         let mut report = summarize(&row_key(server, client), &name, &records, wall);
         report.concurrency = concurrency;
         report.interference = busy;
+        report.pool = pool_before
+            .zip(pool_after)
+            .map(|(before, after)| PoolActivity {
+                shape_changes_per_min: (after.0 - before.0) * 60.0 / wall.as_secs_f64(),
+                rebalanced: (after.1 - before.1) as u64,
+            });
         Ok(report)
     }
+}
+
+/// llamapool's shape changes (all workers) and rebalanced requests so far, from its
+/// `/metrics`; `None` for llama-server.
+fn pool_counters(running: &Running) -> Option<(f64, f64)> {
+    let Running::Llamapool(router) = running else {
+        return None;
+    };
+    let text = router.try_request("GET", "/metrics", None).ok()?.text();
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        sum("llamapool_worker_shape_changes_total{"),
+        sum("llamapool_requests_rebalanced_total{"),
+    ))
 }
 
 /// Runs the comparison (and with `--sweep` the quiet concurrency sweep), prints the report
@@ -652,9 +679,9 @@ fn table(reports: &[StageReport]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| condition | server | conc. | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | failed | runs tokens/s |"
+        "| condition | server | conc. | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | failed | runs tokens/s | shape changes/min | moved |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         let runs: Vec<String> = r
             .runs_tokens_per_s
@@ -663,7 +690,7 @@ fn table(reports: &[StageReport]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} | {} | {} | {} |",
             if r.interference { "busy" } else { "quiet" },
             r.name,
             r.concurrency,
@@ -673,7 +700,10 @@ fn table(reports: &[StageReport]) -> String {
             r.tpot_p50_ms,
             r.itl_p99_ms,
             r.failed,
-            runs.join(", ")
+            runs.join(", "),
+            r.pool
+                .map_or("–".into(), |p| format!("{:.1}", p.shape_changes_per_min)),
+            r.pool.map_or("–".into(), |p| p.rebalanced.to_string()),
         );
     }
     out
