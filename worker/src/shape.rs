@@ -11,12 +11,14 @@
 //!   kept busy by the rest of the pool (the router, its parent, and the other workers, its
 //!   children: `/proc/<router>/task/*/children`) and by foreign processes — the busy time
 //!   `/proc/stat` counts on those CPUs, less this process's own and the pool's.
-//! - [`WidthPolicy`] (policy, pure): the worker is *crowded* while foreign processes took
-//!   more than 0.4 of a CPU on average over the last second, and quiet again at 0.2 or less
-//!   (a process starting, a client, a scrape is a spike that this average rides out; a busy
-//!   loop or a build trips it within a second); it is *wide* only while not crowded and no
-//!   other worker of the pool is working (which counts at once, and clears after two idle
-//!   windows: two workers at work must never both run wide).
+//! - [`WidthPolicy`] (policy, pure): the worker becomes *crowded* when windows in which
+//!   foreign processes took more than 0.3 of a CPU add up to 0.7 s of the last second, and
+//!   quiet again after 0.45 s of windows in a row at 0.2 or less (a process starting, a
+//!   client, a scrape is a spike of a window or two that this rides out; a busy loop or a
+//!   build trips it within about 0.75 s);
+//!   it is *wide* only while not crowded and no other worker of the pool is working (which
+//!   counts at once, and clears after two idle windows: two workers at work must never both
+//!   run wide).
 //! - [`Shaper`]: runs both from the engine thread after every engine iteration (and every
 //!   idle tick) and switches: the OpenMP team is turned off (`omp_set_max_active_levels(0)`:
 //!   ggml then computes with the one thread it got) and the engine thread is pinned to its own
@@ -35,18 +37,23 @@ use llamapool_common::worker::WideShape;
 /// How often contention is measured: short enough to notice a neighbour within a few decode
 /// steps, long enough for `/proc`'s 10 ms ticks to add up to a usable figure.
 pub const WINDOW: Duration = Duration::from_millis(250);
+/// A figure is taken once at least this much has passed: a little under [`WINDOW`], so that
+/// an idle worker, which measures on its 250 ms idle ticks, does not skip every other one.
+const MIN_WINDOW: Duration = Duration::from_millis(200);
 
-/// Foreign work is judged over this much recent time, not one window: a process starting
-/// (an interpreter, a `curl`, a scrape) takes half a CPU for a window or two and is gone,
-/// while a real neighbour (a busy loop, a build) keeps taking it.
-const FOREIGN_SPAN: Duration = Duration::from_secs(1);
-/// Foreign processes took more than this many CPUs on average over [`FOREIGN_SPAN`]: the
-/// CPUs are crowded. A busy loop against a wide worker takes about 0.66 of a CPU, so this
-/// trips within about 0.75 s of it starting; a 0.6-CPU spike must last 0.7 s to trip it.
-const CROWDED_ABOVE: f64 = 0.4;
-/// ... and at most this many: quiet again (in between, the verdict stays as it was). A
-/// neighbour that stops is forgotten within about 0.8 s.
-const QUIET_BELOW: f64 = 0.2;
+/// Foreign work is judged over about the last second, not one window: a process starting
+/// (an interpreter, a `curl`, a scrape) takes half a CPU or more for a window or two and is
+/// gone, while a real neighbour (a busy loop, a build) keeps taking it window after window.
+const RECENT: Duration = Duration::from_secs(1);
+/// A window in which foreign processes took more than this many CPUs is a busy one ...
+const BUSY_WINDOW_ABOVE: f64 = 0.3;
+/// ... and busy windows adding up to this much of the last second crowd the CPUs: a busy
+/// loop (about 0.66 of a CPU against a wide worker) trips it within about 0.75 s.
+const BUSY_TIME_TO_CROWD: Duration = Duration::from_millis(700);
+/// A window with at most this much foreign work is a quiet one, and quiet windows in a row
+/// adding up to this much clear the crowding (in between, the verdict stays as it was).
+const QUIET_WINDOW_BELOW: f64 = 0.2;
+const QUIET_TIME_TO_CLEAR: Duration = Duration::from_millis(450);
 /// Another worker using more than this much CPU in a window is working (an idle one uses
 /// next to none). Two workers at work must not both run wide, so this counts at once.
 const SIBLING_WORKING_ABOVE: f64 = 0.2;
@@ -62,48 +69,12 @@ pub struct Contention {
     pub siblings: f64,
 }
 
-/// The average of foreign CPU use over the last [`FOREIGN_SPAN`], weighted by each window's
-/// length (an idle worker's windows are longer: it measures on idle ticks).
-#[derive(Debug, Clone, PartialEq, Default)]
-struct ForeignAverage {
-    /// (window length, foreign CPU-seconds in it), oldest first.
-    windows: std::collections::VecDeque<(Duration, f64)>,
-}
-
-impl ForeignAverage {
-    fn push(&mut self, length: Duration, foreign_cpus: f64) {
-        self.windows
-            .push_back((length, foreign_cpus * length.as_secs_f64()));
-        // Keep the newest windows that cover the span; older ones no longer count.
-        let mut covered = Duration::ZERO;
-        let keep = self
-            .windows
-            .iter()
-            .rev()
-            .take_while(|(len, _)| {
-                let before = covered;
-                covered += *len;
-                before < FOREIGN_SPAN
-            })
-            .count();
-        let drop = self.windows.len() - keep;
-        self.windows.drain(..drop);
-    }
-
-    /// Foreign CPUs on average over the span. A worker that has measured less than the span
-    /// counts the rest as quiet (it starts on a machine assumed quiet).
-    fn cpus(&self) -> f64 {
-        let covered: Duration = self.windows.iter().map(|(len, _)| *len).sum();
-        let busy: f64 = self.windows.iter().map(|(_, cpu_s)| cpu_s).sum();
-        busy / covered.max(FOREIGN_SPAN).as_secs_f64()
-    }
-}
-
 /// The width decision, from one window's [`Contention`] at a time.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct WidthPolicy {
-    foreign: ForeignAverage,
-    /// Foreign processes keep the CPUs busy (see [`CROWDED_ABOVE`]).
+    /// (length, foreign CPUs) of the windows covering the last [`RECENT`], oldest first.
+    recent: std::collections::VecDeque<(Duration, f64)>,
+    /// Foreign processes keep the CPUs busy (see [`BUSY_TIME_TO_CROWD`]).
     crowded: bool,
     /// Another worker is working now, or was within the last [`SIBLING_QUIET_WINDOWS`].
     sibling_working: bool,
@@ -128,13 +99,25 @@ impl WidthPolicy {
         !self.crowded
     }
 
-    /// Takes one window of `length`.
+    /// Takes one window's figures.
     pub fn observe(&mut self, c: Contention, length: Duration) {
-        self.foreign.push(length, c.foreign);
-        let foreign = self.foreign.cpus();
-        if foreign > CROWDED_ABOVE {
+        self.remember(c.foreign, length);
+        let busy: Duration = self
+            .recent
+            .iter()
+            .filter(|(_, f)| *f > BUSY_WINDOW_ABOVE)
+            .map(|(len, _)| *len)
+            .sum();
+        let quiet_run: Duration = self
+            .recent
+            .iter()
+            .rev()
+            .take_while(|(_, f)| *f <= QUIET_WINDOW_BELOW)
+            .map(|(len, _)| *len)
+            .sum();
+        if busy >= BUSY_TIME_TO_CROWD {
             self.crowded = true;
-        } else if foreign <= QUIET_BELOW {
+        } else if quiet_run >= QUIET_TIME_TO_CLEAR {
             self.crowded = false;
         }
         if c.siblings > SIBLING_WORKING_ABOVE {
@@ -148,9 +131,33 @@ impl WidthPolicy {
         }
     }
 
-    /// Foreign CPUs on average over the last second, as the policy weighs them.
+    /// Keeps the newest windows that cover [`RECENT`]; older ones no longer count.
+    fn remember(&mut self, foreign: f64, length: Duration) {
+        self.recent.push_back((length, foreign));
+        let mut covered = Duration::ZERO;
+        let keep = self
+            .recent
+            .iter()
+            .rev()
+            .take_while(|(len, _)| {
+                let before = covered;
+                covered += *len;
+                before < RECENT
+            })
+            .count();
+        let stale = self.recent.len() - keep;
+        self.recent.drain(..stale);
+    }
+
+    /// Foreign CPUs on average over the recent windows, for the log.
     pub fn foreign_cpus(&self) -> f64 {
-        self.foreign.cpus()
+        let covered: Duration = self.recent.iter().map(|(len, _)| *len).sum();
+        let cpu_s: f64 = self
+            .recent
+            .iter()
+            .map(|(len, f)| len.as_secs_f64() * f)
+            .sum();
+        cpu_s / covered.as_secs_f64().max(f64::EPSILON)
     }
 }
 
@@ -193,7 +200,7 @@ impl ContentionMeter {
     /// that time, and how long it was. `None` before that, or when `/proc` cannot be read.
     pub fn sample(&mut self, now: Instant) -> Option<(Contention, Duration)> {
         if let Some((at, _)) = self.last {
-            if now.duration_since(at) < WINDOW {
+            if now.duration_since(at) < MIN_WINDOW {
                 return None;
             }
         }
@@ -331,6 +338,13 @@ impl Shaper {
     pub fn tick(&mut self, now: Instant) -> ShapeNow {
         if let Some((contention, length)) = self.meter.sample(now) {
             self.policy.observe(contention, length);
+            tracing::debug!(
+                window_ms = length.as_millis() as u64,
+                foreign = format!("{:.2}", contention.foreign),
+                siblings = format!("{:.2}", contention.siblings),
+                policy = ?self.policy,
+                "shape window"
+            );
             if self.applied != Some(self.policy.is_wide()) {
                 self.apply(self.policy.is_wide(), contention);
             }
@@ -361,13 +375,13 @@ impl Shaper {
             tracing::info!(
                 threads = self.wide.threads,
                 cpus = %self.wide.cpus,
-                foreign_busy_cpus_1s = foreign,
+                foreign_busy_cpus_recent = foreign,
                 "wide: the CPUs are free"
             );
         } else {
             tracing::info!(
                 cpus = %self.home,
-                foreign_busy_cpus_1s = foreign,
+                foreign_busy_cpus_recent = foreign,
                 other_workers_busy_cpus = format!("{:.2}", contention.siblings),
                 "narrow: other work keeps the CPUs busy"
             );
@@ -410,11 +424,9 @@ mod tests {
         Contention { foreign, siblings }
     }
 
-    const W: Duration = WINDOW;
-
     fn feed(p: &mut WidthPolicy, windows: usize, foreign: f64, siblings: f64) {
         for _ in 0..windows {
-            p.observe(c(foreign, siblings), W);
+            p.observe(c(foreign, siblings), WINDOW);
         }
     }
 
@@ -441,13 +453,10 @@ mod tests {
         let mut p = WidthPolicy::new();
         feed(&mut p, 8, 0.55, 0.0);
         assert!(!p.is_wide());
-        feed(&mut p, 2, 0.0, 0.0);
-        assert!(!p.is_wide(), "half a second later it still counts");
-        feed(&mut p, 2, 0.0, 0.0);
-        assert!(
-            p.is_wide() && p.is_packable(),
-            "one second later it does not"
-        );
+        feed(&mut p, 1, 0.0, 0.0);
+        assert!(!p.is_wide(), "a quarter second later it still counts");
+        feed(&mut p, 1, 0.0, 0.0);
+        assert!(p.is_wide() && p.is_packable(), "half a second later it does not");
     }
 
     #[test]
@@ -464,29 +473,41 @@ mod tests {
     }
 
     #[test]
-    fn windows_are_weighed_by_their_length() {
+    fn long_windows_count_for_their_length() {
+        // A wide worker that a neighbour slows steps slowly, and measures between steps.
         let mut p = WidthPolicy::new();
-        // An idle worker measures on 250 ms idle ticks, so windows can be up to twice as
-        // long: one 0.5 s window at 0.9 of a CPU is 0.45 CPU-seconds in the last second.
-        p.observe(c(0.9, 0.0), Duration::from_millis(500));
-        assert!(!p.is_packable(), "{p:?}");
-        let mut q = WidthPolicy::new();
-        q.observe(c(0.9, 0.0), Duration::from_millis(250));
-        assert!(q.is_packable(), "a quarter second of it is not: {q:?}");
+        p.observe(c(0.7, 0.0), Duration::from_millis(500));
+        assert!(p.is_packable(), "half a second is not enough yet");
+        p.observe(c(0.7, 0.0), Duration::from_millis(500));
+        assert!(!p.is_packable(), "a second is: {p:?}");
+    }
+
+    #[test]
+    fn a_short_heavy_burst_does_not_narrow_it() {
+        let mut p = WidthPolicy::new();
+        // Something starting on both CPUs for half a second.
+        feed(&mut p, 2, 1.8, 0.0);
+        feed(&mut p, 2, 0.1, 0.0);
+        assert!(p.is_wide() && p.is_packable(), "{p:?}");
+        // Two bursts with a quiet window between are not a neighbour either.
+        feed(&mut p, 1, 0.9, 0.0);
+        feed(&mut p, 1, 0.1, 0.0);
+        feed(&mut p, 1, 0.9, 0.0);
+        assert!(p.is_wide(), "{p:?}");
     }
 
     #[test]
     fn a_working_sibling_narrows_it_at_once_but_leaves_it_packable() {
         let mut p = WidthPolicy::new();
-        p.observe(c(0.0, 1.0), W);
+        feed(&mut p, 1, 0.0, 1.0);
         assert!(!p.is_wide(), "two workers at work: each on its own CPU");
         assert!(
             p.is_packable(),
             "the router may still pack onto it, so the other drains"
         );
-        p.observe(c(0.0, 0.0), W);
+        feed(&mut p, 1, 0.0, 0.0);
         assert!(!p.is_wide(), "one idle window is not enough");
-        p.observe(c(0.0, 0.0), W);
+        feed(&mut p, 1, 0.0, 0.0);
         assert!(p.is_wide(), "the other went idle");
     }
 
