@@ -15,7 +15,9 @@
 //!   foreign processes took more than 0.3 of a CPU add up to 0.7 s of the last second, and
 //!   quiet again after 0.45 s of windows in a row at 0.2 or less (a process starting, a
 //!   client, a scrape is a spike of a window or two that this rides out; a busy loop or a
-//!   build trips it within about 0.75 s);
+//!   build trips it within about 0.75 s); it stops being *packable* only once crowded for a
+//!   second more, so that a burst that narrows it for a moment leaves the router's placement
+//!   alone;
 //!   it is *wide* only while not crowded and no other worker of the pool is working (which
 //!   counts at once, and clears after two idle windows: two workers at work must never both
 //!   run wide).
@@ -47,13 +49,23 @@ const MIN_WINDOW: Duration = Duration::from_millis(200);
 const RECENT: Duration = Duration::from_secs(1);
 /// A window in which foreign processes took more than this many CPUs is a busy one ...
 const BUSY_WINDOW_ABOVE: f64 = 0.3;
+/// ... counting in full from this many CPUs (a busy loop takes about 0.66 of one against a
+/// wide worker), in proportion below: a window that a short burst only partly covers (or a
+/// long one: a worker measures between decode steps) must not count as wholly busy ...
+const BUSY_FULL_AT: f64 = 0.6;
 /// ... and busy windows adding up to this much of the last second crowd the CPUs: a busy
-/// loop (about 0.66 of a CPU against a wide worker) trips it within about 0.75 s.
+/// loop trips it within about 0.75 s.
 const BUSY_TIME_TO_CROWD: Duration = Duration::from_millis(700);
 /// A window with at most this much foreign work is a quiet one, and quiet windows in a row
 /// adding up to this much clear the crowding (in between, the verdict stays as it was).
 const QUIET_WINDOW_BELOW: f64 = 0.2;
 const QUIET_TIME_TO_CLEAR: Duration = Duration::from_millis(450);
+/// Crowded this long, the worker stops being packable and the router spreads requests (and
+/// splits a packed wave) over the narrow workers. Narrowing itself is cheap and immediate;
+/// spreading moves requests and costs prefills, so a burst that narrows the worker for a
+/// moment (a heavy process start: `llamapool-bench` itself takes 0.8 CPU-seconds to load its
+/// tokenizer) leaves the wave where it is.
+const SPREAD_AFTER: Duration = Duration::from_secs(1);
 /// Another worker using more than this much CPU in a window is working (an idle one uses
 /// next to none). Two workers at work must not both run wide, so this counts at once.
 const SIBLING_WORKING_ABOVE: f64 = 0.2;
@@ -76,6 +88,8 @@ pub struct WidthPolicy {
     recent: std::collections::VecDeque<(Duration, f64)>,
     /// Foreign processes keep the CPUs busy (see [`BUSY_TIME_TO_CROWD`]).
     crowded: bool,
+    /// How long it has been crowded without a break (see [`SPREAD_AFTER`]).
+    crowded_for: Duration,
     /// Another worker is working now, or was within the last [`SIBLING_QUIET_WINDOWS`].
     sibling_working: bool,
     sibling_quiet_windows: u32,
@@ -93,10 +107,11 @@ impl WidthPolicy {
         !self.crowded && !self.sibling_working
     }
 
-    /// May be packed with requests: no foreign process crowds its CPUs (the pool's own
-    /// workers do not count: packing is what lets them go idle).
+    /// May be packed with requests: no foreign process has crowded its CPUs for
+    /// [`SPREAD_AFTER`] (the pool's own workers do not count: packing is what lets them go
+    /// idle).
     pub fn is_packable(&self) -> bool {
-        !self.crowded
+        !(self.crowded && self.crowded_for >= SPREAD_AFTER)
     }
 
     /// Takes one window's figures.
@@ -106,7 +121,7 @@ impl WidthPolicy {
             .recent
             .iter()
             .filter(|(_, f)| *f > BUSY_WINDOW_ABOVE)
-            .map(|(len, _)| *len)
+            .map(|(len, f)| len.mul_f64((f / BUSY_FULL_AT).min(1.0)))
             .sum();
         let quiet_run: Duration = self
             .recent
@@ -116,9 +131,15 @@ impl WidthPolicy {
             .map(|(len, _)| *len)
             .sum();
         if busy >= BUSY_TIME_TO_CROWD {
+            if self.crowded {
+                self.crowded_for += length;
+            }
             self.crowded = true;
         } else if quiet_run >= QUIET_TIME_TO_CLEAR {
             self.crowded = false;
+            self.crowded_for = Duration::ZERO;
+        } else if self.crowded {
+            self.crowded_for += length;
         }
         if c.siblings > SIBLING_WORKING_ABOVE {
             self.sibling_working = true;
@@ -442,21 +463,47 @@ mod tests {
         feed(&mut p, 2, 0.66, 0.0);
         assert!(p.is_wide(), "half a second of it is not enough yet");
         feed(&mut p, 1, 0.66, 0.0);
+        assert!(!p.is_wide(), "narrow within 0.75 s: {p:?}");
+        assert!(p.is_packable(), "but the wave stays where it is for now");
+        feed(&mut p, 3, 0.66, 0.0);
+        assert!(p.is_packable(), "{p:?}");
+        feed(&mut p, 1, 0.66, 0.0);
         assert!(
-            !p.is_wide() && !p.is_packable(),
-            "narrow within 0.75 s: {p:?}"
+            !p.is_packable(),
+            "crowded for a second: requests spread: {p:?}"
         );
+    }
+
+    #[test]
+    fn a_heavy_process_start_narrows_it_for_a_moment_but_does_not_spread_the_wave() {
+        let mut p = WidthPolicy::new();
+        // llamapool-bench starting: a whole CPU for 0.8 s.
+        feed(&mut p, 1, 0.5, 0.0);
+        feed(&mut p, 3, 1.0, 0.0);
+        feed(&mut p, 1, 0.2, 0.0);
+        assert!(!p.is_wide());
+        feed(&mut p, 2, 0.0, 0.0);
+        assert!(p.is_wide(), "{p:?}");
+        assert!(p.is_packable());
+        let mut q = WidthPolicy::new();
+        for f in [0.5, 1.0, 1.0, 1.0, 0.2, 0.0, 0.0] {
+            q.observe(c(f, 0.0), WINDOW);
+            assert!(q.is_packable(), "never spread: {q:?}");
+        }
     }
 
     #[test]
     fn a_neighbour_that_leaves_is_forgotten_within_a_second() {
         let mut p = WidthPolicy::new();
         feed(&mut p, 8, 0.55, 0.0);
-        assert!(!p.is_wide());
+        assert!(!p.is_wide() && !p.is_packable());
         feed(&mut p, 1, 0.0, 0.0);
         assert!(!p.is_wide(), "a quarter second later it still counts");
         feed(&mut p, 1, 0.0, 0.0);
-        assert!(p.is_wide() && p.is_packable(), "half a second later it does not");
+        assert!(
+            p.is_wide() && p.is_packable(),
+            "half a second later it does not"
+        );
     }
 
     #[test]
@@ -477,9 +524,19 @@ mod tests {
         // A wide worker that a neighbour slows steps slowly, and measures between steps.
         let mut p = WidthPolicy::new();
         p.observe(c(0.7, 0.0), Duration::from_millis(500));
-        assert!(p.is_packable(), "half a second is not enough yet");
+        assert!(p.is_wide(), "half a second is not enough yet");
         p.observe(c(0.7, 0.0), Duration::from_millis(500));
-        assert!(!p.is_packable(), "a second is: {p:?}");
+        assert!(!p.is_wide(), "a second is: {p:?}");
+    }
+
+    #[test]
+    fn a_burst_inside_a_long_window_counts_for_its_share() {
+        // 0.4 s of a whole CPU, measured by a worker whose step took half a second.
+        let mut p = WidthPolicy::new();
+        p.observe(c(0.54, 0.0), Duration::from_millis(500));
+        p.observe(c(0.4, 0.0), Duration::from_millis(220));
+        p.observe(c(0.05, 0.0), WINDOW);
+        assert!(p.is_wide(), "{p:?}");
     }
 
     #[test]

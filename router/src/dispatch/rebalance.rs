@@ -11,8 +11,8 @@
 //!
 //! - [`plan`] (policy, pure): from each worker's [`Seat`], at most one [`Move`]: **pack**
 //!   when no worker is crowded and the packing target has room for all the requests of
-//!   another worker (so that one goes idle and the target can widen), with room to spare for
-//!   new ones; **split** when every adaptive worker is crowded and the loads differ by two or
+//!   another worker (so that one goes idle and the target can widen) and the whole load fits
+//!   on it; **split** when every adaptive worker is crowded and the loads differ by two or
 //!   more.
 //! - [`Candidate`] (policy, pure): which running requests are worth moving — more left to
 //!   generate than the prompt and tokens the new worker must decode again, not moved too
@@ -88,13 +88,13 @@ pub fn plan(seats: &[Seat]) -> Option<Move> {
 
 /// The packing target is the first worker (as [`super::pool::choose`] packs); the busy
 /// worker with the fewest requests that all fit in the target's free slots moves over — but
-/// only while the whole pool's load fits on the target with a quarter of its slots to spare:
-/// with more, new requests would overflow onto the emptied worker at once, and moving would
-/// buy nothing but prefilling again.
+/// only while the whole pool's load fits on the target: with more, new requests would
+/// overflow onto the emptied worker at once, and moving would buy nothing but prefilling
+/// again.
 fn plan_pack(adaptive: &[&Seat]) -> Option<Move> {
     let target = adaptive.iter().min_by_key(|s| s.index)?;
     let total: usize = adaptive.iter().map(|s| s.load).sum();
-    if total + target.slots / 4 > target.slots {
+    if total > target.slots {
         return None;
     }
     let room = target.slots.saturating_sub(target.load);
@@ -200,9 +200,14 @@ mod tests {
             "already packed"
         );
         assert_eq!(
-            plan(&[seat(0, true, 8), seat(1, true, 6)]),
+            plan(&[seat(0, true, 12), seat(1, true, 6)]),
             None,
-            "14 of 16 slots: new requests would overflow onto the second at once"
+            "18 requests for 16 slots: new requests would overflow onto the second at once"
+        );
+        assert_eq!(
+            plan(&[seat(0, true, 10), seat(1, true, 6)]).map(|m| m.count),
+            Some(6),
+            "16 fit"
         );
         assert_eq!(
             plan(&[seat(0, true, 2), seat(1, true, 6), seat(2, true, 1)]),
