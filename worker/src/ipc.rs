@@ -90,15 +90,16 @@ where
 /// drops it when its thread ends, which tells the writer to stop holding events.
 pub fn iteration_hook(out: &Sender<Outgoing>, mut shaper: Option<Shaper>) -> IterationHook {
     let hook = StopNotice(out.clone());
-    let mut last = None;
+    // A fixed worker that has done nothing has nothing to report.
+    let mut last = (0, 0, 0, ShapeNow::default());
     Box::new(move |stats: &EngineStats| {
         let shape = shaper
             .as_mut()
             .map(|s| s.tick(std::time::Instant::now()))
             .unwrap_or_default();
         let now = (stats.steps, stats.running, stats.waiting, shape);
-        let progress = (last != Some(now)).then(|| progress(stats, shape));
-        last = Some(now);
+        let progress = (now != last).then(|| progress(stats, shape));
+        last = now;
         let _ = hook.0.send(Outgoing::IterationEnd(progress));
     })
 }

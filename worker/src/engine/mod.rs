@@ -190,6 +190,10 @@ impl EngineHandle {
 
 /// How often an idle engine runs its iteration hook.
 const IDLE_TICK: Duration = Duration::from_millis(250);
+/// How long a woken engine waits for the next command of a wave, and at most in all
+/// (see `Engine::gather`).
+const GATHER_GAP: Duration = Duration::from_millis(3);
+const GATHER_MAX: Duration = Duration::from_millis(15);
 
 /// Code the engine thread runs at fixed points.
 #[derive(Default)]
@@ -436,7 +440,10 @@ impl<B: Backend> Engine<B> {
                 // Idle, the hook still runs every tick (an adaptive worker keeps measuring
                 // whether its CPUs are free, so that the router knows before work arrives).
                 match inbox.recv_timeout(IDLE_TICK) {
-                    Ok(command) => self.apply(command),
+                    Ok(command) => {
+                        self.apply(command);
+                        self.gather(inbox);
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
@@ -463,6 +470,25 @@ impl<B: Backend> Engine<B> {
             }
         }
         tracing::debug!("engine stopped");
+    }
+
+    /// A command that wakes an idle engine is often the first request of a wave: clients
+    /// whose streams ended in the same step send their next requests together. Waiting a
+    /// moment for the rest (until none came for [`GATHER_GAP`], at most [`GATHER_MAX`]) lets
+    /// them prefill in one step; otherwise the first one's step runs alone, the others'
+    /// prefill follows in the next, and the first stream stalls behind it.
+    fn gather(&mut self, inbox: &Receiver<Command>) {
+        let deadline = Instant::now() + GATHER_MAX;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match inbox.recv_timeout(GATHER_GAP.min(left)) {
+                Ok(command) => self.apply(command),
+                Err(_) => return,
+            }
+        }
     }
 
     fn is_idle(&self) -> bool {
