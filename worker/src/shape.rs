@@ -130,22 +130,22 @@ impl WidthPolicy {
             .take_while(|(_, f)| *f <= QUIET_WINDOW_BELOW)
             .map(|(len, _)| *len)
             .sum();
+        let was_crowded = self.crowded;
         if busy >= BUSY_TIME_TO_CROWD {
-            if self.crowded {
-                self.crowded_for += length;
-            }
             self.crowded = true;
         } else if quiet_run >= QUIET_TIME_TO_CLEAR {
             self.crowded = false;
-            self.crowded_for = Duration::ZERO;
-        } else if self.crowded {
-            self.crowded_for += length;
         }
+        self.crowded_for = if was_crowded && self.crowded {
+            self.crowded_for + length
+        } else {
+            Duration::ZERO
+        };
         if c.siblings > SIBLING_WORKING_ABOVE {
             self.sibling_working = true;
             self.sibling_quiet_windows = 0;
         } else {
-            self.sibling_quiet_windows += 1;
+            self.sibling_quiet_windows = self.sibling_quiet_windows.saturating_add(1);
             if self.sibling_quiet_windows >= SIBLING_QUIET_WINDOWS {
                 self.sibling_working = false;
             }

@@ -272,9 +272,9 @@ impl<W: AsyncWrite> Connection<'_, W> {
             .filter(|(_, r)| r.flight.probation.is_none() && !r.flight.events.is_closed())
             .map(|(id, r)| (r.flight.rebalance_candidate(), *id))
             .filter(|(c, _)| c.worth_moving())
-            .map(|(c, id)| (c.priority(), id))
+            .map(|(c, id)| (c.tokens_left(), id))
             .collect();
-        movable.sort_by_key(|&(priority, id)| (std::cmp::Reverse(priority), id.0));
+        movable.sort_by_key(|&(left, id)| (std::cmp::Reverse(left), id.0));
         let ids: Vec<RequestId> = movable.into_iter().take(count).map(|(_, id)| id).collect();
         if ids.is_empty() {
             return (Vec::new(), Flow::Continue);

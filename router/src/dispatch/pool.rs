@@ -26,6 +26,16 @@ use super::vitals::Vitals;
 use super::{AbortGuard, DispatchError, Load, LoadTicket, RequestHandle, StreamEvent};
 use crate::metrics::{Gauges, Metrics, WorkerGauges};
 
+/// An adaptive worker's shape, as its last progress reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// Its threads over all of its wide CPUs.
+    Wide,
+    /// One thread on its own CPU.
+    Narrow,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerState {
@@ -123,8 +133,12 @@ impl Worker {
     /// has a sequence slot free beyond the `load` it holds.
     fn is_packable_with_room(&self, load: usize) -> bool {
         let packable = self.vitals.stats().is_some_and(|s| s.packable);
-        let slots = self.status().info.map_or(0, |info| info.slots as usize);
-        packable && load < slots
+        packable && load < self.slots()
+    }
+
+    /// Sequence slots of the running worker (0 before its first start).
+    fn slots(&self) -> usize {
+        self.status().info.map_or(0, |info| info.slots as usize)
     }
 
     /// Ready and not draining: may take new work.
@@ -318,7 +332,7 @@ pub struct WorkerView {
     pub packable: Option<bool>,
     /// An adaptive worker's shape now: `wide` or `narrow` (from its last progress; `None`
     /// for a fixed worker or before any).
-    pub shape: Option<&'static str>,
+    pub shape: Option<Shape>,
     /// Threads its decode runs with now: `wide_threads` while wide, `threads` while narrow.
     pub threads_in_use: Option<u32>,
     /// Switches between wide and narrow since the router started (an adaptive worker).
@@ -652,7 +666,7 @@ impl Pool {
                     wide_cpus: plan.wide.as_ref().map(|w| w.cpus.to_string()),
                     wide_threads: plan.wide.as_ref().map(|w| w.threads),
                     packable: adaptive.map(|st| st.packable),
-                    shape: adaptive.map(|st| if st.wide { "wide" } else { "narrow" }),
+                    shape: adaptive.map(|st| if st.wide { Shape::Wide } else { Shape::Narrow }),
                     threads_in_use: match adaptive {
                         Some(st) if st.threads_in_use > 0 => Some(st.threads_in_use),
                         Some(_) => None,
@@ -711,7 +725,7 @@ impl Pool {
                     kv_cells,
                     in_flight: view.in_flight,
                     restarts: view.restarts,
-                    wide: view.shape == Some("wide"),
+                    wide: view.shape == Some(Shape::Wide),
                     threads_in_use: view.threads_in_use.unwrap_or(0),
                     shape_changes: view.shape_changes.unwrap_or(0),
                 }
@@ -948,8 +962,7 @@ impl Inner {
             return;
         }
         let worker = &self.workers[index];
-        let slots = worker.status().info.map_or(0, |info| info.slots);
-        worker.prefixes.record(prefix, slots as usize);
+        worker.prefixes.record(prefix, worker.slots());
     }
 
     /// Refuses a request whose fingerprint killed workers recently (see [`super::poison`]).
@@ -1056,7 +1069,7 @@ impl Inner {
                     adaptive: w.plan().wide.is_some() && w.takes_work() && stats.is_some(),
                     packable: stats.is_some_and(|s| s.packable),
                     load: w.load.load(Ordering::Acquire),
-                    slots: w.status().info.map_or(0, |info| info.slots as usize),
+                    slots: w.slots(),
                 }
             })
             .collect()

@@ -17,9 +17,9 @@
 //! - [`Candidate`] (policy, pure): which running requests are worth moving — more left to
 //!   generate than the prompt and tokens the new worker must decode again, not moved too
 //!   often already.
-//! - The mechanism is `Inner::rebalance` in [`super::pool`]: a task that looks every
-//!   [`INTERVAL`], waits [`COOLDOWN`] after each move, asks the source worker's connection to
-//!   release the requests (`ConnCommand::Release`: it forgets them and aborts them on its
+//! - The mechanism is in [`super::pool`]: its `rebalance` task looks every [`INTERVAL`] and
+//!   waits [`COOLDOWN`] after each move; `Inner::rebalance_once` asks the source worker's
+//!   connection to release the requests (`ConnCommand::Release`: it forgets them and aborts them on its
 //!   worker) and places them again; they continue from the tokens they generated, exactly as
 //!   a request moved off a dead worker does.
 
@@ -152,9 +152,7 @@ impl Candidate {
     /// stalled the eight sequences of the worker they joined for 1.9 s, about as long as the
     /// moved ones needed to finish where they were).
     pub fn worth_moving(&self) -> bool {
-        let left = self
-            .max_tokens
-            .map_or(u32::MAX, |max| max.saturating_sub(self.generated));
+        let left = self.tokens_left();
         let redo = self.prompt_tokens.saturating_add(self.generated);
         left >= MIN_TOKENS_LEFT
             && left >= redo
@@ -162,8 +160,8 @@ impl Candidate {
             && self.rebalanced < MAX_REBALANCES
     }
 
-    /// Among those worth moving, the ones with the most left to do go first.
-    pub fn priority(&self) -> u32 {
+    /// Tokens it may still generate (without `max_tokens`: as many as can be).
+    pub fn tokens_left(&self) -> u32 {
         self.max_tokens
             .map_or(u32::MAX, |max| max.saturating_sub(self.generated))
     }
@@ -296,6 +294,6 @@ mod tests {
             ..c
         }
         .worth_moving());
-        assert!(Candidate { generated: 0, ..c }.priority() > c.priority());
+        assert!(Candidate { generated: 0, ..c }.tokens_left() > c.tokens_left());
     }
 }
