@@ -7,7 +7,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use llamapool_common::RequestError;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::dispatch::{AdminError, DispatchError, Refusal};
 use crate::openai::InvalidRequest;
@@ -21,8 +21,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub code: Option<String>,
-    /// Extra fields of the error object (llama-server adds `n_prompt_tokens`, `n_ctx`).
-    pub extra: Option<serde_json::Value>,
+    /// A context overflow's numbers, which llama-server adds to the error object.
+    pub context: Option<ContextLimits>,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u32>,
 }
@@ -35,7 +35,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: None,
-            extra: None,
+            context: None,
             retry_after: None,
         }
     }
@@ -198,27 +198,46 @@ impl ApiError {
     }
 
     /// The `{"error": {...}}` body.
-    pub fn body_json(&self) -> serde_json::Value {
-        let mut error = json!({
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        });
-        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
-            (&self.extra, error.as_object_mut())
-        {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorObject {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code.as_deref(),
+                context: self.context,
+            },
         }
-        json!({ "error": error })
     }
+}
+
+/// Every error's body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorObject<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorObject<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+    #[serde(flatten)]
+    pub context: Option<ContextLimits>,
+}
+
+/// llama-server's numbers of an `exceed_context_size_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ContextLimits {
+    pub n_prompt_tokens: u32,
+    pub n_ctx: u32,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body_json())).into_response();
+        let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()
@@ -306,7 +325,10 @@ impl From<RequestError> for ApiError {
                 n_ctx,
                 ..
             } => Self {
-                extra: Some(json!({ "n_prompt_tokens": n_prompt_tokens, "n_ctx": n_ctx })),
+                context: Some(ContextLimits {
+                    n_prompt_tokens,
+                    n_ctx,
+                }),
                 ..Self::new(
                     StatusCode::BAD_REQUEST,
                     "exceed_context_size_error",
@@ -335,7 +357,7 @@ mod tests {
             n_ctx: 512,
         });
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        let body = e.body_json();
+        let body = serde_json::to_value(e.body()).unwrap();
         assert_eq!(body["error"]["type"], "exceed_context_size_error");
         assert_eq!(body["error"]["n_prompt_tokens"], 900);
         assert_eq!(body["error"]["n_ctx"], 512);
@@ -347,8 +369,8 @@ mod tests {
         let body = ApiError::from(InvalidRequest::Field {
             param: "n".into(),
             message: "n must be between 1 and 16, got 17".into(),
-        })
-        .body_json();
+        });
+        let body = serde_json::to_value(body.body()).unwrap();
         for key in ["message", "type", "param", "code"] {
             assert!(body["error"].get(key).is_some(), "{key} missing");
         }

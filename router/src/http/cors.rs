@@ -1,7 +1,8 @@
 //! CORS, answered as llama-server answers it (its `set_pre_routing_handler`, checked by its
 //! `tests/unit/test_security.py`), with the origins limited by `server.cors_origins`.
 //!
-//! [`cors`] is the outermost layer of the route table:
+//! [`cors`] wraps the API-key check and the `Host`/admin gate, so it sees every request
+//! before them (only the response recorder and the `x-request-id` layer are outside it):
 //!
 //! - Every `OPTIONS` request (a preflight: browsers send no credentials on it) is answered
 //!   here, before the API-key check and before routing: 200, empty body,

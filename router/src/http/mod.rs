@@ -18,8 +18,12 @@ pub mod cors;
 pub mod generate;
 pub mod info;
 pub mod native;
+mod pipeline;
 pub mod request_id;
 pub mod request_log;
+pub mod slots;
+mod stream;
+pub mod template;
 pub mod ui;
 
 use std::sync::atomic::AtomicU64;
@@ -140,16 +144,16 @@ pub fn router(state: SharedState) -> Router {
         // `/v1/completions` only).
         .route("/completion", post(native::completion))
         .route("/completions", post(native::completion))
-        .route("/props", get(native::props))
-        .route("/slots", get(native::slots))
-        .route("/apply-template", post(native::apply_template))
+        .route("/props", get(slots::props))
+        .route("/slots", get(slots::slots))
+        .route("/apply-template", post(template::apply_template))
         .route(
             "/chat/completions/input_tokens",
-            post(native::chat_input_tokens),
+            post(template::chat_input_tokens),
         )
         .route(
             "/v1/chat/completions/input_tokens",
-            post(native::chat_input_tokens),
+            post(template::chat_input_tokens),
         )
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))

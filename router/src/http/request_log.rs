@@ -309,7 +309,7 @@ mod tests {
                 message: message.into(),
                 param: None,
                 code: None,
-                extra: None,
+                context: None,
                 retry_after: None,
             };
             RequestLog::start(Endpoint::Chat, "bad").failed(&error(StatusCode::BAD_REQUEST, "no"));

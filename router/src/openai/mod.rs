@@ -5,9 +5,11 @@
 #[cfg(test)]
 mod fuzz_tests;
 pub mod grammar;
+pub mod llama_server;
 pub mod logprobs;
 pub mod request;
 pub mod response;
+pub mod timings;
 
 pub use request::{Endpoint, InvalidRequest, ValidRequest};
 pub use response::Envelope;

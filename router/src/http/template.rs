@@ -1,0 +1,92 @@
+//! The model's chat template, rendered by a worker: `POST /apply-template` (the prompt a chat
+//! request's `messages` become) and `POST /chat/completions/input_tokens` (how many tokens
+//! that prompt is), and the prompt text of a request's `__verbose`.
+
+use axum::extract::State;
+use axum::Json;
+use llamapool_common::protocol::{ChatPrompt, ControlCall, ControlReply, Prompt};
+use serde::Deserialize;
+
+use super::{LimitedBody, SharedState};
+use crate::dispatch::DispatchError;
+use crate::error::ApiError;
+use crate::openai::llama_server::{InputTokensBody, RenderedBody};
+use crate::openai::request::{chat_messages, chat_prompt, parse_json, MessageBody};
+
+/// The part of an `/apply-template` or `/chat/completions/input_tokens` body that is read.
+#[derive(Debug, Deserialize)]
+struct ApplyTemplateBody {
+    messages: Option<Vec<MessageBody>>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+}
+
+/// `POST /apply-template`: `{"messages"}` rendered with the model's chat template by a worker,
+/// as a chat request's prompt would be → `{"prompt"}`. Holds a tokenize-call permit.
+pub async fn apply_template(
+    State(state): State<SharedState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<RenderedBody>, ApiError> {
+    let _permit = state.admit_control()?;
+    let prompt = render_chat(&state, &body).await?;
+    Ok(Json(RenderedBody { prompt }))
+}
+
+/// `POST /chat/completions/input_tokens` (also under `/v1`), llama-server's token count: how
+/// many prompt tokens a chat request with these `messages` would have (the template rendered
+/// and tokenized by a worker, as for generation) → `{"input_tokens"}`. The rest of the chat
+/// body is ignored. Holds a tokenize-call permit.
+pub async fn chat_input_tokens(
+    State(state): State<SharedState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<InputTokensBody>, ApiError> {
+    let _permit = state.admit_control()?;
+    let content = render_chat(&state, &body).await?;
+    let call = ControlCall::Tokenize {
+        content,
+        add_special: true,
+        with_pieces: false,
+    };
+    match state.pool.control(call).await? {
+        ControlReply::Tokenized { tokens, .. } => Ok(Json(InputTokensBody {
+            input_tokens: tokens.len(),
+        })),
+        ControlReply::Failed { message } => Err(ApiError::refused("messages", message)),
+        other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
+    }
+}
+
+/// A prompt as text for `__verbose`: a text prompt as given, a chat rendered by a worker (one
+/// control call; `None` if it fails), token ids not at all.
+pub(super) async fn prompt_text(state: &SharedState, prompt: Prompt) -> Option<String> {
+    match prompt {
+        Prompt::Text(text) => Some(text),
+        Prompt::Tokens(_) => None,
+        Prompt::Chat(chat) => apply_template_call(state, chat).await.ok(),
+    }
+}
+
+/// The `messages` of a body rendered by a worker with the chat template, ending as its
+/// `add_generation_prompt` and `continue_final_message` say.
+async fn render_chat(state: &SharedState, body: &[u8]) -> Result<String, ApiError> {
+    let body: ApplyTemplateBody = parse_json(body)?;
+    let chat = chat_prompt(
+        chat_messages(body.messages)?,
+        body.add_generation_prompt,
+        body.continue_final_message,
+    )?;
+    apply_template_call(state, chat).await
+}
+
+/// `chat` rendered by a worker with the chat template (the `ApplyTemplate` control call).
+async fn apply_template_call(state: &SharedState, chat: ChatPrompt) -> Result<String, ApiError> {
+    match state
+        .pool
+        .control(ControlCall::ApplyTemplate { chat })
+        .await?
+    {
+        ControlReply::Rendered { prompt } => Ok(prompt),
+        ControlReply::Failed { message } => Err(ApiError::refused("messages", message)),
+        other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
+    }
+}
