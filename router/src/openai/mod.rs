@@ -9,6 +9,8 @@ pub mod llama_server;
 pub mod logprobs;
 pub mod request;
 pub mod response;
+#[cfg(test)]
+mod shapes_tests;
 pub mod timings;
 
 pub use request::{Endpoint, InvalidRequest, ValidRequest};

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Records the response bodies of a running server into JSON files, for the shape tests in
+router/src/openai/shapes_tests.rs (which compare llamapool's typed bodies with them).
+
+    python3 router/tests/shapes/record.py http://127.0.0.1:8080 router/tests/shapes/llama_server
+
+The files under llama_server/ were recorded from llama.cpp's llama-server (the generation
+this project builds against) serving SmolLM2-135M-Instruct; values do not matter to the
+tests, only keys and JSON types. Standard library only.
+"""
+import json
+import sys
+import urllib.error
+import urllib.request
+
+BASE, OUT = sys.argv[1], sys.argv[2]
+
+
+def call(path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(BASE + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.read().decode()
+
+
+def events(text):
+    """The JSON `data:` events of an SSE body, `[DONE]` left out."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+            out.append(json.loads(line[6:]))
+    return out
+
+
+def save(name, value):
+    with open(f"{OUT}/{name}.json", "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+chat = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4,
+        "temperature": 0}
+text = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+
+save("chat_response", json.loads(call("/v1/chat/completions",
+                                      dict(chat, logprobs=True, top_logprobs=2))))
+stream = events(call("/v1/chat/completions",
+                     dict(chat, stream=True, stream_options={"include_usage": True})))
+save("chat_chunk_role", stream[0])
+save("chat_chunk_text", next(e for e in stream[1:] if e["choices"]
+                             and e["choices"][0]["delta"].get("content")))
+save("chat_chunk_finish", next(e for e in stream if e["choices"]
+                               and e["choices"][0]["finish_reason"]))
+save("chat_chunk_usage", stream[-1])
+save("completion_response", json.loads(call("/v1/completions", dict(text, logprobs=2))))
+stream = events(call("/v1/completions", dict(text, stream=True)))
+save("completion_chunk_text", stream[0])
+save("completion_chunk_finish", stream[-1])
+native = {"prompt": "Once upon a time", "n_predict": 4, "temperature": 0}
+save("native_result", json.loads(call("/completion", dict(native, n_probs=2))))
+stream = events(call("/completion", dict(native, stream=True, return_progress=True,
+                                          timings_per_token=True)))
+save("native_progress", next(e for e in stream if "prompt_progress" in e))
+save("native_partial", next(e for e in stream if not e["stop"] and e["content"]))
+save("native_final", stream[-1])
+save("props", json.loads(call("/props")))
+save("slots", json.loads(call("/slots")))
+save("apply_template", json.loads(call("/apply-template",
+                                       {"messages": chat["messages"]})))
+save("error_invalid", json.loads(call("/v1/chat/completions", {"messages": "x"})))
+save("error_context", json.loads(call("/completion",
+                                      dict(native, prompt="hello " * 5000))))
