@@ -15,53 +15,96 @@ use axum::Json;
 use llamapool_common::protocol::{ControlCall, ControlReply};
 use llamapool_common::Token;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use super::{LimitedBody, SharedState};
-use crate::dispatch::DispatchError;
+use crate::dispatch::{DispatchError, WorkerView};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::openai::request::{parse_json, DetokenizeBody, TokenizeBody};
 use crate::openai::InvalidRequest;
 
+/// `GET /health`'s body.
+#[derive(Debug, Serialize)]
+pub struct HealthBody {
+    pub status: &'static str,
+}
+
 /// `GET /health`: 200 while a worker is ready (and, at start-up, the others have had their
 /// first start: [`crate::dispatch::Pool::is_healthy`]), else 503.
-pub async fn health(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+pub async fn health(State(state): State<SharedState>) -> Result<Json<HealthBody>, ApiError> {
     if state.pool.is_healthy() {
-        Ok(Json(json!({"status": "ok"})))
+        Ok(Json(HealthBody { status: "ok" }))
     } else {
         Err(ApiError::no_worker_ready())
     }
 }
 
+/// `GET /v1/models`' body: OpenAI's list.
+#[derive(Debug, Serialize)]
+pub struct ModelsBody<'a> {
+    pub object: &'static str,
+    pub data: Vec<ModelCard<'a>>,
+}
+
+/// One served model, with its other names (`aliases`, `tags`) and llama-server's `meta`.
+#[derive(Debug, Serialize)]
+pub struct ModelCard<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub aliases: &'a [String],
+    pub tags: &'a [String],
+    /// `null` while no worker is ready.
+    pub meta: Option<ModelMeta>,
+}
+
+/// llama-server's `meta` of a model.
+#[derive(Debug, Serialize)]
+pub struct ModelMeta {
+    pub n_ctx_train: u32,
+    pub n_params: u64,
+    pub n_vocab: u32,
+    pub size: u64,
+    pub n_ctx_per_seq: u32,
+}
+
 /// `GET /v1/models`: the one model served, with llama-server's `meta`.
-pub async fn models(State(state): State<SharedState>) -> Json<Value> {
-    let meta = state.pool.worker_info().map(|info| {
-        json!({
-            "n_ctx_train": info.model.n_ctx_train,
-            "n_params": info.model.n_params,
-            "n_vocab": info.model.n_vocab,
-            "size": info.model.size,
-            "n_ctx_per_seq": info.n_ctx_per_seq,
-        })
+pub async fn models(State(state): State<SharedState>) -> Response {
+    let meta = state.pool.worker_info().map(|info| ModelMeta {
+        n_ctx_train: info.model.n_ctx_train,
+        n_params: info.model.n_params,
+        n_vocab: info.model.n_vocab,
+        size: info.model.size,
+        n_ctx_per_seq: info.n_ctx_per_seq,
     });
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served.alias,
-            "object": "model",
-            "created": state.started,
-            "owned_by": "llamapool",
-            "aliases": state.served.names,
-            "tags": state.served.tags,
-            "meta": meta,
-        }],
-    }))
+    let card = ModelCard {
+        id: &state.served.alias,
+        object: "model",
+        created: state.started,
+        owned_by: "llamapool",
+        aliases: &state.served.names,
+        tags: &state.served.tags,
+        meta,
+    };
+    Json(ModelsBody {
+        object: "list",
+        data: vec![card],
+    })
+    .into_response()
+}
+
+/// `GET /workers`' body (also the admin routes' answers).
+#[derive(Debug, Serialize)]
+pub struct WorkersBody {
+    pub workers: Vec<WorkerView>,
 }
 
 /// `GET /workers`: each worker's state and load.
-pub async fn workers(State(state): State<SharedState>) -> Json<Value> {
-    Json(json!({ "workers": state.pool.views() }))
+pub async fn workers(State(state): State<SharedState>) -> Json<WorkersBody> {
+    Json(WorkersBody {
+        workers: state.pool.views(),
+    })
 }
 
 /// `GET /metrics`: Prometheus text (llama-server's `llamacpp:` names and llamapool's own;
@@ -169,12 +212,18 @@ impl<'a> TokenPiece<'a> {
     }
 }
 
+/// `POST /detokenize`'s body.
+#[derive(Debug, Serialize)]
+pub struct DetokenizedBody {
+    pub content: String,
+}
+
 /// `POST /detokenize`: `{"tokens": [ids]}` → `{"content"}`. More than
 /// `server.max_tokenize_tokens` ids is a 400 naming `tokens`.
 pub async fn detokenize(
     State(state): State<SharedState>,
     LimitedBody(body): LimitedBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DetokenizedBody>, ApiError> {
     let _permit = state.admit_control()?;
     let body: DetokenizeBody = parse_json(&body)?;
     let tokens = required(
@@ -188,7 +237,7 @@ pub async fn detokenize(
         .control(ControlCall::Detokenize { tokens })
         .await?
     {
-        ControlReply::Detokenized { content } => Ok(Json(json!({ "content": content }))),
+        ControlReply::Detokenized { content } => Ok(Json(DetokenizedBody { content })),
         ControlReply::Failed { message } => Err(ApiError::refused("tokens", message)),
         other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
     }
