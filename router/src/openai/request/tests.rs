@@ -1,4 +1,6 @@
-use llamapool_common::protocol::Prompt;
+use llamapool_common::protocol::{ChatEnding, Prompt};
+use llamapool_common::settings::GenerationDefaults;
+use llamapool_common::{RequestId, StoppingParams};
 
 use super::*;
 
