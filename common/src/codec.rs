@@ -1,11 +1,18 @@
 //! Framing and encoding of protocol messages: one codec for both sides of the socket.
 //!
 //! A frame is tokio-util's [`LengthDelimitedCodec`] framing (a 4-byte big-endian length, at
-//! most [`MAX_FRAME_BYTES`]) around a bincode body. [`FrameCodec`] is the async side (the
-//! router's `FramedRead`/`FramedWrite`); [`write_frame`], [`read_frame`] and [`encode_into`]
-//! are the blocking twin (the worker's IPC threads, the benchmark), built from the same
-//! [`encode_frame`]/[`decode_frame`] pair. The only module that names bincode (unmaintained
-//! upstream; keep it swappable).
+//! most [`MAX_FRAME_BYTES`]) around a [postcard] body (its documented, stable wire format:
+//! varint integers and lengths, varint enum tags; replaced bincode 1.3.3, unmaintained
+//! upstream, at protocol version 15 — docs/PERFORMANCE.md, "Frame codec"). [`FrameCodec`] is
+//! the async side (the router's `FramedRead`/`FramedWrite`); [`write_frame`], [`read_frame`]
+//! and [`encode_into`] are the blocking twin (the worker's IPC threads, the benchmark), built
+//! from the same [`encode_frame`]/[`decode_frame`] pair. The only module that names postcard
+//! (keep it swappable).
+//!
+//! A hostile body cannot make decoding allocate beyond the frame: postcard reads a string or
+//! byte string by borrowing that many bytes of the frame (too few is an error), and offers a
+//! sequence's claimed length as a pre-allocation hint only when the frame still holds that
+//! many bytes (serde caps the hint at 1 MiB besides).
 
 use std::io::{Read, Write};
 use std::marker::PhantomData;
@@ -31,13 +38,6 @@ pub enum CodecError {
     Malformed(String),
 }
 
-fn bincode_options() -> impl bincode::Options {
-    use bincode::Options;
-    bincode::DefaultOptions::new()
-        .with_limit(MAX_FRAME_BYTES as u64)
-        .allow_trailing_bytes()
-}
-
 fn length_delimited() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(HEADER_BYTES)
@@ -48,19 +48,23 @@ fn length_delimited() -> LengthDelimitedCodec {
 
 /// Appends one whole frame (header and body) of `message` to `dst`; on error nothing is
 /// appended, so a message too large for a frame leaves no stray header behind.
+///
+/// Two passes, as bincode's did: the body's size first (a message too large for a frame is
+/// refused before its body is allocated), then the body into a buffer of exactly that size
+/// (cheaper than growing one: docs/PERFORMANCE.md, "Frame codec").
 pub fn encode_frame<T: Serialize>(
     framing: &mut LengthDelimitedCodec,
     message: &T,
     dst: &mut BytesMut,
 ) -> Result<(), CodecError> {
-    use bincode::Options;
-    let body = bincode_options().serialize(message).map_err(|e| match *e {
-        bincode::ErrorKind::SizeLimit => CodecError::TooLarge(MAX_FRAME_BYTES + 1),
-        other => CodecError::Malformed(other.to_string()),
-    })?;
-    if body.len() > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge(body.len()));
+    let malformed = |e: postcard::Error| CodecError::Malformed(e.to_string());
+    let size = postcard::serialize_with_flavor(message, postcard::ser_flavors::Size::default())
+        .map_err(malformed)?;
+    if size > MAX_FRAME_BYTES {
+        return Err(CodecError::TooLarge(size));
     }
+    let mut body = vec![0; size];
+    postcard::to_slice(message, &mut body).map_err(malformed)?;
     framing
         .encode(Bytes::from(body), dst)
         .map_err(CodecError::Io)
@@ -72,12 +76,10 @@ pub fn decode_frame<T: DeserializeOwned>(
     framing: &mut LengthDelimitedCodec,
     src: &mut BytesMut,
 ) -> Result<Option<T>, CodecError> {
-    use bincode::Options;
     let Some(body) = framing.decode(src).map_err(|e| too_large_or_io(e, src))? else {
         return Ok(None);
     };
-    bincode_options()
-        .deserialize(&body)
+    postcard::from_bytes(&body)
         .map(Some)
         .map_err(|e| CodecError::Malformed(e.to_string()))
 }
@@ -185,6 +187,8 @@ mod tests {
     use crate::protocol::*;
     use crate::*;
 
+    /// Checks that `message` comes back whole through a frame, and that every shorter body (its
+    /// header saying so) is a `Malformed` error, never a panic or another message.
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(message: T) {
         let mut wire = Vec::new();
         write_frame(&mut wire, &message).unwrap();
@@ -193,6 +197,23 @@ mod tests {
         let back: T = read_frame(&mut reader, &mut buf).unwrap().unwrap();
         assert_eq!(back, message);
         assert!(read_frame::<T>(&mut reader, &mut buf).unwrap().is_none());
+        let body = &wire[HEADER_BYTES..];
+        for cut in 0..body.len() {
+            let mut short = (cut as u32).to_be_bytes().to_vec();
+            short.extend_from_slice(&body[..cut]);
+            let got = read_frame::<T>(&mut short.as_slice(), &mut buf);
+            assert!(
+                matches!(got, Err(CodecError::Malformed(_))),
+                "{message:?} cut to {cut} bytes: {got:?}"
+            );
+        }
+    }
+
+    /// A frame of `body` as the other side would send it.
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(body);
+        wire
     }
 
     #[test]
@@ -246,6 +267,18 @@ mod tests {
         round_trip(ToWorker::Control {
             call: 3,
             body: ControlCall::Detokenize { tokens: vec![1] },
+        });
+        round_trip(ToWorker::Control {
+            call: u64::MAX,
+            body: ControlCall::ApplyTemplate {
+                chat: ChatPrompt {
+                    messages: vec![ChatMessage {
+                        role: "system".into(),
+                        content: "be brief".into(),
+                    }],
+                    ending: ChatEnding::AsRendered,
+                },
+            },
         });
         round_trip(ToWorker::Drain);
     }
@@ -365,6 +398,32 @@ mod tests {
                 message: "no".into(),
             },
         });
+        round_trip(FromWorker::Control {
+            call: 5,
+            reply: ControlReply::Rendered {
+                prompt: "<|im_start|>".into(),
+            },
+        });
+        for error in [
+            RequestError::EmptyPrompt,
+            RequestError::InvalidToken {
+                token: -1,
+                n_vocab: 49152,
+            },
+            RequestError::KvCacheFull,
+            RequestError::DecodeFailed("ret -3".into()),
+            RequestError::InvalidParam {
+                param: "top_k".into(),
+                message: "must be ≥ 0".into(),
+            },
+            RequestError::ShuttingDown,
+            RequestError::DuplicateId(RequestId(u64::MAX)),
+        ] {
+            round_trip(FromWorker::Events(vec![GenerationEvent::Rejected {
+                id: RequestId(5),
+                error,
+            }]));
+        }
         round_trip(FromWorker::Fatal {
             message: "bye".into(),
         });
@@ -395,5 +454,54 @@ mod tests {
             read_frame::<ToWorker>(&mut wire.as_slice(), &mut Vec::new()),
             Err(CodecError::Malformed(_))
         ));
+    }
+
+    /// The handshake survives a change of body encoding: `Hello` and the worker's `Fatal`
+    /// refusal (a message under 128 bytes) are the same bytes in bincode 1.3.3, the encoding of
+    /// protocol versions up to 14, and in postcard, so a router and a worker from either side of
+    /// the change read each other's version and refuse each other by name, not as garbage.
+    #[test]
+    fn hello_and_fatal_read_as_bincode_1_wrote_them() {
+        let hello_v14 = frame(&[0, 14]);
+        let got: ToWorker = read_frame(&mut hello_v14.as_slice(), &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, ToWorker::Hello { version: 14 });
+        let mut ours = Vec::new();
+        write_frame(&mut ours, &ToWorker::Hello { version: 14 }).unwrap();
+        assert_eq!(ours, hello_v14);
+
+        let refusal = "protocol version mismatch: router speaks 15, worker speaks 14";
+        let mut body = vec![5, refusal.len() as u8];
+        body.extend_from_slice(refusal.as_bytes());
+        let got: FromWorker = read_frame(&mut frame(&body).as_slice(), &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got,
+            FromWorker::Fatal {
+                message: refusal.into()
+            }
+        );
+    }
+
+    /// A body that claims a sequence or string far longer than the frame is an error at once:
+    /// the claim is never allocated for (tests/fuzz_codec.rs measures the allocations).
+    #[test]
+    fn a_claimed_length_beyond_the_frame_is_refused() {
+        let huge = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]; // u64::MAX
+        let four_gib = [0xff, 0xff, 0xff, 0xff, 0x0f]; // u32::MAX
+        for claim in [&huge[..], &four_gib[..]] {
+            // `Abort { ids }`, `Control { Detokenize { tokens } }`, `Fatal { message }`.
+            let abort = [&[2u8][..], claim, &[1, 2, 3]].concat();
+            let detokenize = [&[3u8, 7, 1][..], claim, &[1]].concat();
+            for body in [abort, detokenize] {
+                let got = read_frame::<ToWorker>(&mut frame(&body).as_slice(), &mut Vec::new());
+                assert!(matches!(got, Err(CodecError::Malformed(_))), "{got:?}");
+            }
+            let fatal = [&[5u8][..], claim, b"bye"].concat();
+            let got = read_frame::<FromWorker>(&mut frame(&fatal).as_slice(), &mut Vec::new());
+            assert!(matches!(got, Err(CodecError::Malformed(_))), "{got:?}");
+        }
     }
 }

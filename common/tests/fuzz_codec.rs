@@ -488,7 +488,7 @@ fn fuzz_frame_decoder_arbitrary_bytes() {
     let bytes = prop_oneof![
         prop::collection::vec(any::<u8>(), 0..64),
         prop::collection::vec(any::<u8>(), 0..4096),
-        // A small length prefix followed by arbitrary bytes: reaches bincode.
+        // A small length prefix followed by arbitrary bytes: reaches the body's decoder.
         (0u32..512, prop::collection::vec(any::<u8>(), 0..600)).prop_map(|(len, body)| {
             let mut wire = len.to_be_bytes().to_vec();
             wire.extend(body);
@@ -603,6 +603,31 @@ fn the_allocation_count_sees_a_frame_at_the_cap_reserved() {
     assert_eq!(decoded.frames, 0);
     assert!(peak >= MAX_FRAME_BYTES, "{peak} bytes");
     assert!(peak <= allocation_bound(wire.len()), "{peak} bytes");
+}
+
+/// A body claiming a sequence of u64::MAX ids (`Abort`) or a 4 GiB string (`Fatal`) in a
+/// frame of a few bytes: refused, with nothing reserved for the claim.
+#[test]
+fn a_body_claiming_a_huge_length_reserves_nothing_for_it() {
+    let huge = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+    let four_gib = [0xff, 0xff, 0xff, 0xff, 0x0f];
+    for claim in [&huge[..], &four_gib[..]] {
+        for (tag, to_worker) in [(2u8, true), (5, false)] {
+            let body = [&[tag][..], claim, &[1, 2, 3]].concat();
+            let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+            wire.extend_from_slice(&body);
+            let (decoded, peak) = peak_bytes(|| {
+                if to_worker {
+                    decode_async::<ToWorker>(&wire, &[wire.len()])
+                } else {
+                    decode_async::<FromWorker>(&wire, &[wire.len()])
+                }
+            });
+            assert_eq!(decoded.frames, 0);
+            assert!(decoded.error.unwrap().contains("malformed"));
+            assert!(peak < 64 * 1024, "{peak} bytes");
+        }
+    }
 }
 
 #[test]
