@@ -47,7 +47,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use llamapool_common::settings::{LogFormat, ServerSettings, Settings, WorkerPlan};
 use llamapool_router::dispatch::poison::PoisonPolicy;
-use llamapool_router::dispatch::pool::LaunchConfig;
+use llamapool_router::dispatch::LaunchConfig;
 use llamapool_router::dispatch::{Pool, RoutingPolicy, SupervisionPolicy};
 use llamapool_router::http::access::ConnInfo;
 use llamapool_router::http::{self, AppState};
