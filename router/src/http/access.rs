@@ -235,9 +235,25 @@ fn log_action(a: &AdminAction<'_>) {
     let worker = a.worker.unwrap_or("-");
     let status = a.status.as_u16();
     if a.status.is_success() {
-        tracing::info!(peer = %peer, key = %a.caller, action = a.action, worker, request_id = a.request_id, status, "admin action");
+        tracing::info!(
+            peer = %peer,
+            key = %a.caller,
+            action = %a.action,
+            worker = %worker,
+            request_id = %a.request_id,
+            status,
+            "admin action"
+        );
     } else {
-        tracing::warn!(peer = %peer, key = %a.caller, action = a.action, worker, request_id = a.request_id, status, "admin action");
+        tracing::warn!(
+            peer = %peer,
+            key = %a.caller,
+            action = %a.action,
+            worker = %worker,
+            request_id = %a.request_id,
+            status,
+            "admin action"
+        );
     }
 }
 
@@ -335,8 +351,8 @@ mod tests {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
-    /// Every line written while `f` runs, as JSON the way the router writes it.
-    fn json_lines(f: impl FnOnce()) -> Vec<Value> {
+    /// What is written while `f` runs, in the router's JSON or text format.
+    fn captured(json: bool, f: impl FnOnce()) -> String {
         #[derive(Clone, Default)]
         struct Buffer(Arc<Mutex<Vec<u8>>>);
         impl Write for Buffer {
@@ -350,15 +366,22 @@ mod tests {
         }
         let buffer = Buffer::default();
         let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone());
+        if json {
+            let subscriber = builder.json().flatten_event(true).finish();
+            tracing::subscriber::with_default(subscriber, f);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), f);
+        }
         let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// Every line written while `f` runs, as JSON the way the router writes it.
+    fn json_lines(f: impl FnOnce()) -> Vec<Value> {
+        captured(true, f)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
@@ -408,6 +431,26 @@ mod tests {
         assert_eq!(failed["key"], "none");
         assert_eq!(failed["action"], "restart");
         assert_eq!(failed["status"], 503);
+        // The text format shows the values bare, as operators grep them.
+        let text = captured(false, || {
+            log_action(&AdminAction {
+                peer,
+                caller: AdminCaller::ApiKey(0),
+                action: "drain",
+                worker: Some("0"),
+                request_id: "req-3",
+                status: StatusCode::OK,
+            });
+        });
+        for field in [
+            "peer=127.0.0.1:50000",
+            "key=api#0",
+            "action=drain",
+            "worker=0",
+        ] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+        assert!(text.contains("request_id=req-3 status=200"), "{text}");
     }
 
     fn addr(text: &str) -> Option<SocketAddr> {
