@@ -10,7 +10,7 @@ use llamapool_common::cpus::CpuList;
 use llamapool_common::settings::WorkerPlan;
 
 use crate::config;
-use crate::dispatch::pool::LaunchConfig;
+use crate::dispatch::LaunchConfig;
 use crate::http::admin::ReloadSource;
 
 /// The configuration layers the router was started with: the file, then the environment

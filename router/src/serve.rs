@@ -46,9 +46,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use llamapool_common::settings::{LogFormat, ServerSettings, Settings, WorkerPlan};
+use llamapool_router::config;
 use llamapool_router::dispatch::poison::PoisonPolicy;
-use llamapool_router::dispatch::pool::LaunchConfig;
-use llamapool_router::dispatch::{Pool, RoutingPolicy, SupervisionPolicy};
+use llamapool_router::dispatch::{LaunchConfig, Pool, RoutingPolicy, SupervisionPolicy};
 use llamapool_router::http::access::ConnInfo;
 use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
@@ -77,10 +77,7 @@ pub async fn run(
     source: ConfigSource,
 ) -> Result<()> {
     let server_settings = &settings.server;
-    let worker_binary = match &server_settings.worker_binary {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("llamapool-worker"),
-    };
+    let worker_binary = config::worker_binary(server_settings)?;
     if !worker_binary.is_file() {
         bail!(
             "configuration key server.worker_binary: {} does not exist",

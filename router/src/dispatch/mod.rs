@@ -3,34 +3,55 @@
 //! [`DispatchError`]s and request-scoped [`RequestError`]s, mapped to statuses in
 //! `crate::error`.
 //!
-//! - [`pool`]: spawns and supervises the worker processes, picks a worker per request, and
-//!   moves the requests of a worker that died to the others.
+//! - [`pool`]: the [`Pool`] handle: starts the workers' supervisors, submits requests (and
+//!   refuses those too long for every worker or convicted as poison), and the views
+//!   `/workers` and `/metrics` read.
+//! - [`admin`]: the operator's actions on the pool: drain, restart, reload, shutdown.
+//! - [`handle`]: what a request's handler holds: its events and the guard that aborts it.
+//! - [`shared`]: the state the pool shares with its tasks, and how workers are launched.
+//! - [`worker`]: one worker's shared state: plan, status, load, vitals, cached prefixes.
+//! - [`routing`] (policy, pure): which worker a request goes to — packed onto the first
+//!   packable worker with room, else prefix affinity, else the least loaded.
+//! - [`placement`]: sends requests to the chosen worker, parks them while one comes back,
+//!   moves those of a worker that died, and makes the moves rebalancing plans.
 //! - [`supervisor`]: one task per worker: spawns it, runs its connection, kills it when the
-//!   hang watchdog says so, respawns it (slowly when it crash-loops).
+//!   hang watchdog says so, respawns it; [`supervision`] (policy): the hang timeout, the
+//!   crash-loop rule and the back-off.
 //! - [`connection`]: owns one worker's socket and its in-flight map; demultiplexes the
 //!   worker's events to the requests; pings it.
 //! - [`vitals`]: what the worker last pushed, and the hang rule.
 //! - [`affinity`]: which worker's prompt cache most likely holds a prompt's prefix.
 //! - [`poison`]: which request a worker's death points to, and the requests refused for it.
-//! - [`rebalance`]: when running requests move between live adaptive workers (re-packing
-//!   when the machine is quiet again, splitting when a neighbour crowds it).
+//! - [`rebalance`] (policy, pure): when running requests move between live adaptive workers
+//!   (re-packing when the machine is quiet again, splitting when a neighbour crowds it).
 
+pub mod admin;
 pub mod affinity;
 pub mod connection;
+pub mod handle;
+pub mod placement;
 pub mod poison;
 pub mod pool;
 pub mod rebalance;
+pub mod routing;
+pub mod shared;
+pub mod supervision;
 pub mod supervisor;
 pub mod vitals;
+pub mod worker;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use llamapool_common::{RequestError, RequestId, SeqOutput};
-use tokio::sync::mpsc;
+use llamapool_common::{RequestError, SeqOutput};
 
-pub use pool::{AdminError, Pool, Refusal, RoutingPolicy, WorkerState, WorkerView};
-pub use supervisor::SupervisionPolicy;
+pub use admin::AdminError;
+pub use handle::{AbortGuard, RequestHandle};
+pub use pool::{Pool, Refusal, WorkerView};
+pub use routing::RoutingPolicy;
+pub use shared::LaunchConfig;
+pub use supervision::SupervisionPolicy;
+pub use worker::{Shape, WorkerState};
 
 /// Why the pool could not run a request or answer a call (not the request's own fault).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,47 +115,5 @@ impl LoadTicket {
 impl Drop for LoadTicket {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A dispatched request: its events, and a guard that aborts it when dropped unfinished.
-#[derive(Debug)]
-pub struct RequestHandle {
-    pub events: mpsc::UnboundedReceiver<StreamEvent>,
-    pub guard: AbortGuard,
-}
-
-impl RequestHandle {
-    /// The worker running the request now (it changes when the request moves).
-    pub fn worker(&self) -> usize {
-        self.guard.current.load(Ordering::Acquire)
-    }
-}
-
-/// Sends `Abort` to the request's current worker on drop, unless the request finished.
-#[derive(Debug)]
-pub struct AbortGuard {
-    pool: Pool,
-    id: RequestId,
-    current: CurrentWorker,
-    finished: bool,
-}
-
-impl AbortGuard {
-    /// The request ended on its own; dropping the guard sends nothing.
-    pub fn finished(&mut self) {
-        self.finished = true;
-    }
-}
-
-impl Drop for AbortGuard {
-    fn drop(&mut self) {
-        if !self.finished {
-            // Unfinished means its client went away (or stopped reading): every other end
-            // marks the guard finished.
-            self.pool.metrics().record_cancellation();
-            self.pool
-                .abort(self.current.load(Ordering::Acquire), self.id);
-        }
     }
 }

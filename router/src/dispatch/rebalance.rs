@@ -17,11 +17,11 @@
 //! - [`Candidate`] (policy, pure): which running requests are worth moving — more left to
 //!   generate than the prompt and tokens the new worker must decode again, not moved too
 //!   often already.
-//! - The mechanism is in [`super::pool`]: its `rebalance` task looks every [`INTERVAL`] and
-//!   waits [`COOLDOWN`] after each move; `Inner::rebalance_once` asks the source worker's
-//!   connection to release the requests (`ConnCommand::Release`: it forgets them and aborts them on its
-//!   worker) and places them again; they continue from the tokens they generated, exactly as
-//!   a request moved off a dead worker does.
+//! - The mechanism is in [`super::placement`]: its `rebalance` task looks every [`INTERVAL`]
+//!   and waits [`COOLDOWN`] after each move; `Inner::rebalance_once` asks the source worker's
+//!   connection to release the requests (`ConnCommand::Release`: it forgets them and aborts
+//!   them on its worker) and places them again; they continue from the tokens they
+//!   generated, exactly as a request moved off a dead worker does.
 
 use std::time::Duration;
 
@@ -86,7 +86,7 @@ pub fn plan(seats: &[Seat]) -> Option<Move> {
     }
 }
 
-/// The packing target is the first worker (as [`super::pool::choose`] packs); the busy
+/// The packing target is the first worker (as [`super::routing::choose`] packs); the busy
 /// worker with the fewest requests that all fit in the target's free slots moves over — but
 /// only while the whole pool's load fits on the target: with more, new requests would
 /// overflow onto the emptied worker at once, and moving would buy nothing but prefilling

@@ -5,20 +5,20 @@
 //! waits for its socket and `Ready`, and runs the connection until one of: the worker goes
 //! away (death), the watchdog finds it hung (killed, then handled exactly as a death), the
 //! operator restarts it, or the pool shuts down. Requests it still had are judged by the
-//! poison policy ([`super::poison`]) and move to the other workers.
+//! poison policy ([`super::poison`]) and move to the other workers
+//! (`Inner::requeue`, in [`super::placement`]).
 //!
-//! Restarts fit the cause: a worker that reached ready and served (it stepped, or stayed up
-//! [`SERVED_AFTER`]) is started again at once, whoever killed it; one that cannot start, or
-//! dies before serving, backs off exponentially (250 ms doubling, at most 30 s), and after
-//! `crash_deaths` such failures in a row within `crash_window` it is `failed` and retried every
-//! `failed_retry` — systemd's start limit and Kubernetes' CrashLoopBackOff, which also never
-//! count a container that ran fine. Kills from outside never make a worker `failed`.
+//! Restarts fit the cause, by the rules of [`super::supervision`]: a worker that reached ready
+//! and served is started again at once, whoever killed it; one that cannot start, or dies
+//! before serving, backs off exponentially, and after `crash_deaths` such failures in a row
+//! within `crash_window` it is `failed` and retried every `failed_retry` — systemd's start
+//! limit and Kubernetes' CrashLoopBackOff, which also never count a container that ran fine.
+//! Kills from outside never make a worker `failed`.
 //!
 //! The worker's own log lines come on its stdout and are written to the router's stderr as
 //! they are; what native code prints on its stderr is captured line by line, capped, escaped
 //! and logged through the router's logger, and its last lines are the worker's last words.
 
-use std::collections::VecDeque;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,44 +33,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use super::connection::{self, Watch};
-use super::poison::{DeathCause, PoisonPolicy};
-use super::pool::{Inner, Worker, WorkerState};
-
-/// Timing of supervision: the hang watchdog and the crash-loop rule.
-#[derive(Debug, Clone, Copy)]
-pub struct SupervisionPolicy {
-    /// A worker with work and no engine step for this long, or silent this long, is hung.
-    pub hang_timeout: Duration,
-    /// This many deaths within `crash_window` make a worker `failed`.
-    pub crash_deaths: usize,
-    pub crash_window: Duration,
-    /// How long a failed worker waits before the next try.
-    pub failed_retry: Duration,
-    /// How long requests that killed workers are refused.
-    pub poison: PoisonPolicy,
-}
-
-/// A worker that stays up this long after `Ready` has served, even if idle.
-pub const SERVED_AFTER: Duration = Duration::from_secs(5);
-
-/// The back-off after a round that did not serve: 250 ms doubling per failure in a row, at
-/// most 30 s.
-fn early_death_backoff(failures: u32) -> Duration {
-    Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(7)))
-        .min(Duration::from_secs(30))
-}
-
-impl SupervisionPolicy {
-    /// How often the connection pings and the watchdog looks: several times per hang timeout.
-    pub fn ping_interval(&self) -> Duration {
-        (self.hang_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
-    }
-
-    /// A ready worker counts as answering while heard from within this window.
-    pub fn answer_window(&self) -> Duration {
-        (self.ping_interval() * 3).max(Duration::from_secs(2))
-    }
-}
+use super::poison::DeathCause;
+use super::shared::Inner;
+use super::supervision::{early_death_backoff, CrashHistory, SupervisionPolicy, SERVED_AFTER};
+use super::worker::{Worker, WorkerState};
 
 /// How one round went: how it ended, and whether the worker served before.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,37 +57,6 @@ enum RoundEnd {
     /// The operator asked for a restart.
     Restart,
     Shutdown,
-}
-
-/// Deaths in a sliding window: the crash-loop rule.
-#[derive(Debug)]
-struct CrashHistory {
-    deaths: VecDeque<Instant>,
-    limit: usize,
-    window: Duration,
-}
-
-impl CrashHistory {
-    fn new(limit: usize, window: Duration) -> Self {
-        Self {
-            deaths: VecDeque::new(),
-            limit,
-            window,
-        }
-    }
-
-    /// Records a death; true when the worker is crash-looping.
-    fn record(&mut self, now: Instant) -> bool {
-        self.deaths.push_back(now);
-        while self
-            .deaths
-            .front()
-            .is_some_and(|&t| now.saturating_duration_since(t) > self.window)
-        {
-            self.deaths.pop_front();
-        }
-        self.deaths.len() >= self.limit
-    }
 }
 
 pub(super) async fn supervise(inner: Arc<Inner>, index: usize) {
@@ -574,27 +509,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deaths_in_the_window_make_a_crash_loop() {
-        let t0 = Instant::now();
-        let mut h = CrashHistory::new(3, Duration::from_secs(60));
-        assert!(!h.record(t0));
-        assert!(!h.record(t0 + Duration::from_secs(10)));
-        assert!(h.record(t0 + Duration::from_secs(20)));
-    }
-
-    #[test]
-    fn old_deaths_age_out() {
-        let t0 = Instant::now();
-        let mut h = CrashHistory::new(3, Duration::from_secs(60));
-        assert!(!h.record(t0));
-        assert!(!h.record(t0 + Duration::from_secs(50)));
-        // At 120 s the deaths at 0 s and 50 s are out of the window.
-        assert!(!h.record(t0 + Duration::from_secs(120)));
-        assert!(!h.record(t0 + Duration::from_secs(121)));
-        assert!(h.record(t0 + Duration::from_secs(130)));
-    }
-
-    #[test]
     fn foreign_lines_are_escaped_and_capped() {
         assert_eq!(escape_line(b"a\x1b[31mb\rc\td"), "a\\u{1b}[31mb\\u{d}c\td");
         assert_eq!(escape_line(b"caf\xc3\xa9 \xff"), "caf\u{e9} \u{fffd}");
@@ -619,25 +533,5 @@ mod tests {
     fn a_running_process_is_not_stopped() {
         assert!(!is_stopped(std::process::id()));
         assert!(!is_stopped(u32::MAX));
-    }
-
-    #[test]
-    fn early_deaths_back_off_exponentially_up_to_30_s() {
-        assert_eq!(early_death_backoff(1), Duration::from_millis(250));
-        assert_eq!(early_death_backoff(2), Duration::from_millis(500));
-        assert_eq!(early_death_backoff(20), Duration::from_secs(30));
-    }
-
-    #[test]
-    fn pings_fit_several_times_into_the_hang_timeout() {
-        let policy = SupervisionPolicy {
-            hang_timeout: Duration::from_secs(3),
-            crash_deaths: 5,
-            crash_window: Duration::from_secs(300),
-            failed_retry: Duration::from_secs(60),
-            poison: PoisonPolicy::default(),
-        };
-        assert_eq!(policy.ping_interval(), Duration::from_millis(750));
-        assert!(policy.answer_window() < policy.hang_timeout);
     }
 }

@@ -24,10 +24,11 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 
+use super::request_id::X_REQUEST_ID;
 use super::SharedState;
 use crate::error::ApiError;
 
@@ -192,10 +193,74 @@ fn log_refusal(conn: Option<ConnInfo>, path: &str, reason: &str) {
     );
 }
 
-/// The middleware; see the module doc. Host refusals are logged at debug; admin refusals and
-/// admin actions (every admin request that got through) at info with the client's address,
-/// and for actions which key it used (`admin#N`, `api#N`: its place in the configured list,
-/// never the key).
+/// Who asked for an admin action, as its log line names them: which key, by its place in
+/// the configured list (0 first), never the key itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminCaller {
+    /// The admin key at this place in `server.admin_api_keys` (then `admin_api_key_file`).
+    AdminKey(usize),
+    /// No admin keys are configured: a loopback client with the API key at this place.
+    ApiKey(usize),
+    /// No admin keys and no API keys are configured: a loopback client.
+    NoKey,
+}
+
+impl std::fmt::Display for AdminCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AdminKey(i) => write!(f, "admin#{i}"),
+            Self::ApiKey(i) => write!(f, "api#{i}"),
+            Self::NoKey => f.write_str("none"),
+        }
+    }
+}
+
+/// An admin request that got through the gate, and how it ended: one log line.
+#[derive(Debug)]
+struct AdminAction<'a> {
+    peer: Option<SocketAddr>,
+    caller: AdminCaller,
+    action: &'a str,
+    worker: Option<&'a str>,
+    request_id: &'a str,
+    status: StatusCode,
+}
+
+/// Logs an admin action: at info when it succeeded, at warn when it failed (its status and
+/// the answer's error say why; the line is written once the action is done).
+fn log_action(a: &AdminAction<'_>) {
+    let peer = a
+        .peer
+        .map_or_else(|| "unknown".to_string(), |p| p.to_string());
+    let worker = a.worker.unwrap_or("-");
+    let status = a.status.as_u16();
+    if a.status.is_success() {
+        tracing::info!(
+            peer = %peer,
+            key = %a.caller,
+            action = %a.action,
+            worker = %worker,
+            request_id = %a.request_id,
+            status,
+            "admin action"
+        );
+    } else {
+        tracing::warn!(
+            peer = %peer,
+            key = %a.caller,
+            action = %a.action,
+            worker = %worker,
+            request_id = %a.request_id,
+            status,
+            "admin action"
+        );
+    }
+}
+
+/// The middleware; see the module doc. Host refusals are logged at debug; admin refusals at
+/// info with the client's address; admin actions (every admin request that got through) by
+/// [`log_action`], with the client's address, which key it used ([`AdminCaller`]), the
+/// request id and the answer's status.
 pub async fn guard(
     State(state): State<SharedState>,
     request: Request,
@@ -215,9 +280,9 @@ pub async fn guard(
         return Ok(next.run(request).await);
     }
     let headers = request.headers();
-    let who = if !state.admin_keys.is_empty() {
+    let caller = if !state.admin_keys.is_empty() {
         match state.admin_keys.which(headers) {
-            Some(i) => format!("admin#{i}"),
+            Some(i) => AdminCaller::AdminKey(i),
             None => {
                 log_refusal(conn, path, "no admin key");
                 return Err(ApiError::admin_unauthorized());
@@ -244,10 +309,10 @@ pub async fn guard(
             return refuse("the admin routes do not answer web pages of other origins");
         }
         if state.api_keys.is_empty() {
-            "none".to_string()
+            AdminCaller::NoKey
         } else {
             match state.api_keys.which(headers) {
-                Some(i) => format!("api#{i}"),
+                Some(i) => AdminCaller::ApiKey(i),
                 None => {
                     log_refusal(conn, path, "no API key");
                     return Err(ApiError::unauthorized());
@@ -258,16 +323,22 @@ pub async fn guard(
     let method = request.method().clone();
     let (action, worker) = admin_action(path);
     let (action, worker) = (action.to_string(), worker.map(str::to_string));
+    let request_id = request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
     let response = next.run(request).await;
     if method != Method::GET && method != Method::HEAD {
-        tracing::info!(
-            peer = %conn.map_or_else(|| "unknown".to_string(), |c| c.peer.to_string()),
-            key = %who,
-            action = %action,
-            worker = %worker.as_deref().unwrap_or("-"),
-            status = response.status().as_u16(),
-            "admin action"
-        );
+        log_action(&AdminAction {
+            peer: conn.map(|c| c.peer),
+            caller,
+            action: &action,
+            worker: worker.as_deref(),
+            request_id: &request_id,
+            status: response.status(),
+        });
     }
     Ok(response)
 }
@@ -276,6 +347,111 @@ pub async fn guard(
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use serde_json::Value;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    /// What is written while `f` runs, in the router's JSON or text format.
+    fn captured(json: bool, f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone());
+        if json {
+            let subscriber = builder.json().flatten_event(true).finish();
+            tracing::subscriber::with_default(subscriber, f);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), f);
+        }
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// Every line written while `f` runs, as JSON the way the router writes it.
+    fn json_lines(f: impl FnOnce()) -> Vec<Value> {
+        captured(true, f)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    #[test]
+    fn callers_are_named_by_the_place_of_their_key() {
+        assert_eq!(AdminCaller::AdminKey(0).to_string(), "admin#0");
+        assert_eq!(AdminCaller::ApiKey(2).to_string(), "api#2");
+        assert_eq!(AdminCaller::NoKey.to_string(), "none");
+    }
+
+    #[test]
+    fn an_admin_action_is_one_line_saying_who_asked_what_and_how_it_ended() {
+        let peer = addr("127.0.0.1:50000");
+        let lines = json_lines(|| {
+            log_action(&AdminAction {
+                peer,
+                caller: AdminCaller::AdminKey(1),
+                action: "drain",
+                worker: Some("0"),
+                request_id: "req-1",
+                status: StatusCode::OK,
+            });
+            log_action(&AdminAction {
+                peer: None,
+                caller: AdminCaller::NoKey,
+                action: "restart",
+                worker: Some("3"),
+                request_id: "req-2",
+                status: StatusCode::SERVICE_UNAVAILABLE,
+            });
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let ok = &lines[0];
+        assert_eq!(ok["level"], "INFO");
+        assert_eq!(ok["message"], "admin action");
+        assert_eq!(ok["peer"], "127.0.0.1:50000");
+        assert_eq!(ok["key"], "admin#1");
+        assert_eq!(ok["action"], "drain");
+        assert_eq!(ok["worker"], "0");
+        assert_eq!(ok["request_id"], "req-1");
+        assert_eq!(ok["status"], 200);
+        let failed = &lines[1];
+        assert_eq!(failed["level"], "WARN");
+        assert_eq!(failed["peer"], "unknown");
+        assert_eq!(failed["key"], "none");
+        assert_eq!(failed["action"], "restart");
+        assert_eq!(failed["status"], 503);
+        // The text format shows the values bare, as operators grep them.
+        let text = captured(false, || {
+            log_action(&AdminAction {
+                peer,
+                caller: AdminCaller::ApiKey(0),
+                action: "drain",
+                worker: Some("0"),
+                request_id: "req-3",
+                status: StatusCode::OK,
+            });
+        });
+        for field in [
+            "peer=127.0.0.1:50000",
+            "key=api#0",
+            "action=drain",
+            "worker=0",
+        ] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+        assert!(text.contains("request_id=req-3 status=200"), "{text}");
+    }
 
     fn addr(text: &str) -> Option<SocketAddr> {
         Some(text.parse().unwrap())

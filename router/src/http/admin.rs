@@ -10,7 +10,7 @@ use llamapool_common::settings::WorkerPlan;
 use serde_json::{json, Value};
 
 use super::SharedState;
-use crate::dispatch::pool::LaunchConfig;
+use crate::dispatch::LaunchConfig;
 use crate::error::ApiError;
 
 /// Reads the configuration again (the same file, environment and flags the router started
