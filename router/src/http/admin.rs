@@ -7,10 +7,11 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::Json;
 use llamapool_common::settings::WorkerPlan;
-use serde_json::{json, Value};
+use serde::Serialize;
 
+use super::info::WorkersBody;
 use super::SharedState;
-use crate::dispatch::LaunchConfig;
+use crate::dispatch::{LaunchConfig, WorkerState, WorkerView};
 use crate::error::ApiError;
 
 /// Reads the configuration again (the same file, environment and flags the router started
@@ -21,14 +22,30 @@ pub trait ReloadSource: std::fmt::Debug + Send + Sync {
 
 pub type Reloader = Arc<dyn ReloadSource>;
 
+/// A drain's answer: the worker and its new state.
+#[derive(Debug, Serialize)]
+pub struct DrainedBody {
+    pub worker: usize,
+    pub state: WorkerState,
+}
+
+/// A restart's answer: the worker as `/workers` shows it now.
+#[derive(Debug, Serialize)]
+pub struct RestartedBody {
+    pub worker: Option<WorkerView>,
+}
+
 /// `POST /admin/workers/{id}/drain`: no new work for that worker; what it runs finishes.
 pub async fn drain(
     State(state): State<SharedState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DrainedBody>, ApiError> {
     let id = worker_id(&id)?;
     state.pool.drain(id)?;
-    Ok(Json(json!({ "worker": id, "state": "draining" })))
+    Ok(Json(DrainedBody {
+        worker: id,
+        state: WorkerState::Draining,
+    }))
 }
 
 /// `POST /admin/workers/{id}/restart`: drain, then respawn; answers when the new process is
@@ -36,15 +53,15 @@ pub async fn drain(
 pub async fn restart(
     State(state): State<SharedState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RestartedBody>, ApiError> {
     let id = worker_id(&id)?;
     state.pool.restart(id, state.drain_timeout).await?;
-    let view = state.pool.views().into_iter().nth(id);
-    Ok(Json(json!({ "worker": view })))
+    let worker = state.pool.views().into_iter().nth(id);
+    Ok(Json(RestartedBody { worker }))
 }
 
 /// `POST /admin/reload`: re-reads the configuration and restarts every worker in turn.
-pub async fn reload(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+pub async fn reload(State(state): State<SharedState>) -> Result<Json<WorkersBody>, ApiError> {
     let reloader = state.reloader.clone().ok_or_else(|| {
         ApiError::reload_failed("this server was started without a reloadable configuration")
     })?;
@@ -53,7 +70,9 @@ pub async fn reload(State(state): State<SharedState>) -> Result<Json<Value>, Api
         .pool
         .reload(plans, launch, state.drain_timeout)
         .await?;
-    Ok(Json(json!({ "workers": state.pool.views() })))
+    Ok(Json(WorkersBody {
+        workers: state.pool.views(),
+    }))
 }
 
 /// A worker id from the path; anything but a number names no worker (404 in the error shape).

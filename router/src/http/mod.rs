@@ -7,13 +7,18 @@
 //! cost memory many times its size (a JSON array of token ids), so it happens under the same
 //! bound as the work.
 //!
-//! Handlers live in [`generate`] (chat and text completions, streamed or not) and [`info`]
-//! (models, health, workers, metrics, tokenize). Every failure is an [`ApiError`], turned into
-//! a response in one place (`crate::error`).
+//! Every generating route goes one way, `pipeline` (log, admission, dispatch, answer), with
+//! `choices` (fan-out and merge) and `stream` (SSE) under it; a route is a request adapter and
+//! a response adapter: [`generate`] (OpenAI's chat and text completions) and [`native`]
+//! (llama-server's `/completion`). The other handlers: [`info`] (models, health, workers,
+//! metrics, tokenize), [`slots`] (`/props`, `/slots`), [`template`] (`/apply-template`, token
+//! counts) and [`admin`]. Every failure is an [`ApiError`], turned into a response in one place
+//! (`crate::error`).
 
 pub mod access;
 pub mod admin;
 pub mod auth;
+mod choices;
 pub mod cors;
 pub mod generate;
 pub mod info;

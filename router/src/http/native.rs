@@ -19,7 +19,8 @@ use axum::Json;
 use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
 use llamapool_common::{Finish, RequestId, SeqOutput, Token};
 
-use super::pipeline::{choice_requests, serve, Collected, Plan, Reply};
+use super::choices::{choice_requests, Collected};
+use super::pipeline::{serve, Plan, Reply};
 use super::request_id::XRequestId;
 use super::slots::{first_slot_of, ignored_eog, SlotIds};
 use super::stream::{data, StreamFormat};

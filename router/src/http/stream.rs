@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::pipeline::Choices;
+use super::choices::Choices;
 use super::request_log::RequestLog;
 use super::SharedState;
 

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::logprobs::NativeProbs;
 use super::request::StreamReports;
-use super::response::FINGERPRINT;
 use super::timings::{ProgressBody, TimingsBody};
+use super::FINGERPRINT;
 
 /// llama-server's "no seed given: a random one" value in `generation_settings`.
 pub const RANDOM_SEED: u32 = u32::MAX;

@@ -11,8 +11,7 @@ use super::llama_server::NativeFinal;
 use super::logprobs::LogprobsBody;
 use super::request::Endpoint;
 use super::timings::{ProgressBody, TimingsBody};
-
-pub const FINGERPRINT: &str = concat!("llamapool-", env!("CARGO_PKG_VERSION"));
+use super::FINGERPRINT;
 
 /// A whole non-streamed response: `chat.completion` or `text_completion`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
