@@ -17,6 +17,8 @@ pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod llama_flags;
+#[cfg(test)]
+mod log_capture;
 pub mod metrics;
 pub mod openai;
 pub mod reload;

@@ -348,23 +348,12 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
     use serde_json::Value;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
+
+    use crate::log_capture::LogBuffer;
 
     /// What is written while `f` runs, in the router's JSON or text format.
     fn captured(json: bool, f: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
+        let buffer = LogBuffer::default();
         let writer = buffer.clone();
         let builder = tracing_subscriber::fmt()
             .with_ansi(false)
@@ -375,16 +364,12 @@ mod tests {
         } else {
             tracing::subscriber::with_default(builder.finish(), f);
         }
-        let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        buffer.text()
     }
 
     /// Every line written while `f` runs, as JSON the way the router writes it.
     fn json_lines(f: impl FnOnce()) -> Vec<Value> {
-        captured(true, f)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect()
+        crate::log_capture::json_lines(&captured(true, f))
     }
 
     #[test]

@@ -9,10 +9,10 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llamapool_common::protocol::Prompt;
-use llamapool_common::{Finish, RequestId, SeqOutput};
+use llamapool_common::{Finish, SeqOutput};
 
 use super::choices::{choice_requests, Collected};
-use super::pipeline::{serve, Plan, Reply};
+use super::pipeline::{serve, Answer, Plan, Reply};
 use super::request_id::XRequestId;
 use super::slots::{first_slot_of, ignored_eog};
 use super::stream::{data, StreamFormat};
@@ -32,9 +32,7 @@ pub async fn chat(
     XRequestId(request_id): XRequestId,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
-    let (shared, body) = (&state, &body);
-    let plan = move |id| async move { plan(shared, body, Endpoint::Chat, id) };
-    serve(&state, request_id, Endpoint::Chat, plan).await
+    openai_route(&state, request_id, &body, Endpoint::Chat).await
 }
 
 /// `POST /v1/completions`.
@@ -43,9 +41,18 @@ pub async fn completions(
     XRequestId(request_id): XRequestId,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
-    let (shared, body) = (&state, &body);
-    let plan = move |id| async move { plan(shared, body, Endpoint::Completions, id) };
-    serve(&state, request_id, Endpoint::Completions, plan).await
+    openai_route(&state, request_id, &body, Endpoint::Completions).await
+}
+
+/// One OpenAI generation, through the one pipeline.
+async fn openai_route(
+    state: &SharedState,
+    request_id: String,
+    body: &[u8],
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let plan = async { plan(state, body, endpoint) };
+    serve(state, request_id, endpoint, plan).await
 }
 
 /// The request adapter: the body validated ([`parse_generation`]), its choices fanned out
@@ -54,8 +61,8 @@ fn plan(
     state: &SharedState,
     body: &[u8],
     endpoint: Endpoint,
-    id: RequestId,
 ) -> Result<Plan<OpenAiReply>, ApiError> {
+    let id = state.next_request_id();
     let valid = parse_generation(body, endpoint, &state.served, id)?;
     let verbose = valid.verbose.then(|| {
         let stopping = &valid.generate.stopping;
@@ -68,6 +75,7 @@ fn plan(
         (settings, valid.generate.prompt.clone())
     });
     let reply = OpenAiReply {
+        state: state.clone(),
         envelope: Envelope::new(endpoint, &state.served.alias),
         wants_logprobs: valid.generate.sampling.logprobs.is_some(),
         per_prompt: valid.n as usize,
@@ -96,6 +104,7 @@ struct StreamExtras {
 
 /// The response adapter of the OpenAI routes.
 struct OpenAiReply {
+    state: SharedState,
     envelope: Envelope,
     wants_logprobs: bool,
     /// Choices for each prompt (`n`).
@@ -123,11 +132,8 @@ impl Reply for OpenAiReply {
 
     /// The whole response, with `__verbose` when asked for: the first choice's native result
     /// (its prompt as text, rendered by a worker for a chat).
-    async fn respond(
-        self,
-        state: &SharedState,
-        collected: Vec<Collected>,
-    ) -> Result<Response, ApiError> {
+    async fn respond(self, collected: Vec<Collected>) -> Answer {
+        let state = &self.state;
         let first = &collected[0];
         let verbose = match self.verbose {
             Some((settings, prompt)) => Some(NativeOptions {

@@ -44,6 +44,8 @@ use axum::Router;
 use bytes::BytesMut;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use llamapool_common::RequestId;
+
 use crate::dispatch::Pool;
 use crate::error::ApiError;
 use crate::openai::request::ServedModel;
@@ -127,6 +129,15 @@ impl AppState {
             permit.merge(more);
         }
         Ok(())
+    }
+
+    /// A fresh request id (the first of a request's choices; the others take theirs in one
+    /// block, `choices::choice_requests`).
+    pub fn next_request_id(&self) -> RequestId {
+        RequestId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// A tokenize/detokenize permit, held until the reply is serialized; none free is a 429.

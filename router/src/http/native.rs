@@ -20,7 +20,7 @@ use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
 use llamapool_common::{Finish, RequestId, SeqOutput, Token};
 
 use super::choices::{choice_requests, Collected};
-use super::pipeline::{serve, Plan, Reply};
+use super::pipeline::{serve, Answer, Plan, Reply};
 use super::request_id::XRequestId;
 use super::slots::{first_slot_of, ignored_eog, SlotIds};
 use super::stream::{data, StreamFormat};
@@ -42,17 +42,18 @@ pub async fn completion(
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     // Logged as a completions request, like the OpenAI endpoint.
-    let plan = |id| plan(&state, &body, id);
-    serve(&state, request_id, Endpoint::Completions, plan).await
+    serve(
+        &state,
+        request_id,
+        Endpoint::Completions,
+        plan(&state, &body),
+    )
+    .await
 }
 
 /// The request adapter: one generation per prompt (a batch is not streamed: 400).
-async fn plan(
-    state: &SharedState,
-    body: &[u8],
-    id: RequestId,
-) -> Result<Plan<NativeReply>, ApiError> {
-    let parsed = parse_native(state, body, id).await?;
+async fn plan(state: &SharedState, body: &[u8]) -> Result<Plan<NativeReply>, ApiError> {
+    let parsed = parse_native(state, body, state.next_request_id()).await?;
     let valid = parsed.valid;
     let batch = !valid.more_prompts.is_empty();
     if batch && valid.stream {
@@ -90,6 +91,7 @@ async fn plan(
         per_prompt: 1,
         stream,
         reply: NativeReply {
+            state: state.clone(),
             options,
             batch,
             slots: SlotIds::of(state),
@@ -114,6 +116,7 @@ fn for_prompt(options: &NativeOptions, prompt: &Prompt) -> NativeOptions {
 
 /// The response adapter of the native route.
 struct NativeReply {
+    state: SharedState,
     /// Each prompt's options, in order.
     options: Vec<NativeOptions>,
     /// A batch is answered as an array.
@@ -137,11 +140,8 @@ impl Reply for NativeReply {
     /// Each result as llama-server's final result: token ids only with `return_tokens`, and
     /// `completion_probabilities` when there are any (as llama-server: only a non-streamed
     /// final result has them).
-    async fn respond(
-        self,
-        state: &SharedState,
-        collected: Vec<Collected>,
-    ) -> Result<Response, ApiError> {
+    async fn respond(self, collected: Vec<Collected>) -> Answer {
+        let state = &self.state;
         let results: Vec<NativeFinal> = collected
             .iter()
             .zip(&self.options)

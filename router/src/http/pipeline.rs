@@ -14,11 +14,9 @@
 //! response is committed once every choice was accepted.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 
 use axum::response::{IntoResponse, Response};
 use llamapool_common::protocol::GenerateRequest;
-use llamapool_common::RequestId;
 use tracing::Instrument;
 
 use super::choices::{choice_timers, collect, Choices, Collected};
@@ -39,6 +37,9 @@ pub(super) struct Plan<R> {
     pub reply: R,
 }
 
+/// A whole response, or the error that replaces it.
+pub(super) type Answer = Result<Response, ApiError>;
+
 /// A route's response adapter.
 pub(super) trait Reply: Send + 'static {
     type Stream: StreamFormat;
@@ -47,27 +48,19 @@ pub(super) trait Reply: Send + 'static {
     fn stream(self, choices: usize) -> Self::Stream;
 
     /// The whole response to a request whose choices finished with `collected`.
-    fn respond(
-        self,
-        state: &SharedState,
-        collected: Vec<Collected>,
-    ) -> impl Future<Output = Result<Response, ApiError>> + Send;
+    fn respond(self, collected: Vec<Collected>) -> impl Future<Output = Answer> + Send;
 }
 
 /// Serves one generating request: [`run`] in the request's span, logged as `logged_as`; an
-/// error response ends the request's log. `plan` is the route's request adapter, called
-/// once a permit is held, with the request's id.
-pub(super) async fn serve<R, P, F>(
+/// error response ends the request's log. `plan` is the route's request adapter: a future
+/// polled only once a permit is held (a future does nothing until then), which takes the
+/// request's id from [`SharedState`]'s counter itself.
+pub(super) async fn serve<R: Reply>(
     state: &SharedState,
     request_id: String,
     logged_as: Endpoint,
-    plan: P,
-) -> Result<Response, ApiError>
-where
-    R: Reply,
-    P: FnOnce(RequestId) -> F,
-    F: Future<Output = Result<Plan<R>, ApiError>>,
-{
+    plan: impl Future<Output = Result<Plan<R>, ApiError>>,
+) -> Result<Response, ApiError> {
     let log = RequestLog::start(logged_as, &request_id);
     let span = log.span().clone();
     let mut log = Some(log);
@@ -83,27 +76,21 @@ where
 /// Admits, plans, dispatches and answers. A stream takes `log` to its producer task; else it
 /// stays with the caller, who drops it (writing its line) when the handler ends or is
 /// dropped.
-async fn run<R, P, F>(
+async fn run<R: Reply>(
     state: &SharedState,
     request_id: String,
-    plan: P,
+    plan: impl Future<Output = Result<Plan<R>, ApiError>>,
     log: &mut Option<RequestLog>,
-) -> Result<Response, ApiError>
-where
-    R: Reply,
-    P: FnOnce(RequestId) -> F,
-    F: Future<Output = Result<Plan<R>, ApiError>>,
-{
+) -> Result<Response, ApiError> {
     let timer = RequestTimer::start(state.pool.metrics().clone());
     // The permit first: parsing a large body (a token array) costs many times its size.
     let mut permit = state.admit()?;
-    let id = RequestId(state.next_id.fetch_add(1, Ordering::Relaxed));
     let Plan {
         mut requests,
         per_prompt,
         stream,
         reply,
-    } = plan(id).await?;
+    } = plan.await?;
     for request in &mut requests {
         request.request_id.clone_from(&request_id);
     }
@@ -132,7 +119,7 @@ where
         drop(permit);
         // A moved request ends on another worker than it started on.
         let served_by = workers_header(&choices.last_workers);
-        let body = reply.respond(state, collected).await?;
+        let body = reply.respond(collected).await?;
         Ok((served_by, body).into_response())
     }
 }

@@ -205,29 +205,16 @@ impl Drop for RequestLog {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
     use axum::http::StatusCode;
     use llamapool_common::{RequestId, Timings, Usage};
     use serde_json::Value;
 
     use super::*;
+    use crate::log_capture::LogBuffer;
 
     /// Every line written while `f` runs, as JSON the way the router writes it.
     fn json_lines(f: impl FnOnce()) -> Vec<Value> {
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
+        let buffer = LogBuffer::default();
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
             .json()
@@ -237,12 +224,7 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, f);
-        let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect()
+        crate::log_capture::json_lines(&buffer.text())
     }
 
     fn output(tokens: usize, finish: Option<Finish>) -> SeqOutput {

@@ -13,14 +13,21 @@ use super::request::Endpoint;
 use super::timings::{ProgressBody, TimingsBody};
 use super::FINGERPRINT;
 
-/// A whole non-streamed response: `chat.completion` or `text_completion`.
+/// What every body of one request starts with.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CompletionBody<'a> {
+pub struct Head<'a> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
     pub system_fingerprint: &'static str,
+}
+
+/// A whole non-streamed response: `chat.completion` or `text_completion`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompletionBody<'a> {
+    #[serde(flatten)]
+    pub head: Head<'a>,
     pub choices: Vec<Choice<'a>>,
     pub usage: UsageBody,
     /// The first choice's (llama-server's extension).
@@ -35,11 +42,8 @@ pub struct CompletionBody<'a> {
 /// choice, or none (the usage chunk).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChunkBody<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub system_fingerprint: &'static str,
+    #[serde(flatten)]
+    pub head: Head<'a>,
     pub choices: Vec<Choice<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
@@ -151,11 +155,19 @@ impl Envelope {
         }
     }
 
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.endpoint, chunk) {
+    /// The head of a response (or, with `chunk`, of a chunk).
+    fn head(&self, chunk: bool) -> Head<'_> {
+        let object = match (self.endpoint, chunk) {
             (Endpoint::Chat, false) => "chat.completion",
             (Endpoint::Chat, true) => "chat.completion.chunk",
             (Endpoint::Completions, _) => "text_completion",
+        };
+        Head {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: FINGERPRINT,
         }
     }
 
@@ -169,11 +181,7 @@ impl Envelope {
         let first = choices.first().expect("at least one choice").finish;
         let usage = sum_usage(choices.iter().map(|c| &c.finish.usage), per_prompt);
         CompletionBody {
-            id: &self.id,
-            object: self.object(false),
-            created: self.created,
-            model: &self.model,
-            system_fingerprint: FINGERPRINT,
+            head: self.head(false),
             usage: UsageBody::from(&usage),
             timings: TimingsBody::finished(&first.usage, &first.timings),
             choices: choices
@@ -199,11 +207,7 @@ impl Envelope {
     /// A chunk holding `choice` (or none).
     fn chunk<'a>(&'a self, choice: Option<Choice<'a>>) -> ChunkBody<'a> {
         ChunkBody {
-            id: &self.id,
-            object: self.object(true),
-            created: self.created,
-            model: &self.model,
-            system_fingerprint: FINGERPRINT,
+            head: self.head(true),
             choices: choice.into_iter().collect(),
             usage: None,
             timings: None,
