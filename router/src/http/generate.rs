@@ -4,20 +4,18 @@
 //! the stream's chunks and `[DONE]`). Admission, dispatch, the request log and the stream's
 //! plumbing are [`super::pipeline`]'s and [`super::stream`]'s.
 
-use axum::extract::State;
 use axum::response::sse::Event;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::Json;
 use llamapool_common::protocol::Prompt;
 use llamapool_common::{Finish, SeqOutput};
 
 use super::choices::{choice_requests, Collected};
-use super::pipeline::{serve, Answer, Plan, Reply};
-use super::request_id::XRequestId;
+use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
 use super::slots::{first_slot_of, ignored_eog};
 use super::stream::{data, StreamFormat};
 use super::template::prompt_text;
-use super::{LimitedBody, SharedState};
+use super::SharedState;
 use crate::error::ApiError;
 use crate::openai::llama_server::{GenerationSettings, NativeFinal, NativeOptions};
 use crate::openai::logprobs::Logprobs;
@@ -27,32 +25,19 @@ use crate::openai::timings::RunningTimings;
 use crate::openai::{Endpoint, Envelope};
 
 /// `POST /v1/chat/completions` (and `/chat/completions`).
-pub async fn chat(
-    State(state): State<SharedState>,
-    XRequestId(request_id): XRequestId,
-    LimitedBody(body): LimitedBody,
-) -> Result<Response, ApiError> {
-    openai_route(&state, request_id, &body, Endpoint::Chat).await
+pub async fn chat(call: GenerationCall) -> Answer {
+    openai_route(call, Endpoint::Chat).await
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(
-    State(state): State<SharedState>,
-    XRequestId(request_id): XRequestId,
-    LimitedBody(body): LimitedBody,
-) -> Result<Response, ApiError> {
-    openai_route(&state, request_id, &body, Endpoint::Completions).await
+pub async fn completions(call: GenerationCall) -> Answer {
+    openai_route(call, Endpoint::Completions).await
 }
 
 /// One OpenAI generation, through the one pipeline.
-async fn openai_route(
-    state: &SharedState,
-    request_id: String,
-    body: &[u8],
-    endpoint: Endpoint,
-) -> Result<Response, ApiError> {
-    let plan = async { plan(state, body, endpoint) };
-    serve(state, request_id, endpoint, plan).await
+async fn openai_route(call: GenerationCall, endpoint: Endpoint) -> Answer {
+    let plan = async { plan(&call.state, &call.body, endpoint) };
+    serve(&call.state, &call.request_id, endpoint, plan).await
 }
 
 /// The request adapter: the body validated ([`parse_generation`]), its choices fanned out

@@ -12,19 +12,17 @@
 //! token's; with `timings_per_token`, every event carries the `timings` so far. A batch of
 //! prompts is answered at once, as an array of results each with its `index`.
 
-use axum::extract::State;
 use axum::response::sse::Event;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::Json;
 use llamapool_common::protocol::{ControlCall, ControlReply, Prompt};
 use llamapool_common::{Finish, RequestId, SeqOutput, Token};
 
 use super::choices::{choice_requests, Collected};
-use super::pipeline::{serve, Answer, Plan, Reply};
-use super::request_id::XRequestId;
+use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
 use super::slots::{first_slot_of, ignored_eog, SlotIds};
 use super::stream::{data, StreamFormat};
-use super::{LimitedBody, SharedState};
+use super::SharedState;
 use crate::dispatch::DispatchError;
 use crate::error::ApiError;
 use crate::openai::llama_server::{GenerationSettings, NativeFinal, NativeOptions, NativePartial};
@@ -35,20 +33,11 @@ use crate::openai::request::{
 use crate::openai::timings::RunningTimings;
 use crate::openai::{Endpoint, InvalidRequest, ValidRequest};
 
-/// `POST /completion` and `POST /completions`: llama-server's native completion.
-pub async fn completion(
-    State(state): State<SharedState>,
-    XRequestId(request_id): XRequestId,
-    LimitedBody(body): LimitedBody,
-) -> Result<Response, ApiError> {
-    // Logged as a completions request, like the OpenAI endpoint.
-    serve(
-        &state,
-        request_id,
-        Endpoint::Completions,
-        plan(&state, &body),
-    )
-    .await
+/// `POST /completion` and `POST /completions`: llama-server's native completion, logged as a
+/// completions request like the OpenAI endpoint.
+pub async fn completion(call: GenerationCall) -> Answer {
+    let plan = plan(&call.state, &call.body);
+    serve(&call.state, &call.request_id, Endpoint::Completions, plan).await
 }
 
 /// The request adapter: one generation per prompt (a batch is not streamed: 400).

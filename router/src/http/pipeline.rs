@@ -15,14 +15,17 @@
 
 use std::future::Future;
 
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use llamapool_common::protocol::GenerateRequest;
 use tracing::Instrument;
 
 use super::choices::{choice_timers, collect, Choices, Collected};
+use super::request_id::XRequestId;
 use super::request_log::RequestLog;
 use super::stream::{feed, sse_channel, StreamFormat};
-use super::SharedState;
+use super::{LimitedBody, SharedState};
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
 use crate::openai::Endpoint;
@@ -35,6 +38,30 @@ pub(super) struct Plan<R> {
     pub stream: bool,
     /// How the outputs are answered.
     pub reply: R,
+}
+
+/// What every generating route takes from its request: the shared state, the request's
+/// `x-request-id`, and its body (read with the size limit, [`LimitedBody`], not parsed yet).
+pub struct GenerationCall {
+    pub state: SharedState,
+    pub request_id: String,
+    pub body: Bytes,
+}
+
+impl FromRequest<SharedState> for GenerationCall {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &SharedState) -> Result<Self, ApiError> {
+        let (mut parts, body) = request.into_parts();
+        let Ok(XRequestId(request_id)) = XRequestId::from_request_parts(&mut parts, state).await;
+        let LimitedBody(body) =
+            LimitedBody::from_request(Request::from_parts(parts, body), state).await?;
+        Ok(Self {
+            state: state.clone(),
+            request_id,
+            body,
+        })
+    }
 }
 
 /// A whole response, or the error that replaces it.
@@ -57,11 +84,11 @@ pub(super) trait Reply: Send + 'static {
 /// request's id from [`SharedState`]'s counter itself.
 pub(super) async fn serve<R: Reply>(
     state: &SharedState,
-    request_id: String,
+    request_id: &str,
     logged_as: Endpoint,
     plan: impl Future<Output = Result<Plan<R>, ApiError>>,
 ) -> Result<Response, ApiError> {
-    let log = RequestLog::start(logged_as, &request_id);
+    let log = RequestLog::start(logged_as, request_id);
     let span = log.span().clone();
     let mut log = Some(log);
     let result = run(state, request_id, plan, &mut log)
@@ -78,7 +105,7 @@ pub(super) async fn serve<R: Reply>(
 /// dropped.
 async fn run<R: Reply>(
     state: &SharedState,
-    request_id: String,
+    request_id: &str,
     plan: impl Future<Output = Result<Plan<R>, ApiError>>,
     log: &mut Option<RequestLog>,
 ) -> Result<Response, ApiError> {
@@ -92,7 +119,7 @@ async fn run<R: Reply>(
         reply,
     } = plan.await?;
     for request in &mut requests {
-        request.request_id.clone_from(&request_id);
+        request_id.clone_into(&mut request.request_id);
     }
     // One permit per choice: each takes a sequence of its own.
     let more = u32::try_from(requests.len() - 1).unwrap_or(u32::MAX);
