@@ -5,7 +5,7 @@
 //!
 //! - **Live** ones, in [`Metrics`]: counters and histograms written as things happen, by the
 //!   HTTP layer (every response, through `http::info::record_response`), by each generation's
-//!   [`RequestTimer`] (`http::generate`), by connection tasks when a request finishes, by the
+//!   [`RequestTimer`] (`http::choices`), by connection tasks when a request finishes, by the
 //!   pool when it moves a request, by the supervisors when they kill a hung worker, and by an
 //!   abort guard when a client goes away.
 //! - **Scrape-time** ones, in [`Gauges`]: a snapshot of the pool taken when `/metrics` is read
