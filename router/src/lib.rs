@@ -4,6 +4,7 @@
 //! `metrics`. docs/ARCHITECTURE.md traces a request through them.
 //!
 //! - [`config`]: settings from file, environment and flags.
+//! - [`anthropic`]: Anthropic's Messages API bodies, both ways.
 //! - [`http`]: the route table, handlers, SSE, body limits and API keys.
 //! - [`openai`]: request bodies (typed, validated) and response shapes.
 //! - [`error`]: the one mapping of every layer's errors to HTTP.
@@ -12,6 +13,7 @@
 //! - [`llama_flags`]: llama-server's command line, as configuration overrides.
 //! - [`reload`]: the configuration source of `POST /admin/reload`.
 
+pub mod anthropic;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -141,15 +141,22 @@ pub fn process_alive(pid: u32) -> bool {
 /// Runs a Python script that drives `server` with the unmodified `openai` client: the script
 /// gets the server's base URL as `sys.argv[1]` and must print `ok` last.
 pub fn run_openai_client(server: &Router, script: &str) {
+    run_python_client(server, "openai", script);
+}
+
+/// Runs a Python script that drives `server` with the unmodified client `package` (`openai`,
+/// `anthropic`: scripts/test installs both): the script gets the server's base URL as
+/// `sys.argv[1]` and must print `ok` last.
+pub fn run_python_client(server: &Router, package: &str, script: &str) {
     let out = std::process::Command::new("python3")
         .args(["-c", script, &format!("http://{}", server.addr)])
         .output()
         .expect("python3 runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !stderr.contains("No module named 'openai'"),
-        "the openai package is missing: scripts/test installs it (python3 -m pip install openai)"
+        !stderr.contains(&format!("No module named '{package}'")),
+        "the {package} package is missing: scripts/test installs it (python3 -m pip install {package})"
     );
-    assert!(out.status.success(), "openai client failed:\n{stderr}");
+    assert!(out.status.success(), "{package} client failed:\n{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }

@@ -22,6 +22,7 @@ mod choices;
 pub mod cors;
 pub mod generate;
 pub mod info;
+pub mod messages;
 pub mod native;
 mod pipeline;
 pub mod request_id;
@@ -171,6 +172,9 @@ pub fn router(state: SharedState) -> Router {
             "/v1/chat/completions/input_tokens",
             post(template::chat_input_tokens),
         )
+        // Anthropic's Messages API.
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/v1/models", get(info::models))

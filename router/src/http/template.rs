@@ -28,7 +28,8 @@ pub async fn apply_template(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<RenderedBody>, ApiError> {
     let _permit = state.admit_control()?;
-    let prompt = render_chat(&state, &body).await?;
+    let body: ApplyTemplateBody = parse_json(&body)?;
+    let prompt = apply_template_call(&state, body.chat()?).await?;
     Ok(Json(RenderedBody { prompt }))
 }
 
@@ -41,16 +42,24 @@ pub async fn chat_input_tokens(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<InputTokensBody>, ApiError> {
     let _permit = state.admit_control()?;
-    let content = render_chat(&state, &body).await?;
+    let body: ApplyTemplateBody = parse_json(&body)?;
+    let input_tokens = count_chat_tokens(&state, body.chat()?).await?;
+    Ok(Json(InputTokensBody { input_tokens }))
+}
+
+/// How many prompt tokens `chat` is: rendered with the chat template and tokenized by a
+/// worker, as for generation (two control calls; the caller holds a control permit).
+pub(super) async fn count_chat_tokens(
+    state: &SharedState,
+    chat: ChatPrompt,
+) -> Result<usize, ApiError> {
     let call = ControlCall::Tokenize {
-        content,
+        content: apply_template_call(state, chat).await?,
         add_special: true,
         with_pieces: false,
     };
     match state.pool.control(call).await? {
-        ControlReply::Tokenized { tokens, .. } => Ok(Json(InputTokensBody {
-            input_tokens: tokens.len(),
-        })),
+        ControlReply::Tokenized { tokens, .. } => Ok(tokens.len()),
         ControlReply::Failed { message } => Err(ApiError::refused("messages", message)),
         other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
     }
@@ -66,16 +75,16 @@ pub(super) async fn prompt_text(state: &SharedState, prompt: Prompt) -> Option<S
     }
 }
 
-/// The `messages` of a body rendered by a worker with the chat template, ending as its
-/// `add_generation_prompt` and `continue_final_message` say.
-async fn render_chat(state: &SharedState, body: &[u8]) -> Result<String, ApiError> {
-    let body: ApplyTemplateBody = parse_json(body)?;
-    let chat = chat_prompt(
-        chat_messages(body.messages)?,
-        body.add_generation_prompt,
-        body.continue_final_message,
-    )?;
-    apply_template_call(state, chat).await
+impl ApplyTemplateBody {
+    /// The `messages`, ending as `add_generation_prompt` and `continue_final_message` say.
+    fn chat(self) -> Result<ChatPrompt, ApiError> {
+        let messages = chat_messages(self.messages)?;
+        Ok(chat_prompt(
+            messages,
+            self.add_generation_prompt,
+            self.continue_final_message,
+        )?)
+    }
 }
 
 /// `chat` rendered by a worker with the chat template (the `ApplyTemplate` control call).

@@ -770,7 +770,7 @@ fn parse_native(body: &[u8], served: &ServedModel) -> Result<(), InvalidRequest>
     Ok(())
 }
 
-/// `/apply-template`'s parse (`http::template::render_chat` before the worker call).
+/// `/apply-template`'s parse (`http::template`'s `ApplyTemplateBody::chat` before the worker call).
 fn parse_apply_template(body: &[u8]) -> Result<(), InvalidRequest> {
     let body: GenerationBody = parse_json(body)?;
     chat_prompt(

@@ -1,7 +1,8 @@
 //! The typed response bodies compared with recorded ones (`router/tests/shapes/`): llama-server's
-//! bodies recorded from the real server, and OpenAI's objects from its API reference. Each
-//! body is built as a route builds it and serialized; its keys and JSON types must match the
-//! recording's, but for the differences listed here by path (so a new one fails).
+//! bodies recorded from the real server (OpenAI-shaped, native and Anthropic-shaped), and
+//! OpenAI's objects from its API reference. Each body is built as a route builds it and
+//! serialized; its keys and JSON types must match the recording's, but for the differences
+//! listed here by path (so a new one fails).
 
 use llamapool_common::{
     Candidate, Finish, FinishReason, PromptProgress, RequestError, SamplingParams, StoppingParams,
@@ -390,4 +391,63 @@ fn the_comparison_catches_a_missing_or_retyped_field() {
         differences(&reference, &ours, false, &[".a"]),
         ["type .a.c[].d"]
     );
+}
+
+#[test]
+fn anthropic_bodies_match_llama_servers() {
+    use crate::anthropic::response::{BlockDelta, ContentBlock, MessageHead, StreamEvent};
+
+    let finish = finish();
+    let head = MessageHead::new("m");
+    let cases: [(Value, Value, &[&str]); 7] = [
+        (
+            recorded!("llama_server/anthropic_message.json"),
+            json_of(head.message("Hi", &finish)),
+            &[],
+        ),
+        (
+            recorded!("llama_server/anthropic_message_start.json"),
+            json_of(head.start(5, 1)),
+            &[],
+        ),
+        (
+            recorded!("llama_server/anthropic_content_block_start.json"),
+            json_of(StreamEvent::ContentBlockStart {
+                index: 0,
+                content_block: ContentBlock::Text { text: "" },
+            }),
+            &[],
+        ),
+        (
+            recorded!("llama_server/anthropic_content_block_delta.json"),
+            json_of(StreamEvent::ContentBlockDelta {
+                index: 0,
+                delta: BlockDelta::TextDelta { text: "Hi" },
+            }),
+            &[],
+        ),
+        (
+            recorded!("llama_server/anthropic_content_block_stop.json"),
+            json_of(StreamEvent::ContentBlockStop { index: 0 }),
+            &[],
+        ),
+        (
+            recorded!("llama_server/anthropic_message_delta.json"),
+            json_of(StreamEvent::message_delta(&finish)),
+            &[],
+        ),
+        (
+            recorded!("llama_server/anthropic_message_stop.json"),
+            json_of(StreamEvent::MessageStop),
+            &[],
+        ),
+    ];
+    for (reference, ours, expected) in cases {
+        let mut found = differences(&reference, &ours, true, &[]);
+        found.sort();
+        assert_eq!(found, expected, "{ours}");
+    }
+    let count = recorded!("llama_server/anthropic_count_tokens.json");
+    let ours = json_of(crate::http::messages::TokenCountBody { input_tokens: 3 });
+    assert_eq!(differences(&count, &ours, true, &[]), Vec::<String>::new());
 }

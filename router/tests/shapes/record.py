@@ -36,6 +36,11 @@ def events(text):
     return out
 
 
+def first(stream, kind):
+    """The first event of a stream with this `type`."""
+    return next(e for e in stream if e.get("type") == kind)
+
+
 def save(name, value):
     with open(f"{OUT}/{name}.json", "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
@@ -74,3 +79,11 @@ save("apply_template", json.loads(call("/apply-template",
 save("error_invalid", json.loads(call("/v1/chat/completions", {"messages": "x"})))
 save("error_context", json.loads(call("/completion",
                                       dict(native, prompt="hello " * 5000))))
+anthropic = {"model": "m", "max_tokens": 4, "temperature": 0, "system": "Be brief.",
+             "messages": [{"role": "user", "content": "Say hi"}]}
+save("anthropic_message", json.loads(call("/v1/messages", anthropic)))
+stream = events(call("/v1/messages", dict(anthropic, stream=True)))
+for kind in ["message_start", "content_block_start", "content_block_delta",
+             "content_block_stop", "message_delta", "message_stop"]:
+    save(f"anthropic_{kind}", first(stream, kind))
+save("anthropic_count_tokens", json.loads(call("/v1/messages/count_tokens", anthropic)))

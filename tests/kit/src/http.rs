@@ -234,6 +234,26 @@ impl SseReader {
         }
     }
 
+    /// The next event as (its `event:` name, if any, and its `data:` payload), or `None` at
+    /// the end of the response.
+    pub fn next_named(&mut self) -> Option<(Option<String>, String)> {
+        let mut name = None;
+        loop {
+            let mut line = String::new();
+            if self.lines.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if let Some(event) = line.strip_prefix("event: ") {
+                name = Some(event.to_string());
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                return Some((name, data.to_string()));
+            } else if line.starts_with(':') {
+                self.comments += 1;
+            }
+        }
+    }
+
     /// Every remaining payload.
     pub fn collect(mut self) -> Vec<String> {
         std::iter::from_fn(|| self.next_data()).collect()
