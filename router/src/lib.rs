@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus counters.
 //! - [`llama_flags`]: llama-server's command line, as configuration overrides.
 //! - [`reload`]: the configuration source of `POST /admin/reload`.
+//! - [`responses`]: OpenAI's Responses API bodies, both ways.
 
 pub mod anthropic;
 pub mod config;
@@ -24,3 +25,4 @@ mod log_capture;
 pub mod metrics;
 pub mod openai;
 pub mod reload;
+pub mod responses;

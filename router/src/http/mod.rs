@@ -27,6 +27,7 @@ pub mod native;
 mod pipeline;
 pub mod request_id;
 pub mod request_log;
+pub mod responses;
 pub mod slots;
 mod stream;
 pub mod template;
@@ -175,6 +176,9 @@ pub fn router(state: SharedState) -> Router {
         // Anthropic's Messages API.
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        // OpenAI's Responses API; `/responses` too, as llama-server.
+        .route("/v1/responses", post(responses::responses))
+        .route("/responses", post(responses::responses))
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/v1/models", get(info::models))

@@ -451,3 +451,166 @@ fn anthropic_bodies_match_llama_servers() {
     let ours = json_of(crate::http::messages::TokenCountBody { input_tokens: 3 });
     assert_eq!(differences(&count, &ours, true, &[]), Vec::<String>::new());
 }
+
+#[test]
+fn responses_bodies_match_llama_servers() {
+    use crate::responses::response::{EventKind, OutputText, ResponseHead, StreamEvent};
+
+    let finish = finish();
+    let head = ResponseHead::new("m");
+    let event = |kind, timings| {
+        json_of(StreamEvent {
+            kind,
+            sequence_number: 0,
+            timings,
+            prompt_progress: None,
+        })
+    };
+    let item = || head.message(Some("Hi"), "completed");
+    let ids = &head.message_id;
+    let timings = TimingsBody::finished(&finish.usage, &finish.timings);
+    // This server adds OpenAI's `sequence_number` to every event, and `created_at`, `model`
+    // and `output` to the response of the first two; its usage has `output_tokens_details`.
+    let numbered = "extra .sequence_number";
+    let cases: [(Value, Value, &[&str]); 10] = [
+        (
+            recorded!("llama_server/responses_response.json"),
+            json_of(head.completed("Hi", &finish)),
+            &[
+                "missing .completed_at",
+                "extra .usage.output_tokens_details",
+            ],
+        ),
+        (
+            recorded!("llama_server/responses_created.json"),
+            event(
+                EventKind::Created {
+                    response: head.in_progress(),
+                },
+                None,
+            ),
+            &[
+                numbered,
+                "extra .response.created_at",
+                "extra .response.model",
+                "extra .response.output",
+            ],
+        ),
+        (
+            recorded!("llama_server/responses_in_progress.json"),
+            event(
+                EventKind::InProgress {
+                    response: head.in_progress(),
+                },
+                None,
+            ),
+            &[
+                numbered,
+                "extra .response.created_at",
+                "extra .response.model",
+                "extra .response.output",
+            ],
+        ),
+        (
+            recorded!("llama_server/responses_output_item_added.json"),
+            event(
+                EventKind::ItemAdded {
+                    output_index: 0,
+                    item: head.message(None, "in_progress"),
+                },
+                None,
+            ),
+            &[numbered, "extra .output_index"],
+        ),
+        (
+            recorded!("llama_server/responses_content_part_added.json"),
+            event(
+                EventKind::PartAdded {
+                    item_id: ids,
+                    output_index: 0,
+                    content_index: 0,
+                    part: OutputText::new(""),
+                },
+                None,
+            ),
+            &[
+                numbered,
+                "extra .output_index",
+                "extra .content_index",
+                "extra .part.annotations",
+                "extra .part.logprobs",
+            ],
+        ),
+        (
+            recorded!("llama_server/responses_output_text_delta.json"),
+            event(
+                EventKind::TextDelta {
+                    item_id: ids,
+                    output_index: 0,
+                    content_index: 0,
+                    delta: "Hi",
+                },
+                None,
+            ),
+            &[numbered, "extra .output_index", "extra .content_index"],
+        ),
+        (
+            recorded!("llama_server/responses_output_text_done.json"),
+            event(
+                EventKind::TextDone {
+                    item_id: ids,
+                    output_index: 0,
+                    content_index: 0,
+                    text: "Hi",
+                },
+                None,
+            ),
+            &[numbered, "extra .output_index", "extra .content_index"],
+        ),
+        (
+            recorded!("llama_server/responses_content_part_done.json"),
+            event(
+                EventKind::PartDone {
+                    item_id: ids,
+                    output_index: 0,
+                    content_index: 0,
+                    part: OutputText::new("Hi"),
+                },
+                None,
+            ),
+            &[numbered, "extra .output_index", "extra .content_index"],
+        ),
+        (
+            recorded!("llama_server/responses_output_item_done.json"),
+            event(
+                EventKind::ItemDone {
+                    output_index: 0,
+                    item: item(),
+                },
+                None,
+            ),
+            &[numbered, "extra .output_index"],
+        ),
+        (
+            recorded!("llama_server/responses_completed.json"),
+            event(
+                EventKind::Completed {
+                    response: head.completed("Hi", &finish),
+                },
+                Some(timings),
+            ),
+            &[
+                numbered,
+                "extra .response.usage.output_tokens_details",
+                "extra .timings.queue_ms",
+            ],
+        ),
+    ];
+    for (reference, ours, expected) in cases {
+        let mut found = differences(&reference, &ours, true, &[]);
+        found.sort();
+        let mut expected: Vec<String> = expected.iter().map(|s| (*s).to_owned()).collect();
+        expected.sort();
+        assert_eq!(found, expected, "{ours}");
+    }
+}

@@ -87,3 +87,12 @@ for kind in ["message_start", "content_block_start", "content_block_delta",
              "content_block_stop", "message_delta", "message_stop"]:
     save(f"anthropic_{kind}", first(stream, kind))
 save("anthropic_count_tokens", json.loads(call("/v1/messages/count_tokens", anthropic)))
+responses = {"model": "m", "max_output_tokens": 4, "temperature": 0, "instructions": "Be brief.",
+             "input": [{"role": "user", "content": "Say hi"}]}
+save("responses_response", json.loads(call("/v1/responses", responses)))
+stream = events(call("/v1/responses", dict(responses, stream=True)))
+for kind in ["response.created", "response.in_progress", "response.output_item.added",
+             "response.content_part.added", "response.output_text.delta",
+             "response.output_text.done", "response.content_part.done",
+             "response.output_item.done", "response.completed"]:
+    save("responses_" + kind.replace("response.", "").replace(".", "_"), first(stream, kind))
