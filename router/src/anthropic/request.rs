@@ -96,7 +96,7 @@ impl MessagesBody {
         refuse_tools("tools", self.tools.as_ref())?;
         refuse_tools("tool_choice", self.tool_choice.as_ref())?;
         let Some(messages) = &self.messages else {
-            return Err(field("messages", "messages is required"));
+            return Err(InvalidRequest::field("messages", "messages is required"));
         };
         let mut chat = Vec::with_capacity(messages.len() + 1);
         if let Some(system) = &self.system {
@@ -118,13 +118,6 @@ impl MessagesBody {
     }
 }
 
-fn field(param: impl Into<String>, message: impl Into<String>) -> InvalidRequest {
-    InvalidRequest::Field {
-        param: param.into(),
-        message: message.into(),
-    }
-}
-
 /// Tool use is not served yet: any value but `null` or an empty list is refused by name.
 fn refuse_tools(param: &'static str, value: Option<&Value>) -> Result<(), InvalidRequest> {
     match value {
@@ -140,7 +133,7 @@ fn refuse_tools(param: &'static str, value: Option<&Value>) -> Result<(), Invali
 fn message_in(index: usize, message: &MessageIn) -> Result<ChatMessage, InvalidRequest> {
     let param = format!("messages[{index}]");
     if !matches!(message.role.as_str(), "user" | "assistant") {
-        return Err(field(
+        return Err(InvalidRequest::field(
             format!("{param}.role"),
             format!(
                 "{param}.role must be \"user\" or \"assistant\", got {:?}",
@@ -165,13 +158,13 @@ fn blocks_text(param: &str, blocks: &[BlockIn]) -> Result<String, InvalidRequest
         match (block.kind.as_str(), &block.text) {
             ("text", Some(t)) => text.push_str(t),
             ("text", None) => {
-                return Err(field(
+                return Err(InvalidRequest::field(
                     format!("{param}[{j}].text"),
                     format!("{param}[{j}] is a text block without text"),
                 ))
             }
             (kind, _) => {
-                return Err(field(
+                return Err(InvalidRequest::field(
                     format!("{param}[{j}].type"),
                     format!("{param}[{j}]: {kind:?} blocks are not supported, only text"),
                 ))

@@ -16,14 +16,13 @@ use serde::Serialize;
 
 use super::choices::Collected;
 use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
-use super::stream::StreamFormat;
+use super::stream::{named, StreamFormat};
 use super::template::count_chat_tokens;
 use super::{LimitedBody, SharedState};
 use crate::anthropic::request::MessagesBody;
 use crate::anthropic::response::{BlockDelta, ContentBlock, MessageHead, StreamEvent};
 use crate::error::ApiError;
 use crate::openai::request::parse_json;
-use crate::openai::timings::RunningTimings;
 use crate::openai::Endpoint;
 
 /// `POST /v1/messages`, logged as a chat request.
@@ -57,7 +56,6 @@ impl Reply for MessagesReply {
     fn stream(self, _choices: usize) -> MessagesStream {
         MessagesStream {
             head: self.head,
-            timings: RunningTimings::default(),
             started: false,
             text_block: false,
         }
@@ -72,39 +70,34 @@ impl Reply for MessagesReply {
 /// One streamed message's progress: whether `message_start` and the text block were sent.
 struct MessagesStream {
     head: MessageHead,
-    timings: RunningTimings,
     started: bool,
     text_block: bool,
 }
 
-/// An SSE event named by the Messages event's `type`.
-fn named(event: &StreamEvent) -> Event {
-    let json = serde_json::to_string(event).expect("response bodies serialize");
-    Event::default().event(event.name()).data(json)
+/// A Messages event as an SSE event named by its `type`.
+fn sse(event: &StreamEvent) -> Event {
+    named(event.name(), event)
 }
 
 impl StreamFormat for MessagesStream {
     fn output(&mut self, _index: usize, _worker: usize, o: &SeqOutput) -> Vec<Event> {
-        self.timings.on_output(o);
         let mut events = Vec::new();
         if !self.started {
             self.started = true;
-            let (prompt, cached) = o
-                .progress
-                .map_or((self.timings.prompt_tokens().unwrap_or(0), 0), |p| {
-                    (p.total, p.cache)
-                });
-            events.push(named(&self.head.start(prompt, cached)));
+            // The first output is the worker's first progress report (the stream asked for
+            // them), unless a resumed request's worker, which sends none, gives a token first.
+            let (prompt, cached) = o.progress.map_or((0, 0), |p| (p.total, p.cache));
+            events.push(sse(&self.head.start(prompt, cached)));
         }
         if !o.text.is_empty() {
             if !self.text_block {
                 self.text_block = true;
-                events.push(named(&StreamEvent::ContentBlockStart {
+                events.push(sse(&StreamEvent::ContentBlockStart {
                     index: 0,
                     content_block: ContentBlock::Text { text: "" },
                 }));
             }
-            events.push(named(&StreamEvent::ContentBlockDelta {
+            events.push(sse(&StreamEvent::ContentBlockDelta {
                 index: 0,
                 delta: BlockDelta::TextDelta { text: &o.text },
             }));
@@ -115,17 +108,15 @@ impl StreamFormat for MessagesStream {
     fn closing(&mut self, total: &Finish) -> Vec<Event> {
         let mut events = Vec::new();
         if !self.started {
-            events.push(named(
-                &self
-                    .head
-                    .start(total.usage.prompt_tokens, total.usage.cached_tokens),
-            ));
+            events.push(sse(&self
+                .head
+                .start(total.usage.prompt_tokens, total.usage.cached_tokens)));
         }
         if self.text_block {
-            events.push(named(&StreamEvent::ContentBlockStop { index: 0 }));
+            events.push(sse(&StreamEvent::ContentBlockStop { index: 0 }));
         }
-        events.push(named(&StreamEvent::message_delta(total)));
-        events.push(named(&StreamEvent::MessageStop));
+        events.push(sse(&StreamEvent::message_delta(total)));
+        events.push(sse(&StreamEvent::MessageStop));
         events
     }
 }

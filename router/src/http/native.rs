@@ -20,7 +20,7 @@ use llamapool_common::{Finish, RequestId, SeqOutput, Token};
 
 use super::choices::{choice_requests, Collected};
 use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
-use super::slots::{first_slot_of, ignored_eog, SlotIds};
+use super::slots::{ignored_eog, SlotIds};
 use super::stream::{data, StreamFormat};
 use super::SharedState;
 use crate::dispatch::DispatchError;
@@ -130,13 +130,14 @@ impl Reply for NativeReply {
     /// `completion_probabilities` when there are any (as llama-server: only a non-streamed
     /// final result has them).
     async fn respond(self, collected: Vec<Collected>) -> Answer {
-        let state = &self.state;
+        // The numbering now, once for every result of a batch.
+        let slots = SlotIds::of(&self.state);
         let results: Vec<NativeFinal> = collected
             .iter()
             .zip(&self.options)
             .enumerate()
             .map(|(index, (c, options))| {
-                let slot = first_slot_of(state, c.worker).unwrap_or(0);
+                let slot = slots.of_worker(c.worker).unwrap_or(0);
                 let tokens: &[Token] = if options.return_tokens {
                     &c.tokens
                 } else {

@@ -16,11 +16,11 @@ use llamapool_common::{Finish, SeqOutput};
 
 use super::choices::Collected;
 use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
-use super::stream::StreamFormat;
+use super::stream::{named, StreamFormat};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::openai::request::{parse_json, StreamReports};
-use crate::openai::timings::{RunningTimings, TimingsBody};
+use crate::openai::timings::{ProgressBody, RunningTimings, TimingsBody};
 use crate::openai::Endpoint;
 use crate::responses::request::ResponsesBody;
 use crate::responses::response::{EventKind, OutputText, ResponseHead, StreamEvent};
@@ -60,7 +60,7 @@ impl Reply for ResponsesReply {
             head: self.head,
             reports: self.reports,
             timings: RunningTimings::default(),
-            next_sequence: 0,
+            numbers: Numbering::default(),
             started: false,
             text: None,
         }
@@ -72,74 +72,66 @@ impl Reply for ResponsesReply {
     }
 }
 
-/// One streamed response's progress: the next sequence number, whether it was announced,
-/// and the message's text so far (`None` before its first text).
+/// One streamed response's progress: whether it was announced, and the message's text so
+/// far (`None` before its first text).
 struct ResponsesStream {
     head: ResponseHead,
     reports: StreamReports,
     timings: RunningTimings,
-    next_sequence: u64,
+    numbers: Numbering,
     started: bool,
     text: Option<String>,
 }
 
-impl ResponsesStream {
-    /// `kind` as the next event, named by its type.
-    fn event(&mut self, kind: EventKind, timings: Option<TimingsBody>) -> Event {
+/// The events' `sequence_number`s: 0, 1, … in the order they are sent.
+#[derive(Default)]
+struct Numbering(u64);
+
+impl Numbering {
+    /// `kind` as the next event, named by its type, with llama-server's extras.
+    fn event(
+        &mut self,
+        kind: EventKind,
+        timings: Option<TimingsBody>,
+        prompt_progress: Option<ProgressBody>,
+    ) -> Event {
+        let name = kind.name();
         let event = StreamEvent {
             kind,
-            sequence_number: self.next_sequence,
+            sequence_number: self.0,
             timings,
-            prompt_progress: None,
+            prompt_progress,
         };
-        self.next_sequence += 1;
-        named(&event)
+        self.0 += 1;
+        named(name, &event)
     }
 
-    /// `response.created` and `response.in_progress`, once.
-    fn announce(&mut self, events: &mut Vec<Event>) {
-        if self.started {
-            return;
-        }
-        self.started = true;
-        let head = self.head.clone();
-        events.push(self.event(
-            EventKind::Created {
-                response: head.in_progress(),
-            },
-            None,
-        ));
-        events.push(self.event(
-            EventKind::InProgress {
-                response: head.in_progress(),
-            },
-            None,
-        ));
+    /// `response.created` and `response.in_progress`.
+    fn announce(&mut self, head: &ResponseHead, events: &mut Vec<Event>) {
+        let created = EventKind::Created {
+            response: head.in_progress(),
+        };
+        events.push(self.event(created, None, None));
+        let in_progress = EventKind::InProgress {
+            response: head.in_progress(),
+        };
+        events.push(self.event(in_progress, None, None));
     }
-}
-
-fn named(event: &StreamEvent) -> Event {
-    let json = serde_json::to_string(event).expect("response bodies serialize");
-    Event::default().event(event.kind.name()).data(json)
 }
 
 impl StreamFormat for ResponsesStream {
     fn output(&mut self, _index: usize, _worker: usize, o: &SeqOutput) -> Vec<Event> {
+        let (head, numbers) = (&self.head, &mut self.numbers);
         let mut events = Vec::new();
-        self.announce(&mut events);
-        let head = self.head.clone();
+        if !std::mem::replace(&mut self.started, true) {
+            numbers.announce(head, &mut events);
+        }
         if o.is_progress() {
             if let Some((progress, running)) = self.timings.report(o, self.reports) {
-                let event = StreamEvent {
-                    kind: EventKind::InProgress {
-                        response: head.in_progress(),
-                    },
-                    sequence_number: self.next_sequence,
-                    timings: running,
-                    prompt_progress: Some(progress),
+                let in_progress = EventKind::InProgress {
+                    response: head.in_progress(),
                 };
-                self.next_sequence += 1;
-                events.push(named(&event));
+                events.push(numbers.event(in_progress, running, Some(progress)));
             }
             return events;
         }
@@ -147,27 +139,23 @@ impl StreamFormat for ResponsesStream {
         if o.text.is_empty() {
             return events;
         }
-        if self.text.is_none() {
-            self.text = Some(String::new());
+        let text = self.text.get_or_insert_with(|| {
             let item = head.message(None, "in_progress");
-            events.push(self.event(
-                EventKind::ItemAdded {
-                    output_index: 0,
-                    item,
-                },
-                None,
-            ));
+            let added = EventKind::ItemAdded {
+                output_index: 0,
+                item,
+            };
+            events.push(numbers.event(added, None, None));
             let part = EventKind::PartAdded {
                 item_id: &head.message_id,
                 output_index: 0,
                 content_index: 0,
                 part: OutputText::new(""),
             };
-            events.push(self.event(part, None));
-        }
-        if let Some(text) = self.text.as_mut() {
-            text.push_str(&o.text);
-        }
+            events.push(numbers.event(part, None, None));
+            String::new()
+        });
+        text.push_str(&o.text);
         let running = self.reports.timings.then(|| self.timings.body());
         let delta = EventKind::TextDelta {
             item_id: &head.message_id,
@@ -175,47 +163,43 @@ impl StreamFormat for ResponsesStream {
             content_index: 0,
             delta: &o.text,
         };
-        events.push(self.event(delta, running));
+        events.push(numbers.event(delta, running, None));
         events
     }
 
     fn closing(&mut self, total: &Finish) -> Vec<Event> {
+        let (head, numbers) = (&self.head, &mut self.numbers);
         let mut events = Vec::new();
-        self.announce(&mut events);
-        let head = self.head.clone();
+        if !self.started {
+            numbers.announce(head, &mut events);
+        }
         let text = self.text.take();
         if let Some(text) = &text {
-            let ids = (&head.message_id, 0, 0);
-            events.push(self.event(
-                EventKind::TextDone {
-                    item_id: ids.0,
-                    output_index: ids.1,
-                    content_index: ids.2,
-                    text,
-                },
-                None,
-            ));
-            events.push(self.event(
-                EventKind::PartDone {
-                    item_id: ids.0,
-                    output_index: ids.1,
-                    content_index: ids.2,
-                    part: OutputText::new(text),
-                },
-                None,
-            ));
+            let item_id = &head.message_id;
+            let done = EventKind::TextDone {
+                item_id,
+                output_index: 0,
+                content_index: 0,
+                text,
+            };
+            events.push(numbers.event(done, None, None));
+            let part = EventKind::PartDone {
+                item_id,
+                output_index: 0,
+                content_index: 0,
+                part: OutputText::new(text),
+            };
+            events.push(numbers.event(part, None, None));
             let item = head.message(Some(text), "completed");
-            events.push(self.event(
-                EventKind::ItemDone {
-                    output_index: 0,
-                    item,
-                },
-                None,
-            ));
+            let item_done = EventKind::ItemDone {
+                output_index: 0,
+                item,
+            };
+            events.push(numbers.event(item_done, None, None));
         }
         let response = head.completed(text.as_deref().unwrap_or(""), total);
         let timings = TimingsBody::finished(&total.usage, &total.timings);
-        events.push(self.event(EventKind::Completed { response }, Some(timings)));
+        events.push(numbers.event(EventKind::Completed { response }, Some(timings), None));
         events
     }
 }

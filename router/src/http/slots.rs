@@ -29,12 +29,16 @@ impl SlotIds {
     pub(super) fn first_of(&self, worker: usize) -> u32 {
         self.0.iter().take(worker).sum()
     }
+
+    /// [`SlotIds::first_of`]; `None` for a worker the pool does not have.
+    pub(super) fn of_worker(&self, worker: usize) -> Option<u32> {
+        (worker < self.0.len()).then(|| self.first_of(worker))
+    }
 }
 
-/// The first pool-wide slot id of `worker`; `None` for a worker the pool does not have.
+/// The first pool-wide slot id of `worker` now; `None` for a worker the pool does not have.
 pub(super) fn first_slot_of(state: &SharedState, worker: usize) -> Option<u32> {
-    let slots = SlotIds::of(state);
-    (worker < slots.0.len()).then(|| slots.first_of(worker))
+    SlotIds::of(state).of_worker(worker)
 }
 
 /// The tokens `ignore_eos` bans: the served model's end-of-generation tokens, as a ready worker

@@ -23,6 +23,13 @@ pub(super) fn data(body: &impl Serialize) -> Event {
     Event::default().data(json)
 }
 
+/// An SSE event named `name` holding `body` as JSON, its `event:` line before its `data:`
+/// line: the APIs whose clients read events by name (Anthropic's, OpenAI's Responses).
+pub(super) fn named(name: &'static str, body: &impl Serialize) -> Event {
+    let json = serde_json::to_string(body).expect("response bodies serialize");
+    Event::default().event(name).data(json)
+}
+
 /// A stream's two ends: the sink its producer task feeds, and the SSE response body (with
 /// `: ping` comments after `server.keepalive_secs` of quiet).
 pub(super) fn sse_channel(

@@ -101,7 +101,7 @@ impl ResponsesBody {
             chat.push(message("system", instructions.clone()));
         }
         match &self.input {
-            None => return Err(field("input", "input is required")),
+            None => return Err(InvalidRequest::field("input", "input is required")),
             Some(InputIn::Text(text)) => chat.push(message("user", text.clone())),
             Some(InputIn::Items(items)) => {
                 for (i, item) in items.iter().enumerate() {
@@ -133,13 +133,6 @@ fn message(role: &str, content: String) -> ChatMessage {
     }
 }
 
-fn field(param: impl Into<String>, message: impl Into<String>) -> InvalidRequest {
-    InvalidRequest::Field {
-        param: param.into(),
-        message: message.into(),
-    }
-}
-
 /// Tools are not served yet: any value but `null`, `"none"` or an empty list is refused.
 fn refuse(param: &'static str, value: Option<&Value>) -> Result<(), InvalidRequest> {
     match value {
@@ -158,7 +151,7 @@ fn refuse(param: &'static str, value: Option<&Value>) -> Result<(), InvalidReque
 fn item_message(index: usize, item: &ItemIn) -> Result<ChatMessage, InvalidRequest> {
     let param = format!("input[{index}]");
     if let Some(kind) = item.kind.as_deref().filter(|k| *k != "message") {
-        return Err(field(
+        return Err(InvalidRequest::field(
             format!("{param}.type"),
             format!("{param}: {kind:?} items are not supported, only messages"),
         ));
@@ -167,7 +160,7 @@ fn item_message(index: usize, item: &ItemIn) -> Result<ChatMessage, InvalidReque
         Some("developer") => "system",
         Some(role @ ("user" | "system" | "assistant")) => role,
         other => {
-            return Err(field(
+            return Err(InvalidRequest::field(
                 format!("{param}.role"),
                 format!("{param}.role must be user, system, developer or assistant, got {other:?}"),
             ))
@@ -188,7 +181,7 @@ fn parts_text(param: &str, parts: &[PartIn]) -> Result<String, InvalidRequest> {
         match (part.kind.as_str(), &part.text) {
             ("input_text" | "output_text", Some(t)) => text.push_str(t),
             (kind, _) => {
-                return Err(field(
+                return Err(InvalidRequest::field(
                     format!("{param}[{j}].type"),
                     format!("{param}[{j}]: {kind:?} parts are not supported, only input_text and output_text with text"),
                 ))

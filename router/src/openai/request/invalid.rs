@@ -23,7 +23,8 @@ pub enum InvalidRequest {
 }
 
 impl InvalidRequest {
-    pub(super) fn field(param: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A refused field, named by its path, and why.
+    pub(crate) fn field(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Field {
             param: param.into(),
             message: message.into(),
