@@ -60,6 +60,25 @@ fn raw_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u
     (status, answer)
 }
 
+/// Sends only the head of a POST announcing `length` bytes of JSON, and returns the status
+/// line's code and the whole answer.
+fn announced_only(addr: &str, path: &str, length: usize) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
 fn nested_array_schema(depth: usize) -> Value {
     let mut schema = json!({"type": "string"});
     for _ in 0..depth {
@@ -203,4 +222,65 @@ fn no_attack_costs_a_worker_the_pool_or_the_stream_under_way() {
     assert_eq!(lives(&router), before);
     let peak = peak_rss_kib(router.pid());
     assert!(peak > 0 && peak < 300 * 1024, "router peak RSS {peak} KiB");
+}
+
+/// The Messages and Responses routes (issue 20) take the same hostile bodies as the others, on
+/// the default configuration: garbage, JSON nested past serde's limit and a body over
+/// `server.max_body_bytes` are clear errors before anything is dispatched; a body just under
+/// the limit holding one 3.5 MB message is rendered and tokenized by a worker and refused as
+/// too long for the context (or, for `count_tokens`, counted). No worker dies, the router
+/// stays small, and a plain request is served after each.
+#[test]
+fn the_messages_and_responses_routes_refuse_hostile_bodies_clearly() {
+    let mut router = Router::launch(DEFAULT_CONFIG).unwrap_or_else(|e| panic!("{e}"));
+    router
+        .wait_ready(Duration::from_secs(120), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = lives(&router);
+    let huge = "hello ".repeat(600_000);
+    let routes: [(&str, Value); 3] = [
+        (
+            "/v1/messages",
+            json!({"max_tokens": 4, "messages": [{"role": "user", "content": huge}]}),
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"messages": [{"role": "user", "content": huge}]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"max_output_tokens": 4, "input": huge}),
+        ),
+    ];
+    let deep = format!(
+        "{{\"messages\": {}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    for (path, large) in routes {
+        let json_type = [("Content-Type", "application/json")];
+        let (status, answer) = raw_post(&router.addr, path, &json_type, &[b'{'; 1024]);
+        assert_eq!(status, 400, "{path} garbage: {answer}");
+        assert!(answer.contains("\"error\""), "{path}: {answer}");
+        let (status, answer) = raw_post(&router.addr, path, &json_type, deep.as_bytes());
+        assert_eq!(status, 400, "{path} nesting: {answer}");
+        // A body announced over the limit is refused on its Content-Length, before a byte of
+        // it is read (the router closes the connection then, so none is sent here).
+        let (status, answer) = announced_only(&router.addr, path, 5 * 1024 * 1024);
+        assert_eq!(status, 413, "{path} over the limit: {answer}");
+        let start = Instant::now();
+        let r = router.post(path, &large);
+        if path.ends_with("count_tokens") {
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            assert!(r.json()["input_tokens"].as_u64().unwrap() > 500_000);
+        } else {
+            assert_eq!(r.status, 400, "{path}: {}", r.text());
+            assert_eq!(r.json()["error"]["type"], "exceed_context_size_error");
+        }
+        eprintln!("{path}: 3.5 MB message answered in {:?}", start.elapsed());
+        assert_eq!(plain(&router), 200, "after {path}");
+        assert_eq!(lives(&router), before, "after {path}");
+    }
+    let peak = peak_rss_kib(router.pid());
+    assert!(peak < 300 * 1024, "router peak {peak} KiB");
 }
