@@ -670,6 +670,7 @@ fn drive_engine(
                 stopping,
                 resumed: 0,
                 report_progress: false,
+                special_tokens: Vec::new(),
             },
             tx.clone(),
         );

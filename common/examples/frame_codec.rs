@@ -143,6 +143,7 @@ fn chat_prompt() -> Prompt {
     let message = |role: &str, content: &str| ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..ChatMessage::default()
     };
     Prompt::Chat(ChatPrompt {
         messages: vec![
@@ -154,6 +155,7 @@ fn chat_prompt() -> Prompt {
             ),
         ],
         ending: ChatEnding::OpenAssistant,
+        ..ChatPrompt::default()
     })
 }
 
@@ -181,6 +183,8 @@ fn token_output(id: u64, logprobs: usize) -> GenerationEvent {
         finish: None,
         logprobs,
         progress: None,
+        parsed: false,
+        chat: Vec::new(),
     })
 }
 

@@ -228,8 +228,10 @@ mod tests {
                 messages: vec![ChatMessage {
                     role: "user".into(),
                     content: "x".into(),
+                    ..ChatMessage::default()
                 }],
                 ending: ChatEnding::ContinueFinal,
+                ..ChatPrompt::default()
             }),
         ] {
             round_trip(ToWorker::Generate(GenerateRequest {
@@ -275,8 +277,10 @@ mod tests {
                     messages: vec![ChatMessage {
                         role: "system".into(),
                         content: "be brief".into(),
+                        ..ChatMessage::default()
                     }],
                     ending: ChatEnding::AsRendered,
+                    ..ChatPrompt::default()
                 },
             },
         });
@@ -322,6 +326,8 @@ mod tests {
                     }],
                 }],
                 progress: None,
+                parsed: false,
+                chat: Vec::new(),
             }),
             GenerationEvent::Output(SeqOutput::progress(
                 RequestId(1),
@@ -338,6 +344,8 @@ mod tests {
                 text: String::new(),
                 logprobs: Vec::new(),
                 progress: None,
+                parsed: false,
+                chat: Vec::new(),
                 finish: Some(Finish {
                     reason: FinishReason::Length,
                     usage: Usage {

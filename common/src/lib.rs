@@ -18,10 +18,10 @@ pub mod settings;
 pub mod worker;
 
 pub use params::ParamError;
-pub use params::{SamplingParams, StoppingParams};
+pub use params::{GrammarTrigger, SamplingParams, StoppingParams};
 pub use results::{
-    Candidate, ChatMessage, Finish, FinishReason, GenerationEvent, ModelInfo, PromptProgress,
-    RequestError, SeqOutput, Timings, TokenLogprob, Usage,
+    Candidate, ChatDelta, ChatMessage, Finish, FinishReason, GenerationEvent, ModelInfo,
+    PromptProgress, RequestError, SeqOutput, Timings, TokenLogprob, ToolCall, ToolCallDelta, Usage,
 };
 pub use worker::{ContextConfig, ContextError, FlashAttention, WorkerArgs};
 

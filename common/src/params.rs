@@ -35,6 +35,18 @@ pub struct SamplingParams {
     /// The worker parses it before accepting the request; a grammar llama.cpp refuses is a
     /// request error naming `grammar`.
     pub grammar: Option<String>,
+    /// A JSON schema's text (`response_format`, `json_schema`) every generated text must
+    /// match: the worker turns it into a grammar with llama.cpp's own converter (for a chat
+    /// request, together with the tools), so what llama-server accepts is accepted here.
+    /// Never set together with `grammar`.
+    pub json_schema: Option<String>,
+    /// Set by the worker for a grammar that llama.cpp's chat code made (tool calls, a schema):
+    /// when not empty the grammar is lazy, applied only from the first trigger on (a tool
+    /// call's opener), as llama-server does.
+    pub grammar_triggers: Vec<GrammarTrigger>,
+    /// Set by the worker: tokens the grammar accepts before the first generated one (the
+    /// assistant turn's opening the template already wrote, llama-server's prefill).
+    pub grammar_prefill: Vec<Token>,
     /// Log probabilities: `None` computes none (the default; greedy keeps its argmax
     /// shortcut); `Some(n)` sends, with every generated token, its log probability over the
     /// full vocabulary and the `n` (at most [`Self::MAX_TOP_LOGPROBS`]) most likely tokens.
@@ -56,9 +68,20 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             logit_bias_text: Vec::new(),
             grammar: None,
+            json_schema: None,
+            grammar_triggers: Vec::new(),
+            grammar_prefill: Vec::new(),
             logprobs: None,
         }
     }
+}
+
+/// What switches a lazy grammar on: a token, or a regular expression over the generated text
+/// (llama.cpp's trigger words are escaped into patterns; a full pattern is anchored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GrammarTrigger {
+    Token(Token),
+    Pattern(String),
 }
 
 impl SamplingParams {
@@ -148,7 +171,26 @@ impl SamplingParams {
         self.logit_bias_text
             .iter()
             .try_for_each(|(_, bias)| check_bias(&(0, *bias)))?;
-        self.grammar.as_deref().map_or(Ok(()), check_grammar)
+        self.grammar.as_deref().map_or(Ok(()), check_grammar)?;
+        if let Some(schema) = &self.json_schema {
+            if self.grammar.is_some() {
+                return Err(ParamError::new(
+                    "json_schema",
+                    "json_schema and grammar cannot be used together: give one constraint",
+                ));
+            }
+            if schema.len() > Self::MAX_GRAMMAR_BYTES {
+                return Err(ParamError::new(
+                    "json_schema",
+                    format!(
+                        "a JSON schema may be at most {} bytes, got {}",
+                        Self::MAX_GRAMMAR_BYTES,
+                        schema.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

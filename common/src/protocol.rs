@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 15;
+pub const PROTOCOL_VERSION: u32 = 16;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,11 +25,85 @@ pub enum Prompt {
     Chat(ChatPrompt),
 }
 
-/// A conversation to render with the model's chat template, and how the rendering ends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A conversation to render with the model's chat template, how the rendering ends, and what
+/// else the template and the output parser need (llama-server's `--jinja` inputs).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatPrompt {
     pub messages: Vec<ChatMessage>,
     pub ending: ChatEnding,
+    pub tools: ChatTools,
+    /// `chat_template_kwargs`: a JSON object's text (empty for none), each value passed to the
+    /// template as the variable of its key (`enable_thinking`, …).
+    pub template_kwargs: String,
+    pub reasoning: Reasoning,
+}
+
+/// The tools a chat request offers (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChatTools {
+    /// OpenAI's `tools` array as JSON text (empty for none): the router checked each is a
+    /// `function` with a name and an object of parameters.
+    pub tools: String,
+    pub choice: ToolChoice,
+    /// `parallel_tool_calls`; `None` lets the template decide (llama-server's default).
+    pub parallel: Option<bool>,
+}
+
+/// `tool_choice`; a named function is sent as `Required` with only that tool offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ToolChoice {
+    #[default]
+    Auto,
+    None,
+    Required,
+}
+
+/// How the model's reasoning is handled: where it goes in the answer (`reasoning_format`) and
+/// whether the template is asked to think (`enable_thinking`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reasoning {
+    pub format: ReasoningFormat,
+    pub enable_thinking: bool,
+}
+
+impl Default for Reasoning {
+    fn default() -> Self {
+        Self {
+            format: ReasoningFormat::Auto,
+            enable_thinking: true,
+        }
+    }
+}
+
+/// llama-server's `--reasoning-format`: `none` leaves thinking in the content; `auto` and
+/// `deepseek` move it to `reasoning_content`; `deepseek-legacy` does so in the final message
+/// but leaves `<think>` inline in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ReasoningFormat {
+    None,
+    #[default]
+    Auto,
+    Deepseek,
+    DeepseekLegacy,
+}
+
+impl ReasoningFormat {
+    /// llama.cpp's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Auto => "auto",
+            Self::Deepseek => "deepseek",
+            Self::DeepseekLegacy => "deepseek-legacy",
+        }
+    }
+
+    /// The format llama.cpp names so, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::None, Self::Auto, Self::Deepseek, Self::DeepseekLegacy]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
 }
 
 /// How a rendered conversation ends: llama-server's `add_generation_prompt` and

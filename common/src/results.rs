@@ -69,6 +69,31 @@ pub struct SeqOutput {
     /// Set on a prompt-processing progress report (a request with
     /// `GenerateRequest::report_progress`): such an output has no tokens, text or finish.
     pub progress: Option<PromptProgress>,
+    /// Set on every output of a chat request whose output the worker parses (llama.cpp's chat
+    /// parser): then `chat` says what the text meant, and `text` is still the raw text.
+    pub parsed: bool,
+    /// What this output's text changed in the parsed message: content, reasoning and tool
+    /// calls, in llama-server's diff order. Empty when nothing changed yet (a tool call's
+    /// opener is held back until it is sure).
+    pub chat: Vec<ChatDelta>,
+}
+
+/// One change of a parsed chat message (llama.cpp's `common_chat_msg_diff`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChatDelta {
+    pub reasoning: String,
+    pub content: String,
+    pub tool_call: Option<ToolCallDelta>,
+}
+
+/// A tool call's change: the call `index` (0-based, in the message), its id and name (sent
+/// when the call first appears) and more of its JSON arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
 }
 
 /// How far a request's prompt processing got (llama-server's `prompt_progress`): sent when the
@@ -113,6 +138,8 @@ impl SeqOutput {
             finish: Some(finish),
             logprobs: Vec::new(),
             progress: None,
+            parsed: false,
+            chat: Vec::new(),
         }
     }
 
@@ -125,6 +152,8 @@ impl SeqOutput {
             finish: None,
             logprobs: Vec::new(),
             progress: Some(progress),
+            parsed: false,
+            chat: Vec::new(),
         }
     }
 
@@ -221,11 +250,45 @@ pub struct ModelInfo {
     pub eog_tokens: Vec<Token>,
 }
 
-/// One chat message, after the router has flattened content parts into text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One chat message in OpenAI's terms, as the router validated it. Empty strings stand for
+/// absent fields (the wire format has no optional fields to skip).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
+    /// The text; for content given as parts, the parts' texts joined (what the router counts
+    /// and hashes).
     pub content: String,
+    /// The text parts when content came as a list of parts: templates that want typed content
+    /// get them as parts, as llama-server passes them.
+    pub text_parts: Vec<String>,
+    /// The calls an assistant message made.
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool result's `tool_call_id`.
+    pub tool_call_id: String,
+    /// A tool result's `name`.
+    pub name: String,
+    /// An assistant message's `reasoning_content`.
+    pub reasoning_content: String,
+}
+
+impl ChatMessage {
+    /// A plain message: a role and its text.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// One tool call of an assistant message (OpenAI's `{id, type: "function", function: {name,
+/// arguments}}`); `arguments` is JSON text, as OpenAI sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
 }
 
 #[cfg(test)]
@@ -243,6 +306,8 @@ mod tests {
                 finish,
                 logprobs: Vec::new(),
                 progress: None,
+                parsed: false,
+                chat: Vec::new(),
             })
         };
         let finish = Finish {

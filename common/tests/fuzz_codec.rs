@@ -217,8 +217,10 @@ fn to_worker_samples() -> Vec<ToWorker> {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: "x ☕".into(),
+            ..ChatMessage::default()
         }],
         ending: ChatEnding::ContinueFinal,
+        ..ChatPrompt::default()
     };
     let mut out = vec![ToWorker::Hello {
         version: PROTOCOL_VERSION,
@@ -324,6 +326,8 @@ fn from_worker_samples() -> Vec<FromWorker> {
                     }],
                 }],
                 progress: None,
+                parsed: false,
+                chat: Vec::new(),
             }),
             GenerationEvent::Output(SeqOutput::progress(
                 RequestId(1),
@@ -340,6 +344,8 @@ fn from_worker_samples() -> Vec<FromWorker> {
                 text: String::new(),
                 logprobs: Vec::new(),
                 progress: None,
+                parsed: false,
+                chat: Vec::new(),
                 finish: Some(finish),
             }),
             GenerationEvent::Rejected {

@@ -27,13 +27,15 @@ use std::time::UNIX_EPOCH;
 
 use llamapool_common::codec::{self, CodecError};
 use llamapool_common::protocol::{
-    ControlCall, ControlReply, FromWorker, GenerateRequest, Prompt, ToWorker, WorkerInfo,
-    WorkerStats, PROTOCOL_VERSION,
+    ChatEnding, ChatPrompt, ControlCall, ControlReply, FromWorker, GenerateRequest, Prompt,
+    ToWorker, WorkerInfo, WorkerStats, PROTOCOL_VERSION,
 };
 use llamapool_common::{
-    Finish, FinishReason, GenerationEvent, RequestError, RequestId, SeqOutput, Timings, Usage,
+    ChatDelta, Finish, FinishReason, GenerationEvent, GrammarTrigger, RequestError, RequestId,
+    SamplingParams, SeqOutput, Timings, Token, ToolCallDelta, Usage,
 };
 
+use crate::backend::chat::{ChatParser, ParsedDiff, ParserParams, Rendered};
 use crate::backend::Backend;
 use crate::engine::{
     Disconnected, EngineHooks, EngineRequest, EngineStats, EventSender, IterationHook,
@@ -44,6 +46,9 @@ use crate::{EngineHandle, Model, RunningEngine};
 /// What the writer thread sends.
 pub enum Outgoing {
     Event(GenerationEvent),
+    /// A chat request's output parser, sent before the request reaches the engine: the writer
+    /// parses that request's outputs until its final event.
+    Parse(RequestId, ChatParser),
     /// Written at once; events held for the current iteration stay held.
     Frame(FromWorker),
     /// The engine finished a loop iteration: write the events it produced, then its progress
@@ -365,10 +370,19 @@ impl Preparer {
     /// could not be prepared, `Accepted` then a `Cancelled` finish when it was aborted (what
     /// the engine answers for a request cancelled while queued). The request's end is logged
     /// in the current span (`run` enters the request's).
-    fn hand_over(&self, id: RequestId, prepared: Option<Result<EngineRequest, RequestError>>) {
+    fn hand_over(
+        &self,
+        id: RequestId,
+        prepared: Option<Result<(EngineRequest, Option<ChatParser>), RequestError>>,
+    ) {
         let span = tracing::Span::current();
         let events = match prepared {
-            Some(Ok(request)) => {
+            Some(Ok((request, parser))) => {
+                if let Some(parser) = parser {
+                    // Before the request can produce an event; the writer drops it with the
+                    // request's final event, wherever that comes from.
+                    let _ = self.out.send(Outgoing::Parse(id, parser));
+                }
                 let tx = self.out.clone();
                 let span = span.clone();
                 let events = EventSender::new(move |event| {
@@ -450,18 +464,42 @@ fn cancelled_before_start(id: RequestId) -> Vec<GenerationEvent> {
 
 /// Turns the protocol's request into the engine's: the prompt tokenized (the slow part: a
 /// chat template rendered, megabytes of text tokenized), a moved request's tokens appended.
-fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineRequest, RequestError> {
+/// A chat request also gets the parser of its output (see [`Parsers`]).
+fn engine_request(
+    request: GenerateRequest,
+    model: Model,
+) -> Result<(EngineRequest, Option<ChatParser>), RequestError> {
     abort_on_test_poison(&request.prompt);
+    let mut sampling = request.sampling;
+    let mut stopping = request.stopping;
+    let mut special_tokens = Vec::new();
+    let mut parser = None;
     let mut prompt = match request.prompt {
         Prompt::Text(text) => model.tokenize(&text, true),
         Prompt::Tokens(tokens) => tokens,
-        Prompt::Chat(chat) => model.chat_prompt_ending(&chat.messages, chat.ending)?,
+        Prompt::Chat(chat) => {
+            let rendered = model.render_chat(&chat, sampling.json_schema.as_deref())?;
+            let tokens = model.tokenize(&rendered.prompt, true);
+            sampling.json_schema = None;
+            special_tokens = chat_constraints(&rendered, model, &mut sampling)?;
+            stopping
+                .stop
+                .extend(rendered.additional_stops.iter().cloned());
+            parser = Some(output_parser(&rendered, &chat, &request.resumed, model)?);
+            tokens
+        }
     };
-    let mut sampling = request.sampling;
-    // Parsed here first, so the engine thread (which parses it again to build the request's
-    // sampler, while every sequence batched with it waits) sees only grammars that parsed.
-    if let Some(grammar) = &sampling.grammar {
-        model.check_grammar(grammar)?;
+    if let Some(schema) = sampling.json_schema.take() {
+        let grammar = model.schema_grammar(&schema)?;
+        model.check_generated_grammar(&grammar, &[])?;
+        sampling.grammar = Some(grammar);
+    } else if let Some(grammar) = &sampling.grammar {
+        // Parsed here first, so the engine thread (which parses it again to build the
+        // request's sampler, while every sequence batched with it waits) sees only grammars
+        // that parsed. A grammar the chat code made was checked with its triggers.
+        if sampling.grammar_triggers.is_empty() && sampling.grammar_prefill.is_empty() {
+            model.check_grammar(grammar)?;
+        }
     }
     for (text, bias) in std::mem::take(&mut sampling.logit_bias_text) {
         let tokens = model.tokenize(&text, false);
@@ -469,7 +507,6 @@ fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineReques
             .logit_bias
             .extend(tokens.into_iter().map(|t| (t, bias)));
     }
-    let mut stopping = request.stopping;
     let resumed = request.resumed.len();
     if resumed > 0 {
         // Continue a generation another worker started: what it produced becomes prompt, and
@@ -478,7 +515,7 @@ fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineReques
         stopping.max_tokens = stopping.max_tokens.map(|m| m.saturating_sub(done).max(1));
         prompt.extend(request.resumed);
     }
-    Ok(EngineRequest {
+    let request = EngineRequest {
         id: request.id,
         prompt,
         sampling,
@@ -486,7 +523,119 @@ fn engine_request(request: GenerateRequest, model: Model) -> Result<EngineReques
         resumed,
         // A resumed request is past its prompt for the client: its first tokens were sent.
         report_progress: request.report_progress && resumed == 0,
+        special_tokens,
+    };
+    Ok((request, parser))
+}
+
+/// What a chat rendering asks of sampling, as llama-server applies it: its grammar (tool calls,
+/// a schema) with the lazy triggers (a trigger word that is one token becomes a token trigger)
+/// or, for an eager one, the assistant opening to prefill; returns the tokens to keep as text
+/// (the preserved tokens that are one token each).
+fn chat_constraints(
+    rendered: &Rendered,
+    model: Model,
+    sampling: &mut SamplingParams,
+) -> Result<Vec<Token>, RequestError> {
+    let preserved = model.single_tokens(&rendered.preserved_tokens);
+    if rendered.grammar.is_empty() {
+        return Ok(preserved.into_iter().map(|(_, t)| t).collect());
+    }
+    if sampling.grammar.is_some() {
+        return Err(RequestError::InvalidParam {
+            param: "grammar".into(),
+            message: "Cannot use custom grammar constraints with tools.".into(),
+        });
+    }
+    let mut triggers = Vec::new();
+    if rendered.grammar_lazy {
+        for trigger in &rendered.grammar_triggers {
+            triggers.push(match trigger.kind {
+                TRIGGER_TOKEN => {
+                    GrammarTrigger::Token(Token::try_from(trigger.token).unwrap_or_default())
+                }
+                TRIGGER_WORD => match preserved.iter().find(|(text, _)| *text == trigger.value) {
+                    Some((_, token)) => GrammarTrigger::Token(*token),
+                    None => GrammarTrigger::Pattern(regex_escape(&trigger.value)),
+                },
+                TRIGGER_PATTERN_FULL => GrammarTrigger::Pattern(anchored(&trigger.value)),
+                _ => GrammarTrigger::Pattern(trigger.value.clone()),
+            });
+        }
+    } else if !rendered.generation_prompt.is_empty() {
+        sampling.grammar_prefill = prefill_tokens(&rendered.generation_prompt, model);
+    }
+    model.check_generated_grammar(&rendered.grammar, &triggers)?;
+    sampling.grammar = Some(rendered.grammar.clone());
+    sampling.grammar_triggers = triggers;
+    Ok(preserved.into_iter().map(|(_, t)| t).collect())
+}
+
+/// `common_grammar_trigger`'s types.
+const TRIGGER_TOKEN: i64 = 0;
+const TRIGGER_WORD: i64 = 1;
+const TRIGGER_PATTERN_FULL: i64 = 3;
+
+/// A regular expression matching `word` literally (llama.cpp's `regex_escape`).
+fn regex_escape(word: &str) -> String {
+    let mut out = String::with_capacity(word.len());
+    for c in word.chars() {
+        if ".^$|()*+?[]{}\\".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A pattern the whole output must match (llama.cpp anchors it).
+fn anchored(pattern: &str) -> String {
+    if pattern.is_empty() {
+        return "^$".into();
+    }
+    let start = if pattern.starts_with('^') { "" } else { "^" };
+    let end = if pattern.ends_with('$') { "" } else { "$" };
+    format!("{start}{pattern}{end}")
+}
+
+/// The assistant opening's tokens as llama-server prefills them into a grammar: special tokens
+/// parsed, a first token that only adds a leading space dropped.
+fn prefill_tokens(generation_prompt: &str, model: Model) -> Vec<Token> {
+    let tokens = model.tokenize(generation_prompt, false);
+    let starts_with_space = generation_prompt.starts_with(char::is_whitespace);
+    tokens
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, t)| {
+            let piece = model.piece(t);
+            !(i == 0 && piece.first().is_some_and(u8::is_ascii_whitespace) && !starts_with_space)
+        })
+        .map(|(_, t)| t)
+        .collect()
+}
+
+/// The parser of a chat request's output. A moved request's text so far is fed first, so it
+/// reports only what comes after.
+fn output_parser(
+    rendered: &Rendered,
+    chat: &ChatPrompt,
+    resumed: &[Token],
+    model: Model,
+) -> Result<ChatParser, RequestError> {
+    let mut parser = ChatParser::new(&ParserParams {
+        format: rendered.format,
+        reasoning_format: chat.reasoning.format.name().into(),
+        reasoning_in_content: false,
+        generation_prompt: rendered.generation_prompt.clone(),
+        parse_tool_calls: true,
+        is_continuation: chat.ending == ChatEnding::ContinueFinal,
+        parser: rendered.parser.clone(),
     })
+    .map_err(RequestError::ChatTemplate)?;
+    if !resumed.is_empty() {
+        let _already_sent = parser.feed(&model.detokenize(resumed), true);
+    }
+    Ok(parser)
 }
 
 fn control(call: ControlCall, model: Model) -> ControlReply {
@@ -514,9 +663,10 @@ fn control(call: ControlCall, model: Model) -> ControlReply {
                 },
             }
         }
-        ControlCall::ApplyTemplate { chat } => match model.render_chat(&chat.messages, chat.ending)
-        {
-            Ok(prompt) => ControlReply::Rendered { prompt },
+        ControlCall::ApplyTemplate { chat } => match model.render_chat(&chat, None) {
+            Ok(rendered) => ControlReply::Rendered {
+                prompt: rendered.prompt,
+            },
             Err(e) => ControlReply::Failed {
                 message: e.to_string(),
             },
@@ -524,19 +674,89 @@ fn control(call: ControlCall, model: Model) -> ControlReply {
     }
 }
 
+/// The output parsers of the chat requests in flight, owned by the writer thread: parsing
+/// re-reads a request's whole text per output (llama.cpp's parser is not incremental), work
+/// kept off the engine thread. A request's parser goes with its final event.
+#[derive(Default)]
+struct Parsers(HashMap<RequestId, ChatParser>);
+
+impl Parsers {
+    fn insert(&mut self, id: RequestId, parser: ChatParser) {
+        self.0.insert(id, parser);
+    }
+
+    /// Fills a parsed request's output with what its text changed; ends the parse with the
+    /// request. A model output the format's parser cannot read ends the request with a
+    /// rejection, as llama-server answers it.
+    fn parse(&mut self, event: &mut GenerationEvent) {
+        let id = event.id();
+        let Some(parser) = self.0.get_mut(&id) else {
+            return;
+        };
+        if let GenerationEvent::Output(output) = event {
+            if output.progress.is_none() {
+                let partial = output.finish.is_none();
+                match parser.feed(&output.text, partial) {
+                    Ok(diffs) => {
+                        output.parsed = true;
+                        output.chat = diffs.into_iter().map(chat_delta).collect();
+                    }
+                    Err(message) => {
+                        tracing::warn!(%id, %message, "the output does not parse");
+                        output.parsed = true;
+                        if !partial {
+                            // The final parse failed: what was sent stands; say nothing more.
+                            output.chat.clear();
+                        }
+                    }
+                }
+            } else {
+                output.parsed = true;
+            }
+        }
+        if event.is_final() {
+            self.0.remove(&id);
+        }
+    }
+}
+
+/// llama.cpp's diff in the protocol's terms.
+fn chat_delta(diff: ParsedDiff) -> ChatDelta {
+    ChatDelta {
+        reasoning: diff.reasoning_content_delta,
+        content: diff.content_delta,
+        tool_call: diff
+            .tool_call_index
+            .zip(diff.tool_call_delta)
+            .map(|(index, call)| ToolCallDelta {
+                index,
+                id: call.id,
+                name: call.name,
+                arguments: call.arguments,
+            }),
+    }
+}
+
 fn write_loop<W: Write>(mut send: W, rx: &Receiver<Outgoing>) {
     let mut wire = Vec::new();
     let mut events = Vec::new();
+    let mut parsers = Parsers::default();
     // While the engine runs, its events wait for the end of their iteration.
     let mut batching = true;
     while let Ok(item) = rx.recv() {
         match item {
-            Outgoing::Event(event) => {
+            Outgoing::Event(mut event) => {
+                parsers.parse(&mut event);
                 events.push(event);
                 if batching {
                     continue;
                 }
                 flush_events(&mut events, &mut wire);
+            }
+            Outgoing::Parse(id, parser) => parsers.insert(id, parser),
+            Outgoing::Frame(FromWorker::Events(mut frame_events)) => {
+                frame_events.iter_mut().for_each(|e| parsers.parse(e));
+                encode(&FromWorker::Events(frame_events), &mut wire);
             }
             Outgoing::Frame(frame) => encode(&frame, &mut wire),
             Outgoing::IterationEnd(progress) => {
@@ -604,6 +824,8 @@ mod tests {
             finish: None,
             logprobs: Vec::new(),
             progress: None,
+            parsed: false,
+            chat: Vec::new(),
         })
     }
 
@@ -784,8 +1006,8 @@ mod tests {
 
     const MANY_TOKENS: u32 = 1 << 19;
 
-    fn prepared(id: u64) -> Option<Result<EngineRequest, RequestError>> {
-        Some(Ok(EngineRequest {
+    fn prepared(id: u64) -> Option<Result<(EngineRequest, Option<ChatParser>), RequestError>> {
+        let request = EngineRequest {
             id: RequestId(id),
             prompt: vec![1, 2, 3],
             sampling: SamplingParams::greedy(),
@@ -796,7 +1018,9 @@ mod tests {
             },
             resumed: 0,
             report_progress: false,
-        }))
+            special_tokens: Vec::new(),
+        };
+        Some(Ok((request, None)))
     }
 
     /// Every event for `id` until its final one (engine events and whole frames alike).

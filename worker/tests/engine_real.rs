@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use llamapool_common::protocol::ChatPrompt;
 use llamapool_common::{
     ChatMessage, FinishReason, GenerationEvent, RequestError, RequestId, SamplingParams,
     StoppingParams,
@@ -325,21 +326,28 @@ fn chat_templates_from_the_model_or_the_configuration() {
     let messages = [ChatMessage {
         role: "user".into(),
         content: "Say hi".into(),
+        ..ChatMessage::default()
     }];
+    let chat = |messages: &[ChatMessage]| ChatPrompt {
+        messages: messages.to_vec(),
+        ..ChatPrompt::default()
+    };
     let smol = smollm2();
-    let tokens = smol
-        .chat_prompt(&messages)
+    let rendered = smol
+        .render_chat(&chat(&messages), None)
         .expect("SmolLM2 has a chat template");
-    let rendered = smol.detokenize(&tokens);
-    assert!(rendered.contains("Say hi"));
-    let pieces: String = tokens
-        .iter()
-        .map(|&t| String::from_utf8_lossy(&smol.piece(t)).into_owned())
-        .collect();
+    // SmolLM2's own Jinja template adds its default system prompt.
     assert!(
-        pieces.contains("<|im_start|>assistant"),
-        "rendered: {pieces}"
+        rendered
+            .prompt
+            .starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{}",
+        rendered.prompt
     );
+    assert!(rendered
+        .prompt
+        .ends_with("Say hi<|im_end|>\n<|im_start|>assistant\n"));
+    let tokens = smol.tokenize(&rendered.prompt, true);
     let engine = engine(1, 1024, 256);
     let out = run(
         &engine.handle,
@@ -358,9 +366,14 @@ fn chat_templates_from_the_model_or_the_configuration() {
         "run scripts/setup: {} is missing",
         gemma_path.display()
     );
+    // Without a template of its own, as llama-server: ChatML.
     let gemma = Model::load(&gemma_path, &ModelOptions::default()).unwrap();
-    let err = gemma.chat_prompt(&messages).unwrap_err();
-    assert!(err.to_string().contains("model.chat_template"), "{err}");
+    let rendered = gemma.render_chat(&chat(&messages), None).unwrap();
+    assert_eq!(
+        rendered.prompt,
+        "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // A built-in name goes through llama.cpp's template matcher.
     let gemma = Model::load(
         &gemma_path,
         &ModelOptions {
@@ -369,16 +382,25 @@ fn chat_templates_from_the_model_or_the_configuration() {
         },
     )
     .unwrap();
-    let tokens = gemma.chat_prompt(&messages).unwrap();
-    assert!(gemma.detokenize(&tokens).contains("Say hi"));
+    let rendered = gemma.render_chat(&chat(&messages), None).unwrap();
+    assert!(
+        rendered
+            .prompt
+            .contains("<start_of_turn>user\nSay hi<end_of_turn>"),
+        "{}",
+        rendered.prompt
+    );
     let bad = Model::load(
         &gemma_path,
         &ModelOptions {
-            chat_template: Some("no-such-template".into()),
+            chat_template: Some("{% if messages %}unclosed".into()),
             ..ModelOptions::default()
         },
     );
-    assert!(bad.is_err(), "an unknown template name must fail at load");
+    assert!(
+        bad.is_err(),
+        "a template that does not parse must fail at load"
+    );
 }
 
 #[test]

@@ -308,9 +308,35 @@ pub struct GenerationDefaults {
     pub top_p: Option<f32>,
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
+    /// Where a chat answer's reasoning goes (llama-server's `--reasoning-format`): `none`
+    /// (left in the content), `auto` or `deepseek` (`reasoning_content`, the default), or
+    /// `deepseek-legacy`. A request's `reasoning_format` decides over it.
+    pub reasoning_format: Option<String>,
+    /// Whether templates that can think are asked to (llama-server's `--reasoning`): `on`,
+    /// `off`, or `auto` (the default: the template's own default). A request's
+    /// `chat_template_kwargs.enable_thinking` decides over it.
+    pub reasoning: Option<String>,
 }
 
 impl GenerationDefaults {
+    /// `reasoning_format`, the default `deepseek` when absent.
+    pub fn reasoning_format(&self) -> crate::protocol::ReasoningFormat {
+        self.reasoning_format
+            .as_deref()
+            .and_then(crate::protocol::ReasoningFormat::from_name)
+            .unwrap_or(crate::protocol::ReasoningFormat::Deepseek)
+    }
+
+    /// `reasoning` as the template argument it sets: `Some(true)` for `on`, `Some(false)` for
+    /// `off`, `None` for `auto`.
+    pub fn enable_thinking(&self) -> Option<bool> {
+        match self.reasoning.as_deref() {
+            Some("on") => Some(true),
+            Some("off") => Some(false),
+            _ => None,
+        }
+    }
+
     /// `n_predict` as a token limit: `None` for no limit (absent, or negative as in
     /// llama-server's `-n -1`).
     pub fn max_tokens(&self) -> Option<u32> {
@@ -349,6 +375,19 @@ impl GenerationDefaults {
                 "generation.n_predict",
                 "must be at least 1, or -1 for no limit",
             ));
+        }
+        if let Some(format) = &self.reasoning_format {
+            if crate::protocol::ReasoningFormat::from_name(format).is_none() {
+                return Err(bad(
+                    "generation.reasoning_format",
+                    "must be none, auto, deepseek or deepseek-legacy",
+                ));
+            }
+        }
+        if let Some(mode) = &self.reasoning {
+            if !["on", "off", "auto"].contains(&mode.as_str()) {
+                return Err(bad("generation.reasoning", "must be on, off or auto"));
+            }
         }
         self.sampling()
             .validate()

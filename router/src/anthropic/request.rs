@@ -108,6 +108,7 @@ impl MessagesBody {
                 chat.push(ChatMessage {
                     role: "system".into(),
                     content: text,
+                    ..ChatMessage::default()
                 });
             }
         }
@@ -145,10 +146,7 @@ fn message_in(index: usize, message: &MessageIn) -> Result<ChatMessage, InvalidR
         ContentIn::Text(text) => text.clone(),
         ContentIn::Blocks(blocks) => blocks_text(&format!("{param}.content"), blocks)?,
     };
-    Ok(ChatMessage {
-        role: message.role.clone(),
-        content,
-    })
+    Ok(ChatMessage::text(message.role.clone(), content))
 }
 
 /// The text of text blocks, joined; any other block is refused, naming it.

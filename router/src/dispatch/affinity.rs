@@ -144,9 +144,11 @@ mod tests {
                 .map(|(role, content)| ChatMessage {
                     role: (*role).into(),
                     content: (*content).into(),
+                    ..ChatMessage::default()
                 })
                 .collect(),
             ending: ChatEnding::OpenAssistant,
+            ..ChatPrompt::default()
         })
     }
 

@@ -16,6 +16,7 @@ use super::SharedState;
 use crate::dispatch::{DispatchError, RequestHandle, StreamEvent};
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
+use crate::openai::parsed::ParsedMessage;
 use crate::openai::response::sum_usage;
 
 /// The requests of one HTTP request, prompt-major: `n` for `first`'s prompt, then `n` for
@@ -223,6 +224,8 @@ impl Choices {
 #[derive(Debug)]
 pub(super) struct Collected {
     pub text: String,
+    /// A chat answer the worker parsed (content, reasoning, tool calls).
+    pub parsed: Option<ParsedMessage>,
     pub tokens: Vec<Token>,
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Finish,
@@ -235,12 +238,16 @@ pub(super) async fn collect(
     choices: &mut Choices,
     log: &mut RequestLog,
 ) -> Result<Vec<Collected>, ApiError> {
-    let mut parts: Vec<(String, Vec<Token>, Vec<TokenLogprob>)> =
-        (0..choices.len()).map(|_| Default::default()).collect();
+    type Parts = (String, Option<ParsedMessage>, Vec<Token>, Vec<TokenLogprob>);
+    let mut parts: Vec<Parts> = (0..choices.len()).map(|_| Default::default()).collect();
     while let Some(event) = choices.next(log).await {
         let ChoiceOutput { index, output, .. } = event?;
-        let (text, tokens, logprobs) = &mut parts[index];
+        let (text, parsed, tokens, logprobs) = &mut parts[index];
         text.push_str(&output.text);
+        if output.parsed {
+            let parsed = parsed.get_or_insert_with(ParsedMessage::default);
+            output.chat.iter().for_each(|d| parsed.apply(d));
+        }
         tokens.extend_from_slice(&output.tokens);
         logprobs.extend_from_slice(&output.logprobs);
     }
@@ -248,13 +255,16 @@ pub(super) async fn collect(
         .into_iter()
         .zip(choices.finishes())
         .zip(&choices.last_workers)
-        .map(|(((text, tokens, logprobs), finish), &worker)| Collected {
-            text,
-            tokens,
-            logprobs,
-            finish,
-            worker,
-        })
+        .map(
+            |(((text, parsed, tokens, logprobs), finish), &worker)| Collected {
+                text,
+                parsed,
+                tokens,
+                logprobs,
+                finish,
+                worker,
+            },
+        )
         .collect())
 }
 

@@ -110,6 +110,7 @@ impl Reply for OpenAiReply {
                 .map(|_| Logprobs::new(endpoint, self.wants_logprobs))
                 .collect(),
             timings: vec![RunningTimings::default(); choices],
+            made_calls: vec![false; choices],
             envelope: self.envelope,
             extras: self.extras,
         }
@@ -140,6 +141,7 @@ impl Reply for OpenAiReply {
                 logprobs.push(&c.logprobs);
                 FinishedChoice {
                     text: &c.text,
+                    parsed: c.parsed.as_ref(),
                     finish: &c.finish,
                     logprobs: logprobs.take(),
                 }
@@ -170,6 +172,8 @@ struct OpenAiStream {
     extras: StreamExtras,
     logprobs: Vec<Logprobs>,
     timings: Vec<RunningTimings>,
+    /// Per choice: a tool call was streamed, so a stop finishes with `tool_calls`.
+    made_calls: Vec<bool>,
 }
 
 impl StreamFormat for OpenAiStream {
@@ -198,14 +202,24 @@ impl StreamFormat for OpenAiStream {
         let logprobs = &mut self.logprobs[index];
         logprobs.push(&o.logprobs);
         let mut events = Vec::new();
-        if !o.text.is_empty() {
-            let running = reports.timings.then(|| timings.body());
-            let chunk = envelope.text_chunk(index, &o.text, logprobs.take(), running);
+        let running = || reports.timings.then(|| timings.body());
+        if o.parsed {
+            // One chunk per change, as llama-server streams a parsed answer.
+            for delta in &o.chat {
+                self.made_calls[index] |= delta.tool_call.is_some();
+                let chunk = envelope.delta_chunk(index, delta, logprobs.take(), running());
+                events.push(data(&chunk));
+            }
+        } else if !o.text.is_empty() {
+            let chunk = envelope.text_chunk(index, &o.text, logprobs.take(), running());
             events.push(data(&chunk));
         }
         if let Some(finish) = &o.finish {
             let held_back = logprobs.has_pending().then(|| logprobs.take()).flatten();
-            events.push(data(&envelope.finish_chunk(index, finish, held_back)));
+            let made_calls = self.made_calls[index];
+            events.push(data(
+                &envelope.finish_chunk(index, finish, made_calls, held_back),
+            ));
         }
         events
     }

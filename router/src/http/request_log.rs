@@ -235,6 +235,8 @@ mod tests {
             finish,
             logprobs: Vec::new(),
             progress: None,
+            parsed: false,
+            chat: Vec::new(),
         }
     }
 

@@ -5,21 +5,12 @@
 use axum::extract::State;
 use axum::Json;
 use llamapool_common::protocol::{ChatPrompt, ControlCall, ControlReply, Prompt};
-use serde::Deserialize;
 
 use super::{LimitedBody, SharedState};
 use crate::dispatch::DispatchError;
 use crate::error::ApiError;
 use crate::openai::llama_server::{InputTokensBody, RenderedBody};
-use crate::openai::request::{chat_messages, chat_prompt, parse_json, MessageBody};
-
-/// The part of an `/apply-template` or `/chat/completions/input_tokens` body that is read.
-#[derive(Debug, Deserialize)]
-struct ApplyTemplateBody {
-    messages: Option<Vec<MessageBody>>,
-    add_generation_prompt: Option<bool>,
-    continue_final_message: Option<bool>,
-}
+use crate::openai::request::{parse_json, GenerationBody};
 
 /// `POST /apply-template`: `{"messages"}` rendered with the model's chat template by a worker,
 /// as a chat request's prompt would be → `{"prompt"}`. Holds a tokenize-call permit.
@@ -28,8 +19,9 @@ pub async fn apply_template(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<RenderedBody>, ApiError> {
     let _permit = state.admit_control()?;
-    let body: ApplyTemplateBody = parse_json(&body)?;
-    let prompt = apply_template_call(&state, body.chat()?).await?;
+    let mut body: GenerationBody = parse_json(&body)?;
+    let chat = body.chat(&state.served.defaults)?;
+    let prompt = apply_template_call(&state, chat).await?;
     Ok(Json(RenderedBody { prompt }))
 }
 
@@ -42,8 +34,9 @@ pub async fn chat_input_tokens(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<InputTokensBody>, ApiError> {
     let _permit = state.admit_control()?;
-    let body: ApplyTemplateBody = parse_json(&body)?;
-    let input_tokens = count_chat_tokens(&state, body.chat()?).await?;
+    let mut body: GenerationBody = parse_json(&body)?;
+    let chat = body.chat(&state.served.defaults)?;
+    let input_tokens = count_chat_tokens(&state, chat).await?;
     Ok(Json(InputTokensBody { input_tokens }))
 }
 
@@ -72,18 +65,6 @@ pub(super) async fn prompt_text(state: &SharedState, prompt: Prompt) -> Option<S
         Prompt::Text(text) => Some(text),
         Prompt::Tokens(_) => None,
         Prompt::Chat(chat) => apply_template_call(state, chat).await.ok(),
-    }
-}
-
-impl ApplyTemplateBody {
-    /// The `messages`, ending as `add_generation_prompt` and `continue_final_message` say.
-    fn chat(self) -> Result<ChatPrompt, ApiError> {
-        let messages = chat_messages(self.messages)?;
-        Ok(chat_prompt(
-            messages,
-            self.add_generation_prompt,
-            self.continue_final_message,
-        )?)
     }
 }
 

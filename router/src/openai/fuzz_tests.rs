@@ -770,14 +770,10 @@ fn parse_native(body: &[u8], served: &ServedModel) -> Result<(), InvalidRequest>
     Ok(())
 }
 
-/// `/apply-template`'s parse (`http::template`'s `ApplyTemplateBody::chat` before the worker call).
+/// `/apply-template`'s parse (`http::template` before the worker call).
 fn parse_apply_template(body: &[u8]) -> Result<(), InvalidRequest> {
-    let body: GenerationBody = parse_json(body)?;
-    chat_prompt(
-        chat_messages(body.messages)?,
-        body.add_generation_prompt,
-        body.continue_final_message,
-    )?;
+    let mut body: GenerationBody = parse_json(body)?;
+    body.chat(&Default::default())?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ mod fuzz_tests;
 pub mod grammar;
 pub mod llama_server;
 pub mod logprobs;
+pub mod parsed;
 pub mod request;
 pub mod response;
 #[cfg(test)]

@@ -4,11 +4,12 @@
 //! (`timings`, `prompt_progress`, `__verbose`). Built from what a worker reports; nothing here
 //! reads a request. The [`Envelope`] holds what every body of one request shares.
 
-use llamapool_common::{Finish, FinishReason, Usage};
+use llamapool_common::{ChatDelta, Finish, FinishReason, Usage};
 use serde::Serialize;
 
 use super::llama_server::NativeFinal;
 use super::logprobs::LogprobsBody;
+use super::parsed::{ParsedMessage, ToolCallBody, ToolCallDeltaBody};
 use super::request::Endpoint;
 use super::timings::{ProgressBody, TimingsBody};
 use super::FINGERPRINT;
@@ -79,7 +80,35 @@ pub enum ChoiceBody<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message<'a> {
     pub role: &'static str,
+    /// The answer's text; `""` (never `null`) when it only made tool calls, as llama-server.
     pub content: &'a str,
+    /// The model's reasoning, when the chat format separates it (`reasoning_format`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallBody<'a>>>,
+}
+
+impl<'a> Message<'a> {
+    /// The assistant's message: the parsed answer when the worker parsed it, else `text`.
+    fn of(text: &'a str, parsed: Option<&'a ParsedMessage>) -> Self {
+        let Some(parsed) = parsed else {
+            return Self {
+                role: "assistant",
+                content: text,
+                reasoning_content: None,
+                tool_calls: None,
+            };
+        };
+        Self {
+            role: "assistant",
+            content: &parsed.content,
+            reasoning_content: (!parsed.reasoning.is_empty()).then_some(parsed.reasoning.as_str()),
+            tool_calls: parsed
+                .made_calls()
+                .then(|| parsed.tool_calls.iter().map(ToolCallBody::from).collect()),
+        }
+    }
 }
 
 /// A chat chunk's `delta`: the role in the first chunk (with `content: null`, as llama-server
@@ -92,6 +121,10 @@ pub struct Delta<'a> {
     /// Absent (`None`), `null` (`Some(None)`) or the text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDeltaBody<'a>>>,
 }
 
 /// OpenAI's `usage`.
@@ -125,6 +158,8 @@ impl From<&Usage> for UsageBody {
 #[derive(Debug, Clone)]
 pub struct FinishedChoice<'a> {
     pub text: &'a str,
+    /// The parsed answer of a chat request whose output the worker parsed.
+    pub parsed: Option<&'a ParsedMessage>,
     pub finish: &'a Finish,
     pub logprobs: Option<LogprobsBody>,
 }
@@ -190,14 +225,16 @@ impl Envelope {
                 .map(|(index, choice)| Choice {
                     index,
                     body: match self.endpoint {
-                        Endpoint::Chat => ChoiceBody::Message(Message {
-                            role: "assistant",
-                            content: choice.text,
-                        }),
+                        Endpoint::Chat => {
+                            ChoiceBody::Message(Message::of(choice.text, choice.parsed))
+                        }
                         Endpoint::Completions => ChoiceBody::Text(choice.text),
                     },
                     logprobs: choice.logprobs,
-                    finish_reason: Some(finish_reason(choice.finish.reason)),
+                    finish_reason: Some(finish_reason(
+                        choice.finish.reason,
+                        choice.parsed.is_some_and(ParsedMessage::made_calls),
+                    )),
                 })
                 .collect(),
             verbose: None,
@@ -230,6 +267,7 @@ impl Envelope {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(None),
+            ..Delta::default()
         };
         self.choice_chunk(index, ChoiceBody::Delta(delta))
     }
@@ -263,8 +301,8 @@ impl Envelope {
     ) -> ChunkBody<'a> {
         let body = match self.endpoint {
             Endpoint::Chat => ChoiceBody::Delta(Delta {
-                role: None,
                 content: Some(Some(text)),
+                ..Delta::default()
             }),
             Endpoint::Completions => ChoiceBody::Text(text),
         };
@@ -274,12 +312,40 @@ impl Envelope {
         chunk
     }
 
-    /// A choice's last chunk: empty delta (or text), the finish reason, the log
-    /// probabilities still held back with text that never came, and the choice's timings.
+    /// A chat chunk of one parsed change (llama-server sends one per change): reasoning,
+    /// content or a tool call's part, with the log probabilities of its tokens and
+    /// (`timings_per_token`) the `timings` so far.
+    pub fn delta_chunk<'a>(
+        &'a self,
+        index: usize,
+        delta: &'a ChatDelta,
+        logprobs: Option<LogprobsBody>,
+        timings: Option<TimingsBody>,
+    ) -> ChunkBody<'a> {
+        let some = |s: &'a String| (!s.is_empty()).then_some(s.as_str());
+        let body = Delta {
+            content: some(&delta.content).map(Some),
+            reasoning_content: some(&delta.reasoning),
+            tool_calls: delta
+                .tool_call
+                .as_ref()
+                .map(|call| vec![ToolCallDeltaBody::from(call)]),
+            ..Delta::default()
+        };
+        let mut chunk = self.choice_chunk(index, ChoiceBody::Delta(body));
+        chunk.choices[0].logprobs = logprobs;
+        chunk.timings = timings;
+        chunk
+    }
+
+    /// A choice's last chunk: empty delta (or text), the finish reason (`tool_calls` for an
+    /// answer that `made_calls`), the log probabilities still held back with text that never
+    /// came, and the choice's timings.
     pub fn finish_chunk(
         &self,
         index: usize,
         finish: &Finish,
+        made_calls: bool,
         logprobs: Option<LogprobsBody>,
     ) -> ChunkBody<'_> {
         let body = match self.endpoint {
@@ -290,7 +356,7 @@ impl Envelope {
             index,
             body,
             logprobs,
-            finish_reason: Some(finish_reason(finish.reason)),
+            finish_reason: Some(finish_reason(finish.reason, made_calls)),
         }));
         chunk.timings = Some(TimingsBody::finished(&finish.usage, &finish.timings));
         chunk
@@ -321,8 +387,10 @@ pub fn sum_usage<'a>(usages: impl IntoIterator<Item = &'a Usage>, per_prompt: us
     total
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
+/// OpenAI's finish reason; a stopped answer that made tool calls ends with `tool_calls`.
+fn finish_reason(reason: FinishReason, made_calls: bool) -> &'static str {
     match reason {
+        FinishReason::Stop if made_calls => "tool_calls",
         FinishReason::Stop => "stop",
         FinishReason::Length | FinishReason::Cancelled => "length",
     }
@@ -359,7 +427,7 @@ mod tests {
         for chunk in [
             env.role_chunk(0),
             env.text_chunk(0, "a", None, None),
-            env.finish_chunk(0, &finish, None),
+            env.finish_chunk(0, &finish, false, None),
             env.usage_chunk(&finish),
         ] {
             let chunk = json_of(chunk);
@@ -367,7 +435,7 @@ mod tests {
             assert_eq!(chunk["object"], "chat.completion.chunk");
             assert_eq!(chunk["model"], "m");
         }
-        let last = json_of(env.finish_chunk(0, &finish, None));
+        let last = json_of(env.finish_chunk(0, &finish, false, None));
         assert_eq!(last["choices"][0]["delta"], json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
         let usage = json_of(env.usage_chunk(&finish));
@@ -395,11 +463,13 @@ mod tests {
             let choices = vec![
                 FinishedChoice {
                     text: "a",
+                    parsed: None,
                     finish: &stop,
                     logprobs: None,
                 },
                 FinishedChoice {
                     text: "b",
+                    parsed: None,
                     finish: &length,
                     logprobs: None,
                 },

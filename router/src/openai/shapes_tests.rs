@@ -113,6 +113,7 @@ fn response(endpoint: Endpoint, envelope: &Envelope, finish: &Finish) -> Value {
     logprobs.push(&token_logprobs());
     let choice = FinishedChoice {
         text: "Hi",
+        parsed: None,
         finish,
         logprobs: logprobs.take(),
     };
@@ -159,7 +160,7 @@ fn openai_bodies_have_every_field_of_openai_reference() {
         ),
         (
             recorded!("openai/chat_chunk_finish.json"),
-            json_of(chat.finish_chunk(0, &finish, None)),
+            json_of(chat.finish_chunk(0, &finish, false, None)),
         ),
         (
             recorded!("openai/chat_chunk_usage.json"),
@@ -217,7 +218,7 @@ fn openai_bodies_match_llama_servers() {
         ),
         (
             recorded!("llama_server/chat_chunk_finish.json"),
-            json_of(chat.finish_chunk(0, &finish, None)),
+            json_of(chat.finish_chunk(0, &finish, false, None)),
             // The finish chunk's timings are this server's (llama-server sends them in the
             // usage chunk only).
             &["extra .choices[].logprobs", "extra .timings"],
@@ -248,7 +249,7 @@ fn openai_bodies_match_llama_servers() {
         ),
         (
             recorded!("llama_server/completion_chunk_finish.json"),
-            json_of(text.finish_chunk(0, &finish, None)),
+            json_of(text.finish_chunk(0, &finish, false, None)),
             // llama-server puts the usage in a completion's finish chunk; this server sends
             // it in a chunk of its own with `stream_options.include_usage`, as OpenAI does.
             &["missing .usage", "extra .timings.queue_ms"],

@@ -209,6 +209,8 @@ mod tests {
         let tokens = |n: usize| SeqOutput {
             tokens: vec![1; n],
             progress: None,
+            parsed: false,
+            chat: Vec::new(),
             ..progress(0, 0.0)
         };
         t.on_output_at(&tokens(1), start);

@@ -127,10 +127,7 @@ fn named_as_sent(error: InvalidRequest) -> InvalidRequest {
 }
 
 fn message(role: &str, content: String) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content,
-    }
+    ChatMessage::text(role, content)
 }
 
 /// Tools are not served yet: any value but `null`, `"none"` or an empty list is refused.

@@ -149,7 +149,7 @@ impl Backend for FakeBackend {
         &self.logits
     }
 
-    fn append_piece(&self, token: Token, out: &mut Vec<u8>) {
+    fn append_piece(&self, token: Token, out: &mut Vec<u8>, _special: bool) {
         match self.pieces.get(&token) {
             Some(bytes) => out.extend_from_slice(bytes),
             None => out.push(b'a' + u8::try_from(token % 26).expect("small")),

@@ -17,17 +17,20 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
-use llamapool_common::protocol::ChatEnding;
+use llamapool_common::protocol::{ChatEnding, ChatPrompt, ToolChoice};
 use llamapool_common::worker::{ContextConfig, ContextError, FlashAttention};
-use llamapool_common::{ChatMessage, ModelInfo, RequestError, SamplingParams, Token};
+use llamapool_common::{
+    ChatMessage, GrammarTrigger, ModelInfo, RequestError, SamplingParams, Token,
+};
 
+use super::chat::{ChatTemplates, RenderInputs, Rendered};
 use super::{Backend, BackendLimits, BatchEntry, DecodeFailure};
 use crate::engine::seq_ids::SeqId;
 
@@ -60,7 +63,10 @@ pub struct ModelOptions {
 
 struct ModelInner {
     model: LlamaModel,
-    chat_template: Option<LlamaChatTemplate>,
+    chat: ChatTemplates,
+    /// The configured template is a name of llama.cpp's built-in templates (`chatml`,
+    /// `gemma`, …), rendered by llama.cpp's template matcher instead of as Jinja.
+    builtin_template: bool,
     /// Every end-of-generation token, banned when a request sets `ignore_eos`.
     eog_tokens: Vec<Token>,
     info: ModelInfo,
@@ -116,17 +122,17 @@ impl Model {
                 reason: e.to_string(),
             }
         })?;
-        let chat_template = match &options.chat_template {
-            Some(name) => {
-                Some(
-                    LlamaChatTemplate::new(name).map_err(|e| LoadError::ChatTemplate {
-                        name: name.clone(),
-                        reason: e.to_string(),
-                    })?,
-                )
-            }
-            None => model.chat_template(None).ok(),
-        };
+        let template = options.chat_template.as_deref().filter(|t| !t.is_empty());
+        // SAFETY: the model is leaked below with the templates, so it outlives them.
+        #[allow(unsafe_code)]
+        let chat =
+            unsafe { ChatTemplates::new(raw_model(&model), template) }.map_err(|reason| {
+                LoadError::ChatTemplate {
+                    name: template.map_or_else(|| "from the model".into(), |t| clean_message(t)),
+                    reason: clean_message(&reason),
+                }
+            })?;
+        let builtin_template = template.is_some_and(is_builtin_template_name);
         let vocab = model.vocab();
         let eog_tokens: Vec<Token> = vocab
             .tokens()
@@ -138,35 +144,19 @@ impl Model {
             n_params: model.n_params(),
             n_vocab: u32::try_from(model.n_vocab()).unwrap_or(0),
             size: model.size(),
-            has_chat_template: chat_template.is_some(),
-            chat_template: chat_template
-                .as_ref()
-                .and_then(|t| t.to_string().ok())
-                .unwrap_or_default(),
+            has_chat_template: true,
+            chat_template: template
+                .filter(|_| builtin_template)
+                .map_or_else(|| chat.source().to_string(), str::to_string),
             eog_tokens: eog_tokens.clone(),
         };
         let inner = Box::leak(Box::new(ModelInner {
             model,
-            chat_template,
+            chat,
+            builtin_template,
             eog_tokens,
             info,
         }));
-        if let Some(template) = &inner.chat_template {
-            // Fail at load, not at the first request, when llama.cpp does not know the template.
-            let probe = [ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }];
-            Model(inner)
-                .render_chat_with(template, &probe, true)
-                .map_err(|e| LoadError::ChatTemplate {
-                    name: options
-                        .chat_template
-                        .clone()
-                        .unwrap_or_else(|| "from the model".into()),
-                    reason: e.to_string(),
-                })?;
-        }
         Ok(Model(inner))
     }
 
@@ -185,70 +175,73 @@ impl Model {
             .collect()
     }
 
-    /// Renders messages with the chat template, the assistant's turn opened, and tokenizes
-    /// the result.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<Token>, RequestError> {
-        self.chat_prompt_ending(messages, ChatEnding::OpenAssistant)
-    }
-
-    /// Renders messages with the chat template, ending as `ending` says, and tokenizes the
-    /// result.
-    pub fn chat_prompt_ending(
-        &self,
-        messages: &[ChatMessage],
-        ending: ChatEnding,
-    ) -> Result<Vec<Token>, RequestError> {
-        let text = self.render_chat(messages, ending)?;
-        Ok(self.tokenize(&text, true))
-    }
-
-    /// Renders messages with the chat template (the GGUF's, or `model.chat_template`), ending
-    /// as `ending` says: the text a chat request's prompt is tokenized from.
+    /// Renders a conversation with the chat template (the GGUF's Jinja template, or
+    /// `model.chat_template`) through llama.cpp's chat code, as llama-server's `--jinja` does:
+    /// the prompt, and the grammar, triggers, stops and parser that go with it. `json_schema`
+    /// (a structured-output request's schema) becomes part of the grammar.
     pub fn render_chat(
         &self,
-        messages: &[ChatMessage],
-        ending: ChatEnding,
-    ) -> Result<String, RequestError> {
-        let Some(template) = &self.0.chat_template else {
-            return Err(RequestError::ChatTemplate(
-                "the model has no chat template; set model.chat_template (for example \"chatml\" or \"gemma\")".into(),
-            ));
-        };
-        match ending {
-            ChatEnding::OpenAssistant => self.render_chat_with(template, messages, true),
-            ChatEnding::AsRendered => self.render_chat_with(template, messages, false),
-            ChatEnding::ContinueFinal => {
-                let (last, earlier) = messages.split_last().ok_or_else(|| {
-                    RequestError::ChatTemplate("there is no final message to continue".into())
-                })?;
-                let mut marked = earlier.to_vec();
-                marked.push(ChatMessage {
-                    role: last.role.clone(),
-                    content: CONTINUE_MARKER.into(),
-                });
-                let rendered = self.render_chat_with(template, &marked, false)?;
-                open_final_message(&rendered, &last.content)
+        chat: &ChatPrompt,
+        json_schema: Option<&str>,
+    ) -> Result<Rendered, RequestError> {
+        let messages = serde_json::Value::Array(chat.messages.iter().map(message_json).collect());
+        let parse = |text: &str, param: &str| -> Result<Option<serde_json::Value>, RequestError> {
+            if text.is_empty() {
+                return Ok(None);
             }
-        }
+            serde_json::from_str(text)
+                .map(Some)
+                .map_err(|e| RequestError::InvalidParam {
+                    param: param.into(),
+                    message: format!("{param} is not valid JSON ({e})"),
+                })
+        };
+        let tools = parse(&chat.tools.tools, "tools")?;
+        let kwargs = parse(&chat.template_kwargs, "chat_template_kwargs")?;
+        let inputs = RenderInputs {
+            messages,
+            tools,
+            tool_choice: Some(match chat.tools.choice {
+                ToolChoice::Auto => "auto",
+                ToolChoice::None => "none",
+                ToolChoice::Required => "required",
+            }),
+            parallel_tool_calls: chat.tools.parallel,
+            add_generation_prompt: chat.ending == ChatEnding::OpenAssistant,
+            continue_final_message: chat.ending == ChatEnding::ContinueFinal,
+            use_jinja: !self.0.builtin_template,
+            chat_template_kwargs: kwargs,
+            reasoning_format: chat.reasoning.format.name(),
+            enable_thinking: chat.reasoning.enable_thinking,
+            json_schema,
+        };
+        self.0
+            .chat
+            .apply(&inputs)
+            .map_err(|e| RequestError::ChatTemplate(clean_message(&e)))
     }
 
-    fn render_chat_with(
-        &self,
-        template: &LlamaChatTemplate,
-        messages: &[ChatMessage],
-        add_assistant: bool,
-    ) -> Result<String, RequestError> {
-        let chat = messages
+    /// llama.cpp's grammar for a JSON schema (its own converter, as llama-server's
+    /// `json_schema`); a schema it cannot convert is a request error naming `json_schema`.
+    pub fn schema_grammar(&self, schema: &str) -> Result<String, RequestError> {
+        llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| RequestError::InvalidParam {
+            param: "json_schema".into(),
+            message: clean_message(&format!(
+                "this JSON schema cannot be turned into a grammar ({e})"
+            )),
+        })
+    }
+
+    /// The tokens `texts` are when each is exactly one token (llama-server's preserved
+    /// tokens: what a chat format's markers must stay as text).
+    pub fn single_tokens(&self, texts: &[String]) -> Vec<(String, Token)> {
+        texts
             .iter()
-            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                RequestError::ChatTemplate(format!("a message contains a NUL byte ({e})"))
-            })?;
-        self.0
-            .model
-            .apply_chat_template(template, &chat, add_assistant)
-            .map_err(|e| RequestError::ChatTemplate(e.to_string()))
+            .filter_map(|text| match self.tokenize(text, false).as_slice() {
+                [token] => Some((text.clone(), *token)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// llama.cpp's grammar sampler for a GBNF grammar starting at `root`; a grammar llama.cpp
@@ -256,7 +249,31 @@ impl Model {
     /// grammar [`llamapool_common::gbnf::check`] passed: llama.cpp's parser recurses per nested
     /// group and expands repetitions without limits of its own.
     fn grammar(&self, grammar: &str) -> Result<LlamaSampler, RequestError> {
-        LlamaSampler::grammar(&self.0.model, grammar, "root").map_err(|e| {
+        self.lazy_grammar(grammar, &[])
+    }
+
+    /// [`Self::grammar`], lazy when there are `triggers`: it constrains nothing until one of
+    /// them (a token, or a pattern over the generated text) shows up, as llama-server's tool
+    /// call grammars.
+    fn lazy_grammar(
+        &self,
+        grammar: &str,
+        triggers: &[GrammarTrigger],
+    ) -> Result<LlamaSampler, RequestError> {
+        let built = if triggers.is_empty() {
+            LlamaSampler::grammar(&self.0.model, grammar, "root")
+        } else {
+            let mut patterns = Vec::new();
+            let mut tokens = Vec::new();
+            for trigger in triggers {
+                match trigger {
+                    GrammarTrigger::Token(t) => tokens.push(LlamaToken(*t)),
+                    GrammarTrigger::Pattern(p) => patterns.push(p.clone()),
+                }
+            }
+            LlamaSampler::grammar_lazy_patterns(&self.0.model, grammar, "root", &patterns, &tokens)
+        };
+        built.map_err(|e| {
             RequestError::InvalidParam {
                 param: "grammar".into(),
                 message: clean_message(&format!(
@@ -276,6 +293,16 @@ impl Model {
             message,
         })?;
         self.grammar(grammar).map(drop)
+    }
+
+    /// Checks a grammar llama.cpp's chat code or schema converter made, with its triggers, by
+    /// building the sampler once (on the prepare thread, as [`Self::check_grammar`]).
+    pub fn check_generated_grammar(
+        &self,
+        grammar: &str,
+        triggers: &[GrammarTrigger],
+    ) -> Result<(), RequestError> {
+        self.lazy_grammar(grammar, triggers).map(drop)
     }
 
     /// The text of one token (special tokens rendered), as llama-server's `/tokenize` pieces.
@@ -527,7 +554,7 @@ impl Backend for LlamaCppBackend {
         let grammar = p
             .grammar
             .as_deref()
-            .map(|g| self.model.grammar(g))
+            .map(|g| self.model.lazy_grammar(g, &p.grammar_triggers))
             .transpose()?;
         let n_vocab = self.model.0.model.n_vocab();
         let mut chain = Vec::new();
@@ -597,6 +624,11 @@ impl Backend for LlamaCppBackend {
                 .copied()
                 .unwrap_or_else(|| self.model.0.model.vocab().eos().0),
         };
+        // The assistant turn's opening the template wrote is the grammar's start (llama-server's
+        // prefill of its tool-call and schema grammars).
+        for &token in &p.grammar_prefill {
+            constrained.grammar.accept(LlamaToken(token));
+        }
         // Tokens generated by a worker that died went through the same grammar: replay them.
         for &token in &prompt[prompt.len() - resumed.min(prompt.len())..] {
             if !constrained.allows(token) {
@@ -671,8 +703,8 @@ impl Backend for LlamaCppBackend {
         self.ctx.get_logits_ith(idx)
     }
 
-    fn append_piece(&self, token: Token, out: &mut Vec<u8>) {
-        self.model.append_piece(token, out, false);
+    fn append_piece(&self, token: Token, out: &mut Vec<u8>, special: bool) {
+        self.model.append_piece(token, out, special);
     }
 
     fn is_eog(&self, token: Token) -> bool {
@@ -695,20 +727,83 @@ fn argmax(logits: &[f32], banned: &[Token]) -> Token {
     best as Token
 }
 
-/// Stands in for the final message's content while the conversation is rendered for
-/// [`ChatEnding::ContinueFinal`]: text no template adds or alters.
-const CONTINUE_MARKER: &str = "\u{1}llamapool-continue-final-message\u{1}";
+/// A message in OpenAI's shape, for llama.cpp's `common_chat_msgs_parse_oaicompat`.
+fn message_json(message: &ChatMessage) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let mut out = Map::new();
+    out.insert("role".into(), Value::from(message.role.as_str()));
+    let content = if message.text_parts.is_empty() {
+        Value::from(message.content.as_str())
+    } else {
+        message
+            .text_parts
+            .iter()
+            .map(|t| json!({"type": "text", "text": t}))
+            .collect()
+    };
+    out.insert("content".into(), content);
+    if !message.tool_calls.is_empty() {
+        let calls = message
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let mut call = json!({
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                });
+                if !c.id.is_empty() {
+                    call["id"] = Value::from(c.id.as_str());
+                }
+                call
+            })
+            .collect();
+        out.insert("tool_calls".into(), Value::Array(calls));
+    }
+    for (key, value) in [
+        ("tool_call_id", &message.tool_call_id),
+        ("name", &message.name),
+        ("reasoning_content", &message.reasoning_content),
+    ] {
+        if !value.is_empty() {
+            out.insert(key.into(), Value::from(value.as_str()));
+        }
+    }
+    Value::Object(out)
+}
 
-/// The conversation `rendered` with [`CONTINUE_MARKER`] as its final message's content, cut
-/// where that content starts and continued with `content`: the final message left open,
-/// without the template's end-of-turn (what llama-server's `continue_final_message` renders).
-fn open_final_message(rendered: &str, content: &str) -> Result<String, RequestError> {
-    let at = rendered.rfind(CONTINUE_MARKER).ok_or_else(|| {
-        RequestError::ChatTemplate(
-            "the chat template does not render the final message's content as given, so it cannot be continued".into(),
-        )
-    })?;
-    Ok(format!("{}{content}", &rendered[..at]))
+/// llama-cpp-2 keeps its model pointer private; the chat code needs it (the template
+/// variants in the GGUF, the BOS and EOS texts). `LlamaModel` is that one pointer.
+#[allow(unsafe_code)]
+fn raw_model(model: &LlamaModel) -> *const llama_cpp_sys_2::llama_model {
+    const _: () = assert!(
+        std::mem::size_of::<LlamaModel>() == std::mem::size_of::<*const ()>(),
+        "llama-cpp-2's LlamaModel is no longer one pointer"
+    );
+    // SAFETY: `LlamaModel` holds exactly one `NonNull<llama_model>` (checked above).
+    let ptr =
+        unsafe { *(model as *const LlamaModel).cast::<*const llama_cpp_sys_2::llama_model>() };
+    // SAFETY: a live model; the check that the pointer is the model's own.
+    let n_params = unsafe { llama_cpp_sys_2::llama_model_n_params(ptr) };
+    assert_eq!(
+        n_params,
+        model.n_params(),
+        "the model pointer is the model's"
+    );
+    ptr
+}
+
+/// Whether `name` is one of llama.cpp's built-in template names (`chatml`, `gemma`, …).
+#[allow(unsafe_code)]
+fn is_builtin_template_name(name: &str) -> bool {
+    let mut names = vec![std::ptr::null(); 128];
+    // SAFETY: llama.cpp writes at most `names.len()` static strings.
+    let n =
+        unsafe { llama_cpp_sys_2::llama_chat_builtin_templates(names.as_mut_ptr(), names.len()) };
+    let n = usize::try_from(n).unwrap_or(0).min(names.len());
+    names[..n].iter().any(|&p| {
+        // SAFETY: static NUL-terminated names.
+        !p.is_null() && unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes() == name.as_bytes()
+    })
 }
 
 /// A message for a client from text llama.cpp produced: control characters escaped, at most
@@ -732,21 +827,7 @@ fn clean_message(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{argmax, clean_message, open_final_message, CONTINUE_MARKER};
-
-    #[test]
-    fn the_final_message_is_cut_open_at_its_content() {
-        let rendered = format!("<|im_start|>assistant\n{CONTINUE_MARKER}<|im_end|>\n");
-        assert_eq!(
-            open_final_message(&rendered, "Hello, I am").unwrap(),
-            "<|im_start|>assistant\nHello, I am"
-        );
-        assert_eq!(
-            open_final_message(&rendered, "").unwrap(),
-            "<|im_start|>assistant\n"
-        );
-        assert!(open_final_message("<|im_start|>assistant\n<|im_end|>", "x").is_err());
-    }
+    use super::{argmax, clean_message};
 
     #[test]
     fn argmax_skips_banned_and_prefers_first() {

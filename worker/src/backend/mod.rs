@@ -4,6 +4,7 @@
 //! Contract: the engine owns the backend on one thread and calls it step by step:
 //! `decode(batch)` then `sample(sampler, index)` for each entry added with `logits = true`.
 
+pub mod chat;
 pub mod fake;
 pub mod llama;
 
@@ -89,8 +90,9 @@ pub trait Backend {
     /// `decode`, one per vocabulary token: what log probabilities are computed from.
     fn logits(&self, batch_index: usize) -> &[f32];
 
-    /// Appends the token's text bytes (possibly part of a UTF-8 character).
-    fn append_piece(&self, token: Token, out: &mut Vec<u8>);
+    /// Appends the token's text bytes (possibly part of a UTF-8 character); a special token
+    /// (a control token such as `<tool_call>`) is rendered only when `special`.
+    fn append_piece(&self, token: Token, out: &mut Vec<u8>, special: bool);
 
     fn is_eog(&self, token: Token) -> bool;
 }

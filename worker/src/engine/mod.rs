@@ -52,6 +52,9 @@ pub struct EngineRequest {
     /// Send a progress report ([`SeqOutput::progress`]) when the request gets its sequence and
     /// after each step that evaluated part of its prompt, before its first token.
     pub report_progress: bool,
+    /// Special tokens whose text is part of the output (a chat format's markers, such as
+    /// `<tool_call>`, that its parser reads); other special tokens have no text.
+    pub special_tokens: Vec<Token>,
 }
 
 /// Where the engine sends one request's events: a channel of its own, or a shared sink such
@@ -298,6 +301,8 @@ struct Active<S> {
     logprobs: Option<u8>,
     /// `EngineRequest::report_progress`.
     report_progress: bool,
+    /// `EngineRequest::special_tokens`.
+    special_tokens: Vec<Token>,
     sampler: S,
     text: TextAssembler,
     events: EventSender,
@@ -677,7 +682,8 @@ impl<B: Backend> Engine<B> {
         let resumed = w.request.resumed.min(w.request.prompt.len());
         for &token in &w.request.prompt[w.request.prompt.len() - resumed..] {
             self.piece.clear();
-            self.backend.append_piece(token, &mut self.piece);
+            let special = w.request.special_tokens.contains(&token);
+            self.backend.append_piece(token, &mut self.piece, special);
             let _already_sent = text.push(&self.piece);
         }
         self.active.push(Active {
@@ -694,6 +700,7 @@ impl<B: Backend> Engine<B> {
             ignore_eos: w.request.stopping.ignore_eos,
             logprobs: w.request.sampling.logprobs,
             report_progress: w.request.report_progress,
+            special_tokens: w.request.special_tokens,
             sampler: w.sampler,
             text,
             events: w.events,
@@ -901,7 +908,7 @@ impl<B: Backend> Engine<B> {
         let (logprob, top) = logprobs::logprobs(self.backend.logits(batch_index), token, top_n);
         let candidate = |token: Token, logprob: f32| {
             let mut bytes = Vec::new();
-            self.backend.append_piece(token, &mut bytes);
+            self.backend.append_piece(token, &mut bytes, false);
             Candidate {
                 token,
                 bytes,
@@ -929,6 +936,8 @@ impl<B: Backend> Engine<B> {
             finish: None,
             logprobs: logprob.into_iter().collect(),
             progress: None,
+            parsed: false,
+            chat: Vec::new(),
         };
         let mut stop_word = None;
         let reason = if !a.ignore_eos && self.backend.is_eog(token) {
@@ -936,7 +945,8 @@ impl<B: Backend> Engine<B> {
             Some(FinishReason::Stop)
         } else {
             self.piece.clear();
-            self.backend.append_piece(token, &mut self.piece);
+            let special = a.special_tokens.contains(&token);
+            self.backend.append_piece(token, &mut self.piece, special);
             let released = a.text.push(&self.piece);
             output.text = released.text;
             if released.stopped {

@@ -26,6 +26,7 @@ fn request(id: u64, prompt: Vec<Token>, max_tokens: u32) -> EngineRequest {
         },
         resumed: 0,
         report_progress: false,
+        special_tokens: Vec::new(),
     }
 }
 
@@ -627,6 +628,7 @@ fn progress_reports_come_per_prefill_step_before_the_first_token() {
     let mut h = Harness::new(limits(8, 2, 128));
     let asked = h.submit(EngineRequest {
         report_progress: true,
+        special_tokens: Vec::new(),
         ..request(1, (1..=20).collect(), 3)
     });
     let plain = h.submit(request(2, (30..=49).collect(), 3));
@@ -650,6 +652,7 @@ fn progress_reports_come_per_prefill_step_before_the_first_token() {
     // A prompt cache hit starts at what was cached.
     let again = h.submit(EngineRequest {
         report_progress: true,
+        special_tokens: Vec::new(),
         ..request(3, (1..=20).collect(), 1)
     });
     h.run_until_idle();

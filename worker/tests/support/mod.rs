@@ -56,6 +56,7 @@ pub fn greedy(id: u64, prompt: &str, max_tokens: u32) -> EngineRequest {
         },
         resumed: 0,
         report_progress: false,
+        special_tokens: Vec::new(),
     }
 }
 

@@ -92,6 +92,8 @@ fn output(id: u64, tokens: Vec<Token>, finish: Option<Finish>) -> GenerationEven
         finish,
         logprobs: Vec::new(),
         progress: None,
+        parsed: false,
+        chat: Vec::new(),
     })
 }
 

@@ -63,6 +63,14 @@ pub struct GenerationBody {
     pub response_format: Option<Value>,
     pub json_schema: Option<Value>,
     pub grammar: Option<Value>,
+    /// Chat: OpenAI's tools (see [`super::tools`]).
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Chat: variables for the chat template (`enable_thinking`, …), an object.
+    pub chat_template_kwargs: Option<Value>,
+    /// Chat: where reasoning goes (`none`, `auto`, `deepseek`, `deepseek-legacy`).
+    pub reasoning_format: Option<String>,
     #[serde(flatten)]
     pub unsupported: UnsupportedFields,
 }
@@ -71,8 +79,6 @@ pub struct GenerationBody {
 /// values (`null`, `false`, `0`, `[]`, `"none"`, `{"type": "text"}`) are accepted.
 #[derive(Debug, Default, Deserialize)]
 pub struct UnsupportedFields {
-    pub(super) tools: Option<Value>,
-    pub(super) tool_choice: Option<Value>,
     pub(super) functions: Option<Value>,
     pub(super) function_call: Option<Value>,
     pub(super) best_of: Option<Value>,
@@ -96,6 +102,28 @@ pub(super) fn is_neutral(value: &Value) -> bool {
 pub struct MessageBody {
     pub role: String,
     pub content: Option<ContentBody>,
+    /// An assistant message's calls.
+    pub tool_calls: Option<Vec<ToolCallBody>>,
+    /// A tool result's call.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+    pub reasoning_content: Option<String>,
+}
+
+/// One call of an assistant message: `{id, type: "function", function: {name, arguments}}`;
+/// `arguments` is JSON text (or, as some clients send it, the object itself).
+#[derive(Debug, Deserialize)]
+pub struct ToolCallBody {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCallBody,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionCallBody {
+    pub name: String,
+    pub arguments: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

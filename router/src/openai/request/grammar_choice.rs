@@ -1,34 +1,45 @@
-//! Which grammar constrains a request: at most one of `response_format`, llama-server's
-//! `json_schema` and `grammar`, each turned into GBNF text (a JSON schema through
-//! [`crate::openai::grammar`], which builds the grammars). A second constraint, or a schema
-//! the builder cannot turn into a grammar, is a 400 naming the field it came in.
+//! Which constraint a request's output follows: at most one of `response_format`,
+//! llama-server's `json_schema` and `grammar`. A JSON schema travels as text to the worker,
+//! where llama.cpp's own converter turns it into a grammar (for a chat request together with
+//! its tools), so every schema llama-server accepts is accepted. A second constraint, or a
+//! schema that is not a JSON object, is a 400 naming the field it came in.
 
 use serde_json::Value;
 
 use super::body::{is_neutral, GenerationBody};
 use super::invalid::InvalidRequest;
-use crate::openai::grammar;
+
+/// What the output must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Constraint {
+    /// GBNF text (llama-server's `grammar`).
+    Grammar(String),
+    /// A JSON schema's text.
+    Schema(String),
+}
+
+/// llama-server's schema for `json_object` without one, and for an empty schema: any object.
+const ANY_OBJECT: &str = r#"{"type":"object"}"#;
 
 /// Structured output: at most one of `response_format` (`text`, `json_object` with an
 /// optional `schema`, `json_schema` with `json_schema.schema`), llama-server's `json_schema`
-/// (a schema) and `grammar` (GBNF text), turned into one GBNF grammar. Neutral values
-/// (`null`, `""`, `{}`, `{"type": "text"}`) ask for nothing. A schema outside what
-/// [`grammar::schema_grammar`] supports is a 400 naming the field it came in.
+/// (a schema) and `grammar` (GBNF text). Neutral values (`null`, `""`, `{}`, `{"type":
+/// "text"}`) ask for nothing.
 impl GenerationBody {
-    pub(super) fn grammar(&self) -> Result<Option<String>, InvalidRequest> {
-        let mut found: Vec<(&'static str, String)> = Vec::new();
+    pub(super) fn constraint(&self) -> Result<Option<Constraint>, InvalidRequest> {
+        let mut found: Vec<(&'static str, Constraint)> = Vec::new();
         if let Some(format) = self.response_format.as_ref().filter(|v| !is_neutral(v)) {
-            if let Some(g) = response_format_grammar(format)? {
-                found.push(("response_format", g));
+            if let Some(schema) = response_format_schema(format)? {
+                found.push(("response_format", schema));
             }
         }
         if let Some(schema) = self.json_schema.as_ref().filter(|v| !v.is_null()) {
-            found.push(("json_schema", schema_grammar("json_schema", schema)?));
+            found.push(("json_schema", schema_text("json_schema", schema)?));
         }
         match &self.grammar {
             None | Some(Value::Null) => {}
             Some(Value::String(g)) if g.is_empty() => {}
-            Some(Value::String(g)) => found.push(("grammar", g.clone())),
+            Some(Value::String(g)) => found.push(("grammar", Constraint::Grammar(g.clone()))),
             Some(_) => {
                 return Err(InvalidRequest::field(
                     "grammar",
@@ -38,7 +49,7 @@ impl GenerationBody {
         }
         match found.len() {
             0 => Ok(None),
-            1 => Ok(found.pop().map(|(_, g)| g)),
+            1 => Ok(found.pop().map(|(_, c)| c)),
             _ => Err(InvalidRequest::field(
                 found[1].0,
                 format!(
@@ -50,7 +61,7 @@ impl GenerationBody {
     }
 }
 
-fn response_format_grammar(format: &Value) -> Result<Option<String>, InvalidRequest> {
+fn response_format_schema(format: &Value) -> Result<Option<Constraint>, InvalidRequest> {
     let bad = |message: &str| InvalidRequest::field("response_format", message);
     let kind = format.get("type").and_then(Value::as_str).ok_or_else(|| {
         bad("response_format must be an object with a \"type\": \"text\", \"json_object\" or \"json_schema\"")
@@ -59,19 +70,15 @@ fn response_format_grammar(format: &Value) -> Result<Option<String>, InvalidRequ
         "text" => Ok(None),
         // llama-server's extension: a json_object may carry a schema.
         "json_object" => match format.get("schema").filter(|s| !is_neutral(s)) {
-            Some(schema) => schema_grammar("response_format", schema).map(Some),
-            None => Ok(Some(grammar::json_object_grammar())),
+            Some(schema) => schema_text("response_format", schema).map(Some),
+            None => Ok(Some(Constraint::Schema(ANY_OBJECT.into()))),
         },
         "json_schema" => {
             let schema = format
                 .get("json_schema")
                 .and_then(|j| j.get("schema"))
                 .ok_or_else(|| bad("response_format.json_schema.schema is required"))?;
-            if is_neutral(schema) {
-                // llama-server: an empty schema is any object.
-                return Ok(Some(grammar::json_object_grammar()));
-            }
-            schema_grammar("response_format", schema).map(Some)
+            schema_text("response_format", schema).map(Some)
         }
         other => Err(bad(&format!(
             "response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"
@@ -79,11 +86,14 @@ fn response_format_grammar(format: &Value) -> Result<Option<String>, InvalidRequ
     }
 }
 
-fn schema_grammar(param: &'static str, schema: &Value) -> Result<String, InvalidRequest> {
-    grammar::schema_grammar(schema).map_err(|e| {
-        InvalidRequest::field(
+/// A schema as the worker gets it: an object's text (`{}` is any object, as llama-server).
+fn schema_text(param: &'static str, schema: &Value) -> Result<Constraint, InvalidRequest> {
+    match schema {
+        Value::Object(map) if map.is_empty() => Ok(Constraint::Schema(ANY_OBJECT.into())),
+        Value::Object(_) => Ok(Constraint::Schema(schema.to_string())),
+        _ => Err(InvalidRequest::field(
             param,
-            format!("{param}: this server cannot turn the JSON schema into a grammar: {e}"),
-        )
-    })
+            format!("{param}: a JSON schema must be an object"),
+        )),
+    }
 }

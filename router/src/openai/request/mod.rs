@@ -3,7 +3,7 @@
 //! Bodies are deserialized with `serde` through `serde_path_to_error`, so a field of the wrong
 //! type is reported with its path (`messages[0].content`, `max_tokens`). Unknown fields are
 //! ignored, as OpenAI's and llama-server's servers do; fields this server cannot honour yet
-//! (tools) are named in a 400 instead of being silently dropped. Nothing past
+//! (`functions`, `echo`, …) are named in a 400 instead of being silently dropped. Nothing past
 //! [`parse_generation`] sees JSON.
 //!
 //! One step per submodule, each used through the re-exports below:
@@ -13,8 +13,9 @@
 //! - `validate`: a generation body into a [`ValidRequest`] ([`parse_generation`]);
 //! - `sampling`: the sampling parameters over the server's defaults;
 //! - `prompt`: messages and prompts into what the worker renders or tokenizes;
-//! - `grammar_choice`: which structured-output field becomes the request's grammar (the
-//!   grammars themselves are built by [`super::grammar`]).
+//! - `grammar_choice`: which structured-output field becomes the request's grammar or JSON
+//!   schema;
+//! - `tools`: tools, `tool_choice`, template arguments and reasoning, for chat.
 //!
 //! They depend on each other in one direction only: `body` and `invalid` on no sibling;
 //! `prompt` and `grammar_choice` on those two; `sampling` also on `grammar_choice` (the grammar
@@ -25,6 +26,7 @@ mod grammar_choice;
 mod invalid;
 mod prompt;
 mod sampling;
+mod tools;
 mod validate;
 
 pub use body::{
@@ -33,7 +35,7 @@ pub use body::{
     UnsupportedFields, MAX_CHOICES,
 };
 pub use invalid::{parse_json, InvalidRequest};
-pub(crate) use prompt::{chat_messages, chat_prompt};
+pub(crate) use prompt::chat_prompt;
 pub use prompt::{native_prompt, native_prompts, NativePrompt, PromptPart};
 pub use validate::{parse_generation, Endpoint, ServedModel, StreamReports, ValidRequest};
 

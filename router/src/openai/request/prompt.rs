@@ -4,10 +4,10 @@
 //! token ids, batches) as [`NativePrompt`]s.
 
 use llamapool_common::protocol::{ChatEnding, ChatPrompt, Prompt};
-use llamapool_common::{ChatMessage, Token};
+use llamapool_common::{ChatMessage, Token, ToolCall};
 use serde_json::Value;
 
-use super::body::{ContentBody, MessageBody, PromptBody, PromptObject, MAX_CHOICES};
+use super::body::{ContentBody, MessageBody, PromptBody, PromptObject, ToolCallBody, MAX_CHOICES};
 use super::invalid::InvalidRequest;
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "developer", "tool"];
@@ -42,6 +42,12 @@ pub(crate) fn chat_prompt(
             "Cannot set both add_generation_prompt and continue_final_message to true.",
         ));
     }
+    if continue_final && messages.last().is_some_and(|m| !m.tool_calls.is_empty()) {
+        return Err(InvalidRequest::field(
+            "messages",
+            "Cannot continue an assistant message that contains tool calls.",
+        ));
+    }
     if continue_final && !last_is_assistant {
         return Err(InvalidRequest::field(
             "continue_final_message",
@@ -55,7 +61,11 @@ pub(crate) fn chat_prompt(
     } else {
         ChatEnding::AsRendered
     };
-    Ok(ChatPrompt { messages, ending })
+    Ok(ChatPrompt {
+        messages,
+        ending,
+        ..ChatPrompt::default()
+    })
 }
 
 pub(crate) fn chat_messages(
@@ -84,14 +94,14 @@ fn chat_message(index: usize, message: MessageBody) -> Result<ChatMessage, Inval
             format!("{param}.role {:?} is not a known role", message.role),
         ));
     }
+    let mut text_parts = Vec::new();
     let content = match message.content {
         None => String::new(),
         Some(ContentBody::Text(text)) => text,
         Some(ContentBody::Parts(parts)) => {
-            let mut text = String::new();
             for part in parts {
                 match (part.kind.as_str(), part.text) {
-                    ("text", Some(t)) => text.push_str(&t),
+                    ("text", Some(t)) => text_parts.push(t),
                     _ => {
                         return Err(InvalidRequest::field(
                             format!("{param}.content"),
@@ -100,15 +110,58 @@ fn chat_message(index: usize, message: MessageBody) -> Result<ChatMessage, Inval
                     }
                 }
             }
-            text
+            text_parts.concat()
         }
     };
+    let tool_calls = message
+        .tool_calls
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, call)| tool_call(&param, i, call))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !tool_calls.is_empty() && message.role != "assistant" {
+        return Err(InvalidRequest::field(
+            format!("{param}.tool_calls"),
+            format!("{param}: only assistant messages make tool calls"),
+        ));
+    }
     // OpenAI's newer name for the system role; chat templates know only `system`.
     let role = match message.role.as_str() {
         "developer" => "system".to_string(),
         _ => message.role,
     };
-    Ok(ChatMessage { role, content })
+    Ok(ChatMessage {
+        role,
+        content,
+        text_parts,
+        tool_calls,
+        tool_call_id: message.tool_call_id.unwrap_or_default(),
+        name: message.name.unwrap_or_default(),
+        reasoning_content: message.reasoning_content.unwrap_or_default(),
+    })
+}
+
+/// One call of an assistant message; `arguments` as JSON text (an object given as such is
+/// written out, as llama-server does).
+fn tool_call(param: &str, index: usize, call: ToolCallBody) -> Result<ToolCall, InvalidRequest> {
+    let at = format!("{param}.tool_calls[{index}]");
+    if call.kind.as_deref().is_some_and(|k| k != "function") {
+        return Err(InvalidRequest::field(
+            &at,
+            format!("{at}.type must be \"function\""),
+        ));
+    }
+    let arguments = match call.function.arguments {
+        None | Some(Value::Null) => "{}".to_string(),
+        Some(Value::String(text)) => text,
+        Some(other) => other.to_string(),
+    };
+    Ok(ToolCall {
+        id: call.id.unwrap_or_default(),
+        name: call.function.name,
+        arguments,
+    })
 }
 
 fn completion_prompt(prompt: Option<PromptBody>) -> Result<Prompt, InvalidRequest> {

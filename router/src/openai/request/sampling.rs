@@ -9,6 +9,7 @@ use llamapool_common::SamplingParams;
 use serde_json::Value;
 
 use super::body::{BiasBody, GenerationBody, LogitBiasBody, TokenOrText};
+use super::grammar_choice::Constraint;
 use super::invalid::InvalidRequest;
 
 impl GenerationBody {
@@ -24,6 +25,11 @@ impl GenerationBody {
                 .map_err(|_| InvalidRequest::field("top_k", "top_k is out of range"))?,
         };
         let biases = logit_bias(self.logit_bias.as_ref())?;
+        let (grammar, json_schema) = match self.constraint()? {
+            None => (None, None),
+            Some(Constraint::Grammar(g)) => (Some(g), None),
+            Some(Constraint::Schema(s)) => (None, Some(s)),
+        };
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k,
@@ -41,8 +47,10 @@ impl GenerationBody {
             },
             logit_bias: biases.0,
             logit_bias_text: biases.1,
-            grammar: self.grammar()?,
+            grammar,
+            json_schema,
             logprobs: self.logprobs()?,
+            ..SamplingParams::default()
         };
         sampling.validate()?;
         Ok(sampling)

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::body::{is_neutral, GenerationBody, StopBody, UnsupportedFields, MAX_CHOICES};
 use super::invalid::{parse_json, InvalidRequest};
-use super::prompt::{chat_messages, chat_prompt, completion_prompts};
+use super::prompt::completion_prompts;
 
 /// The model a server answers for, and what a request gets for the fields it leaves out.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -56,11 +56,7 @@ pub enum Endpoint {
 impl UnsupportedFields {
     /// The first field given a value that would need a feature this server lacks.
     fn check(&self) -> Result<(), InvalidRequest> {
-        let fields: [(&'static str, &Option<Value>, NeutralTest); 6] = [
-            ("tools", &self.tools, is_neutral),
-            ("tool_choice", &self.tool_choice, |v| {
-                is_neutral(v) || v == "none" || v == "auto"
-            }),
+        let fields: [(&'static str, &Option<Value>, NeutralTest); 4] = [
             ("functions", &self.functions, is_neutral),
             ("function_call", &self.function_call, |v| {
                 is_neutral(v) || v == "none" || v == "auto"
@@ -174,11 +170,16 @@ impl GenerationBody {
         self.check_common(served)?;
         let sampling = self.sampling(&served.defaults)?;
         let prompt = match endpoint {
-            Endpoint::Chat => Prompt::Chat(chat_prompt(
-                chat_messages(self.messages.take())?,
-                self.add_generation_prompt,
-                self.continue_final_message,
-            )?),
+            Endpoint::Chat => {
+                let chat = self.chat(&served.defaults)?;
+                if !chat.tools.tools.is_empty() && sampling.grammar.is_some() {
+                    return Err(InvalidRequest::field(
+                        "grammar",
+                        "Cannot use custom grammar constraints with tools.",
+                    ));
+                }
+                Prompt::Chat(chat)
+            }
             Endpoint::Completions => {
                 let mut prompts = completion_prompts(self.prompt.take())?;
                 let first = prompts.remove(0);
