@@ -1,15 +1,21 @@
-//! A Messages body as clients send it, and its translation into the chat request every
-//! generating route validates the same way (`GenerationBody`'s checks): the system prompt
-//! becomes a first `system` message, text blocks are joined, `stop_sequences` become stop
-//! strings. Errors name the Messages field at fault.
+//! A Messages body as clients send it, and its translation into the OpenAI chat body every
+//! generating route validates the same way (`GenerationBody`'s checks), as llama-server
+//! converts it: the system prompt becomes a first `system` message; text blocks become text
+//! parts; `thinking` blocks an assistant's `reasoning_content`; `tool_use` blocks its
+//! `tool_calls`; `tool_result` blocks `tool` messages; `tools` (`input_schema`) and
+//! `tool_choice` (`auto`, `any`, `tool`, `none`) OpenAI's; `stop_sequences` stop strings.
+//! Errors name the Messages field at fault.
 
 use llamapool_common::protocol::{ChatPrompt, Prompt};
-use llamapool_common::ChatMessage;
+use llamapool_common::settings::GenerationDefaults;
 use llamapool_common::RequestId;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::openai::request::{chat_prompt, GenerationBody, ServedModel, StopBody};
+use crate::openai::request::{
+    ContentBody, ContentPart, FunctionCallBody, GenerationBody, MessageBody, ServedModel, StopBody,
+    ToolCallBody,
+};
 use crate::openai::{Endpoint, InvalidRequest, ValidRequest};
 
 /// `POST /v1/messages`' body (and, without `max_tokens`, `count_tokens`'). Unknown fields are
@@ -28,10 +34,14 @@ pub struct MessagesBody {
     pub stream: Option<bool>,
     /// Accepted and not used (a user id for abuse tracking).
     pub metadata: Option<Value>,
-    /// Accepted: `{"type": "enabled", "budget_tokens": N}` or `disabled`.
+    /// Accepted: `{"type": "enabled", "budget_tokens": N}` or `disabled` (llama-server reads
+    /// only a budget from it; the template decides whether the model thinks).
     pub thinking: Option<Value>,
+    /// `[{"name", "description", "input_schema"}]`.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// llama-server's extension, passed to the chat template.
+    pub chat_template_kwargs: Option<Value>,
 }
 
 /// One message: `user` or `assistant`, its content a string or a list of blocks.
@@ -48,12 +58,21 @@ pub enum ContentIn {
     Blocks(Vec<BlockIn>),
 }
 
-/// A content block; only `text` blocks are served.
+/// A content block: `text`, `thinking`, `tool_use` or `tool_result` (images are refused: the
+/// served model has no projector).
 #[derive(Debug, Deserialize)]
 pub struct BlockIn {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    pub thinking: Option<String>,
+    /// `tool_use`: the call's id, tool name and input object.
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub input: Option<Value>,
+    /// `tool_result`: the call answered, and its content (a string or text blocks).
+    pub tool_use_id: Option<String>,
+    pub content: Option<Value>,
 }
 
 /// `system`: a string or a list of text blocks.
@@ -72,17 +91,8 @@ impl MessagesBody {
         served: &ServedModel,
         id: RequestId,
     ) -> Result<ValidRequest, InvalidRequest> {
-        let chat = self.chat()?;
-        let body = GenerationBody {
-            model: self.model,
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            stop: self.stop_sequences.map(StopBody::Many),
-            stream: self.stream,
-            ..GenerationBody::default()
-        };
+        let mut body = self.openai_body()?;
+        let chat = body.chat(&served.defaults)?;
         body.check_common(served)?;
         let sampling = body.sampling(&served.defaults)?;
         let mut valid =
@@ -91,10 +101,13 @@ impl MessagesBody {
         Ok(valid)
     }
 
-    /// The conversation: tools refused, the system prompt first, every message's text.
-    pub fn chat(&self) -> Result<ChatPrompt, InvalidRequest> {
-        refuse_tools("tools", self.tools.as_ref())?;
-        refuse_tools("tool_choice", self.tool_choice.as_ref())?;
+    /// The conversation as a worker renders it (for `count_tokens`).
+    pub fn chat(self, defaults: &GenerationDefaults) -> Result<ChatPrompt, InvalidRequest> {
+        self.openai_body()?.chat(defaults)
+    }
+
+    /// The OpenAI chat body this Messages body is.
+    fn openai_body(self) -> Result<GenerationBody, InvalidRequest> {
         let Some(messages) = &self.messages else {
             return Err(InvalidRequest::field("messages", "messages is required"));
         };
@@ -102,36 +115,73 @@ impl MessagesBody {
         if let Some(system) = &self.system {
             let text = match system {
                 SystemIn::Text(text) => text.clone(),
-                SystemIn::Blocks(blocks) => blocks_text("system", blocks)?,
+                SystemIn::Blocks(blocks) => system_text(blocks)?,
             };
             if !text.is_empty() {
-                chat.push(ChatMessage {
-                    role: "system".into(),
-                    content: text,
-                    ..ChatMessage::default()
-                });
+                chat.push(text_message("system", text));
             }
         }
         for (i, message) in messages.iter().enumerate() {
-            chat.push(message_in(i, message)?);
+            message_in(i, message, &mut chat)?;
         }
-        chat_prompt(chat, None, None)
+        Ok(GenerationBody {
+            model: self.model,
+            messages: Some(chat),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            stop: self.stop_sequences.map(StopBody::Many),
+            stream: self.stream,
+            tools: openai_tools(self.tools.as_ref())?,
+            tool_choice: openai_tool_choice(self.tool_choice.as_ref())?,
+            chat_template_kwargs: self.chat_template_kwargs,
+            ..GenerationBody::default()
+        })
     }
 }
 
-/// Tool use is not served yet: any value but `null` or an empty list is refused by name.
-fn refuse_tools(param: &'static str, value: Option<&Value>) -> Result<(), InvalidRequest> {
-    match value {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Array(list)) if list.is_empty() => Ok(()),
-        Some(_) => Err(InvalidRequest::Unsupported {
-            param,
-            detail: " on /v1/messages yet (tool use is not served)".into(),
-        }),
+fn text_message(role: &str, text: String) -> MessageBody {
+    MessageBody {
+        role: role.into(),
+        content: Some(ContentBody::Text(text)),
+        tool_calls: None,
+        tool_call_id: None,
+        name: None,
+        reasoning_content: None,
     }
 }
 
-fn message_in(index: usize, message: &MessageIn) -> Result<ChatMessage, InvalidRequest> {
+/// The system blocks' text, joined.
+fn system_text(blocks: &[BlockIn]) -> Result<String, InvalidRequest> {
+    let mut text = String::new();
+    for (j, block) in blocks.iter().enumerate() {
+        text.push_str(block_text(&format!("system[{j}]"), block)?);
+    }
+    Ok(text)
+}
+
+fn block_text<'a>(param: &str, block: &'a BlockIn) -> Result<&'a str, InvalidRequest> {
+    match (block.kind.as_str(), &block.text) {
+        ("text", Some(t)) => Ok(t),
+        ("text", None) => Err(InvalidRequest::field(
+            format!("{param}.text"),
+            format!("{param} is a text block without text"),
+        )),
+        (kind, _) => Err(InvalidRequest::field(
+            format!("{param}.type"),
+            format!("{param}: {kind:?} blocks are not supported here, only text"),
+        )),
+    }
+}
+
+/// One Messages message as OpenAI messages: the message itself (unless it held only tool
+/// results), preceded by a `tool` message per `tool_result` block.
+fn message_in(
+    index: usize,
+    message: &MessageIn,
+    out: &mut Vec<MessageBody>,
+) -> Result<(), InvalidRequest> {
     let param = format!("messages[{index}]");
     if !matches!(message.role.as_str(), "user" | "assistant") {
         return Err(InvalidRequest::field(
@@ -142,39 +192,175 @@ fn message_in(index: usize, message: &MessageIn) -> Result<ChatMessage, InvalidR
             ),
         ));
     }
-    let content = match &message.content {
-        ContentIn::Text(text) => text.clone(),
-        ContentIn::Blocks(blocks) => blocks_text(&format!("{param}.content"), blocks)?,
+    let blocks = match &message.content {
+        ContentIn::Text(text) => {
+            out.push(text_message(&message.role, text.clone()));
+            return Ok(());
+        }
+        ContentIn::Blocks(blocks) => blocks,
     };
-    Ok(ChatMessage::text(message.role.clone(), content))
-}
-
-/// The text of text blocks, joined; any other block is refused, naming it.
-fn blocks_text(param: &str, blocks: &[BlockIn]) -> Result<String, InvalidRequest> {
-    let mut text = String::new();
+    let assistant = message.role == "assistant";
+    let mut parts = Vec::new();
+    let mut reasoning = String::new();
+    let mut calls = Vec::new();
+    let mut results = 0;
     for (j, block) in blocks.iter().enumerate() {
-        match (block.kind.as_str(), &block.text) {
-            ("text", Some(t)) => text.push_str(t),
-            ("text", None) => {
-                return Err(InvalidRequest::field(
-                    format!("{param}[{j}].text"),
-                    format!("{param}[{j}] is a text block without text"),
-                ))
+        let at = format!("{param}.content[{j}]");
+        match block.kind.as_str() {
+            "text" => parts.push(ContentPart {
+                kind: "text".into(),
+                text: Some(block_text(&at, block)?.to_string()),
+            }),
+            "thinking" | "redacted_thinking" if assistant => {
+                reasoning.push_str(block.thinking.as_deref().unwrap_or_default());
             }
-            (kind, _) => {
+            "tool_use" if assistant => calls.push(tool_use(&at, block)?),
+            "tool_result" if !assistant => {
+                out.push(tool_result(&at, block)?);
+                results += 1;
+            }
+            kind => {
                 return Err(InvalidRequest::field(
-                    format!("{param}[{j}].type"),
-                    format!("{param}[{j}]: {kind:?} blocks are not supported, only text"),
+                    format!("{at}.type"),
+                    format!(
+                        "{at}: {kind:?} blocks are not supported in a {} message",
+                        message.role
+                    ),
                 ))
             }
         }
     }
-    Ok(text)
+    if results > 0 && parts.is_empty() {
+        return Ok(());
+    }
+    out.push(MessageBody {
+        role: message.role.clone(),
+        content: Some(ContentBody::Parts(parts)),
+        tool_calls: (!calls.is_empty()).then_some(calls),
+        tool_call_id: None,
+        name: None,
+        reasoning_content: (!reasoning.is_empty()).then_some(reasoning),
+    });
+    Ok(())
+}
+
+/// A `tool_use` block as an OpenAI tool call (its input as JSON text).
+fn tool_use(param: &str, block: &BlockIn) -> Result<ToolCallBody, InvalidRequest> {
+    let name = block.name.clone().ok_or_else(|| {
+        InvalidRequest::field(
+            format!("{param}.name"),
+            format!("{param}: a tool_use block needs a name"),
+        )
+    })?;
+    let input = block.input.clone().unwrap_or_else(|| json!({}));
+    Ok(ToolCallBody {
+        id: block.id.clone(),
+        kind: Some("function".into()),
+        function: FunctionCallBody {
+            name,
+            arguments: Some(Value::String(input.to_string())),
+        },
+    })
+}
+
+/// A `tool_result` block as a `tool` message; its content a string or text blocks.
+fn tool_result(param: &str, block: &BlockIn) -> Result<MessageBody, InvalidRequest> {
+    let id = block.tool_use_id.clone().ok_or_else(|| {
+        InvalidRequest::field(
+            format!("{param}.tool_use_id"),
+            format!("{param}: a tool_result block needs a tool_use_id"),
+        )
+    })?;
+    let text = match &block.content {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(items)) => {
+            let mut text = String::new();
+            for (k, item) in items.iter().enumerate() {
+                match (
+                    item.get("type").and_then(Value::as_str),
+                    item.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => return Err(InvalidRequest::field(
+                        format!("{param}.content[{k}]"),
+                        format!(
+                            "{param}.content[{k}]: only text blocks are supported in a tool result"
+                        ),
+                    )),
+                }
+            }
+            text
+        }
+        Some(_) => {
+            return Err(InvalidRequest::field(
+                format!("{param}.content"),
+                format!("{param}.content must be a string or text blocks"),
+            ))
+        }
+    };
+    let mut message = text_message("tool", text);
+    message.tool_call_id = Some(id);
+    Ok(message)
+}
+
+/// Anthropic's tools as OpenAI's function tools: `input_schema` is the parameters.
+fn openai_tools(tools: Option<&Value>) -> Result<Option<Value>, InvalidRequest> {
+    let tools = match tools {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(tools)) => tools,
+        Some(_) => return Err(InvalidRequest::field("tools", "tools must be an array")),
+    };
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let name = tool.get("name").and_then(Value::as_str).ok_or_else(|| {
+                InvalidRequest::field(
+                    format!("tools[{i}]"),
+                    format!("tools[{i}]: a tool needs a name (server tools are not supported)"),
+                )
+            })?;
+            let mut function = json!({
+                "name": name,
+                "parameters": tool.get("input_schema").cloned().unwrap_or_else(|| json!({})),
+            });
+            if let Some(description) = tool.get("description") {
+                function["description"] = description.clone();
+            }
+            Ok(json!({"type": "function", "function": function}))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|t| Some(Value::Array(t)))
+}
+
+/// Anthropic's `tool_choice` as OpenAI's: `auto`, `any` (`required`), `tool` (that function),
+/// `none`.
+fn openai_tool_choice(choice: Option<&Value>) -> Result<Option<Value>, InvalidRequest> {
+    let Some(choice) = choice.filter(|c| !c.is_null()) else {
+        return Ok(None);
+    };
+    let bad = || {
+        InvalidRequest::field(
+            "tool_choice",
+            "tool_choice must be {\"type\": \"auto\" | \"any\" | \"tool\" | \"none\"} (with \"name\" for tool)",
+        )
+    };
+    Ok(Some(match choice.get("type").and_then(Value::as_str) {
+        Some("auto") => json!("auto"),
+        Some("any") => json!("required"),
+        Some("none") => json!("none"),
+        Some("tool") => {
+            let name = choice.get("name").and_then(Value::as_str).ok_or_else(bad)?;
+            json!({"type": "function", "function": {"name": name}})
+        }
+        _ => return Err(bad()),
+    }))
 }
 
 #[cfg(test)]
 mod tests {
-    use llamapool_common::protocol::ChatEnding;
+    use llamapool_common::protocol::{ChatEnding, ToolChoice};
 
     use super::*;
     use crate::openai::request::parse_json;
@@ -233,9 +419,15 @@ mod tests {
         assert_eq!(refused(r#"{"max_tokens":5}"#), "messages");
         assert_eq!(
             refused(
-                r#"{"tools":[{"name":"t","input_schema":{}}],"messages":[{"role":"user","content":"x"}]}"#
+                r#"{"tools":[{"type":"bash_20250124"}],"messages":[{"role":"user","content":"x"}]}"#
             ),
-            "tools"
+            "tools[0]"
+        );
+        assert_eq!(
+            refused(
+                r#"{"tools":[{"name":"t"}],"tool_choice":{"type":"sometimes"},"messages":[{"role":"user","content":"x"}]}"#
+            ),
+            "tool_choice"
         );
         assert_eq!(
             refused(r#"{"messages":[{"role":"user","content":[{"type":"image","source":{}}]}]}"#),
@@ -253,7 +445,44 @@ mod tests {
             parse_json::<MessagesBody>(br#"{"messages":[{"role":"user","content":5}]}"#),
             Err(InvalidRequest::Field { param, .. }) if param.starts_with("messages[0].content")
         ));
+        // Tool use blocks only where they belong.
+        assert_eq!(
+            refused(
+                r#"{"messages":[{"role":"user","content":[{"type":"tool_use","name":"t","input":{}}]}]}"#
+            ),
+            "messages[0].content[0].type"
+        );
         // Empty tool lists ask for nothing.
         assert!(valid(r#"{"tools":[],"messages":[{"role":"user","content":"x"}]}"#).is_ok());
+    }
+
+    #[test]
+    fn tools_tool_use_and_tool_results_become_the_chat() {
+        let v = valid(
+            r#"{"max_tokens":9,"tools":[{"name":"get_weather","description":"d","input_schema":{"type":"object"}}],
+                "tool_choice":{"type":"tool","name":"get_weather"},
+                "messages":[{"role":"user","content":"Weather?"},
+                  {"role":"assistant","content":[{"type":"thinking","thinking":"hmm"},{"type":"text","text":"Let me look."},
+                     {"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Paris"}}]},
+                  {"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1","content":[{"type":"text","text":"20C"}]}]}]}"#,
+        )
+        .unwrap();
+        let Prompt::Chat(chat) = &v.generate.prompt else {
+            panic!("{:?}", v.generate.prompt)
+        };
+        assert_eq!(chat.tools.choice, ToolChoice::Required);
+        assert_eq!(
+            chat.tools.tools,
+            r#"[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"},"description":"d"}}]"#
+        );
+        let roles: Vec<&str> = chat.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool"]);
+        let assistant = &chat.messages[1];
+        assert_eq!(assistant.content, "Let me look.");
+        assert_eq!(assistant.reasoning_content, "hmm");
+        assert_eq!(assistant.tool_calls[0].id, "toolu_1");
+        assert_eq!(assistant.tool_calls[0].arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(chat.messages[2].tool_call_id, "toolu_1");
+        assert_eq!(chat.messages[2].content, "20C");
     }
 }

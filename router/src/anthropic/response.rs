@@ -5,8 +5,11 @@
 //! text, `content_block_delta`s, then `content_block_stop`, `message_delta` (stop reason and
 //! output tokens) and `message_stop`.
 
-use llamapool_common::{Finish, FinishReason, Usage};
+use llamapool_common::{Finish, FinishReason, ToolCall, Usage};
 use serde::Serialize;
+use serde_json::Value;
+
+use crate::openai::parsed::ParsedMessage;
 
 /// A whole message (non-streamed), or the `message` of `message_start` (no content yet).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -22,11 +25,61 @@ pub struct MessageBody<'a> {
     pub usage: MessageUsage,
 }
 
-/// A content block of a message; only text is produced.
+/// A content block of a message: the model's reasoning (`thinking`, with the empty
+/// `signature` llama-server sends), text, or a tool call (`tool_use`, its arguments parsed
+/// into `input`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentBlock<'a> {
-    Text { text: &'a str },
+    Thinking {
+        thinking: &'a str,
+        signature: &'static str,
+    },
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: Value,
+    },
+}
+
+impl<'a> ContentBlock<'a> {
+    /// A tool call as a `tool_use` block: its arguments parsed (`{}` when they are not JSON).
+    pub fn tool_use(call: &'a ToolCall) -> Self {
+        Self::ToolUse {
+            id: &call.id,
+            name: &call.name,
+            input: serde_json::from_str(&call.arguments)
+                .unwrap_or_else(|_| Value::Object(Default::default())),
+        }
+    }
+
+    /// The blocks of an answer: thinking, text (unless empty), then each tool call.
+    fn of_answer(text: &'a str, parsed: Option<&'a ParsedMessage>) -> Vec<Self> {
+        let Some(parsed) = parsed else {
+            return if text.is_empty() {
+                Vec::new()
+            } else {
+                vec![Self::Text { text }]
+            };
+        };
+        let mut blocks = Vec::new();
+        if !parsed.reasoning.is_empty() {
+            blocks.push(Self::Thinking {
+                thinking: &parsed.reasoning,
+                signature: "",
+            });
+        }
+        if !parsed.content.is_empty() {
+            blocks.push(Self::Text {
+                text: &parsed.content,
+            });
+        }
+        blocks.extend(parsed.tool_calls.iter().map(Self::tool_use));
+        blocks
+    }
 }
 
 /// A message's `usage`: prompt tokens evaluated (`input_tokens`) and reused from the cache
@@ -48,10 +101,12 @@ impl MessageUsage {
     }
 }
 
-/// `stop_reason`: `end_turn` for an end-of-generation token, `stop_sequence` for a stop
-/// string, `max_tokens` for the token limit (and a full context).
-pub fn stop_reason(finish: &Finish) -> &'static str {
+/// `stop_reason`: `tool_use` for a stopped answer that made tool calls, `end_turn` for an
+/// end-of-generation token, `stop_sequence` for a stop string, `max_tokens` for the token
+/// limit (and a full context).
+pub fn stop_reason(finish: &Finish, made_calls: bool) -> &'static str {
     match (finish.reason, &finish.stop_word) {
+        (FinishReason::Stop, _) if made_calls => "tool_use",
         (FinishReason::Stop, Some(_)) => "stop_sequence",
         (FinishReason::Stop, None) => "end_turn",
         (FinishReason::Length | FinishReason::Cancelled, _) => "max_tokens",
@@ -74,20 +129,22 @@ impl MessageHead {
         }
     }
 
-    /// The whole message for `text` ended by `finish`: one text block unless the text is
-    /// empty.
-    pub fn message<'a>(&'a self, text: &'a str, finish: &'a Finish) -> MessageBody<'a> {
+    /// The whole message ended by `finish`: the parsed answer's blocks when the worker parsed
+    /// it, else one text block (none for empty text).
+    pub fn message<'a>(
+        &'a self,
+        text: &'a str,
+        parsed: Option<&'a ParsedMessage>,
+        finish: &'a Finish,
+    ) -> MessageBody<'a> {
+        let made_calls = parsed.is_some_and(ParsedMessage::made_calls);
         MessageBody {
             id: &self.id,
             kind: "message",
             role: "assistant",
-            content: if text.is_empty() {
-                Vec::new()
-            } else {
-                vec![ContentBlock::Text { text }]
-            },
+            content: ContentBlock::of_answer(text, parsed),
             model: &self.model,
-            stop_reason: Some(stop_reason(finish)),
+            stop_reason: Some(stop_reason(finish, made_calls)),
             stop_sequence: finish.stop_word.as_deref(),
             usage: MessageUsage::of(&finish.usage),
         }
@@ -159,6 +216,9 @@ impl StreamEvent<'_> {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BlockDelta<'a> {
     TextDelta { text: &'a str },
+    ThinkingDelta { thinking: &'a str },
+    SignatureDelta { signature: &'static str },
+    InputJsonDelta { partial_json: &'a str },
 }
 
 /// `message_delta`'s `delta`: how the message ended.
@@ -175,11 +235,11 @@ pub struct OutputUsage {
 }
 
 impl<'a> StreamEvent<'a> {
-    /// `message_delta` for a message ended by `finish`.
-    pub fn message_delta(finish: &'a Finish) -> Self {
+    /// `message_delta` for a message ended by `finish` (`made_calls`: it made tool calls).
+    pub fn message_delta(finish: &'a Finish, made_calls: bool) -> Self {
         Self::MessageDelta {
             delta: MessageDeltaBody {
-                stop_reason: stop_reason(finish),
+                stop_reason: stop_reason(finish, made_calls),
                 stop_sequence: finish.stop_word.as_deref(),
             },
             usage: OutputUsage {
@@ -217,7 +277,7 @@ mod tests {
     fn a_message_has_anthropics_shape() {
         let head = MessageHead::new("m");
         let end = finish(None);
-        let body = json_of(head.message("Hi", &end));
+        let body = json_of(head.message("Hi", None, &end));
         assert_eq!(
             body,
             json!({"id": head.id, "type": "message", "role": "assistant",
@@ -227,7 +287,7 @@ mod tests {
         );
         assert!(head.id.starts_with("msg_"));
         let stopped = finish(Some("END"));
-        let body = json_of(head.message("", &stopped));
+        let body = json_of(head.message("", None, &stopped));
         assert_eq!(body["content"], json!([]));
         assert_eq!(body["stop_reason"], "stop_sequence");
         assert_eq!(body["stop_sequence"], "END");
@@ -261,7 +321,7 @@ mod tests {
         );
         let end = finish(None);
         assert_eq!(
-            json_of(StreamEvent::message_delta(&end)),
+            json_of(StreamEvent::message_delta(&end, false)),
             json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
                    "usage": {"output_tokens": 3}})
         );

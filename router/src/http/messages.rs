@@ -3,16 +3,19 @@
 //! `POST /v1/messages/count_tokens`. The bodies are [`crate::anthropic`]'s.
 //!
 //! A stream is SSE events named by their `type`: `message_start` once the first output
-//! arrives (the worker's first progress report tells the prompt's length), a text block
-//! (`content_block_start`, `content_block_delta`s, `content_block_stop`) once there is text,
-//! then `message_delta` and `message_stop`. An error after the start is the one error event.
+//! arrives (the worker's first progress report tells the prompt's length), then the answer's
+//! blocks as they start (`thinking`, `text`, one `tool_use` per call, each opened by
+//! `content_block_start` and fed by `content_block_delta`s), every block's
+//! `content_block_stop` at the end, then `message_delta` and `message_stop`, as llama-server
+//! orders them. An error after the start is the one error event.
 
 use axum::extract::State;
 use axum::response::sse::Event;
 use axum::response::IntoResponse;
 use axum::Json;
-use llamapool_common::{Finish, SeqOutput};
+use llamapool_common::{ChatDelta, Finish, SeqOutput, ToolCallDelta};
 use serde::Serialize;
+use serde_json::Value;
 
 use super::choices::Collected;
 use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
@@ -57,21 +60,138 @@ impl Reply for MessagesReply {
         MessagesStream {
             head: self.head,
             started: false,
-            text_block: false,
+            blocks: Blocks::default(),
         }
     }
 
     async fn respond(self, collected: Vec<Collected>) -> Answer {
         let only = &collected[0];
-        Ok(Json(self.head.message(&only.text, &only.finish)).into_response())
+        let body = self
+            .head
+            .message(&only.text, only.parsed.as_ref(), &only.finish);
+        Ok(Json(body).into_response())
     }
 }
 
-/// One streamed message's progress: whether `message_start` and the text block were sent.
+/// One streamed message's progress: whether `message_start` was sent, and its blocks.
 struct MessagesStream {
     head: MessageHead,
     started: bool,
-    text_block: bool,
+    blocks: Blocks,
+}
+
+/// The content blocks a stream opened, by the index each got in the order they started
+/// (they are all closed at the end, as llama-server does).
+#[derive(Default)]
+struct Blocks {
+    opened: usize,
+    thinking: Option<usize>,
+    text: Option<usize>,
+    /// Per tool call (by its index in the message): its block.
+    tools: Vec<usize>,
+}
+
+impl Blocks {
+    fn open(&mut self) -> usize {
+        self.opened += 1;
+        self.opened - 1
+    }
+
+    /// The events of some `text`: the text block's start the first time, then the delta.
+    fn text(&mut self, text: &str, events: &mut Vec<Event>) {
+        let index = match self.text {
+            Some(index) => index,
+            None => {
+                let index = self.open();
+                self.text = Some(index);
+                events.push(sse(&StreamEvent::ContentBlockStart {
+                    index,
+                    content_block: ContentBlock::Text { text: "" },
+                }));
+                index
+            }
+        };
+        events.push(sse(&StreamEvent::ContentBlockDelta {
+            index,
+            delta: BlockDelta::TextDelta { text },
+        }));
+    }
+
+    /// The events of one parsed change: thinking, text or a tool call's part.
+    fn delta(&mut self, delta: &ChatDelta, events: &mut Vec<Event>) {
+        if !delta.reasoning.is_empty() {
+            let index = match self.thinking {
+                Some(index) => index,
+                None => {
+                    let index = self.open();
+                    self.thinking = Some(index);
+                    events.push(sse(&StreamEvent::ContentBlockStart {
+                        index,
+                        content_block: ContentBlock::Thinking {
+                            thinking: "",
+                            signature: "",
+                        },
+                    }));
+                    index
+                }
+            };
+            events.push(sse(&StreamEvent::ContentBlockDelta {
+                index,
+                delta: BlockDelta::ThinkingDelta {
+                    thinking: &delta.reasoning,
+                },
+            }));
+        }
+        if !delta.content.is_empty() {
+            self.text(&delta.content, events);
+        }
+        if let Some(call) = &delta.tool_call {
+            self.tool_call(call, events);
+        }
+    }
+
+    fn tool_call(&mut self, call: &ToolCallDelta, events: &mut Vec<Event>) {
+        let at = call.index as usize;
+        let index = match self.tools.get(at) {
+            Some(&index) => index,
+            // Calls come in order; a gap would be a worker's bug, not a client's.
+            None if at == self.tools.len() => {
+                let index = self.open();
+                self.tools.push(index);
+                events.push(sse(&StreamEvent::ContentBlockStart {
+                    index,
+                    content_block: ContentBlock::ToolUse {
+                        id: &call.id,
+                        name: &call.name,
+                        input: Value::Object(Default::default()),
+                    },
+                }));
+                index
+            }
+            None => return,
+        };
+        if !call.arguments.is_empty() {
+            events.push(sse(&StreamEvent::ContentBlockDelta {
+                index,
+                delta: BlockDelta::InputJsonDelta {
+                    partial_json: &call.arguments,
+                },
+            }));
+        }
+    }
+
+    /// The end of every block, the thinking block's (empty) signature first.
+    fn close(&self, events: &mut Vec<Event>) {
+        if let Some(index) = self.thinking {
+            events.push(sse(&StreamEvent::ContentBlockDelta {
+                index,
+                delta: BlockDelta::SignatureDelta { signature: "" },
+            }));
+        }
+        for index in 0..self.opened {
+            events.push(sse(&StreamEvent::ContentBlockStop { index }));
+        }
+    }
 }
 
 /// A Messages event as an SSE event named by its `type`.
@@ -89,18 +209,12 @@ impl StreamFormat for MessagesStream {
             let (prompt, cached) = o.progress.map_or((0, 0), |p| (p.total, p.cache));
             events.push(sse(&self.head.start(prompt, cached)));
         }
-        if !o.text.is_empty() {
-            if !self.text_block {
-                self.text_block = true;
-                events.push(sse(&StreamEvent::ContentBlockStart {
-                    index: 0,
-                    content_block: ContentBlock::Text { text: "" },
-                }));
+        if o.parsed {
+            for delta in &o.chat {
+                self.blocks.delta(delta, &mut events);
             }
-            events.push(sse(&StreamEvent::ContentBlockDelta {
-                index: 0,
-                delta: BlockDelta::TextDelta { text: &o.text },
-            }));
+        } else if !o.text.is_empty() {
+            self.blocks.text(&o.text, &mut events);
         }
         events
     }
@@ -112,10 +226,9 @@ impl StreamFormat for MessagesStream {
                 .head
                 .start(total.usage.prompt_tokens, total.usage.cached_tokens)));
         }
-        if self.text_block {
-            events.push(sse(&StreamEvent::ContentBlockStop { index: 0 }));
-        }
-        events.push(sse(&StreamEvent::message_delta(total)));
+        self.blocks.close(&mut events);
+        let made_calls = !self.blocks.tools.is_empty();
+        events.push(sse(&StreamEvent::message_delta(total, made_calls)));
         events.push(sse(&StreamEvent::MessageStop));
         events
     }
@@ -136,6 +249,7 @@ pub async fn count_tokens(
 ) -> Result<Json<TokenCountBody>, ApiError> {
     let _permit = state.admit_control()?;
     let body: MessagesBody = parse_json(&body)?;
-    let input_tokens = count_chat_tokens(&state, body.chat()?).await?;
+    let chat = body.chat(&state.served.defaults)?;
+    let input_tokens = count_chat_tokens(&state, chat).await?;
     Ok(Json(TokenCountBody { input_tokens }))
 }

@@ -9,6 +9,8 @@
 //! per piece (with `timings` for `timings_per_token`), then the `.done` events and
 //! `response.completed` (with the request's `timings`, as llama-server).
 
+use std::borrow::Cow;
+
 use axum::response::sse::Event;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -19,11 +21,14 @@ use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
 use super::stream::{named, StreamFormat};
 use super::SharedState;
 use crate::error::ApiError;
+use crate::openai::parsed::ParsedMessage;
 use crate::openai::request::{parse_json, StreamReports};
 use crate::openai::timings::{ProgressBody, RunningTimings, TimingsBody};
 use crate::openai::Endpoint;
 use crate::responses::request::ResponsesBody;
-use crate::responses::response::{EventKind, OutputText, ResponseHead, StreamEvent};
+use crate::responses::response::{
+    EventKind, FunctionCallItem, OutputItem, OutputText, ResponseHead, StreamEvent,
+};
 
 /// `POST /v1/responses`, logged as a chat request.
 pub async fn responses(call: GenerationCall) -> Answer {
@@ -63,12 +68,16 @@ impl Reply for ResponsesReply {
             numbers: Numbering::default(),
             started: false,
             text: None,
+            parsed: None,
         }
     }
 
     async fn respond(self, collected: Vec<Collected>) -> Answer {
         let only = &collected[0];
-        Ok(Json(self.head.completed(&only.text, &only.finish)).into_response())
+        let body = self
+            .head
+            .completed(&only.text, only.parsed.as_ref(), &only.finish);
+        Ok(Json(body).into_response())
     }
 }
 
@@ -81,6 +90,9 @@ struct ResponsesStream {
     numbers: Numbering,
     started: bool,
     text: Option<String>,
+    /// The answer as the worker parsed it (a chat format with reasoning or tool calls): the
+    /// text streamed is its content; its calls are sent as items at the end.
+    parsed: Option<ParsedMessage>,
 }
 
 /// The events' `sequence_number`s: 0, 1, … in the order they are sent.
@@ -136,7 +148,19 @@ impl StreamFormat for ResponsesStream {
             return events;
         }
         self.timings.on_output(o);
-        if o.text.is_empty() {
+        let piece = if o.parsed {
+            let parsed = self.parsed.get_or_insert_with(ParsedMessage::default);
+            o.chat.iter().for_each(|d| parsed.apply(d));
+            Cow::Owned(
+                o.chat
+                    .iter()
+                    .map(|d| d.content.as_str())
+                    .collect::<String>(),
+            )
+        } else {
+            Cow::Borrowed(o.text.as_str())
+        };
+        if piece.is_empty() {
             return events;
         }
         let text = self.text.get_or_insert_with(|| {
@@ -155,13 +179,13 @@ impl StreamFormat for ResponsesStream {
             events.push(numbers.event(part, None, None));
             String::new()
         });
-        text.push_str(&o.text);
+        text.push_str(&piece);
         let running = self.reports.timings.then(|| self.timings.body());
         let delta = EventKind::TextDelta {
             item_id: &head.message_id,
             output_index: 0,
             content_index: 0,
-            delta: &o.text,
+            delta: &piece,
         };
         events.push(numbers.event(delta, running, None));
         events
@@ -197,7 +221,21 @@ impl StreamFormat for ResponsesStream {
             };
             events.push(numbers.event(item_done, None, None));
         }
-        let response = head.completed(text.as_deref().unwrap_or(""), total);
+        let parsed = self.parsed.as_ref();
+        for (i, call) in parsed.iter().flat_map(|p| &p.tool_calls).enumerate() {
+            let output_index = i + usize::from(text.is_some());
+            let added = EventKind::ItemAdded {
+                output_index,
+                item: OutputItem::FunctionCall(FunctionCallItem::new(call)),
+            };
+            events.push(numbers.event(added, None, None));
+            let done = EventKind::ItemDone {
+                output_index,
+                item: OutputItem::FunctionCall(FunctionCallItem::new(call)),
+            };
+            events.push(numbers.event(done, None, None));
+        }
+        let response = head.completed(text.as_deref().unwrap_or(""), parsed, total);
         let timings = TimingsBody::finished(&total.usage, &total.timings);
         events.push(numbers.event(EventKind::Completed { response }, Some(timings), None));
         events

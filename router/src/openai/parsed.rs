@@ -49,25 +49,25 @@ impl ParsedMessage {
 
 /// A whole tool call: `{"id", "type": "function", "function": {"name", "arguments"}}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ToolCallBody<'a> {
+pub struct ToolCallReply<'a> {
     pub id: &'a str,
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub function: FunctionBody<'a>,
+    pub function: FunctionReply<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FunctionBody<'a> {
+pub struct FunctionReply<'a> {
     pub name: &'a str,
     pub arguments: &'a str,
 }
 
-impl<'a> From<&'a ToolCall> for ToolCallBody<'a> {
+impl<'a> From<&'a ToolCall> for ToolCallReply<'a> {
     fn from(call: &'a ToolCall) -> Self {
         Self {
             id: &call.id,
             kind: "function",
-            function: FunctionBody {
+            function: FunctionReply {
                 name: &call.name,
                 arguments: &call.arguments,
             },
@@ -78,31 +78,31 @@ impl<'a> From<&'a ToolCall> for ToolCallBody<'a> {
 /// A tool call's stream delta, as llama-server sends it: `index` always; `id` and `type` with
 /// the call's first delta; `name` and `arguments` when not empty.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ToolCallDeltaBody<'a> {
+pub struct ToolCallDeltaReply<'a> {
     pub index: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<&'a str>,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<&'static str>,
-    pub function: FunctionDeltaBody<'a>,
+    pub function: FunctionDeltaReply<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FunctionDeltaBody<'a> {
+pub struct FunctionDeltaReply<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<&'a str>,
 }
 
-impl<'a> From<&'a ToolCallDelta> for ToolCallDeltaBody<'a> {
+impl<'a> From<&'a ToolCallDelta> for ToolCallDeltaReply<'a> {
     fn from(call: &'a ToolCallDelta) -> Self {
         let some = |s: &'a String| (!s.is_empty()).then_some(s.as_str());
         Self {
             index: call.index,
             id: some(&call.id),
             kind: some(&call.id).map(|_| "function"),
-            function: FunctionDeltaBody {
+            function: FunctionDeltaReply {
                 name: some(&call.name),
                 arguments: some(&call.arguments),
             },
@@ -170,7 +170,7 @@ mod tests {
             arguments: String::new(),
         };
         assert_eq!(
-            serde_json::to_value(ToolCallDeltaBody::from(&first)).unwrap(),
+            serde_json::to_value(ToolCallDeltaReply::from(&first)).unwrap(),
             serde_json::json!({"index": 0, "id": "a1", "type": "function", "function": {"name": "f"}})
         );
         let more = ToolCallDelta {
@@ -179,7 +179,7 @@ mod tests {
             ..ToolCallDelta::default()
         };
         assert_eq!(
-            serde_json::to_value(ToolCallDeltaBody::from(&more)).unwrap(),
+            serde_json::to_value(ToolCallDeltaReply::from(&more)).unwrap(),
             serde_json::json!({"index": 0, "function": {"arguments": "{}"}})
         );
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::llama_server::NativeFinal;
 use super::logprobs::LogprobsBody;
-use super::parsed::{ParsedMessage, ToolCallBody, ToolCallDeltaBody};
+use super::parsed::{ParsedMessage, ToolCallDeltaReply, ToolCallReply};
 use super::request::Endpoint;
 use super::timings::{ProgressBody, TimingsBody};
 use super::FINGERPRINT;
@@ -86,7 +86,7 @@ pub struct Message<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Vec<ToolCallBody<'a>>>,
+    pub tool_calls: Option<Vec<ToolCallReply<'a>>>,
 }
 
 impl<'a> Message<'a> {
@@ -106,7 +106,7 @@ impl<'a> Message<'a> {
             reasoning_content: (!parsed.reasoning.is_empty()).then_some(parsed.reasoning.as_str()),
             tool_calls: parsed
                 .made_calls()
-                .then(|| parsed.tool_calls.iter().map(ToolCallBody::from).collect()),
+                .then(|| parsed.tool_calls.iter().map(ToolCallReply::from).collect()),
         }
     }
 }
@@ -124,7 +124,7 @@ pub struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Vec<ToolCallDeltaBody<'a>>>,
+    pub tool_calls: Option<Vec<ToolCallDeltaReply<'a>>>,
 }
 
 /// OpenAI's `usage`.
@@ -329,7 +329,7 @@ impl Envelope {
             tool_calls: delta
                 .tool_call
                 .as_ref()
-                .map(|call| vec![ToolCallDeltaBody::from(call)]),
+                .map(|call| vec![ToolCallDeltaReply::from(call)]),
             ..Delta::default()
         };
         let mut chunk = self.choice_chunk(index, ChoiceBody::Delta(body));

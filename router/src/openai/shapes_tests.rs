@@ -403,7 +403,7 @@ fn anthropic_bodies_match_llama_servers() {
     let cases: [(Value, Value, &[&str]); 7] = [
         (
             recorded!("llama_server/anthropic_message.json"),
-            json_of(head.message("Hi", &finish)),
+            json_of(head.message("Hi", None, &finish)),
             &[],
         ),
         (
@@ -434,7 +434,7 @@ fn anthropic_bodies_match_llama_servers() {
         ),
         (
             recorded!("llama_server/anthropic_message_delta.json"),
-            json_of(StreamEvent::message_delta(&finish)),
+            json_of(StreamEvent::message_delta(&finish, false)),
             &[],
         ),
         (
@@ -476,7 +476,7 @@ fn responses_bodies_match_llama_servers() {
     let cases: [(Value, Value, &[&str]); 10] = [
         (
             recorded!("llama_server/responses_response.json"),
-            json_of(head.completed("Hi", &finish)),
+            json_of(head.completed("Hi", None, &finish)),
             &[
                 "missing .completed_at",
                 "extra .usage.output_tokens_details",
@@ -596,7 +596,7 @@ fn responses_bodies_match_llama_servers() {
             recorded!("llama_server/responses_completed.json"),
             event(
                 EventKind::Completed {
-                    response: head.completed("Hi", &finish),
+                    response: head.completed("Hi", None, &finish),
                 },
                 Some(timings),
             ),

@@ -1,14 +1,20 @@
-//! A Responses body as clients send it, and its translation into the chat request every
-//! generating route validates the same way: `instructions` become a first `system` message,
-//! `input` the conversation, `max_output_tokens` the token limit. Errors name the Responses
-//! field at fault.
+//! A Responses body as clients send it, and its translation into the OpenAI chat body every
+//! generating route validates the same way, as llama-server converts it: `instructions`
+//! become a first `system` message, `input` the conversation (message items;
+//! `function_call` items an assistant's tool calls, `function_call_output` items tool
+//! results; `reasoning` items an assistant's reasoning), function `tools` OpenAI's, and
+//! `max_output_tokens` the token limit. Errors name the Responses field at fault.
 
 use llamapool_common::protocol::{ChatPrompt, Prompt};
-use llamapool_common::{ChatMessage, RequestId};
+use llamapool_common::settings::GenerationDefaults;
+use llamapool_common::RequestId;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::openai::request::{chat_prompt, GenerationBody, ServedModel};
+use crate::openai::request::{
+    ContentBody, ContentPart, FunctionCallBody, GenerationBody, MessageBody, ServedModel,
+    ToolCallBody,
+};
 use crate::openai::{Endpoint, InvalidRequest, ValidRequest};
 
 /// `POST /v1/responses`' body. Unknown fields are ignored (`store`, `metadata`, `user`, ...).
@@ -25,8 +31,10 @@ pub struct ResponsesBody {
     pub return_progress: Option<bool>,
     /// llama-server: text deltas carry the `timings` so far.
     pub timings_per_token: Option<bool>,
+    /// `[{"type": "function", "name", "description", "parameters"}]`.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub previous_response_id: Option<String>,
 }
 
@@ -38,13 +46,18 @@ pub enum InputIn {
     Items(Vec<ItemIn>),
 }
 
-/// An input item; only messages are served.
+/// An input item: a message (`type` absent or `message`), a `function_call` the assistant
+/// made, its `function_call_output`, or a `reasoning` item.
 #[derive(Debug, Deserialize)]
 pub struct ItemIn {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub role: Option<String>,
     pub content: Option<ItemContent>,
+    pub call_id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: Option<Value>,
+    pub output: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,7 +67,7 @@ pub enum ItemContent {
     Parts(Vec<PartIn>),
 }
 
-/// A content part; only text parts (`input_text`, `output_text`) are served.
+/// A content part; only text parts (`input_text`, `output_text`, `reasoning_text`) are served.
 #[derive(Debug, Deserialize)]
 pub struct PartIn {
     #[serde(rename = "type")]
@@ -69,27 +82,21 @@ impl ResponsesBody {
         served: &ServedModel,
         id: RequestId,
     ) -> Result<ValidRequest, InvalidRequest> {
-        let chat = self.chat()?;
-        let body = GenerationBody {
-            model: self.model,
-            max_tokens: self.max_output_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            stream: self.stream,
-            return_progress: self.return_progress,
-            timings_per_token: self.timings_per_token,
-            ..GenerationBody::default()
-        };
+        let mut body = self.openai_body()?;
+        let chat = body.chat(&served.defaults)?;
         body.check_common(served)?;
         let sampling = body.sampling(&served.defaults)?;
         body.finish_valid(Endpoint::Chat, served, id, Prompt::Chat(chat), sampling)
             .map_err(named_as_sent)
     }
 
-    /// The conversation: what is not served refused, the instructions first, every message.
-    fn chat(&self) -> Result<ChatPrompt, InvalidRequest> {
-        refuse("tools", self.tools.as_ref())?;
-        refuse("tool_choice", self.tool_choice.as_ref())?;
+    /// The conversation as a worker renders it.
+    pub fn chat(self, defaults: &GenerationDefaults) -> Result<ChatPrompt, InvalidRequest> {
+        self.openai_body()?.chat(defaults)
+    }
+
+    /// The OpenAI chat body this Responses body is.
+    fn openai_body(self) -> Result<GenerationBody, InvalidRequest> {
         if self.previous_response_id.is_some() {
             return Err(InvalidRequest::Unsupported {
                 param: "previous_response_id",
@@ -98,18 +105,31 @@ impl ResponsesBody {
         }
         let mut chat = Vec::new();
         if let Some(instructions) = &self.instructions {
-            chat.push(message("system", instructions.clone()));
+            chat.push(text_message("system", instructions.clone()));
         }
         match &self.input {
             None => return Err(InvalidRequest::field("input", "input is required")),
-            Some(InputIn::Text(text)) => chat.push(message("user", text.clone())),
+            Some(InputIn::Text(text)) => chat.push(text_message("user", text.clone())),
             Some(InputIn::Items(items)) => {
                 for (i, item) in items.iter().enumerate() {
-                    chat.push(item_message(i, item)?);
+                    item_in(i, item, &mut chat)?;
                 }
             }
         }
-        chat_prompt(chat, None, None)
+        Ok(GenerationBody {
+            model: self.model,
+            messages: Some(chat),
+            max_tokens: self.max_output_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stream: self.stream,
+            return_progress: self.return_progress,
+            timings_per_token: self.timings_per_token,
+            tools: openai_tools(self.tools.as_ref())?,
+            tool_choice: openai_tool_choice(self.tool_choice),
+            parallel_tool_calls: self.parallel_tool_calls,
+            ..GenerationBody::default()
+        })
     }
 }
 
@@ -126,33 +146,71 @@ fn named_as_sent(error: InvalidRequest) -> InvalidRequest {
     }
 }
 
-fn message(role: &str, content: String) -> ChatMessage {
-    ChatMessage::text(role, content)
-}
-
-/// Tools are not served yet: any value but `null`, `"none"` or an empty list is refused.
-fn refuse(param: &'static str, value: Option<&Value>) -> Result<(), InvalidRequest> {
-    match value {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Array(list)) if list.is_empty() => Ok(()),
-        Some(Value::String(s)) if s == "none" => Ok(()),
-        Some(_) => Err(InvalidRequest::Unsupported {
-            param,
-            detail: " on /v1/responses yet (tool calling is not served)".into(),
-        }),
+fn text_message(role: &str, content: String) -> MessageBody {
+    MessageBody {
+        role: role.into(),
+        content: Some(ContentBody::Text(content)),
+        tool_calls: None,
+        tool_call_id: None,
+        name: None,
+        reasoning_content: None,
     }
 }
 
-/// One input item as a chat message: a message item (`type` absent or `message`) of a known
-/// role; `developer` is passed as `system`, as on the chat route.
-fn item_message(index: usize, item: &ItemIn) -> Result<ChatMessage, InvalidRequest> {
+/// One input item as OpenAI messages. A `function_call` joins the assistant message before
+/// it (or starts one); `developer` is passed as `system`, as on the chat route.
+fn item_in(index: usize, item: &ItemIn, out: &mut Vec<MessageBody>) -> Result<(), InvalidRequest> {
     let param = format!("input[{index}]");
-    if let Some(kind) = item.kind.as_deref().filter(|k| *k != "message") {
-        return Err(InvalidRequest::field(
-            format!("{param}.type"),
-            format!("{param}: {kind:?} items are not supported, only messages"),
-        ));
+    match item.kind.as_deref() {
+        None | Some("message") => out.push(message_item(&param, item)?),
+        Some("function_call") => {
+            let call = function_call(&param, item)?;
+            match out.last_mut() {
+                Some(last) if last.role == "assistant" => {
+                    last.tool_calls.get_or_insert_with(Vec::new).push(call);
+                }
+                _ => {
+                    let mut message = text_message("assistant", String::new());
+                    message.content = None;
+                    message.tool_calls = Some(vec![call]);
+                    out.push(message);
+                }
+            }
+        }
+        Some("function_call_output") => {
+            let call_id = item.call_id.clone().ok_or_else(|| {
+                InvalidRequest::field(format!("{param}.call_id"), format!("{param}: call_id is required"))
+            })?;
+            let output = match &item.output {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(text)) => text.clone(),
+                Some(other) => other.to_string(),
+            };
+            let mut message = text_message("tool", output);
+            message.tool_call_id = Some(call_id);
+            out.push(message);
+        }
+        Some("reasoning") => {
+            let text = match &item.content {
+                Some(ItemContent::Parts(parts)) => parts_text(&format!("{param}.content"), parts)?,
+                Some(ItemContent::Text(text)) => text.clone(),
+                None => String::new(),
+            };
+            let mut message = text_message("assistant", String::new());
+            message.reasoning_content = Some(text);
+            out.push(message);
+        }
+        Some(kind) => {
+            return Err(InvalidRequest::field(
+                format!("{param}.type"),
+                format!("{param}: {kind:?} items are not supported (message, function_call, function_call_output, reasoning)"),
+            ))
+        }
     }
+    Ok(())
+}
+
+fn message_item(param: &str, item: &ItemIn) -> Result<MessageBody, InvalidRequest> {
     let role = match item.role.as_deref() {
         Some("developer") => "system",
         Some(role @ ("user" | "system" | "assistant")) => role,
@@ -166,9 +224,35 @@ fn item_message(index: usize, item: &ItemIn) -> Result<ChatMessage, InvalidReque
     let content = match &item.content {
         None => String::new(),
         Some(ItemContent::Text(text)) => text.clone(),
-        Some(ItemContent::Parts(parts)) => parts_text(&format!("{param}.content"), parts)?,
+        Some(ItemContent::Parts(parts)) => {
+            let parts = parts_text(&format!("{param}.content"), parts)?;
+            return Ok(MessageBody {
+                content: Some(ContentBody::Parts(vec![ContentPart {
+                    kind: "text".into(),
+                    text: Some(parts),
+                }])),
+                ..text_message(role, String::new())
+            });
+        }
     };
-    Ok(message(role, content))
+    Ok(text_message(role, content))
+}
+
+fn function_call(param: &str, item: &ItemIn) -> Result<ToolCallBody, InvalidRequest> {
+    let name = item.name.clone().ok_or_else(|| {
+        InvalidRequest::field(
+            format!("{param}.name"),
+            format!("{param}: name is required"),
+        )
+    })?;
+    Ok(ToolCallBody {
+        id: item.call_id.clone(),
+        kind: Some("function".into()),
+        function: FunctionCallBody {
+            name,
+            arguments: item.arguments.clone(),
+        },
+    })
 }
 
 /// The text of text parts, joined; any other part is refused, naming it.
@@ -176,7 +260,7 @@ fn parts_text(param: &str, parts: &[PartIn]) -> Result<String, InvalidRequest> {
     let mut text = String::new();
     for (j, part) in parts.iter().enumerate() {
         match (part.kind.as_str(), &part.text) {
-            ("input_text" | "output_text", Some(t)) => text.push_str(t),
+            ("input_text" | "output_text" | "reasoning_text", Some(t)) => text.push_str(t),
             (kind, _) => {
                 return Err(InvalidRequest::field(
                     format!("{param}[{j}].type"),
@@ -186,6 +270,49 @@ fn parts_text(param: &str, parts: &[PartIn]) -> Result<String, InvalidRequest> {
         }
     }
     Ok(text)
+}
+
+/// The Responses API's function tools (flat: `name`, `parameters` beside `type`) as OpenAI
+/// chat's; other tool types (web search, file search, …) are refused by name.
+fn openai_tools(tools: Option<&Value>) -> Result<Option<Value>, InvalidRequest> {
+    let tools = match tools {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(tools)) => tools,
+        Some(_) => return Err(InvalidRequest::field("tools", "tools must be an array")),
+    };
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "function" {
+                return Err(InvalidRequest::field(
+                    format!("tools[{i}].type"),
+                    format!("tools[{i}]: {kind:?} tools are not supported, only function tools"),
+                ));
+            }
+            let mut function = json!({
+                "name": tool.get("name").cloned().unwrap_or(Value::Null),
+                "parameters": tool.get("parameters").cloned().unwrap_or_else(|| json!({})),
+            });
+            if let Some(description) = tool.get("description") {
+                function["description"] = description.clone();
+            }
+            Ok(json!({"type": "function", "function": function}))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|t| Some(Value::Array(t)))
+}
+
+/// `tool_choice`: the strings pass as they are; `{"type": "function", "name"}` names a tool.
+fn openai_tool_choice(choice: Option<Value>) -> Option<Value> {
+    match choice {
+        Some(Value::Object(map)) if map.get("type").and_then(Value::as_str) == Some("function") => {
+            let name = map.get("name").cloned().unwrap_or(Value::Null);
+            Some(json!({"type": "function", "function": {"name": name}}))
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -233,7 +360,10 @@ mod tests {
         let Prompt::Chat(chat) = &text.generate.prompt else {
             panic!()
         };
-        assert_eq!(chat.messages, [message("user", "Hi".into())]);
+        assert_eq!(
+            chat.messages,
+            [llamapool_common::ChatMessage::text("user", "Hi")]
+        );
     }
 
     #[test]
@@ -245,16 +375,20 @@ mod tests {
         };
         assert_eq!(refused(r#"{}"#), "input");
         assert_eq!(
-            refused(r#"{"input":"x","tools":[{"type":"function","name":"f"}]}"#),
-            "tools"
+            refused(r#"{"input":"x","tools":[{"type":"web_search"}]}"#),
+            "tools[0].type"
         );
         assert_eq!(
             refused(r#"{"input":"x","previous_response_id":"resp_1"}"#),
             "previous_response_id"
         );
         assert_eq!(
-            refused(r#"{"input":[{"type":"function_call_output","call_id":"c","output":"x"}]}"#),
+            refused(r#"{"input":[{"type":"file_search_call","id":"c"}]}"#),
             "input[0].type"
+        );
+        assert_eq!(
+            refused(r#"{"input":[{"type":"function_call_output","output":"x"}]}"#),
+            "input[0].call_id"
         );
         assert_eq!(
             refused(
@@ -271,5 +405,33 @@ mod tests {
             "max_output_tokens"
         );
         assert!(valid(r#"{"input":"x","tools":[],"tool_choice":"none"}"#).is_ok());
+    }
+
+    #[test]
+    fn function_tools_calls_and_outputs_become_the_chat() {
+        let v = valid(
+            r#"{"tools":[{"type":"function","name":"f","parameters":{"type":"object"}}],
+                "tool_choice":{"type":"function","name":"f"},
+                "input":[{"role":"user","content":"x"},
+                         {"type":"function_call","call_id":"c1","name":"f","arguments":"{\"a\":1}"},
+                         {"type":"function_call_output","call_id":"c1","output":"42"}]}"#,
+        )
+        .unwrap();
+        let Prompt::Chat(chat) = &v.generate.prompt else {
+            panic!("{:?}", v.generate.prompt)
+        };
+        assert_eq!(
+            chat.tools.tools,
+            r#"[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#
+        );
+        assert_eq!(
+            chat.tools.choice,
+            llamapool_common::protocol::ToolChoice::Required
+        );
+        let roles: Vec<&str> = chat.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool"]);
+        assert_eq!(chat.messages[1].tool_calls[0].arguments, r#"{"a":1}"#);
+        assert_eq!(chat.messages[2].tool_call_id, "c1");
+        assert_eq!(chat.messages[2].content, "42");
     }
 }

@@ -7,9 +7,10 @@
 //! `response.output_item.done` and `response.completed`. Every event has OpenAI's
 //! `sequence_number`.
 
-use llamapool_common::{Finish, Usage};
+use llamapool_common::{Finish, ToolCall, Usage};
 use serde::Serialize;
 
+use crate::openai::parsed::ParsedMessage;
 use crate::openai::timings::{ProgressBody, TimingsBody};
 
 /// The `response` object: whole (non-streamed, `response.completed`) or, while a stream
@@ -28,15 +29,67 @@ pub struct ResponseBody<'a> {
     pub usage: Option<ResponseUsage>,
 }
 
-/// An output item: the assistant's message.
+/// An output item: the model's reasoning, the assistant's message, or a tool call.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OutputItem<'a> {
+#[serde(untagged)]
+pub enum OutputItem<'a> {
+    Message(MessageItem<'a>),
+    FunctionCall(FunctionCallItem<'a>),
+    Reasoning(ReasoningItem<'a>),
+}
+
+/// The assistant's message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MessageItem<'a> {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub id: &'a str,
     pub status: &'static str,
     pub role: &'static str,
     pub content: Vec<OutputText<'a>>,
+}
+
+/// A tool call: `{"type": "function_call", "id": "fc_…", "call_id", "name", "arguments"}`;
+/// the client answers it with a `function_call_output` item naming `call_id`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionCallItem<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub id: String,
+    pub status: &'static str,
+    pub call_id: &'a str,
+    pub name: &'a str,
+    pub arguments: &'a str,
+}
+
+impl<'a> FunctionCallItem<'a> {
+    pub fn new(call: &'a ToolCall) -> Self {
+        Self {
+            kind: "function_call",
+            id: format!("fc_{}", call.id),
+            status: "completed",
+            call_id: &call.id,
+            name: &call.name,
+            arguments: &call.arguments,
+        }
+    }
+}
+
+/// The model's reasoning, when the chat format separates it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReasoningItem<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub id: String,
+    pub summary: [(); 0],
+    pub content: [ReasoningText<'a>; 1],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReasoningText<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub text: &'a str,
 }
 
 /// A message's text part.
@@ -121,13 +174,13 @@ impl ResponseHead {
 
     /// The assistant's message holding `text` (no part while there is no text yet).
     pub fn message<'a>(&'a self, text: Option<&'a str>, status: &'static str) -> OutputItem<'a> {
-        OutputItem {
+        OutputItem::Message(MessageItem {
             kind: "message",
             id: &self.message_id,
             status,
             role: "assistant",
             content: text.map(OutputText::new).into_iter().collect(),
-        }
+        })
     }
 
     /// The response while it runs: no output, no usage.
@@ -143,15 +196,41 @@ impl ResponseHead {
         }
     }
 
-    /// The finished response: the message (unless the text is empty) and the usage.
-    pub fn completed<'a>(&'a self, text: &'a str, finish: &Finish) -> ResponseBody<'a> {
+    /// The finished response and its usage: the parsed answer's reasoning, message and tool
+    /// calls when the worker parsed it, else the message; a message only for text.
+    pub fn completed<'a>(
+        &'a self,
+        text: &'a str,
+        parsed: Option<&'a ParsedMessage>,
+        finish: &Finish,
+    ) -> ResponseBody<'a> {
+        let mut output = Vec::new();
+        let content = parsed.map_or(text, |p| p.content.as_str());
+        if let Some(parsed) = parsed.filter(|p| !p.reasoning.is_empty()) {
+            output.push(OutputItem::Reasoning(ReasoningItem {
+                kind: "reasoning",
+                id: format!("rs_{}", &self.message_id[4..]),
+                summary: [],
+                content: [ReasoningText {
+                    kind: "reasoning_text",
+                    text: &parsed.reasoning,
+                }],
+            }));
+        }
+        if !content.is_empty() {
+            output.push(self.message(Some(content), "completed"));
+        }
+        if let Some(parsed) = parsed {
+            output.extend(
+                parsed
+                    .tool_calls
+                    .iter()
+                    .map(|c| OutputItem::FunctionCall(FunctionCallItem::new(c))),
+            );
+        }
         ResponseBody {
             status: "completed",
-            output: if text.is_empty() {
-                Vec::new()
-            } else {
-                vec![self.message(Some(text), "completed")]
-            },
+            output,
             usage: Some(ResponseUsage::from(&finish.usage)),
             ..self.in_progress()
         }
@@ -263,7 +342,7 @@ mod tests {
             timings: Timings::default(),
             stop_word: None,
         };
-        let body = json_of(head.completed("Hi", &finish));
+        let body = json_of(head.completed("Hi", None, &finish));
         assert_eq!(
             body,
             json!({"id": head.id, "object": "response", "created_at": head.created_at,

@@ -30,12 +30,11 @@ mod tools;
 mod validate;
 
 pub use body::{
-    BiasBody, ContentBody, ContentPart, DetokenizeBody, GenerationBody, LogitBiasBody, MessageBody,
-    PromptBody, PromptObject, StopBody, StreamOptions, TokenOrText, TokenizeBody,
-    UnsupportedFields, MAX_CHOICES,
+    BiasBody, ContentBody, ContentPart, DetokenizeBody, FunctionCallBody, GenerationBody,
+    LogitBiasBody, MessageBody, PromptBody, PromptObject, StopBody, StreamOptions, TokenOrText,
+    TokenizeBody, ToolCallBody, UnsupportedFields, MAX_CHOICES,
 };
 pub use invalid::{parse_json, InvalidRequest};
-pub(crate) use prompt::chat_prompt;
 pub use prompt::{native_prompt, native_prompts, NativePrompt, PromptPart};
 pub use validate::{parse_generation, Endpoint, ServedModel, StreamReports, ValidRequest};
 

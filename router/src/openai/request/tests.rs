@@ -1,3 +1,4 @@
+use llamapool_common::protocol::ToolChoice;
 use llamapool_common::protocol::{ChatEnding, Prompt};
 use llamapool_common::settings::GenerationDefaults;
 use llamapool_common::{RequestId, StoppingParams};
@@ -202,11 +203,6 @@ fn bad_inputs_name_their_field() {
 #[test]
 fn fields_this_server_cannot_honour_are_named() {
     let cases = [
-        (
-            r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
-            "tools",
-        ),
-        (r#""tool_choice":"required""#, "tool_choice"),
         (r#""functions":[{"name":"f"}]"#, "functions"),
         (r#""best_of":2"#, "best_of"),
         (r#""echo":true"#, "echo"),
@@ -412,10 +408,10 @@ fn native_batches_hold_one_prompt_per_element() {
 }
 
 #[test]
-fn structured_output_fields_become_one_grammar() {
-    let grammar_of = |field: &str| {
+fn structured_output_fields_become_one_constraint() {
+    let constraint_of = |field: &str| {
         let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#);
-        chat(&body).map(|r| r.generate.sampling.grammar)
+        chat(&body).map(|r| (r.generate.sampling.grammar, r.generate.sampling.json_schema))
     };
     for neutral in [
         r#""response_format":{"type":"text"}"#,
@@ -423,25 +419,30 @@ fn structured_output_fields_become_one_grammar() {
         r#""grammar":"""#,
         r#""json_schema":null"#,
     ] {
-        assert_eq!(grammar_of(neutral).unwrap(), None, "{neutral}");
+        assert_eq!(constraint_of(neutral).unwrap(), (None, None), "{neutral}");
     }
-    let g = grammar_of(r#""grammar":"root ::= \"yes\" | \"no\"""#).unwrap();
+    let (g, _) = constraint_of(r#""grammar":"root ::= \"yes\" | \"no\"""#).unwrap();
     assert_eq!(g.as_deref(), Some(r#"root ::= "yes" | "no""#));
-    let g = grammar_of(r#""response_format":{"type":"json_object"}"#)
-        .unwrap()
-        .unwrap();
-    assert!(g.starts_with("root ::= object\n"), "{g}");
-    let schema = r#"{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}"#;
+    // A JSON schema goes to the worker as text (llama.cpp converts it); no schema is any object.
+    for any_object in [
+        r#""response_format":{"type":"json_object"}"#,
+        r#""response_format":{"type":"json_schema","json_schema":{"schema":{}}}"#,
+    ] {
+        let (_, s) = constraint_of(any_object).unwrap();
+        assert_eq!(s.as_deref(), Some(r#"{"type":"object"}"#), "{any_object}");
+    }
+    let schema =
+        r#"{"type":"object","properties":{"n":{"type":"integer","minimum":3}},"required":["n"]}"#;
     for field in [
         format!(
             r#""response_format":{{"type":"json_schema","json_schema":{{"name":"x","schema":{schema}}}}}"#
         ),
         format!(r#""json_schema":{schema}"#),
     ] {
-        let g = grammar_of(&field).unwrap().unwrap();
-        assert!(g.contains(r#""\"n\"" space ":" space integer"#), "{g}");
+        let (g, s) = constraint_of(&field).unwrap();
+        assert_eq!((g, s.as_deref()), (None, Some(schema)), "{field}");
     }
-    // Two constraints at once, a bad type, an unsupported schema keyword: named.
+    // Two constraints at once, a bad type, a schema that is not an object: named.
     for (field, param) in [
         (
             r#""grammar":"root ::= \"a\"","json_schema":{"type":"string"}"#,
@@ -453,15 +454,87 @@ fn structured_output_fields_become_one_grammar() {
             r#""response_format":{"type":"json_schema"}"#,
             "response_format",
         ),
-        (
-            r#""response_format":{"type":"json_schema","json_schema":{"schema":{"type":"string","pattern":"a+"}}}"#,
-            "response_format",
-        ),
-        (r#""json_schema":{"$ref":"x"}"#, "json_schema"),
+        (r#""json_schema":[1]"#, "json_schema"),
     ] {
-        let e = grammar_of(field).unwrap_err();
+        let e = constraint_of(field).unwrap_err();
         assert_eq!(param_of(&e), Some(param), "{field}: {e:?}");
     }
+}
+
+#[test]
+fn tools_and_their_choice_are_checked_and_sent() {
+    let tool = r#"{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}"#;
+    let other = r#"{"type":"function","function":{"name":"g"}}"#;
+    let chat_of = |fields: &str| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{fields}}}"#);
+        chat(&body).map(|r| match r.generate.prompt {
+            Prompt::Chat(c) => c,
+            other => panic!("{other:?}"),
+        })
+    };
+    let c = chat_of(&format!(
+        r#""tools":[{tool},{other}],"tool_choice":"required""#
+    ))
+    .unwrap();
+    assert_eq!(c.tools.choice, ToolChoice::Required);
+    assert_eq!(c.tools.parallel, None);
+    let sent: serde_json::Value = serde_json::from_str(&c.tools.tools).unwrap();
+    assert_eq!(sent.as_array().unwrap().len(), 2);
+    // A named function: only it is offered, and a call is required.
+    let c = chat_of(&format!(
+        r#""tools":[{tool},{other}],"tool_choice":{{"type":"function","function":{{"name":"g"}}}},"parallel_tool_calls":false"#
+    ))
+    .unwrap();
+    assert_eq!(c.tools.choice, ToolChoice::Required);
+    assert_eq!(c.tools.parallel, Some(false));
+    assert_eq!(c.tools.tools, format!("[{other}]"));
+    for (fields, param) in [
+        (r#""tools":{"a":1}"#.to_string(), "tools"),
+        (r#""tools":[{"type":"retrieval"}]"#.into(), "tools[0]"),
+        (
+            r#""tools":[{"type":"function","function":{}}]"#.into(),
+            "tools[0]",
+        ),
+        (
+            format!(r#""tools":[{tool}],"tool_choice":"sometimes""#),
+            "tool_choice",
+        ),
+        (
+            format!(
+                r#""tools":[{tool}],"tool_choice":{{"type":"function","function":{{"name":"h"}}}}"#
+            ),
+            "tool_choice",
+        ),
+        (r#""tool_choice":"required""#.into(), "tool_choice"),
+        (
+            format!(r#""tools":[{tool}],"grammar":"root ::= \"a\"""#),
+            "grammar",
+        ),
+        (
+            r#""chat_template_kwargs":{"enable_thinking":"yes"}"#.into(),
+            "chat_template_kwargs",
+        ),
+        (r#""reasoning_format":"verbose""#.into(), "reasoning_format"),
+    ] {
+        let e = chat_of(&fields).unwrap_err();
+        assert_eq!(param_of(&e), Some(param), "{fields}: {e:?}");
+    }
+    // Assistant tool calls and tool results in the conversation.
+    let body = r#"{"messages":[{"role":"user","content":"x"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":{"a":1}}}]},
+        {"role":"tool","tool_call_id":"c1","content":"42"}]}"#;
+    let c = match chat(body).unwrap().generate.prompt {
+        Prompt::Chat(c) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(c.messages[1].tool_calls[0].arguments, r#"{"a":1}"#);
+    assert_eq!(c.messages[1].tool_calls[0].id, "c1");
+    assert_eq!(c.messages[2].tool_call_id, "c1");
+    let e = chat(
+        r#"{"messages":[{"role":"user","content":"x","tool_calls":[{"function":{"name":"f"}}]}]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(param_of(&e), Some("messages[0].tool_calls"));
 }
 
 #[test]
