@@ -64,13 +64,18 @@ pub enum ToolChoice {
 pub struct Reasoning {
     pub format: ReasoningFormat,
     pub enable_thinking: bool,
+    /// Earlier assistant turns keep their reasoning in the prompt (llama-server's
+    /// `--reasoning-preserve`, on by default): the template argument `preserve_reasoning`,
+    /// which a request's `chat_template_kwargs` may set otherwise.
+    pub preserve: bool,
 }
 
 impl Default for Reasoning {
     fn default() -> Self {
         Self {
-            format: ReasoningFormat::Auto,
+            format: ReasoningFormat::Deepseek,
             enable_thinking: true,
+            preserve: true,
         }
     }
 }

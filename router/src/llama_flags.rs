@@ -124,6 +124,8 @@ pub const FLAGS: &[Flag] = &[
     flag(&["--jinja"], None, Action::Ignored(false), "ignored: chat templates are always rendered as Jinja (llama-server's default)"),
     flag(&["--reasoning-format"], Some("FORMAT"), Action::Key("generation.reasoning_format", Check::Text), "generation.reasoning_format (none, auto, deepseek, deepseek-legacy)"),
     flag(&["-rea", "--reasoning"], Some("on|off|auto"), Action::Key("generation.reasoning", Check::Text), "generation.reasoning"),
+    flag(&["--reasoning-preserve"], None, Action::Set("generation.reasoning_preserve", "true"), "generation.reasoning_preserve = true (the default)"),
+    flag(&["--no-reasoning-preserve"], None, Action::Set("generation.reasoning_preserve", "false"), "generation.reasoning_preserve = false"),
     flag(&["--warmup", "--no-warmup"], None, Action::Ignored(false), "ignored"),
     flag(&["-tb", "--threads-batch"], Some("N"), Action::Ignored(true), "ignored: prompts use the worker's threads"),
     flag(&["--slots"], None, Action::Set("server.slots_endpoint", "true"), "server.slots_endpoint = true (the default)"),

@@ -197,6 +197,8 @@ int lp_chat_apply(const lp_chat * chat, const char * inputs_json, char ** out) {
         inputs.grammar = string_of(body, "grammar");
         inputs.add_bos = bool_of(body, "add_bos", false);
         inputs.add_eos = bool_of(body, "add_eos", false);
+        // llama-server's default template arguments: `--reasoning-preserve` (on by default).
+        inputs.chat_template_kwargs["preserve_reasoning"] = bool_of(body, "preserve_reasoning", true) ? "true" : "false";
         if (body.contains("chat_template_kwargs") && body.at("chat_template_kwargs").is_object()) {
             for (const auto & item : body.at("chat_template_kwargs").items()) {
                 inputs.chat_template_kwargs[item.key()] = item.value().dump();

@@ -565,6 +565,15 @@ fn chat_constraints(
     } else if !rendered.generation_prompt.is_empty() {
         sampling.grammar_prefill = prefill_tokens(&rendered.generation_prompt, model);
     }
+    tracing::debug!(
+        format = rendered.format,
+        grammar_bytes = rendered.grammar.len(),
+        lazy = rendered.grammar_lazy,
+        triggers = triggers.len(),
+        prefill = sampling.grammar_prefill.len(),
+        "the chat format constrains the output"
+    );
+    tracing::trace!(grammar = %rendered.grammar, "the chat format's grammar");
     model.check_generated_grammar(&rendered.grammar, &triggers)?;
     sampling.grammar = Some(rendered.grammar.clone());
     sampling.grammar_triggers = triggers;
@@ -678,40 +687,56 @@ fn control(call: ControlCall, model: Model) -> ControlReply {
 /// re-reads a request's whole text per output (llama.cpp's parser is not incremental), work
 /// kept off the engine thread. A request's parser goes with its final event.
 #[derive(Default)]
-struct Parsers(HashMap<RequestId, ChatParser>);
+struct Parsers(HashMap<RequestId, Parsing>);
+
+/// One request's parse: its parser, the raw text so far, whether the parser reported anything.
+struct Parsing {
+    parser: ChatParser,
+    text: String,
+    reported: bool,
+}
 
 impl Parsers {
     fn insert(&mut self, id: RequestId, parser: ChatParser) {
-        self.0.insert(id, parser);
+        let parsing = Parsing {
+            parser,
+            text: String::new(),
+            reported: false,
+        };
+        self.0.insert(id, parsing);
     }
 
     /// Fills a parsed request's output with what its text changed; ends the parse with the
-    /// request. A model output the format's parser cannot read ends the request with a
-    /// rejection, as llama-server answers it.
+    /// request. Output the chat format's parser cannot read (a small model strays from the
+    /// format) is the answer's plain content, unless part of it was already reported.
     fn parse(&mut self, event: &mut GenerationEvent) {
         let id = event.id();
-        let Some(parser) = self.0.get_mut(&id) else {
+        let Some(parsing) = self.0.get_mut(&id) else {
             return;
         };
         if let GenerationEvent::Output(output) = event {
+            output.parsed = true;
             if output.progress.is_none() {
                 let partial = output.finish.is_none();
-                match parser.feed(&output.text, partial) {
+                parsing.text.push_str(&output.text);
+                match parsing.parser.feed(&output.text, partial) {
                     Ok(diffs) => {
-                        output.parsed = true;
+                        parsing.reported |= !diffs.is_empty();
                         output.chat = diffs.into_iter().map(chat_delta).collect();
                     }
+                    Err(message) if partial => {
+                        tracing::debug!(%id, %message, "the output does not parse yet");
+                    }
                     Err(message) => {
-                        tracing::warn!(%id, %message, "the output does not parse");
-                        output.parsed = true;
-                        if !partial {
-                            // The final parse failed: what was sent stands; say nothing more.
-                            output.chat.clear();
+                        tracing::warn!(%id, %message, "the output does not match the chat format");
+                        if !parsing.reported {
+                            output.chat = vec![ChatDelta {
+                                content: std::mem::take(&mut parsing.text),
+                                ..ChatDelta::default()
+                            }];
                         }
                     }
                 }
-            } else {
-                output.parsed = true;
             }
         }
         if event.is_final() {

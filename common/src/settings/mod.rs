@@ -316,6 +316,9 @@ pub struct GenerationDefaults {
     /// `off`, or `auto` (the default: the template's own default). A request's
     /// `chat_template_kwargs.enable_thinking` decides over it.
     pub reasoning: Option<String>,
+    /// Whether earlier assistant turns keep their reasoning in the prompt (llama-server's
+    /// `--reasoning-preserve`, default `true`): the template argument `preserve_reasoning`.
+    pub reasoning_preserve: Option<bool>,
 }
 
 impl GenerationDefaults {

@@ -282,12 +282,14 @@ fn tool_result(param: &str, block: &BlockIn) -> Result<MessageBody, InvalidReque
                     item.get("text").and_then(Value::as_str),
                 ) {
                     (Some("text"), Some(t)) => text.push_str(t),
-                    _ => return Err(InvalidRequest::field(
-                        format!("{param}.content[{k}]"),
-                        format!(
+                    _ => {
+                        return Err(InvalidRequest::field(
+                            format!("{param}.content[{k}]"),
+                            format!(
                             "{param}.content[{k}]: only text blocks are supported in a tool result"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             text

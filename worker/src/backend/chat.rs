@@ -196,6 +196,9 @@ pub struct RenderInputs<'a> {
     /// Thinking is asked for (`--reasoning` not `off`): the template gets `enable_thinking`
     /// when it supports it, and `chat_template_kwargs.enable_thinking` decides over this.
     pub enable_thinking: bool,
+    /// The default of the template argument `preserve_reasoning` (a request's
+    /// `chat_template_kwargs` decides over it).
+    pub preserve_reasoning: bool,
     pub json_schema: Option<&'a str>,
 }
 

@@ -147,6 +147,7 @@ impl GenerationBody {
         Ok(Reasoning {
             format,
             enable_thinking: defaults.enable_thinking() != Some(false),
+            preserve: defaults.reasoning_preserve != Some(false),
         })
     }
 }
