@@ -18,7 +18,7 @@ pub mod settings;
 pub mod worker;
 
 pub use params::ParamError;
-pub use params::{GrammarTrigger, SamplingParams, StoppingParams};
+pub use params::{GrammarTrigger, JsonSchema, SamplingParams, StoppingParams};
 pub use results::{
     Candidate, ChatDelta, ChatMessage, Finish, FinishReason, GenerationEvent, ModelInfo,
     PromptProgress, RequestError, SeqOutput, Timings, TokenLogprob, ToolCall, ToolCallDelta, Usage,

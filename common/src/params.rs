@@ -39,7 +39,7 @@ pub struct SamplingParams {
     /// match: the worker turns it into a grammar with llama.cpp's own converter (for a chat
     /// request, together with the tools), so what llama-server accepts is accepted here.
     /// Never set together with `grammar`.
-    pub json_schema: Option<String>,
+    pub json_schema: Option<JsonSchema>,
     /// Set by the worker for a grammar that llama.cpp's chat code made (tool calls, a schema):
     /// when not empty the grammar is lazy, applied only from the first trigger on (a tool
     /// call's opener), as llama-server does.
@@ -74,6 +74,14 @@ impl Default for SamplingParams {
             logprobs: None,
         }
     }
+}
+
+/// A JSON schema's text and the request field it came in (`response_format`, `json_schema`),
+/// which an error about it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JsonSchema {
+    pub field: String,
+    pub text: String,
 }
 
 /// What switches a lazy grammar on: a token, or a regular expression over the generated text
@@ -172,7 +180,7 @@ impl SamplingParams {
             .iter()
             .try_for_each(|(_, bias)| check_bias(&(0, *bias)))?;
         self.grammar.as_deref().map_or(Ok(()), check_grammar)?;
-        if let Some(schema) = &self.json_schema {
+        if let Some(JsonSchema { text: schema, .. }) = &self.json_schema {
             if self.grammar.is_some() {
                 return Err(ParamError::new(
                     "json_schema",

@@ -135,8 +135,8 @@ fn what_is_not_served_is_refused_by_name() {
     let user = json!([{"role": "user", "content": "Hi"}]);
     let cases = [
         (
-            json!({"max_tokens": 5, "messages": user, "tools": [{"name": "t", "input_schema": {"type": "object"}}]}),
-            "tools",
+            json!({"max_tokens": 5, "messages": user, "tools": [{"type": "web_search_20250305"}]}),
+            "tools[0]",
         ),
         (
             json!({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),

@@ -162,15 +162,15 @@ fn what_is_not_served_is_refused_by_name() {
     let server = Server::start(&config());
     let cases = [
         (
-            json!({"input": "x", "tools": [{"type": "function", "name": "f"}]}),
-            "tools",
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+            "tools[0].type",
         ),
         (
             json!({"input": "x", "previous_response_id": "resp_1"}),
             "previous_response_id",
         ),
         (
-            json!({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}),
+            json!({"input": [{"type": "computer_call", "call_id": "c"}]}),
             "input[0].type",
         ),
         (

@@ -1,7 +1,9 @@
 //! Structured output end to end: `response_format` (`json_object`, `json_schema`),
 //! llama-server's `json_schema` and `grammar` (GBNF) fields, on the real router, a real worker
-//! and SmolLM2. The output must parse and validate; a broken grammar or an unsupported schema
-//! is a 400, and the worker that refused it goes on serving.
+//! and SmolLM2. The output must parse and validate (schemas are converted by llama.cpp's own
+//! converter, so `minimum`, `pattern`, `format` and `$ref` work as in llama-server); a broken
+//! grammar or a schema llama.cpp cannot use is a 400, and the worker that refused it goes on
+//! serving.
 
 use llamapool_tests::*;
 use serde_json::{json, Value};
@@ -36,7 +38,7 @@ fn json_object_and_json_schema_outputs_parse_and_validate() {
     let r = server.post(
         "/v1/chat/completions",
         &chat_with(
-            "Give the name and age of a cat as a JSON object.",
+            "Reply with a JSON object with the keys name and age of a cat.",
             256,
             json!({"response_format": {"type": "json_object"}}),
         ),
@@ -149,8 +151,9 @@ fn a_broken_grammar_or_unsupported_schema_is_a_400_and_the_worker_lives_on() {
         (json!({"grammar": "root ::= [a-"}), "grammar"),
         // No root rule: refused by the router.
         (json!({"grammar": "start ::= \"x\""}), "grammar"),
+        // Schemas llama.cpp's converter cannot use (llama-server refuses them too).
         (
-            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^a+$"}}}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}}),
             "response_format",
         ),
         (json!({"json_schema": {"$ref": "#/$defs/x"}}), "json_schema"),
@@ -181,16 +184,56 @@ r = client.chat.completions.parse(model="smol", messages=[{"role": "user", "cont
     response_format=Cat, max_tokens=128, temperature=0)
 cat = r.choices[0].message.parsed
 assert isinstance(cat, Cat) and isinstance(cat.age, int), r
-r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Give the name and age of a cat as a JSON object."}],
+r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Reply with a JSON object with the keys name and age of a cat."}],
     response_format={"type": "json_object"}, max_tokens=256, temperature=0)
 assert isinstance(json.loads(r.choices[0].message.content), dict), r
 try:
     client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}],
-        response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": {"type": "string", "format": "date"}}})
+        response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": {"type": "frobnicate"}}})
     raise SystemExit("expected an error")
 except openai.BadRequestError as e:
     assert e.status_code == 400 and e.body["param"] == "response_format", e.body
 print("ok")
 "#;
     run_openai_client(&server, script);
+}
+
+#[test]
+fn schema_keywords_llama_server_supports_constrain_the_output() {
+    let server = one_worker();
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 3, "maximum": 7},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "day": {"type": "string", "format": "date"},
+            "kind": {"$ref": "#/$defs/kind"},
+        },
+        "required": ["n", "code", "day", "kind"],
+        "additionalProperties": false,
+        "$defs": {"kind": {"enum": ["cat", "dog"]}},
+    });
+    let r = server.post(
+        "/v1/chat/completions",
+        &chat_with(
+            "Describe a pet as JSON.",
+            128,
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema}}}),
+        ),
+    );
+    let v = parse(&content_of(&r));
+    let n = v["n"].as_i64().unwrap_or_else(|| panic!("n: {v}"));
+    assert!((3..=7).contains(&n), "{v}");
+    let code = v["code"].as_str().unwrap_or_else(|| panic!("code: {v}"));
+    assert!(
+        code.len() == 3 && code.chars().all(|c| c.is_ascii_uppercase()),
+        "{v}"
+    );
+    let day = v["day"].as_str().unwrap_or_else(|| panic!("day: {v}"));
+    assert_eq!(day.len(), 10, "{v}");
+    assert!(
+        ["cat", "dog"].contains(&v["kind"].as_str().unwrap_or_default()),
+        "{v}"
+    );
+    assert_eq!(v.as_object().unwrap().len(), 4, "{v}");
 }

@@ -478,7 +478,13 @@ fn engine_request(
         Prompt::Text(text) => model.tokenize(&text, true),
         Prompt::Tokens(tokens) => tokens,
         Prompt::Chat(chat) => {
-            let rendered = model.render_chat(&chat, sampling.json_schema.as_deref())?;
+            // Converted here first, so that a schema llama.cpp cannot use is an error naming
+            // its field; the chat code converts it again, with the format's grammar.
+            let schema = sampling.json_schema.as_ref();
+            if let Some(schema) = schema {
+                model.schema_grammar(schema)?;
+            }
+            let rendered = model.render_chat(&chat, schema.map(|s| s.text.as_str()))?;
             let tokens = model.tokenize(&rendered.prompt, true);
             sampling.json_schema = None;
             special_tokens = chat_constraints(&rendered, model, &mut sampling)?;

@@ -27,7 +27,7 @@ use llama_cpp_2::DecodeError;
 use llamapool_common::protocol::{ChatEnding, ChatPrompt, ToolChoice};
 use llamapool_common::worker::{ContextConfig, ContextError, FlashAttention};
 use llamapool_common::{
-    ChatMessage, GrammarTrigger, ModelInfo, RequestError, SamplingParams, Token,
+    ChatMessage, GrammarTrigger, JsonSchema, ModelInfo, RequestError, SamplingParams, Token,
 };
 
 use super::chat::{ChatTemplates, RenderInputs, Rendered};
@@ -136,7 +136,7 @@ impl Model {
         let chat =
             unsafe { ChatTemplates::new(raw_model(&model), template) }.map_err(|reason| {
                 LoadError::ChatTemplate {
-                    name: template.map_or_else(|| "from the model".into(), |t| clean_message(t)),
+                    name: template.map_or_else(|| "from the model".into(), clean_message),
                     reason: clean_message(&reason),
                 }
             })?;
@@ -231,10 +231,11 @@ impl Model {
     }
 
     /// llama.cpp's grammar for a JSON schema (its own converter, as llama-server's
-    /// `json_schema`); a schema it cannot convert is a request error naming `json_schema`.
-    pub fn schema_grammar(&self, schema: &str) -> Result<String, RequestError> {
-        llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| RequestError::InvalidParam {
-            param: "json_schema".into(),
+    /// `json_schema`); a schema it cannot convert is a request error naming the field it came
+    /// in.
+    pub fn schema_grammar(&self, schema: &JsonSchema) -> Result<String, RequestError> {
+        llama_cpp_2::json_schema_to_grammar(&schema.text).map_err(|e| RequestError::InvalidParam {
+            param: schema.field.clone(),
             message: clean_message(&format!(
                 "this JSON schema cannot be turned into a grammar ({e})"
             )),

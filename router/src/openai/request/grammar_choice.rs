@@ -14,8 +14,8 @@ use super::invalid::InvalidRequest;
 pub enum Constraint {
     /// GBNF text (llama-server's `grammar`).
     Grammar(String),
-    /// A JSON schema's text.
-    Schema(String),
+    /// A JSON schema's text, and the field it came in.
+    Schema(&'static str, String),
 }
 
 /// llama-server's schema for `json_object` without one, and for an empty schema: any object.
@@ -71,7 +71,7 @@ fn response_format_schema(format: &Value) -> Result<Option<Constraint>, InvalidR
         // llama-server's extension: a json_object may carry a schema.
         "json_object" => match format.get("schema").filter(|s| !is_neutral(s)) {
             Some(schema) => schema_text("response_format", schema).map(Some),
-            None => Ok(Some(Constraint::Schema(ANY_OBJECT.into()))),
+            None => Ok(Some(Constraint::Schema("response_format", ANY_OBJECT.into()))),
         },
         "json_schema" => {
             let schema = format
@@ -89,11 +89,62 @@ fn response_format_schema(format: &Value) -> Result<Option<Constraint>, InvalidR
 /// A schema as the worker gets it: an object's text (`{}` is any object, as llama-server).
 fn schema_text(param: &'static str, schema: &Value) -> Result<Constraint, InvalidRequest> {
     match schema {
-        Value::Object(map) if map.is_empty() => Ok(Constraint::Schema(ANY_OBJECT.into())),
-        Value::Object(_) => Ok(Constraint::Schema(schema.to_string())),
+        Value::Object(map) if map.is_empty() => Ok(Constraint::Schema(param, ANY_OBJECT.into())),
+        Value::Object(_) => {
+            check_schema_size(param, schema)?;
+            Ok(Constraint::Schema(param, schema.to_string()))
+        }
         _ => Err(InvalidRequest::field(
             param,
             format!("{param}: a JSON schema must be an object"),
         )),
     }
+}
+
+/// The most optional properties one object of a schema may have: llama.cpp's grammar for them
+/// grows with their square (1 000 cost seconds of a worker's prepare thread, which every
+/// request to that worker waits behind; OpenAI's structured outputs allowed 100 properties).
+pub const MAX_OPTIONAL_PROPERTIES: usize = 100;
+/// The most properties a whole schema may have (OpenAI's limit for structured outputs).
+pub const MAX_SCHEMA_PROPERTIES: usize = 5000;
+
+/// Bounds what a JSON schema (structured output, a tool's parameters) costs to turn into a
+/// grammar: optional properties per object, properties in all. `param` names the field.
+pub(super) fn check_schema_size(param: &str, schema: &Value) -> Result<(), InvalidRequest> {
+    let mut total = 0usize;
+    let mut pending = vec![schema];
+    while let Some(node) = pending.pop() {
+        match node {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => {
+                if let Some(Value::Object(properties)) = map.get("properties") {
+                    let required = map
+                        .get("required")
+                        .and_then(Value::as_array)
+                        .map_or(0, |r| {
+                            r.iter()
+                                .filter(|k| k.as_str().is_some_and(|k| properties.contains_key(k)))
+                                .count()
+                        });
+                    let optional = properties.len().saturating_sub(required);
+                    if optional > MAX_OPTIONAL_PROPERTIES {
+                        return Err(InvalidRequest::field(
+                            param,
+                            format!("{param}: an object of the JSON schema has {optional} optional properties; at most {MAX_OPTIONAL_PROPERTIES} are supported (list the others in \"required\")"),
+                        ));
+                    }
+                    total += properties.len();
+                    if total > MAX_SCHEMA_PROPERTIES {
+                        return Err(InvalidRequest::field(
+                            param,
+                            format!("{param}: the JSON schema has more than {MAX_SCHEMA_PROPERTIES} properties"),
+                        ));
+                    }
+                }
+                pending.extend(map.values());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@
 
 use llamapool_common::params::MAX_LOGIT_BIAS;
 use llamapool_common::settings::GenerationDefaults;
-use llamapool_common::SamplingParams;
+use llamapool_common::{JsonSchema, SamplingParams};
 use serde_json::Value;
 
 use super::body::{BiasBody, GenerationBody, LogitBiasBody, TokenOrText};
@@ -28,7 +28,13 @@ impl GenerationBody {
         let (grammar, json_schema) = match self.constraint()? {
             None => (None, None),
             Some(Constraint::Grammar(g)) => (Some(g), None),
-            Some(Constraint::Schema(s)) => (None, Some(s)),
+            Some(Constraint::Schema(field, text)) => (
+                None,
+                Some(JsonSchema {
+                    field: field.into(),
+                    text,
+                }),
+            ),
         };
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(defaults.temperature),

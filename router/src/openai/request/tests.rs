@@ -411,7 +411,10 @@ fn native_batches_hold_one_prompt_per_element() {
 fn structured_output_fields_become_one_constraint() {
     let constraint_of = |field: &str| {
         let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#);
-        chat(&body).map(|r| (r.generate.sampling.grammar, r.generate.sampling.json_schema))
+        chat(&body).map(|r| {
+            let schema = r.generate.sampling.json_schema.map(|s| s.text);
+            (r.generate.sampling.grammar, schema)
+        })
     };
     for neutral in [
         r#""response_format":{"type":"text"}"#,

@@ -9,6 +9,7 @@ use llamapool_common::settings::GenerationDefaults;
 use serde_json::Value;
 
 use super::body::{is_neutral, GenerationBody};
+use super::grammar_choice::check_schema_size;
 use super::invalid::InvalidRequest;
 use super::prompt::{chat_messages, chat_prompt};
 
@@ -174,11 +175,10 @@ fn check_tool(index: usize, tool: &Value) -> Result<(), InvalidRequest> {
     {
         return Err(bad("function.description must be a string"));
     }
-    if function
-        .get("parameters")
-        .is_some_and(|p| !p.is_object() && !p.is_null())
-    {
-        return Err(bad("function.parameters must be a JSON schema object"));
+    match function.get("parameters") {
+        None | Some(Value::Null) => {}
+        Some(parameters @ Value::Object(_)) => check_schema_size(&param, parameters)?,
+        Some(_) => return Err(bad("function.parameters must be a JSON schema object")),
     }
     Ok(())
 }
