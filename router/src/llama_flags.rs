@@ -130,7 +130,9 @@ pub const FLAGS: &[Flag] = &[
     flag(&["-tb", "--threads-batch"], Some("N"), Action::Ignored(true), "ignored: prompts use the worker's threads"),
     flag(&["--slots"], None, Action::Set("server.slots_endpoint", "true"), "server.slots_endpoint = true (the default)"),
     flag(&["--no-slots"], None, Action::Set("server.slots_endpoint", "false"), "server.slots_endpoint = false: GET /slots answers 501"),
-    flag(&["-v", "--verbose", "--offline", "--no-jinja"], None, Action::Ignored(false), "ignored"),
+    flag(&["-v", "--verbose"], None, Action::Set("generation.verbose", "true"), "generation.verbose = true: non-streamed results carry __verbose, as llama-server's"),
+    flag(&["--offline", "--no-jinja"], None, Action::Ignored(false), "ignored"),
+    flag(&["-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"], Some("REPO"), Action::Ignored(true), "ignored: models are not downloaded; give the file with -m"),
     flag(&["-bs", "--backend-sampling"], None, Action::Ignored(false), "ignored: sampling runs in the worker, on the CPU, with the same results"),
 ];
 
@@ -271,7 +273,27 @@ pub fn extract(
             return Err(FlagError::Unsupported { flag: name });
         }
     }
+    check_model_given(&rest, &flags)?;
     Ok((rest, flags))
+}
+
+/// `-hf REPO` is taken only beside `-m FILE` (which llama-server loads then too): models are
+/// not downloaded.
+fn check_model_given(rest: &[OsString], flags: &LlamaFlags) -> Result<(), FlagError> {
+    let is_model = |a: &OsString| {
+        a.to_str()
+            .is_some_and(|a| a == "-m" || a == "--model" || a.starts_with("--model="))
+    };
+    match flags
+        .ignored
+        .iter()
+        .find(|f| f.starts_with("-hf") || f.starts_with("--hf"))
+    {
+        Some(hf) if !rest.iter().any(is_model) => Err(FlagError::Conflict(format!(
+            "{hf}: models are not downloaded; give the GGUF file with -m"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Reads the value of `name`: the inline one (`--port=8080`) or the next argument, whatever
@@ -729,8 +751,14 @@ mod tests {
     #[test]
     fn ignored_flags_are_accepted() {
         let (rest, f) = split("--metrics --no-webui -cb --jinja -tb 4 --no-warmup").unwrap();
-        let (_, more) = split("--verbose --offline").unwrap();
-        assert_eq!(more.ignored.len(), 2);
+        let (_, more) = split("-m m.gguf --offline --no-jinja --hf-repo org/model").unwrap();
+        assert_eq!(more.ignored.len(), 3);
+        assert!(matches!(split("-hf org/model"), Err(FlagError::Conflict(m)) if m.contains("-hf")));
+        let (_, verbose) = split("-v").unwrap();
+        assert_eq!(
+            verbose.keys,
+            [("generation.verbose".to_string(), "true".to_string())]
+        );
         let (_, slots) = split("--slots --no-slots").unwrap();
         assert_eq!(
             slots.keys,
@@ -800,7 +828,7 @@ mod tests {
 
     #[test]
     fn unsupported_flags_are_named_with_the_supported_ones() {
-        for flag in ["-hf", "--lora", "-ctk", "--no-such-flag", "-x"] {
+        for flag in ["--lora", "-ctk", "--no-such-flag", "-x"] {
             let err = split(&format!("-m m.gguf {flag} v")).unwrap_err();
             assert_eq!(err, FlagError::Unsupported { flag: flag.into() });
             let text = err.to_string();

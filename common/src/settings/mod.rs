@@ -319,6 +319,9 @@ pub struct GenerationDefaults {
     /// Whether earlier assistant turns keep their reasoning in the prompt (llama-server's
     /// `--reasoning-preserve`, default `true`): the template argument `preserve_reasoning`.
     pub reasoning_preserve: Option<bool>,
+    /// The default of a request's `verbose` (llama-server's `--verbose`): a non-streamed
+    /// OpenAI-shaped result also carries `__verbose`.
+    pub verbose: Option<bool>,
 }
 
 impl GenerationDefaults {

@@ -254,7 +254,7 @@ impl GenerationBody {
             n,
             stream,
             reports,
-            verbose: !stream && self.verbose.unwrap_or(false),
+            verbose: !stream && self.verbose.or(served.defaults.verbose).unwrap_or(false),
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
