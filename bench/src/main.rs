@@ -212,17 +212,19 @@ fn completion_body(
     max_tokens: u32,
     stream: bool,
 ) -> serde_json::Value {
+    // Keys in sorted order, as the Python client writes them (`external.rs` checks the bytes):
+    // serde_json keeps insertion order in this workspace.
     let mut body = json!({
+        "ignore_eos": true,
+        "max_tokens": max_tokens,
         "model": model,
         "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": true,
     });
     if stream {
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
     }
+    body["temperature"] = json!(0);
     body
 }
 

@@ -180,20 +180,20 @@ impl SamplingParams {
             .iter()
             .try_for_each(|(_, bias)| check_bias(&(0, *bias)))?;
         self.grammar.as_deref().map_or(Ok(()), check_grammar)?;
-        if let Some(JsonSchema { text: schema, .. }) = &self.json_schema {
+        if let Some(JsonSchema { field, text }) = &self.json_schema {
             if self.grammar.is_some() {
                 return Err(ParamError::new(
-                    "json_schema",
-                    "json_schema and grammar cannot be used together: give one constraint",
+                    field,
+                    format!("{field} and grammar cannot be used together: give one constraint"),
                 ));
             }
-            if schema.len() > Self::MAX_GRAMMAR_BYTES {
+            if text.len() > Self::MAX_GRAMMAR_BYTES {
                 return Err(ParamError::new(
-                    "json_schema",
+                    field,
                     format!(
                         "a JSON schema may be at most {} bytes, got {}",
                         Self::MAX_GRAMMAR_BYTES,
-                        schema.len()
+                        text.len()
                     ),
                 ));
             }

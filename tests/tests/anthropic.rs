@@ -46,12 +46,15 @@ fn a_message_is_the_chat_routes_generation_in_anthropics_shape() {
     assert!(message.get("timings").is_none(), "{message}");
 
     // The same conversation through the OpenAI route: the same prompt, the same greedy text.
+    // (Text parts stay parts, as llama-server passes them: SmolLM2's template joins them with
+    // a newline.)
     let chat = server.post(
         "/v1/chat/completions",
         &json!({
             "max_tokens": 12, "temperature": 0,
             "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                         {"role": "user", "content": "What is the capital of France?"}]
+                         {"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                                      {"type": "text", "text": " of France?"}]}]
         }),
     );
     let chat = chat.json();

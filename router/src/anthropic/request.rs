@@ -317,6 +317,14 @@ fn openai_tools(tools: Option<&Value>) -> Result<Option<Value>, InvalidRequest> 
         .iter()
         .enumerate()
         .map(|(i, tool)| {
+            // Client tools have no type or `custom`; server tools (`web_search_…`, `bash_…`)
+            // run at Anthropic and are not served.
+            if let Some(kind) = tool.get("type").and_then(Value::as_str).filter(|k| *k != "custom") {
+                return Err(InvalidRequest::field(
+                    format!("tools[{i}]"),
+                    format!("tools[{i}]: {kind:?} tools run on Anthropic's servers and are not served; give client tools (name, input_schema)"),
+                ));
+            }
             let name = tool.get("name").and_then(Value::as_str).ok_or_else(|| {
                 InvalidRequest::field(
                     format!("tools[{i}]"),

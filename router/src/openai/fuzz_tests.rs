@@ -1,13 +1,13 @@
 //! Fuzz targets for the parsers a client reaches in the router: request bodies (the OpenAI
 //! chat and completions endpoints, the native `/completion`, `/tokenize`, `/detokenize` and
-//! `/apply-template` bodies) and the JSON-schema converter ([`grammar::schema_grammar`]).
+//! `/apply-template` bodies), and JSON schemas as a request carries them to a worker (whose
+//! llama.cpp converter turns them into grammars, within the router's bounds).
 //! (The IPC frame decoder's and the GBNF pre-check's targets are in `common/tests/`.)
 //!
 //! The properties: nothing panics; a body is either a [`ValidRequest`] whose parameters pass
 //! their own validation again, or an [`InvalidRequest`] that maps to a 4xx; nesting deeper
-//! than serde_json's recursion limit (128) is refused; a schema's grammar stays within a size
-//! bound, is produced in bounded time, and passes the GBNF pre-check the request's sampling
-//! parameters go through.
+//! than serde_json's recursion limit (128) is refused; a schema is accepted (and sent on as the
+//! request's JSON schema) or refused with a 4xx naming its field, in bounded time.
 //!
 //! These are property tests (proptest) named `fuzz_*`: `cargo test` runs a few hundred cases
 //! each; `scripts/fuzz` runs them for a fixed time (`LLAMAPOOL_FUZZ_SECONDS`) or case count
@@ -21,7 +21,6 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;
 use serde_json::{json, Map, Value};
 
-use super::grammar;
 use super::request::*;
 use crate::error::ApiError;
 
@@ -717,15 +716,15 @@ fn served() -> Vec<ServedModel> {
     ]
 }
 
-/// Bodies that became a valid request, and schemas that became a grammar, over all targets (a
-/// generator whose cases are all refused at the first field would test little).
+/// Bodies that became a valid request, and schemas accepted, over all targets (a generator
+/// whose cases are all refused at the first field would test little).
 static VALID_BODIES: AtomicU64 = AtomicU64::new(0);
-static CONVERTED_SCHEMAS: AtomicU64 = AtomicU64::new(0);
+static ACCEPTED_SCHEMAS: AtomicU64 = AtomicU64::new(0);
 
 fn report_valid() {
     let bodies = VALID_BODIES.load(Ordering::Relaxed);
-    let schemas = CONVERTED_SCHEMAS.load(Ordering::Relaxed);
-    println!("fuzz: so far (all targets): {bodies} valid requests, {schemas} schemas converted");
+    let schemas = ACCEPTED_SCHEMAS.load(Ordering::Relaxed);
+    println!("fuzz: so far (all targets): {bodies} valid requests, {schemas} schemas accepted");
 }
 
 /// A refusal must map to a client error.
@@ -911,31 +910,44 @@ fn fuzz_request_body_deep_nesting() {
     );
 }
 
-/// Most bytes a schema's grammar may have: the GBNF pre-check's own limit.
-const MAX_SCHEMA_GRAMMAR_BYTES: usize = 256 * 1024;
-
-/// Longest a schema's conversion may take. The cases convert in microseconds; the bound
+/// Longest the router's checks of a schema may take. The cases take microseconds; the bound
 /// catches a blow-up, with room for a loaded CI machine that pauses the thread.
 const MAX_SCHEMA_TIME: Duration = Duration::from_secs(2);
 
+/// A schema as `response_format` carries it: accepted and sent on as the request's JSON schema
+/// (its text, naming the field), or refused with a 4xx naming `response_format`.
 fn check_schema(schema: &Value) -> TestCaseResult {
+    let body = json!({
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+    });
     let start = Instant::now();
-    let result = grammar::schema_grammar(schema);
+    let result = parse_generation(
+        body.to_string().as_bytes(),
+        Endpoint::Chat,
+        &served()[0],
+        RequestId(1),
+    );
     let took = start.elapsed();
-    prop_assert!(took <= MAX_SCHEMA_TIME, "the conversion took {took:?}");
-    if let Ok(out) = result {
-        CONVERTED_SCHEMAS.fetch_add(1, Ordering::Relaxed);
-        prop_assert!(
-            out.len() <= MAX_SCHEMA_GRAMMAR_BYTES,
-            "a grammar of {} bytes",
-            out.len()
-        );
-        let sampling = llamapool_common::SamplingParams {
-            grammar: Some(out),
-            ..Default::default()
-        };
-        if let Err(e) = sampling.validate() {
-            prop_assert!(false, "the converter's grammar fails the pre-check: {e}");
+    prop_assert!(took <= MAX_SCHEMA_TIME, "the checks took {took:?}");
+    match result {
+        Ok(valid) => {
+            ACCEPTED_SCHEMAS.fetch_add(1, Ordering::Relaxed);
+            let sent = valid.generate.sampling.json_schema;
+            prop_assert!(
+                sent.as_ref().is_some_and(|s| s.field == "response_format"),
+                "{sent:?}"
+            );
+        }
+        Err(e) => {
+            // Named by its field, or (nested past serde's limit) a body that cannot be read.
+            let named = match &e {
+                InvalidRequest::Field { param, .. } => param == "response_format",
+                InvalidRequest::Body(_) => true,
+                _ => false,
+            };
+            prop_assert!(named, "{:?}", e);
+            check_refusal(e)?;
         }
     }
     Ok(())
@@ -1010,18 +1022,4 @@ fn bodies_nested_past_128_levels_are_refused_at_the_recursion_limit() {
         );
     }
     assert!(parse_native(nested(20_000).as_bytes(), &served()[0]).is_err());
-}
-
-/// Converter (router/src/openai/grammar.rs, not this file's): `items` was copied twice per
-/// level (`item ("," item)*`), so 16 nested arrays made a grammar of megabytes and 40 made
-/// one of terabytes, built before any size check. Found by reading the converter while
-/// writing `fuzz_schema_converter_deep`; its rewrite names each item in a rule.
-#[test]
-fn nested_array_schemas_make_a_grammar_linear_in_their_depth() {
-    let mut schema = json!({"type": "string"});
-    for _ in 0..16 {
-        schema = json!({"type": "array", "items": schema});
-    }
-    let grammar = grammar::schema_grammar(&schema).unwrap();
-    assert!(grammar.len() < 16 * 1024, "{} bytes", grammar.len());
 }

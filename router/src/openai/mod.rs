@@ -7,7 +7,6 @@
 
 #[cfg(test)]
 mod fuzz_tests;
-pub mod grammar;
 pub mod llama_server;
 pub mod logprobs;
 pub mod parsed;

@@ -105,18 +105,28 @@ fn schema_text(param: &'static str, schema: &Value) -> Result<Constraint, Invali
 /// grows with their square (1 000 cost seconds of a worker's prepare thread, which every
 /// request to that worker waits behind; OpenAI's structured outputs allowed 100 properties).
 pub const MAX_OPTIONAL_PROPERTIES: usize = 100;
+/// The deepest a schema's objects may nest (llama.cpp's converter recurses per level; OpenAI
+/// allows 10).
+pub const MAX_SCHEMA_DEPTH: usize = 64;
 /// The most properties a whole schema may have (OpenAI's limit for structured outputs).
 pub const MAX_SCHEMA_PROPERTIES: usize = 5000;
 
 /// Bounds what a JSON schema (structured output, a tool's parameters) costs to turn into a
-/// grammar: optional properties per object, properties in all. `param` names the field.
+/// grammar: nesting, optional properties per object, properties in all. `param` names the
+/// field.
 pub(super) fn check_schema_size(param: &str, schema: &Value) -> Result<(), InvalidRequest> {
     let mut total = 0usize;
-    let mut pending = vec![schema];
-    while let Some(node) = pending.pop() {
+    let mut pending = vec![(schema, 0usize)];
+    while let Some((node, depth)) = pending.pop() {
         match node {
-            Value::Array(items) => pending.extend(items),
+            Value::Array(items) => pending.extend(items.iter().map(|i| (i, depth))),
             Value::Object(map) => {
+                if depth == MAX_SCHEMA_DEPTH {
+                    return Err(InvalidRequest::field(
+                        param,
+                        format!("{param}: the JSON schema is nested more than {MAX_SCHEMA_DEPTH} objects deep"),
+                    ));
+                }
                 if let Some(Value::Object(properties)) = map.get("properties") {
                     let required = map
                         .get("required")
@@ -141,7 +151,7 @@ pub(super) fn check_schema_size(param: &str, schema: &Value) -> Result<(), Inval
                         ));
                     }
                 }
-                pending.extend(map.values());
+                pending.extend(map.values().map(|v| (v, depth + 1)));
             }
             _ => {}
         }

@@ -750,3 +750,31 @@ fn logit_bias_takes_llama_server_pairs_and_texts() {
     assert_eq!(texts.logit_bias, vec![(12, 1.0)]);
     assert_eq!(texts.logit_bias_text, vec![(" the ".to_string(), -100.0)]);
 }
+
+#[test]
+fn schemas_are_bounded_before_a_worker_converts_them() {
+    let refused = |schema: serde_json::Value| {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}});
+        let e = chat(&body.to_string()).unwrap_err();
+        assert_eq!(param_of(&e), Some("response_format"), "{e:?}");
+        e.to_string()
+    };
+    let mut deep = serde_json::json!({"type": "string"});
+    for _ in 0..70 {
+        deep = serde_json::json!({"type": "array", "items": deep});
+    }
+    assert!(refused(deep).contains("nested more than 64"));
+    let optional: serde_json::Map<String, serde_json::Value> = (0..101)
+        .map(|i| (format!("p{i}"), serde_json::json!({"type": "integer"})))
+        .collect();
+    let names: Vec<String> = optional.keys().cloned().collect();
+    assert!(
+        refused(serde_json::json!({"type": "object", "properties": optional.clone()}))
+            .contains("101 optional properties")
+    );
+    // Required ones cost little: the same object with all of them required passes.
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "x"}],
+        "json_schema": {"type": "object", "properties": optional, "required": names}});
+    chat(&body.to_string()).unwrap();
+}
