@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::openai::request::{
-    ContentBody, ContentPart, FunctionCallBody, GenerationBody, MessageBody, ServedModel, StopBody,
-    ToolCallBody,
+    function_tool, translate_tools, ContentBody, ContentPart, FunctionCallBody, GenerationBody,
+    MessageBody, ServedModel, StopBody, ToolCallBody,
 };
 use crate::openai::{Endpoint, InvalidRequest, ValidRequest};
 
@@ -118,7 +118,7 @@ impl MessagesBody {
                 SystemIn::Blocks(blocks) => system_text(blocks)?,
             };
             if !text.is_empty() {
-                chat.push(text_message("system", text));
+                chat.push(MessageBody::text("system", text));
             }
         }
         for (i, message) in messages.iter().enumerate() {
@@ -138,17 +138,6 @@ impl MessagesBody {
             chat_template_kwargs: self.chat_template_kwargs,
             ..GenerationBody::default()
         })
-    }
-}
-
-fn text_message(role: &str, text: String) -> MessageBody {
-    MessageBody {
-        role: role.into(),
-        content: Some(ContentBody::Text(text)),
-        tool_calls: None,
-        tool_call_id: None,
-        name: None,
-        reasoning_content: None,
     }
 }
 
@@ -194,7 +183,7 @@ fn message_in(
     }
     let blocks = match &message.content {
         ContentIn::Text(text) => {
-            out.push(text_message(&message.role, text.clone()));
+            out.push(MessageBody::text(&message.role, text.clone()));
             return Ok(());
         }
         ContentIn::Blocks(blocks) => blocks,
@@ -301,47 +290,36 @@ fn tool_result(param: &str, block: &BlockIn) -> Result<MessageBody, InvalidReque
             ))
         }
     };
-    let mut message = text_message("tool", text);
-    message.tool_call_id = Some(id);
-    Ok(message)
+    Ok(MessageBody::tool_result(id, text))
 }
 
-/// Anthropic's tools as OpenAI's function tools: `input_schema` is the parameters.
+/// Anthropic's tools as OpenAI's function tools: `input_schema` is the parameters. Client
+/// tools have no `type` or `custom`; server tools (`web_search_…`, `bash_…`) run at Anthropic
+/// and are refused.
 fn openai_tools(tools: Option<&Value>) -> Result<Option<Value>, InvalidRequest> {
-    let tools = match tools {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Array(tools)) => tools,
-        Some(_) => return Err(InvalidRequest::field("tools", "tools must be an array")),
-    };
-    tools
-        .iter()
-        .enumerate()
-        .map(|(i, tool)| {
-            // Client tools have no type or `custom`; server tools (`web_search_…`, `bash_…`)
-            // run at Anthropic and are not served.
-            if let Some(kind) = tool.get("type").and_then(Value::as_str).filter(|k| *k != "custom") {
-                return Err(InvalidRequest::field(
-                    format!("tools[{i}]"),
-                    format!("tools[{i}]: {kind:?} tools run on Anthropic's servers and are not served; give client tools (name, input_schema)"),
-                ));
-            }
-            let name = tool.get("name").and_then(Value::as_str).ok_or_else(|| {
-                InvalidRequest::field(
-                    format!("tools[{i}]"),
-                    format!("tools[{i}]: a tool needs a name (server tools are not supported)"),
-                )
-            })?;
-            let mut function = json!({
-                "name": name,
-                "parameters": tool.get("input_schema").cloned().unwrap_or_else(|| json!({})),
-            });
-            if let Some(description) = tool.get("description") {
-                function["description"] = description.clone();
-            }
-            Ok(json!({"type": "function", "function": function}))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(|t| Some(Value::Array(t)))
+    translate_tools(tools, |i, tool| {
+        if let Some(kind) = tool
+            .get("type")
+            .and_then(Value::as_str)
+            .filter(|k| *k != "custom")
+        {
+            return Err(InvalidRequest::field(
+                format!("tools[{i}]"),
+                format!("tools[{i}]: {kind:?} tools run on Anthropic's servers and are not served; give client tools (name, input_schema)"),
+            ));
+        }
+        let name = tool.get("name").and_then(Value::as_str).ok_or_else(|| {
+            InvalidRequest::field(
+                format!("tools[{i}]"),
+                format!("tools[{i}]: a tool needs a name"),
+            )
+        })?;
+        Ok(function_tool(
+            Value::from(name),
+            tool.get("description"),
+            tool.get("input_schema"),
+        ))
+    })
 }
 
 /// Anthropic's `tool_choice` as OpenAI's: `auto`, `any` (`required`), `tool` (that function),

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::openai::request::{
-    ContentBody, ContentPart, FunctionCallBody, GenerationBody, MessageBody, ServedModel,
-    ToolCallBody,
+    function_tool, translate_tools, ContentBody, ContentPart, FunctionCallBody, GenerationBody,
+    MessageBody, ServedModel, ToolCallBody,
 };
 use crate::openai::{Endpoint, InvalidRequest, ValidRequest};
 
@@ -105,11 +105,11 @@ impl ResponsesBody {
         }
         let mut chat = Vec::new();
         if let Some(instructions) = &self.instructions {
-            chat.push(text_message("system", instructions.clone()));
+            chat.push(MessageBody::text("system", instructions.clone()));
         }
         match &self.input {
             None => return Err(InvalidRequest::field("input", "input is required")),
-            Some(InputIn::Text(text)) => chat.push(text_message("user", text.clone())),
+            Some(InputIn::Text(text)) => chat.push(MessageBody::text("user", text.clone())),
             Some(InputIn::Items(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     item_in(i, item, &mut chat)?;
@@ -146,17 +146,6 @@ fn named_as_sent(error: InvalidRequest) -> InvalidRequest {
     }
 }
 
-fn text_message(role: &str, content: String) -> MessageBody {
-    MessageBody {
-        role: role.into(),
-        content: Some(ContentBody::Text(content)),
-        tool_calls: None,
-        tool_call_id: None,
-        name: None,
-        reasoning_content: None,
-    }
-}
-
 /// One input item as OpenAI messages. A `function_call` joins the assistant message before
 /// it (or starts one); `developer` is passed as `system`, as on the chat route.
 fn item_in(index: usize, item: &ItemIn, out: &mut Vec<MessageBody>) -> Result<(), InvalidRequest> {
@@ -170,7 +159,7 @@ fn item_in(index: usize, item: &ItemIn, out: &mut Vec<MessageBody>) -> Result<()
                     last.tool_calls.get_or_insert_with(Vec::new).push(call);
                 }
                 _ => {
-                    let mut message = text_message("assistant", String::new());
+                    let mut message = MessageBody::text("assistant", String::new());
                     message.content = None;
                     message.tool_calls = Some(vec![call]);
                     out.push(message);
@@ -186,9 +175,7 @@ fn item_in(index: usize, item: &ItemIn, out: &mut Vec<MessageBody>) -> Result<()
                 Some(Value::String(text)) => text.clone(),
                 Some(other) => other.to_string(),
             };
-            let mut message = text_message("tool", output);
-            message.tool_call_id = Some(call_id);
-            out.push(message);
+            out.push(MessageBody::tool_result(call_id, output));
         }
         Some("reasoning") => {
             let text = match &item.content {
@@ -196,7 +183,7 @@ fn item_in(index: usize, item: &ItemIn, out: &mut Vec<MessageBody>) -> Result<()
                 Some(ItemContent::Text(text)) => text.clone(),
                 None => String::new(),
             };
-            let mut message = text_message("assistant", String::new());
+            let mut message = MessageBody::text("assistant", String::new());
             message.reasoning_content = Some(text);
             out.push(message);
         }
@@ -231,11 +218,11 @@ fn message_item(param: &str, item: &ItemIn) -> Result<MessageBody, InvalidReques
                     kind: "text".into(),
                     text: Some(parts),
                 }])),
-                ..text_message(role, String::new())
+                ..MessageBody::text(role, String::new())
             });
         }
     };
-    Ok(text_message(role, content))
+    Ok(MessageBody::text(role, content))
 }
 
 fn function_call(param: &str, item: &ItemIn) -> Result<ToolCallBody, InvalidRequest> {
@@ -275,33 +262,20 @@ fn parts_text(param: &str, parts: &[PartIn]) -> Result<String, InvalidRequest> {
 /// The Responses API's function tools (flat: `name`, `parameters` beside `type`) as OpenAI
 /// chat's; other tool types (web search, file search, …) are refused by name.
 fn openai_tools(tools: Option<&Value>) -> Result<Option<Value>, InvalidRequest> {
-    let tools = match tools {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Array(tools)) => tools,
-        Some(_) => return Err(InvalidRequest::field("tools", "tools must be an array")),
-    };
-    tools
-        .iter()
-        .enumerate()
-        .map(|(i, tool)| {
-            let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
-            if kind != "function" {
-                return Err(InvalidRequest::field(
-                    format!("tools[{i}].type"),
-                    format!("tools[{i}]: {kind:?} tools are not supported, only function tools"),
-                ));
-            }
-            let mut function = json!({
-                "name": tool.get("name").cloned().unwrap_or(Value::Null),
-                "parameters": tool.get("parameters").cloned().unwrap_or_else(|| json!({})),
-            });
-            if let Some(description) = tool.get("description") {
-                function["description"] = description.clone();
-            }
-            Ok(json!({"type": "function", "function": function}))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(|t| Some(Value::Array(t)))
+    translate_tools(tools, |i, tool| {
+        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+        if kind != "function" {
+            return Err(InvalidRequest::field(
+                format!("tools[{i}].type"),
+                format!("tools[{i}]: {kind:?} tools are not supported, only function tools"),
+            ));
+        }
+        Ok(function_tool(
+            tool.get("name").cloned().unwrap_or(Value::Null),
+            tool.get("description"),
+            tool.get("parameters"),
+        ))
+    })
 }
 
 /// `tool_choice`: the strings pass as they are; `{"type": "function", "name"}` names a tool.

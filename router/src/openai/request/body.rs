@@ -110,6 +110,28 @@ pub struct MessageBody {
     pub reasoning_content: Option<String>,
 }
 
+impl MessageBody {
+    /// A message of plain text.
+    pub fn text(role: &str, text: String) -> Self {
+        Self {
+            role: role.into(),
+            content: Some(ContentBody::Text(text)),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+            reasoning_content: None,
+        }
+    }
+
+    /// A tool's result for the call `call_id`.
+    pub fn tool_result(call_id: String, text: String) -> Self {
+        Self {
+            tool_call_id: Some(call_id),
+            ..Self::text("tool", text)
+        }
+    }
+}
+
 /// One call of an assistant message: `{id, type: "function", function: {name, arguments}}`;
 /// `arguments` is JSON text (or, as some clients send it, the object itself).
 #[derive(Debug, Deserialize)]

@@ -197,3 +197,39 @@ fn json_type(value: &Value) -> &'static str {
         Value::Object(_) => "object",
     }
 }
+
+/// Another API's tool list (Anthropic's, the Responses API's) as OpenAI's function tools:
+/// absent or `null` is none, anything but an array a 400 naming `tools`, and each tool turned
+/// into a function tool by `one` (given its index), which names what it refuses.
+pub fn translate_tools(
+    tools: Option<&Value>,
+    one: impl Fn(usize, &Value) -> Result<Value, InvalidRequest>,
+) -> Result<Option<Value>, InvalidRequest> {
+    match tools {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(tools)) => tools
+            .iter()
+            .enumerate()
+            .map(|(i, tool)| one(i, tool))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|t| Some(Value::Array(t))),
+        Some(_) => Err(InvalidRequest::field("tools", "tools must be an array")),
+    }
+}
+
+/// An OpenAI function tool: `{"type": "function", "function": {"name", "parameters"
+/// (default `{}`), "description" (when given)}}`.
+pub fn function_tool(
+    name: Value,
+    description: Option<&Value>,
+    parameters: Option<&Value>,
+) -> Value {
+    let mut function = serde_json::json!({
+        "name": name,
+        "parameters": parameters.cloned().unwrap_or_else(|| serde_json::json!({})),
+    });
+    if let Some(description) = description {
+        function["description"] = description.clone();
+    }
+    serde_json::json!({"type": "function", "function": function})
+}
