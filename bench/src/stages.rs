@@ -243,6 +243,7 @@ impl Run<'_> {
             gpu_layers: 0,
             context: self.context_config(slots, self.args.threads),
             wide: None,
+            embedding: None,
         }
     }
 

@@ -271,6 +271,26 @@ mod tests {
             body: ControlCall::Detokenize { tokens: vec![1] },
         });
         round_trip(ToWorker::Control {
+            call: 4,
+            body: ControlCall::Embed {
+                input: EmbedInput::Parts(vec![
+                    InputPart::Text("a".into()),
+                    InputPart::Tokens(vec![1, 2]),
+                ]),
+                normalize: -1,
+            },
+        });
+        round_trip(ToWorker::Control {
+            call: 5,
+            body: ControlCall::Embed {
+                input: EmbedInput::Rerank {
+                    query: "q".into(),
+                    document: "d".into(),
+                },
+                normalize: 2,
+            },
+        });
+        round_trip(ToWorker::Control {
             call: u64::MAX,
             body: ControlCall::ApplyTemplate {
                 chat: ChatPrompt {
@@ -305,6 +325,7 @@ mod tests {
                 chat_template: "chatml".into(),
                 eog_tokens: vec![2],
             },
+            embedding: Some(crate::worker::Pooling::Mean),
         }));
         round_trip(FromWorker::Events(vec![
             GenerationEvent::Accepted { id: RequestId(1) },
@@ -411,6 +432,17 @@ mod tests {
             reply: ControlReply::Rendered {
                 prompt: "<|im_start|>".into(),
             },
+        });
+        round_trip(FromWorker::Control {
+            call: 6,
+            reply: ControlReply::Embedded {
+                vectors: vec![vec![0.5, -1.25], vec![]],
+                n_tokens: 2,
+            },
+        });
+        round_trip(FromWorker::Control {
+            call: 7,
+            reply: ControlReply::Refused(RequestError::DecodeFailed("x".into())),
         });
         for error in [
             RequestError::EmptyPrompt,

@@ -7,12 +7,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::worker::Pooling;
+
 use crate::{
-    ChatMessage, GenerationEvent, ModelInfo, RequestId, SamplingParams, StoppingParams, Token,
+    ChatMessage, GenerationEvent, ModelInfo, RequestError, RequestId, SamplingParams,
+    StoppingParams, Token,
 };
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 16;
+pub const PROTOCOL_VERSION: u32 = 17;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +165,32 @@ pub enum ControlCall {
     ApplyTemplate {
         chat: ChatPrompt,
     },
+    /// One input's embedding, from an embedding worker (llama-server's one task per input of
+    /// `/v1/embeddings` or document of `/v1/rerank`). `normalize` is llama-server's
+    /// `embd_normalize`: -1 none, 0 max-absolute to int16 range, 2 Euclidean, p > 2 p-norm;
+    /// pooled vectors only. Answered with `Embedded`, or `Refused` for a bad input.
+    Embed {
+        input: EmbedInput,
+        normalize: i32,
+    },
+}
+
+/// One input of an embedding call, tokenized by the worker as llama-server does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EmbedInput {
+    /// Text and token ids in order, one sequence: the first part, when it is text, gets the
+    /// model's special tokens (BOS, …); special tokens written in text are parsed.
+    Parts(Vec<InputPart>),
+    /// A query and a document for a ranking model: the model's `rerank` chat template with
+    /// both filled in, or else `BOS query EOS SEP document EOS` as the vocabulary adds them.
+    Rerank { query: String, document: String },
+}
+
+/// A piece of an [`EmbedInput::Parts`] input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum InputPart {
+    Text(String),
+    Tokens(Vec<Token>),
 }
 
 // A message lives only between the socket and its handler, one at a time: boxing the large
@@ -200,6 +229,9 @@ pub struct WorkerInfo {
     pub slots: u32,
     pub n_ctx_per_seq: u32,
     pub model: ModelInfo,
+    /// An embedding worker's pooling, as its context runs it (`Pooling::Model` resolved to
+    /// the model's own); `None` for a generation worker.
+    pub embedding: Option<Pooling>,
 }
 
 /// The worker's progress and load after an engine step, pushed as `Progress`.
@@ -244,6 +276,14 @@ pub enum ControlReply {
     Rendered {
         prompt: String,
     },
+    /// An `Embed` call's result: one pooled vector (a ranking model's: its score first), or
+    /// with pooling `none` one vector per token; and the tokens the input had.
+    Embedded {
+        vectors: Vec<Vec<f32>>,
+        n_tokens: u32,
+    },
+    /// A call refused for its input (too long, invalid token, …) or failed for it.
+    Refused(RequestError),
     Failed {
         message: String,
     },

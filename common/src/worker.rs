@@ -78,6 +78,77 @@ impl fmt::Display for FlashAttention {
     }
 }
 
+/// How an embedding worker turns a sequence's token embeddings into its result (llama-server's
+/// `--pooling`): `none` (one vector per token), `mean`, `cls` (the first token's), `last`, or
+/// `rank` (a ranking model's score, for `/v1/rerank`); `model` keeps the GGUF's own choice.
+/// In configuration files and on the worker's command line as that text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum Pooling {
+    /// What the model's metadata says (`<arch>.pooling_type`); llama-server's default.
+    #[default]
+    Model,
+    None,
+    Mean,
+    Cls,
+    Last,
+    Rank,
+}
+
+/// A pooling name that is not one of [`Pooling`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("pooling must be model, none, mean, cls, last or rank, got {0:?}")]
+pub struct UnknownPooling(pub String);
+
+impl Pooling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::None => "none",
+            Self::Mean => "mean",
+            Self::Cls => "cls",
+            Self::Last => "last",
+            Self::Rank => "rank",
+        }
+    }
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = UnknownPooling;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "model" | "unspecified" => Ok(Self::Model),
+            "none" => Ok(Self::None),
+            "mean" => Ok(Self::Mean),
+            "cls" => Ok(Self::Cls),
+            "last" => Ok(Self::Last),
+            "rank" => Ok(Self::Rank),
+            other => Err(UnknownPooling(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for Pooling {
+    type Error = UnknownPooling;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Pooling> for &'static str {
+    fn from(pooling: Pooling) -> Self {
+        pooling.as_str()
+    }
+}
+
+impl fmt::Display for Pooling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The shape of one worker's context. Its `Default` is the default of every configuration
 /// layer: `worker_defaults` in the router's settings and the worker's own flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +263,9 @@ pub struct WorkerArgs {
     pub context: ContextConfig,
     /// Set for an adaptive worker: the shape it takes while it has its CPUs to itself.
     pub wide: Option<WideShape>,
+    /// Set for an embedding worker (its context computes embeddings with this pooling, and
+    /// it generates nothing).
+    pub embedding: Option<Pooling>,
 }
 
 /// An adaptive worker's wide shape: while nothing else keeps its CPUs busy, it runs
@@ -235,6 +309,9 @@ impl WorkerArgs {
             flag("flash-attention", c.flash_attention.as_str()),
             flag("kv-unified", c.kv_unified.to_string()),
         ]);
+        if let Some(pooling) = self.embedding {
+            args.push(flag("embedding", pooling.as_str()));
+        }
         if let Some(wide) = &self.wide {
             args.push(flag("wide-cpus", wide.cpus.to_string()));
             args.push(flag("wide-threads", wide.threads.to_string()));
@@ -299,6 +376,7 @@ mod tests {
                 ..ContextConfig::default()
             },
             wide: None,
+            embedding: Some(Pooling::Last),
         }
         .to_args();
         let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
@@ -318,6 +396,7 @@ mod tests {
                 "--n-ubatch=512",
                 "--flash-attention=off",
                 "--kv-unified=false",
+                "--embedding=last",
             ]
         );
     }

@@ -305,6 +305,7 @@ fn from_worker_samples() -> Vec<FromWorker> {
                 chat_template: "chatml".into(),
                 eog_tokens: vec![2],
             },
+            embedding: None,
         }),
         FromWorker::Events(vec![
             GenerationEvent::Accepted { id: RequestId(1) },

@@ -49,6 +49,8 @@ enum Action {
     List(&'static str),
     /// A switch that sets this key to this value.
     Set(&'static str, &'static str),
+    /// `--reranking`: embedding workers with pooling `rank`.
+    Reranking,
     /// Accepted and ignored; `true` when the flag takes a value (read and dropped).
     Ignored(bool),
 }
@@ -126,6 +128,9 @@ pub const FLAGS: &[Flag] = &[
     flag(&["-rea", "--reasoning"], Some("on|off|auto"), Action::Key("generation.reasoning", Check::Text), "generation.reasoning"),
     flag(&["--reasoning-preserve"], None, Action::Set("generation.reasoning_preserve", "true"), "generation.reasoning_preserve = true (the default)"),
     flag(&["--no-reasoning-preserve"], None, Action::Set("generation.reasoning_preserve", "false"), "generation.reasoning_preserve = false"),
+    flag(&["--embedding", "--embeddings"], None, Action::Set("worker_defaults.embedding", "true"), "worker_defaults.embedding = true: every worker serves embeddings (/v1/embeddings), none generates"),
+    flag(&["--pooling"], Some("{none,mean,cls,last,rank}"), Action::Key("model.pooling", Check::Text), "model.pooling: how embedding workers pool (default: the model's)"),
+    flag(&["--rerank", "--reranking"], None, Action::Reranking, "worker_defaults.embedding = true and model.pooling = rank: /v1/rerank"),
     flag(&["--warmup", "--no-warmup"], None, Action::Ignored(false), "ignored"),
     flag(&["-tb", "--threads-batch"], Some("N"), Action::Ignored(true), "ignored: prompts use the worker's threads"),
     flag(&["--slots"], None, Action::Set("server.slots_endpoint", "true"), "server.slots_endpoint = true (the default)"),
@@ -452,6 +457,10 @@ fn take(
             flags.append(key, &v);
         }
         Action::Set(key, v) => flags.set(key, v.to_string()),
+        Action::Reranking => {
+            flags.set("worker_defaults.embedding", "true".into());
+            flags.set("model.pooling", "rank".into());
+        }
         Action::Ignored(takes_value) => {
             let mut given = name.to_string();
             if takes_value {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
-use llamapool_common::worker::{ContextConfig, FlashAttention, WideShape, WorkerArgs};
+use llamapool_common::worker::{ContextConfig, FlashAttention, Pooling, WideShape, WorkerArgs};
 
 /// The environment variable in which the router gives a worker its own pid, so that the
 /// worker can tell whether its parent is still the router (see [`check_parent`]).
@@ -98,6 +98,9 @@ pub struct Cli {
     /// Threads while wide (default: the number of wide CPUs).
     #[arg(long, requires = "wide_cpus")]
     pub wide_threads: Option<u32>,
+    /// Serve embeddings with this pooling instead of generating.
+    #[arg(long, conflicts_with = "wide_cpus")]
+    pub embedding: Option<Pooling>,
 }
 
 impl Cli {
@@ -115,6 +118,7 @@ impl Cli {
         });
         WorkerArgs {
             wide,
+            embedding: self.embedding,
             socket: self.socket,
             model: self.model,
             chat_template: self.chat_template,
@@ -167,6 +171,7 @@ mod tests {
                 cpus: CpuList::parse("0-9").unwrap(),
                 threads: 7,
             }),
+            embedding: None,
         };
         assert_eq!(parse(&full.to_args()), full);
         let minimal = WorkerArgs {
@@ -182,6 +187,11 @@ mod tests {
             ..full
         };
         assert_eq!(parse(&minimal.to_args()), minimal);
+        let embedding = WorkerArgs {
+            embedding: Some(Pooling::Mean),
+            ..minimal
+        };
+        assert_eq!(parse(&embedding.to_args()), embedding);
     }
 
     #[test]

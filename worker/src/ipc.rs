@@ -27,8 +27,8 @@ use std::time::UNIX_EPOCH;
 
 use llamapool_common::codec::{self, CodecError};
 use llamapool_common::protocol::{
-    ChatEnding, ChatPrompt, ControlCall, ControlReply, FromWorker, GenerateRequest, Prompt,
-    ToWorker, WorkerInfo, WorkerStats, PROTOCOL_VERSION,
+    ChatEnding, ChatPrompt, ControlCall, ControlReply, EmbedInput, FromWorker, GenerateRequest,
+    Prompt, ToWorker, WorkerInfo, WorkerStats, PROTOCOL_VERSION,
 };
 use llamapool_common::{
     ChatDelta, Finish, FinishReason, GenerationEvent, GrammarTrigger, RequestError, RequestId,
@@ -37,6 +37,7 @@ use llamapool_common::{
 
 use crate::backend::chat::{ChatParser, ParsedDiff, ParserParams, Rendered};
 use crate::backend::Backend;
+use crate::embed::{EmbedHandle, EmbedJob};
 use crate::engine::{
     Disconnected, EngineHooks, EngineRequest, EngineStats, EventSender, IterationHook,
 };
@@ -138,13 +139,38 @@ fn progress(stats: &EngineStats, shape: ShapeNow) -> WorkerStats {
     }
 }
 
+/// What this worker serves requests with: its generation engine, or (an embedding worker)
+/// its embedder.
+#[derive(Debug, Clone)]
+pub enum Service {
+    Generation(EngineHandle),
+    Embedding(EmbedHandle),
+}
+
+impl Service {
+    /// Stops taking work; with `drain`, after what it has.
+    pub fn shutdown(&self, drain: bool) {
+        match self {
+            Self::Generation(engine) => engine.shutdown(drain),
+            Self::Embedding(embedder) => embedder.shutdown(drain),
+        }
+    }
+
+    /// Cancels a generation request (an embedding call runs to its end: it is short).
+    fn cancel(&self, id: RequestId) {
+        if let Self::Generation(engine) = self {
+            engine.cancel(id);
+        }
+    }
+}
+
 /// Serves one router connection until it closes. Returns how it ended.
 pub fn serve<R, W>(
     recv: R,
     send: W,
     (out_tx, out_rx): Outbox,
     model: Model,
-    engine: &EngineHandle,
+    service: &Service,
     info: &WorkerInfo,
 ) -> Result<(), CodecError>
 where
@@ -158,17 +184,17 @@ where
     let (jobs_tx, jobs_rx) = mpsc::channel();
     let preparer = Preparer {
         out: out_tx.clone(),
-        engine: engine.clone(),
+        service: service.clone(),
         preparing: preparing.clone(),
     };
     let prepare = std::thread::Builder::new()
         .name("ipc-prepare".into())
         .stack_size(PREPARE_STACK_BYTES)
         .spawn(move || preparer.run(&jobs_rx, model))?;
-    let result = read_loop(recv, &out_tx, &jobs_tx, &preparing, engine, info);
+    let result = read_loop(recv, &out_tx, &jobs_tx, &preparing, service, info);
     // The router is gone or said goodbye: stop generating, skip what is still queued for
     // preparation, let the writer finish.
-    engine.shutdown(false);
+    service.shutdown(false);
     preparing.close();
     drop(jobs_tx);
     let _ = prepare.join();
@@ -215,7 +241,7 @@ fn read_loop<R: std::io::Read>(
     out: &Sender<Outgoing>,
     jobs: &Sender<Job>,
     preparing: &Preparing,
-    engine: &EngineHandle,
+    service: &Service,
     info: &WorkerInfo,
 ) -> Result<(), CodecError> {
     let mut reader = BufReader::new(recv);
@@ -243,7 +269,7 @@ fn read_loop<R: std::io::Read>(
             ToWorker::Ping { nonce } => {
                 let _ = out.send(Outgoing::Frame(FromWorker::Pong { nonce }));
             }
-            ToWorker::Abort { ids } => ids.into_iter().for_each(|id| preparing.abort(id, engine)),
+            ToWorker::Abort { ids } => ids.into_iter().for_each(|id| preparing.abort(id, service)),
             ToWorker::Generate(request) => {
                 preparing.insert(request.id);
                 let _ = jobs.send(Job::Generate(request));
@@ -290,11 +316,11 @@ impl Preparing {
 
     /// The reader, for each id of an `Abort`: flags a request still being prepared, cancels
     /// any other in the engine (which ignores ids it does not know).
-    fn abort(&self, id: RequestId, engine: &EngineHandle) {
+    fn abort(&self, id: RequestId, service: &Service) {
         let mut preparing = self.lock();
         match preparing.get_mut(&id) {
             Some(aborted) => *aborted = true,
-            None => engine.cancel(id),
+            None => service.cancel(id),
         }
     }
 
@@ -332,7 +358,7 @@ impl Preparing {
 /// The prepare thread's state.
 struct Preparer {
     out: Sender<Outgoing>,
-    engine: EngineHandle,
+    service: Service,
     preparing: Arc<Preparing>,
 }
 
@@ -349,20 +375,71 @@ impl Preparer {
                     );
                     let _in_span = span.enter();
                     // Aborted while it waited in the queue: skip the work.
-                    let prepared =
-                        (!self.preparing.is_aborted(id)).then(|| engine_request(request, model));
+                    let prepared = (!self.preparing.is_aborted(id)).then(|| match self.service {
+                        Service::Generation(_) => engine_request(request, model),
+                        Service::Embedding(_) => Err(RequestError::InvalidParam {
+                            param: "model".into(),
+                            message: "this worker serves embeddings, not generation".into(),
+                        }),
+                    });
                     self.hand_over(id, prepared);
                 }
                 Job::Control { .. } if self.preparing.is_closed() => {}
+                Job::Control {
+                    call,
+                    body: ControlCall::Embed { input, normalize },
+                } => self.embed(call, &input, normalize, model),
                 Job::Control { call, body } => {
                     let reply = control(body, model);
                     let _ = self
                         .out
                         .send(Outgoing::Frame(FromWorker::Control { call, reply }));
                 }
-                Job::Drain => self.engine.shutdown(true),
+                Job::Drain => self.service.shutdown(true),
             }
         }
+    }
+
+    /// Gives a prepared generation request to the engine.
+    fn submit(&self, request: EngineRequest, events: EventSender) {
+        match &self.service {
+            Service::Generation(engine) => engine.submit(request, events),
+            Service::Embedding(_) => {
+                unreachable!("an embedding worker refuses generation requests while preparing them")
+            }
+        }
+    }
+
+    /// Tokenizes and checks an embedding input and hands it to the embedder, which answers
+    /// the call; a bad input is answered here.
+    fn embed(&self, call: u64, input: &EmbedInput, normalize: i32, model: Model) {
+        let refused = match &self.service {
+            Service::Embedding(embedder) => match model
+                .embedding_tokens(input)
+                .and_then(|tokens| embedder.limits().check(tokens.len()).map(|()| tokens))
+            {
+                Ok(tokens) => {
+                    let job = EmbedJob {
+                        call,
+                        tokens,
+                        normalize,
+                    };
+                    match embedder.submit(job) {
+                        Ok(()) => return,
+                        Err(_) => RequestError::ShuttingDown,
+                    }
+                }
+                Err(error) => error,
+            },
+            Service::Generation(_) => RequestError::InvalidParam {
+                param: "input".into(),
+                message: "this worker does not serve embeddings".into(),
+            },
+        };
+        let reply = ControlReply::Refused(refused);
+        let _ = self
+            .out
+            .send(Outgoing::Frame(FromWorker::Control { call, reply }));
     }
 
     /// Submits a prepared request unless it was aborted meanwhile. A request that does not
@@ -393,7 +470,7 @@ impl Preparer {
                 });
                 if self
                     .preparing
-                    .submit_unless_aborted(id, || self.engine.submit(request, events))
+                    .submit_unless_aborted(id, || self.submit(request, events))
                 {
                     return;
                 }
@@ -686,6 +763,9 @@ fn control(call: ControlCall, model: Model) -> ControlReply {
                 message: e.to_string(),
             },
         },
+        ControlCall::Embed { .. } => {
+            unreachable!("the prepare thread hands embedding calls to Preparer::embed")
+        }
     }
 }
 
@@ -1077,15 +1157,16 @@ mod tests {
         let (out, rx) = outbox();
         let preparer = Preparer {
             out,
-            engine: engine.handle.clone(),
+            service: Service::Generation(engine.handle.clone()),
             preparing: Arc::new(Preparing::default()),
         };
         let preparing = preparer.preparing.clone();
+        let service = preparer.service.clone();
         let h = &engine.handle;
 
         // Aborted while being prepared: never submitted, answered as cancelled.
         preparing.insert(RequestId(1));
-        preparing.abort(RequestId(1), h);
+        preparing.abort(RequestId(1), &service);
         assert!(preparing.is_aborted(RequestId(1)));
         preparer.hand_over(RequestId(1), prepared(1));
         assert_eq!(events_of(&rx, 1), cancelled_before_start(RequestId(1)));
@@ -1098,7 +1179,7 @@ mod tests {
 
         // Aborted while queued, so never prepared (`None`): the same.
         preparing.insert(RequestId(2));
-        preparing.abort(RequestId(2), h);
+        preparing.abort(RequestId(2), &service);
         preparer.hand_over(RequestId(2), None);
         assert_eq!(events_of(&rx, 2), cancelled_before_start(RequestId(2)));
         assert_eq!(h.stats().unwrap().steps, 0);
@@ -1106,7 +1187,7 @@ mod tests {
         // Aborted after its submission: the engine cancels it.
         preparing.insert(RequestId(3));
         preparer.hand_over(RequestId(3), prepared(3));
-        preparing.abort(RequestId(3), h);
+        preparing.abort(RequestId(3), &service);
         let events = events_of(&rx, 3);
         assert_eq!(events[0], accepted(3));
         match events.last() {
@@ -1132,7 +1213,7 @@ mod tests {
         );
         assert!(preparing.lock().is_empty());
         // Unknown ids go to the engine, which ignores them.
-        preparing.abort(RequestId(99), h);
+        preparing.abort(RequestId(99), &service);
         assert_eq!(h.stats().unwrap().running, 0);
         drop(preparer);
         engine.stop(false);

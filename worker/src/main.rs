@@ -24,10 +24,11 @@ use llamapool_common::cpus::CpuList;
 use llamapool_common::logging;
 use llamapool_common::protocol::{WorkerInfo, PROTOCOL_VERSION};
 use llamapool_common::settings::{LogFormat, LOG_FORMAT_ENV};
-use llamapool_common::worker::WorkerArgs;
+use llamapool_common::worker::{Pooling, WorkerArgs};
 use llamapool_worker::cli::{check_parent, Cli, ROUTER_PID_ENV};
+use llamapool_worker::embed::{Embedder, FrameSink, RunningEmbedder};
 use llamapool_worker::shape::Shaper;
-use llamapool_worker::{ipc, peer, pin, ContextConfig, Model, ModelOptions};
+use llamapool_worker::{ipc, peer, pin, ContextConfig, Model, ModelOptions, RunningEngine};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -193,22 +194,16 @@ fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
         n_params = model.info().n_params,
         "model loaded"
     );
-    let backend = model.new_backend(config)?;
-    let shaper = args.wide.clone().map(|wide| {
-        let home = args.cpus.clone().unwrap_or_else(CpuList::allowed);
-        let router = u32::try_from(nix::unistd::getppid().as_raw()).unwrap_or(0);
-        Shaper::new(home, wide, router)
-    });
-    let (engine, outbox) = ipc::spawn_engine(backend, shaper)?;
-    let limits = engine.handle.limits();
+    let (running, outbox) = start_service(args, config, model)?;
     let info = WorkerInfo {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
         cpus: pinned.cpus().to_vec(),
         threads: config.threads,
         slots: config.slots,
-        n_ctx_per_seq: u32::try_from(limits.n_ctx_per_seq)?,
+        n_ctx_per_seq: u32::try_from(running.n_ctx_per_seq())?,
         model: model.info().clone(),
+        embedding: running.pooling(),
     };
 
     if args.socket.exists() {
@@ -242,10 +237,76 @@ fn run(args: &WorkerArgs, pinned: &CpuList) -> Result<()> {
         SharedStream(conn),
         outbox,
         model,
-        &engine.handle,
+        &running.service(),
         &info,
     );
-    engine.stop(false);
+    running.stop(false);
     let _ = std::fs::remove_file(&args.socket);
     result.context("serving the router connection")
+}
+
+/// What serves this worker's requests: the generation engine, or an embedding worker's
+/// embedder.
+enum Running {
+    Generation(RunningEngine),
+    Embedding(RunningEmbedder),
+}
+
+impl Running {
+    fn service(&self) -> ipc::Service {
+        match self {
+            Self::Generation(engine) => ipc::Service::Generation(engine.handle.clone()),
+            Self::Embedding(embedder) => ipc::Service::Embedding(embedder.handle.clone()),
+        }
+    }
+
+    fn n_ctx_per_seq(&self) -> usize {
+        match self {
+            Self::Generation(engine) => engine.handle.limits().n_ctx_per_seq,
+            Self::Embedding(embedder) => embedder.handle.limits().n_ctx_per_seq,
+        }
+    }
+
+    fn pooling(&self) -> Option<Pooling> {
+        match self {
+            Self::Generation(_) => None,
+            Self::Embedding(embedder) => Some(embedder.handle.pooling()),
+        }
+    }
+
+    fn stop(self, drain: bool) {
+        match self {
+            Self::Generation(engine) => engine.stop(drain),
+            Self::Embedding(embedder) => embedder.stop(drain),
+        }
+    }
+}
+
+/// Creates the context and starts the thread that owns it: the embedder for an embedding
+/// worker, else the generation engine (an adaptive one with its shaper). Returns it with the
+/// outbox its replies go to.
+fn start_service(
+    args: &WorkerArgs,
+    config: &ContextConfig,
+    model: Model,
+) -> Result<(Running, ipc::Outbox)> {
+    if let Some(pooling) = args.embedding {
+        let embedder = model.new_embedder(config, pooling)?;
+        tracing::info!(pooling = %embedder.pooling(), "serving embeddings");
+        let outbox = ipc::outbox();
+        let out = outbox.0.clone();
+        let sink: FrameSink = Box::new(move |frame| {
+            let _ = out.send(ipc::Outgoing::Frame(frame));
+        });
+        let running = RunningEmbedder::spawn(embedder, sink)?;
+        return Ok((Running::Embedding(running), outbox));
+    }
+    let backend = model.new_backend(config)?;
+    let shaper = args.wide.clone().map(|wide| {
+        let home = args.cpus.clone().unwrap_or_else(CpuList::allowed);
+        let router = u32::try_from(nix::unistd::getppid().as_raw()).unwrap_or(0);
+        Shaper::new(home, wide, router)
+    });
+    let (engine, outbox) = ipc::spawn_engine(backend, shaper)?;
+    Ok((Running::Generation(engine), outbox))
 }

@@ -49,10 +49,18 @@ impl Peer {
             slots: 2,
             n_ctx_per_seq: 1024,
             model: model.info().clone(),
+            embedding: None,
         };
         let serving = std::thread::spawn(move || {
             let send = worker.try_clone().expect("clone");
-            let result = ipc::serve(worker, send, outbox, model, &engine.handle, &info);
+            let result = ipc::serve(
+                worker,
+                send,
+                outbox,
+                model,
+                &ipc::Service::Generation(engine.handle.clone()),
+                &info,
+            );
             engine.stop(false);
             result.expect("the connection ends cleanly");
         });

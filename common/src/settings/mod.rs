@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::worker::{ContextConfig, FlashAttention};
+use crate::worker::{ContextConfig, FlashAttention, Pooling};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -264,6 +264,9 @@ pub struct ModelSettings {
     /// When true, a request's `model` must equal `alias` (404 otherwise); when false (the
     /// default, llama-server's behaviour) any name is accepted and answered as `alias`.
     pub strict_name: bool,
+    /// How embedding workers pool a sequence's token embeddings (llama-server's `--pooling`):
+    /// `model` (the GGUF's choice), `none`, `mean`, `cls`, `last` or `rank`.
+    pub pooling: Pooling,
 }
 
 impl ModelSettings {
@@ -286,6 +289,7 @@ impl Default for ModelSettings {
             tags: Vec::new(),
             chat_template: None,
             strict_name: false,
+            pooling: Pooling::Model,
         }
     }
 }
@@ -424,6 +428,11 @@ pub struct WorkerDefaults {
     /// workers keep their throughput under a noisy neighbour). docs/PERFORMANCE.md has the
     /// measurements. False: fixed one-thread pinned workers.
     pub adaptive: bool,
+    /// Workers serve embeddings (`/v1/embeddings`, and `/v1/rerank` with `model.pooling =
+    /// "rank"`) instead of generating: their contexts run in embedding mode, so generation
+    /// and embeddings never share a batch. llama-server's `--embedding`. Set per worker in
+    /// `[[workers]]` to give embeddings a pool of their own beside the generation workers.
+    pub embedding: bool,
 }
 
 impl Default for WorkerDefaults {
@@ -438,6 +447,7 @@ impl Default for WorkerDefaults {
             kv_unified: c.kv_unified,
             gpu_layers: 0,
             adaptive: true,
+            embedding: false,
         }
     }
 }
@@ -465,6 +475,8 @@ pub struct WorkerSettings {
     pub wide_cpus: Option<String>,
     /// Threads in the wide shape; default: the number of `wide_cpus`.
     pub wide_threads: Option<u32>,
+    /// This worker serves embeddings, not generation (see `worker_defaults.embedding`).
+    pub embedding: Option<bool>,
 }
 
 /// A setting that cannot work, with the key that names it.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{bad, Settings, SettingsError, WorkerSettings};
 use crate::cpus::CpuList;
-use crate::worker::{ContextConfig, WideShape, WorkerArgs};
+use crate::worker::{ContextConfig, Pooling, WideShape, WorkerArgs};
 
 /// One worker, fully resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,6 +20,10 @@ pub struct WorkerPlan {
     pub gpu: Option<u32>,
     pub gpu_layers: u32,
     pub wide: Option<WideShape>,
+    /// Set for an embedding worker: it computes embeddings with this pooling (the model's
+    /// `model.pooling`) and generates nothing; the router sends it only embedding and
+    /// reranking inputs.
+    pub embedding: Option<Pooling>,
 }
 
 impl WorkerPlan {
@@ -39,6 +43,7 @@ impl WorkerPlan {
             gpu_layers: self.gpu_layers,
             context: self.context,
             wide: self.wide.clone(),
+            embedding: self.embedding,
         }
     }
 }
@@ -100,8 +105,9 @@ impl Settings {
         if !self.workers.is_empty() {
             return self.workers.clone();
         }
-        let wide =
-            (self.worker_defaults.adaptive && allowed.len() > 1).then(|| allowed.to_string());
+        // An embedding worker has no adaptive shape: its decodes are short and independent.
+        let adaptive = self.worker_defaults.adaptive && !self.worker_defaults.embedding;
+        let wide = (adaptive && allowed.len() > 1).then(|| allowed.to_string());
         allowed
             .cpus()
             .iter()
@@ -157,6 +163,10 @@ impl Settings {
                     kv_unified: w.kv_unified.unwrap_or(d.kv_unified),
                     flash_attention: w.flash_attention.unwrap_or(d.flash_attention),
                 };
+                let embedding = w
+                    .embedding
+                    .unwrap_or(d.embedding)
+                    .then_some(self.model.pooling);
                 Ok(WorkerPlan {
                     index,
                     cpus,
@@ -164,6 +174,7 @@ impl Settings {
                     gpu: w.gpu,
                     gpu_layers: w.gpu_layers.unwrap_or(d.gpu_layers),
                     wide,
+                    embedding,
                 })
             })
             .collect()
@@ -205,6 +216,12 @@ fn validate_workers(
             .validate()
             .map_err(|e| bad(key(e.field()), e.to_string()))?;
         if let Some(wide) = &plan.wide {
+            if plan.embedding.is_some() {
+                return Err(bad(
+                    key("wide_cpus"),
+                    "an embedding worker has no adaptive shape",
+                ));
+            }
             validate_wide(wide, plan, allowed, &key)?;
         }
     }

@@ -47,7 +47,7 @@ impl Inner {
             .filter(|(_, w)| {
                 w.status()
                     .info
-                    .is_some_and(|info| info.n_ctx_per_seq >= min_ctx)
+                    .is_some_and(|info| info.embedding.is_none() && info.n_ctx_per_seq >= min_ctx)
             })
             .map(|(index, w)| {
                 let (matched, cached) = if prefix.is_empty() {
@@ -71,6 +71,18 @@ impl Inner {
             other => other,
         };
         Some((index, routing))
+    }
+
+    /// The embedding worker that takes work with the fewest calls in flight (the first of
+    /// equals), not among `exclude`.
+    pub fn least_loaded_embedder(&self, exclude: &[usize]) -> Option<usize> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| !exclude.contains(i) && w.takes_work())
+            .filter(|(_, w)| w.status().info.is_some_and(|info| info.embedding.is_some()))
+            .min_by_key(|(_, w)| w.load.load(Ordering::Acquire))
+            .map(|(index, _)| index)
     }
 
     pub fn send_to_best(

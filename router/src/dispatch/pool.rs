@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use llamapool_common::protocol::{ControlCall, ControlReply, GenerateRequest, Prompt, WorkerInfo};
 use llamapool_common::settings::WorkerPlan;
+use llamapool_common::worker::Pooling;
 use llamapool_common::RequestError;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -24,7 +25,7 @@ use super::shared::{Inner, LaunchConfig};
 use super::supervision::SupervisionPolicy;
 use super::supervisor::supervise;
 use super::worker::{Shape, Worker, WorkerState};
-use super::{DispatchError, StreamEvent};
+use super::{DispatchError, LoadTicket, StreamEvent};
 use crate::metrics::{Gauges, Metrics, WorkerGauges};
 
 /// How long, after the first worker is ready, `/health` waits for the others' first starts:
@@ -69,6 +70,8 @@ pub struct WorkerView {
     pub in_flight: usize,
     pub restarts: u32,
     pub last_error: Option<String>,
+    /// An embedding worker's pooling (`mean`, `last`, …); `None` for a generation worker.
+    pub embedding: Option<Pooling>,
 }
 
 /// Why a request was not accepted: its own fault, or the pool's.
@@ -170,7 +173,8 @@ impl Pool {
             .count()
     }
 
-    /// The model facts of the ready worker with the largest per-sequence context.
+    /// The model facts of the ready generation worker with the largest per-sequence
+    /// context, else (a pool of embedding workers only) of a ready embedding worker.
     pub fn worker_info(&self) -> Option<WorkerInfo> {
         self.inner
             .workers
@@ -178,7 +182,43 @@ impl Pool {
             .map(Worker::status)
             .filter(|s| matches!(s.state, WorkerState::Ready))
             .filter_map(|s| s.info)
-            .max_by_key(|info| info.n_ctx_per_seq)
+            .max_by_key(|info| (info.embedding.is_none(), info.n_ctx_per_seq))
+    }
+
+    /// Whether any configured worker generates (else every one serves embeddings).
+    pub fn generates(&self) -> bool {
+        self.inner
+            .workers
+            .iter()
+            .any(|w| w.plan().embedding.is_none())
+    }
+
+    /// The pooling of the ready embedding workers (`None` while none is ready).
+    pub fn embedding_pooling(&self) -> Option<Pooling> {
+        self.inner
+            .workers
+            .iter()
+            .filter_map(|w| w.status().info)
+            .find_map(|info| info.embedding)
+    }
+
+    /// Sequence slots of the configured embedding workers.
+    pub fn embedding_slots(&self) -> usize {
+        self.inner
+            .workers
+            .iter()
+            .map(Worker::plan)
+            .filter(|plan| plan.embedding.is_some())
+            .map(|plan| plan.context.slots as usize)
+            .sum()
+    }
+
+    /// Whether any configured worker serves embeddings.
+    pub fn embeds(&self) -> bool {
+        self.inner
+            .workers
+            .iter()
+            .any(|w| w.plan().embedding.is_some())
     }
 
     /// Sends a request to a worker that takes work and whose sequences hold at least `min_ctx`
@@ -276,11 +316,14 @@ impl Pool {
         Ok(std::iter::once(first).chain(rest).collect())
     }
 
+    /// The per-sequence contexts of the generation workers that reported one.
     fn contexts(&self) -> impl Iterator<Item = u32> + '_ {
         self.inner
             .workers
             .iter()
-            .filter_map(|w| w.status().info.map(|i| i.n_ctx_per_seq))
+            .filter_map(|w| w.status().info)
+            .filter(|info| info.embedding.is_none())
+            .map(|info| info.n_ctx_per_seq)
     }
 
     fn largest_context(&self) -> u32 {
@@ -292,13 +335,42 @@ impl Pool {
     }
 
     /// A control call on a worker that takes work, as the routing policy picks it for a
-    /// request without a prompt (the first packable one with room, else the least loaded).
+    /// request without a prompt (the first packable one with room, else the least loaded);
+    /// in a pool of embedding workers only, the least loaded of them.
     pub async fn control(&self, body: ControlCall) -> Result<ControlReply, DispatchError> {
         let index = self
             .inner
             .best_worker(&[], 0, &[])
             .map(|(index, _)| index)
+            .or_else(|| self.inner.least_loaded_embedder(&[]))
             .ok_or(DispatchError::NoWorkerReady)?;
+        self.call(index, body).await
+    }
+
+    /// An `Embed` call on the least loaded embedding worker, counted in its load while it
+    /// runs. A worker that goes away before it answers is replaced by another once (an
+    /// embedding has no side effects, and an input that kills workers gets no third one).
+    pub async fn embed(&self, body: ControlCall) -> Result<ControlReply, DispatchError> {
+        let mut tried = Vec::new();
+        loop {
+            let index = self
+                .inner
+                .least_loaded_embedder(&tried)
+                .ok_or(DispatchError::NoWorkerReady)?;
+            tried.push(index);
+            let ticket = LoadTicket::take(&self.inner.workers[index].load);
+            let result = self.call(index, body.clone()).await;
+            drop(ticket);
+            match result {
+                Err(DispatchError::WorkerGone) if tried.len() < 2 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends a control call to worker `index` and waits for its answer, at most the hang
+    /// timeout.
+    async fn call(&self, index: usize, body: ControlCall) -> Result<ControlReply, DispatchError> {
         let tx = self.inner.workers[index]
             .status()
             .commands
@@ -350,12 +422,17 @@ impl Pool {
                     state,
                     slots: plan.context.slots,
                     context: plan.context.context,
-                    n_ctx_per_seq: s.info.map(|i| i.n_ctx_per_seq),
+                    n_ctx_per_seq: s.info.as_ref().map(|i| i.n_ctx_per_seq),
                     running: stats.map(|st| st.running),
                     waiting: stats.map(|st| st.waiting),
                     in_flight: w.load.load(Ordering::Acquire),
                     restarts: s.restarts,
                     last_error: s.last_error,
+                    embedding: s
+                        .info
+                        .as_ref()
+                        .and_then(|info| info.embedding)
+                        .or(plan.embedding),
                 }
             })
             .collect()

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod auth;
 mod choices;
 pub mod cors;
+pub mod embeddings;
 pub mod generate;
 pub mod info;
 pub mod messages;
@@ -179,6 +180,13 @@ pub fn router(state: SharedState) -> Router {
         // OpenAI's Responses API; `/responses` too, as llama-server.
         .route("/v1/responses", post(responses::responses))
         .route("/responses", post(responses::responses))
+        .route("/v1/embeddings", post(embeddings::openai))
+        .route("/embeddings", post(embeddings::native))
+        .route("/embedding", post(embeddings::native))
+        .route("/v1/rerank", post(embeddings::rerank))
+        .route("/rerank", post(embeddings::rerank))
+        .route("/v1/reranking", post(embeddings::rerank))
+        .route("/reranking", post(embeddings::rerank))
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/v1/models", get(info::models))

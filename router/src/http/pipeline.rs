@@ -109,6 +109,11 @@ async fn run<R: Reply>(
     plan: impl Future<Output = Result<Plan<R>, ApiError>>,
     log: &mut Option<RequestLog>,
 ) -> Result<Response, ApiError> {
+    if !state.pool.generates() {
+        return Err(ApiError::not_supported(
+            "This server does not support completions. Start it without `--embeddings`",
+        ));
+    }
     let timer = RequestTimer::start(state.pool.metrics().clone());
     // The permit first: parsing a large body (a token array) costs many times its size.
     let mut permit = state.admit()?;

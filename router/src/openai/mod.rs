@@ -5,6 +5,7 @@
 //! ([`logprobs`]). The error body is `crate::error`'s. The endpoints and their deviations from
 //! OpenAI and llama-server are in docs/API.md.
 
+pub mod embeddings;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod llama_server;

@@ -4,9 +4,13 @@
 //!   with what the IPC side needs and that is safe to call from any thread: tokenization,
 //!   detokenization, chat templates, model facts.
 //! - [`LlamaCppBackend`]: one `LlamaContext` plus its batch, owned by the engine thread.
+//! - [`embedding::LlamaEmbedder`]: an embedding worker's context, owned by its embedder
+//!   thread.
 //!
 //! llama.cpp's process-wide backend is initialised once (`LlamaBackend::init` fails the second
 //! time) and its logs go to `tracing` under the `llama.cpp` target.
+
+pub mod embedding;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};

@@ -44,6 +44,20 @@ impl ServedModel {
     pub fn serves(&self, name: &str) -> bool {
         name == self.alias || self.names.iter().any(|n| n == name)
     }
+
+    /// A request's `model`: any name is accepted unless `model.strict_name` is set
+    /// (llama-server serves whatever name a client hard-codes, such as `gpt-3.5-turbo`).
+    pub fn check_name(&self, requested: Option<&str>) -> Result<(), InvalidRequest> {
+        match requested {
+            Some(name) if self.strict_name && !self.serves(name) => {
+                Err(InvalidRequest::UnknownModel {
+                    requested: name.to_string(),
+                    served: self.alias.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Which endpoint a generation request came to.
@@ -273,18 +287,9 @@ impl GenerationBody {
         })
     }
 
-    /// Any name is accepted unless `model.strict_name` is set (llama-server serves whatever
-    /// name a client hard-codes, such as `gpt-3.5-turbo`).
+    /// See [`ServedModel::check_name`].
     fn check_model(&self, served: &ServedModel) -> Result<(), InvalidRequest> {
-        match &self.model {
-            Some(name) if served.strict_name && !served.serves(name) => {
-                Err(InvalidRequest::UnknownModel {
-                    requested: name.clone(),
-                    served: served.alias.clone(),
-                })
-            }
-            _ => Ok(()),
-        }
+        served.check_name(self.model.as_deref())
     }
 }
 
