@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 pub use llamapool_common::settings::models_dir;
-pub use llamapool_testkit::{bin_dir, http, scratch_dir, HttpResponse, Router, SseReader};
+pub use llamapool_testkit::{bin_dir, http, scratch_dir, HttpResponse, Router, SseReader, TempDir};
 use serde_json::{json, Value};
 
 /// A config serving SmolLM2 as `smol` on a free port (`listen = "127.0.0.1:0"`): `server`
