@@ -289,6 +289,13 @@ impl Metrics {
         self.longest_sequence.fetch_max(length, Ordering::Relaxed);
     }
 
+    /// An embedding or ranking input was computed: its tokens count as prompt tokens (as in
+    /// llama-server), evaluated in full (nothing of it is cached).
+    pub fn record_embedded(&self, n_tokens: u32) {
+        self.prompt_tokens.inc_by(u64::from(n_tokens));
+        self.prompt_tokens_processed.inc_by(u64::from(n_tokens));
+    }
+
     /// One HTTP response: `endpoint` is the matched route ([`UNMATCHED`] for none).
     pub fn record_response(&self, endpoint: &str, status: u16) {
         self.http_responses

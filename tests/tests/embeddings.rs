@@ -94,6 +94,19 @@ fn each_input_gets_its_normalised_vector_in_order_alone_or_batched() {
     }
     assert_eq!(body["usage"]["prompt_tokens"], tokens);
     assert_eq!(body["usage"]["total_tokens"], tokens);
+    // Embedded tokens count as prompt tokens and their decodes as decodes, as in llama-server.
+    let metrics = server.get("/metrics").text();
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert_eq!(sample("llamacpp:prompt_tokens_total"), 2.0 * tokens as f64);
+    assert!(sample("llamacpp:n_decode_total") > 0.0);
+    assert_eq!(sample("llamacpp:tokens_predicted_total"), 0.0);
 }
 
 #[test]
@@ -363,4 +376,44 @@ cpus = "0"
     );
     let r = server.post("/v1/rerank", &json!({"query": "q", "documents": []}));
     assert_eq!(r.status, 400, "{}", r.text());
+}
+
+#[test]
+fn an_embedding_worker_killed_mid_request_costs_the_request_nothing() {
+    let server = embedding_pool("mean");
+    let inputs: Vec<String> = (0..400)
+        .map(|i| format!("document number {i} talks about topic {} at length", i % 7))
+        .collect();
+    let victim = server.workers()[0]["pid"].as_u64().unwrap();
+    let addr = server.addr.clone();
+    let body = json!({"input": inputs});
+    let request = std::thread::spawn(move || {
+        let raw = serde_json::to_vec(&body).unwrap();
+        http::request(
+            &addr,
+            "POST",
+            "/v1/embeddings",
+            &[("content-type", "application/json")],
+            &raw,
+        )
+        .expect("a response")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(victim).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let r = request.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = vectors(&r.json());
+    assert_eq!(v.len(), 400);
+    assert!(v.iter().all(|v| (dot(v, v) - 1.0).abs() < 1e-3));
+    // The killed worker is replaced.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let w = &server.workers()[0];
+        if w["state"] == "ready" && w["pid"].as_u64() != Some(victim) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not replaced: {w}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -121,7 +121,10 @@ async fn embed_one(
         .embed(ControlCall::Embed { input, normalize })
         .await?
     {
-        ControlReply::Embedded { vectors, n_tokens } => Ok(Embedded { vectors, n_tokens }),
+        ControlReply::Embedded { vectors, n_tokens } => {
+            state.pool.metrics().record_embedded(n_tokens);
+            Ok(Embedded { vectors, n_tokens })
+        }
         ControlReply::Refused(error) => Err(error.into()),
         ControlReply::Failed { message } => Err(ApiError::refused("input", message)),
         other => Err(DispatchError::UnexpectedReply(format!("{other:?}")).into()),
