@@ -38,6 +38,8 @@ async fn embeddings(
     openai: bool,
 ) -> Result<Response, ApiError> {
     let pooling = served_pooling(&state, "embeddings", "--embeddings")?;
+    // The permit first, as for generation: parsing a large body costs many times its size.
+    let _permit = state.admit()?;
     let request = EmbeddingsRequest::parse(&body, openai)?;
     state.served.check_name(request.model.as_deref())?;
     if pooling == Some(Pooling::None) && matches!(request.shape, EmbeddingsShape::OpenAi { .. }) {
@@ -47,7 +49,6 @@ async fn embeddings(
         )
         .into());
     }
-    let _permit = state.admit()?;
     let results = embed_all(&state, request.inputs, request.normalize).await?;
     let body = embeddings_response(request.shape, &state.served.alias, results);
     Ok(Json(body).into_response())
@@ -62,9 +63,9 @@ pub async fn rerank(
     if pooling.is_some_and(|p| p != Pooling::Rank) {
         return Err(not_served("reranking", "--reranking"));
     }
+    let _permit = state.admit()?;
     let request = RerankRequest::parse(&body)?;
     state.served.check_name(request.model.as_deref())?;
-    let _permit = state.admit()?;
     // A score is the raw output of the ranking head, never normalised.
     let results = embed_all(&state, request.inputs(), -1).await?;
     let scored: Vec<(f32, u32)> = results

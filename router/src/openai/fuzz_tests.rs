@@ -1,6 +1,6 @@
 //! Fuzz targets for the parsers a client reaches in the router: request bodies (the OpenAI
-//! chat and completions endpoints, the native `/completion`, `/tokenize`, `/detokenize` and
-//! `/apply-template` bodies), and JSON schemas as a request carries them to a worker (whose
+//! chat and completions endpoints, the native `/completion`, `/tokenize`, `/detokenize`,
+//! `/apply-template`, embeddings and rerank bodies), and JSON schemas as a request carries them to a worker (whose
 //! llama.cpp converter turns them into grammars, within the router's bounds).
 //! (The IPC frame decoder's and the GBNF pre-check's targets are in `common/tests/`.)
 //!
@@ -21,6 +21,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;
 use serde_json::{json, Map, Value};
 
+use super::embeddings::{EmbeddingsRequest, RerankRequest, MAX_INPUTS};
 use super::request::*;
 use crate::error::ApiError;
 
@@ -564,6 +565,19 @@ fn body_fields() -> impl Strategy<Value = Vec<(String, String)>> {
             .boxed(),
         ),
         ("prompt", prompt().boxed()),
+        ("input", prompt().boxed()),
+        ("encoding_format", neutral_or_any()),
+        ("embd_normalize", int_field()),
+        ("query", weird_string().prop_map(Value::from).boxed()),
+        (
+            "documents",
+            prop_oneof![
+                prop::collection::vec(weird_string(), 0..8).prop_map(|v| json!(v)),
+                json_value(),
+            ]
+            .boxed(),
+        ),
+        ("top_n", int_field()),
         ("max_tokens", int_field()),
         ("max_completion_tokens", int_field()),
         ("n_predict", int_field()),
@@ -800,6 +814,20 @@ fn parse_everywhere(body: &[u8]) -> TestCaseResult {
     }
     if let Err(e) = parse_json::<DetokenizeBody>(body) {
         check_refusal(e)?;
+    }
+    for openai in [true, false] {
+        match EmbeddingsRequest::parse(body, openai) {
+            Ok(request) => {
+                prop_assert!(!request.inputs.is_empty() && request.inputs.len() <= MAX_INPUTS);
+            }
+            Err(e) => check_refusal(e)?,
+        }
+    }
+    match RerankRequest::parse(body) {
+        Ok(request) => {
+            prop_assert!(!request.documents.is_empty() && request.documents.len() <= MAX_INPUTS);
+        }
+        Err(e) => check_refusal(e)?,
     }
     Ok(())
 }
