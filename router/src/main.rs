@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
-use llamapool_common::settings::{LogFormat, LOG_FORMAT_ENV};
+use llamapool_common::settings::{LogFormat, ModelSettings, Settings, LOG_FORMAT_ENV};
 use llamapool_router::config;
 use llamapool_router::llama_flags::{self, FlagError, LlamaFlags, OwnFlag};
 
@@ -186,6 +186,20 @@ fn parse_key_value(kv: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A model given by `--model`/`-m` and named nowhere (no `--alias`, and the configuration
+/// keeps the default model's alias) is served under its file name, as llama-server names it:
+/// not under the default model's name.
+fn alias_of_model_file(
+    model: Option<&str>,
+    alias: Option<&str>,
+    settings: &Settings,
+) -> Option<String> {
+    let path = model?;
+    let unnamed = alias.is_none() && settings.model.alias == ModelSettings::default().alias;
+    let file = std::path::Path::new(path).file_name()?.to_str()?;
+    (unnamed && file != ModelSettings::default().path.to_str()?).then(|| file.to_string())
+}
+
 /// Loads and checks the configuration, then serves until SIGINT/SIGTERM. Every configuration
 /// problem is found before anything starts.
 fn run(args: Args) -> Result<()> {
@@ -201,6 +215,12 @@ fn run(args: Args) -> Result<()> {
     }
     let allowed = CpuList::allowed();
     let mut settings = config::load(args.config.as_deref(), &overrides)?;
+    if let Some(alias) =
+        alias_of_model_file(args.model.as_deref(), args.alias.as_deref(), &settings)
+    {
+        overrides.push(("model.alias".into(), alias));
+        settings = config::load(args.config.as_deref(), &overrides)?;
+    }
     if !args.llama.is_empty() {
         if args.listen.is_some() && (args.llama.host.is_some() || args.llama.port.is_some()) {
             return Err(FlagError::Conflict(

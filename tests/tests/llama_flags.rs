@@ -256,3 +256,27 @@ fn a_closed_stdout_does_not_stop_the_server() {
         "healthy {healthy}, running {still_running}"
     );
 }
+
+#[test]
+fn a_model_given_by_path_alone_is_named_after_its_file() {
+    let dir = scratch_dir("alias").unwrap();
+    let other = dir.path().join("my-model.Q4_1.gguf");
+    std::os::unix::fs::symlink(smol_path(), &other).unwrap();
+    let plan = |args: &[&str]| {
+        let out = router().arg("--check").args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let other = other.display().to_string();
+    assert!(plan(&["-m", &other]).contains("(alias my-model.Q4_1.gguf)"));
+    assert!(plan(&["-m", &other, "--alias", "mine"]).contains("(alias mine)"));
+    assert!(
+        plan(&["-m", &smol_path()]).contains("(alias smollm2-135m-instruct)"),
+        "the default model keeps its name"
+    );
+}
