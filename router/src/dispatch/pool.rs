@@ -187,10 +187,7 @@ impl Pool {
 
     /// Whether any configured worker generates (else every one serves embeddings).
     pub fn generates(&self) -> bool {
-        self.inner
-            .workers
-            .iter()
-            .any(|w| w.plan().embedding.is_none())
+        self.inner.workers.iter().any(|w| !w.is_embedding())
     }
 
     /// The pooling of the ready embedding workers (`None` while none is ready).
@@ -215,10 +212,7 @@ impl Pool {
 
     /// Whether any configured worker serves embeddings.
     pub fn embeds(&self) -> bool {
-        self.inner
-            .workers
-            .iter()
-            .any(|w| w.plan().embedding.is_some())
+        self.inner.workers.iter().any(Worker::is_embedding)
     }
 
     /// Sends a request to a worker that takes work and whose sequences hold at least `min_ctx`

@@ -149,6 +149,15 @@ impl Worker {
             .clone()
     }
 
+    /// Whether it serves embeddings (its plan says so), read without copying the plan.
+    pub fn is_embedding(&self) -> bool {
+        self.plan
+            .read()
+            .expect("plan lock is never poisoned")
+            .embedding
+            .is_some()
+    }
+
     /// Its last progress said it is packable (adaptive, no foreign work on its CPUs), and it
     /// has a sequence slot free beyond the `load` it holds.
     pub fn is_packable_with_room(&self, load: usize) -> bool {
