@@ -8,25 +8,29 @@ use std::path::PathBuf;
 use llamapool_tests::*;
 use serde_json::{json, Value};
 
+/// A config serving the model at `path` as `alias`, with embedding `pooling`: `defaults` are
+/// more `[worker_defaults]` lines, each entry of `workers` the lines of one `[[workers]]` table.
+fn config(path: &str, alias: &str, pooling: &str, defaults: &str, workers: &[&str]) -> String {
+    let mut config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[model]\npath = \"{path}\"\nalias = \"{alias}\"\n\
+         pooling = \"{pooling}\"\n[worker_defaults]\n{defaults}\n"
+    );
+    for worker in workers {
+        config.push_str(&format!("[[workers]]\n{worker}\n"));
+    }
+    config
+}
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
 /// SmolLM2 as `smol` on two pinned workers that serve embeddings with `pooling`.
 fn embedding_pool(pooling: &str) -> Server {
-    Server::start(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-pooling = "{pooling}"
-[worker_defaults]
-embedding = true
-slots = 4
-context = 2048
-[[workers]]
-cpus = "0"
-[[workers]]
-cpus = "1"
-"#
+    Server::start(&config(
+        SMOL,
+        "smol",
+        pooling,
+        "embedding = true\nslots = 4\ncontext = 2048",
+        PINNED_0_1,
     ))
 }
 
@@ -235,25 +239,13 @@ print("ok")
 
 #[test]
 fn a_mixed_pool_generates_and_embeds_side_by_side() {
-    let server = Server::start(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[model]
-path = "SmolLM2-135M-Instruct.Q4_1.gguf"
-alias = "smol"
-pooling = "mean"
-[worker_defaults]
-slots = 4
-context = 4096
-[[workers]]
-cpus = "0"
-[[workers]]
-cpus = "1"
-embedding = true
-slots = 8
-"#,
-    );
+    let server = Server::start(&config(
+        SMOL,
+        "smol",
+        "mean",
+        "slots = 4\ncontext = 4096",
+        &["cpus = \"0\"", "cpus = \"1\"\nembedding = true\nslots = 8"],
+    ));
     let workers = server.workers();
     assert_eq!(workers[0]["embedding"], Value::Null);
     assert_eq!(workers[1]["embedding"], "mean");
@@ -308,22 +300,12 @@ fn tiny_reranker() -> (TempDir, PathBuf) {
 #[test]
 fn rerank_scores_documents_on_a_ranking_model() {
     let (_dir, model) = tiny_reranker();
-    let server = Server::start(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[model]
-path = "{}"
-alias = "ranker"
-pooling = "rank"
-[worker_defaults]
-embedding = true
-slots = 4
-context = 2048
-[[workers]]
-cpus = "0"
-"#,
-        model.display()
+    let server = Server::start(&config(
+        &model.display().to_string(),
+        "ranker",
+        "rank",
+        "embedding = true\nslots = 4\ncontext = 2048",
+        PINNED_0,
     ));
     let documents = ["hi", "the giant panda is a bear", "it is a cat"];
     let r = server.post(
