@@ -74,14 +74,14 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from servers import Server, anchor_env, free_port, on_sigterm, stop_all
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,159 +170,14 @@ def load_texts(count, seed, first_word):
 # Processes.
 
 
-def free_port():
-    """A loopback TCP port free right now (the OS's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_stat_fields(pid):
-    """The fields of /proc/PID/stat after `(comm)`, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2:].split()
-
-
-def descendants_of(pid):
-    """Every descendant of `pid`, from /proc (empty where /proc is unavailable)."""
-    try:
-        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    parent = {}
-    for e in entries:
-        fields = proc_stat_fields(e)
-        if fields and len(fields) > 1:
-            parent[e] = int(fields[1])
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for kid, ppid in parent.items():
-            if ppid == p:
-                out.append(kid)
-                todo.append(kid)
-    return out
-
-
-def alive(pid):
-    """Whether `pid` exists and is not a zombie."""
-    fields = proc_stat_fields(pid)
-    return bool(fields) and fields[0] not in ("Z", "X")
-
-
-def signal_tree(pids, sig):
-    """`sig` to each of `pids` and to each of their process groups (never our own)."""
-    groups = set()
-    for p in pids:
-        try:
-            groups.add(os.getpgid(p))
-        except OSError:
-            pass
-    groups.discard(os.getpgrp())
-    for g in groups:
-        try:
-            os.killpg(g, sig)
-        except OSError:
-            pass
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-
-
-LIVE_SERVERS = set()
-
-
-class Server:
-    """One server process in its own process group, its output in `log_path`."""
-
-    def __init__(self, label, argv, port, log_path, env=None):
-        self.label = label
-        self.argv = argv
-        self.port = port
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        LIVE_SERVERS.add(self)
-
-    def tail(self, lines=LOG_TAIL_LINES):
-        try:
-            with open(self.log_path, "rb") as f:
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return []
-        return text.splitlines()[-lines:]
-
-    def wait_healthy(self, timeout):
-        """None once GET /health answers 200, else why not."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return f"exited with status {self.proc.returncode}"
-            try:
-                status, _ = http_call(self.port, "GET", "/health", timeout=2)
-                if status == 200:
-                    return None
-            except (OSError, http.client.HTTPException):
-                pass
-            time.sleep(0.25)
-        return f"no 200 from /health within {timeout:.0f} s"
-
-    def stop(self):
-        """SIGTERM to the whole process tree, up to STOP_GRACE_S for it to go, then
-        SIGKILL."""
-        if self.proc is None:
-            return
-        tree = [self.proc.pid] + descendants_of(self.proc.pid)
-        for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-            # Descendants started since the last look (a worker being respawned) too.
-            tree += [p for p in descendants_of(self.proc.pid) if p not in tree]
-            signal_tree(tree, sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                self.proc.poll()  # reaps our own child, so it is not left a zombie
-                if not any(alive(p) for p in tree):
-                    break
-                time.sleep(0.1)
-            if not any(alive(p) for p in tree):
-                break
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.proc = None
-        self.log.close()
-        LIVE_SERVERS.discard(self)
-
-
-def stop_all_servers():
-    for s in list(LIVE_SERVERS):
-        s.stop()
-
-
-def on_sigterm(signum, frame):
-    """SIGTERM behaves like Ctrl-C, so that the `finally` blocks stop the servers."""
-    raise KeyboardInterrupt
-
-
 def server_argv(args, label, pooling, port):
     """(argv, env) for one server."""
     if label == LS:
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(args.anchor), env.get("LD_LIBRARY_PATH")) if p)
         argv = [str(args.anchor / "llama-server"), "-m", str(args.model), "--embedding",
                 "--pooling", pooling, "--host", "127.0.0.1", "--port", str(port),
                 "-t", str(args.ls_threads), "-np", str(args.ls_parallel),
                 "-c", str(args.ls_context), "-ub", "512", "-b", "512"] + args.ls_arg
-        return argv, env
+        return argv, anchor_env(args.anchor)
     argv = [str(args.router), "-m", str(args.model), "--embedding", "--pooling", pooling,
             "--listen", f"127.0.0.1:{port}"] + args.lp_arg
     return argv, None
@@ -334,21 +189,6 @@ def server_argv(args, label, pooling, port):
 
 class RequestError(Exception):
     pass
-
-
-def http_call(port, method, path, body=None, timeout=30.0):
-    """(status, text) on a fresh connection; raises OSError / http.client.HTTPException."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Connection": "close"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode("utf-8", "replace")
-    finally:
-        conn.close()
 
 
 class Client:
@@ -583,7 +423,7 @@ def measure_server(args, label, pooling, run, log_dir, want_vectors):
     print(f"[{pooling} run {run}] starting {label} on port {port}", flush=True)
     t0 = time.monotonic()
     try:
-        server = Server(label, argv, port, log_path, env)
+        server = Server(label, argv, port, log_path, env, stop_grace=STOP_GRACE_S)
     except OSError as e:
         record["error"] = f"could not start: {e}"
         print(f"  {label} could not start: {e}", file=sys.stderr, flush=True)
@@ -592,7 +432,7 @@ def measure_server(args, label, pooling, run, log_dir, want_vectors):
         why = server.wait_healthy(args.health_timeout)
         if why:
             record["error"] = f"not healthy: {why}"
-            record["log_tail"] = server.tail()
+            record["log_tail"] = server.tail(LOG_TAIL_LINES)
             print(f"  {label} failed to start ({why}); last {LOG_TAIL_LINES} lines of "
                   f"{log_path}:", file=sys.stderr)
             for line in record["log_tail"]:
@@ -611,7 +451,7 @@ def measure_server(args, label, pooling, run, log_dir, want_vectors):
         if warm and warm["ok"] == 0:
             record["error"] = f"warm-up failed: {warm['first_error']}"
             print(f"  {label}: warm-up failed: {warm['first_error']}", file=sys.stderr)
-            record["log_tail"] = server.tail()
+            record["log_tail"] = server.tail(LOG_TAIL_LINES)
             return record, None
 
         vectors = None
@@ -851,7 +691,7 @@ def parse_args():
 def main():
     args = parse_args()
     signal.signal(signal.SIGTERM, on_sigterm)
-    atexit.register(stop_all_servers)
+    atexit.register(stop_all)
     log_dir = Path(tempfile.mkdtemp(prefix="embeddings-bench-"))
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -884,7 +724,7 @@ def main():
         failed = True
         raise SystemExit(130)
     finally:
-        stop_all_servers()
+        stop_all()
         if args.json and report["poolings"]:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")

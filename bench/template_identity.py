@@ -61,12 +61,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from servers import Server, anchor_env, free_port, http_call, on_sigterm, wait_healthy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +76,7 @@ TEMPLATE_TIMEOUT_S = 180.0
 BINARY_WAIT_S = 900.0
 STDERR_TAIL_LINES = 15
 EXCERPT_CHARS = 40
+LOG_PREFIX = "template-identity-"  # the temporary server logs' names
 
 # ---------------------------------------------------------------------------------------
 # The request bodies.
@@ -149,165 +150,6 @@ BODIES = [
 
 # ---------------------------------------------------------------------------------------
 # Processes.
-
-
-def free_port():
-    """A loopback TCP port free right now (the OS's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children_of(pid):
-    """The direct children of `pid`, from /proc (empty where /proc is unavailable)."""
-    kids = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return kids
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            kids.append(int(entry))
-    return kids
-
-
-def descendants_of(pid):
-    out, todo = [], [pid]
-    while todo:
-        for kid in children_of(todo.pop()):
-            out.append(kid)
-            todo.append(kid)
-    return out
-
-
-class Server:
-    """One server process in its own process group, its stderr+stdout in a temp file."""
-
-    def __init__(self, label, argv, env=None, cwd=None):
-        self.label = label
-        self.argv = argv
-        self.port = None
-        self.log = tempfile.NamedTemporaryFile(prefix=f"template-identity-{label}-",
-                                               suffix=".log", delete=False)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                     start_new_session=True)
-
-    def tail(self, lines=STDERR_TAIL_LINES):
-        try:
-            with open(self.log.name, "rb") as f:
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return []
-        return text.splitlines()[-lines:]
-
-    def stop(self):
-        """SIGTERM to the process group and every descendant (and its group), up to 5 s
-        for them to go, then SIGKILL."""
-        if self.proc is None:
-            return
-        tree = [self.proc.pid] + descendants_of(self.proc.pid)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            signal_tree(tree, sig)
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                self.proc.poll()  # reaps our own child, so it is not left a zombie
-                if not any(alive(p) for p in tree):
-                    break
-                time.sleep(0.05)
-            if not any(alive(p) for p in tree):
-                break
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.proc = None
-        self.log.close()
-        try:
-            os.unlink(self.log.name)
-        except OSError:
-            pass
-
-
-def signal_tree(pids, sig):
-    """`sig` to each of `pids` and to each of their process groups."""
-    groups = set()
-    for p in pids:
-        try:
-            groups.add(os.getpgid(p))
-        except OSError:
-            pass
-    groups.discard(os.getpgrp())  # never our own group
-    for g in groups:
-        try:
-            os.killpg(g, sig)
-        except OSError:
-            pass
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-
-
-def alive(pid):
-    """Whether `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("utf-8", "replace")
-    except OSError:
-        return False
-    state = stat[stat.rfind(")") + 2:].split()[0]
-    return state not in ("Z", "X")
-
-
-def http_call(port, method, path, body=None, timeout=REQUEST_TIMEOUT_S):
-    """(status, text) or raises OSError / http.client.HTTPException."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Connection": "close"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode("utf-8", "replace")
-    finally:
-        conn.close()
-
-
-def wait_healthy(servers, timeout):
-    """Polls every server's /health until 200; returns {label: None | why not}."""
-    result = {s.label: "not healthy" for s in servers}
-    pending = list(servers)
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for s in list(pending):
-            if s.proc.poll() is not None:
-                result[s.label] = f"exited with status {s.proc.returncode}"
-                pending.remove(s)
-                continue
-            try:
-                status, _ = http_call(s.port, "GET", "/health", timeout=2)
-            except (OSError, http.client.HTTPException):
-                continue
-            if status == 200:
-                result[s.label] = None
-                pending.remove(s)
-        if pending:
-            time.sleep(0.2)
-    for s in pending:
-        result[s.label] = f"no 200 from /health within {timeout:.0f} s"
-    return result
 
 
 def wait_for_file(path, what):
@@ -405,7 +247,8 @@ def error_text(text):
 def ask(port, body):
     """{'status', 'prompt' | 'error'} from POST /apply-template."""
     try:
-        status, text = http_call(port, "POST", "/apply-template", body)
+        status, text = http_call(port, "POST", "/apply-template", body,
+                                 timeout=REQUEST_TIMEOUT_S)
     except (OSError, http.client.HTTPException) as e:
         return {"status": None, "error": f"{type(e).__name__}: {e}"}
     if status == 200:
@@ -458,13 +301,10 @@ def run_template(args, template):
         ls_port, lp_port = free_port(), free_port()
         while lp_port == ls_port:
             lp_port = free_port()
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = str(args.anchor) + (
-            ":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
         ls = Server("llama-server",
                     [str(args.anchor / "llama-server"), *common, "--host", "127.0.0.1",
-                     "--port", str(ls_port)], env=env)
-        ls.port = ls_port
+                     "--port", str(ls_port)], ls_port, env=anchor_env(args.anchor),
+                    log_prefix=LOG_PREFIX)
         servers.append(ls)
         wait_for_file(args.router, "llamapool-router")
         wait_for_file(args.router.parent / "llamapool-worker", "llamapool-worker")
@@ -472,15 +312,14 @@ def run_template(args, template):
             "%Y-%m-%dT%H:%M:%S", time.localtime(args.router.stat().st_mtime))
         lp = Server("llamapool",
                     [str(args.router), *common, "--host", "127.0.0.1",
-                     "--port", str(lp_port)])
-        lp.port = lp_port
+                     "--port", str(lp_port)], lp_port, log_prefix=LOG_PREFIX)
         servers.append(lp)
 
         health = wait_healthy(servers, HEALTH_TIMEOUT_S)
         for s in servers:
             result["started"][s.label] = health[s.label] is None
             if health[s.label] is not None:
-                result["stderr_tail"][s.label] = [health[s.label]] + s.tail()
+                result["stderr_tail"][s.label] = [health[s.label]] + s.tail(STDERR_TAIL_LINES)
         if not all(result["started"].values()):
             return result
 
@@ -600,11 +439,6 @@ def print_totals(t):
         print(f"  {b:<16} " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items())))
     print("marks: body= identical, X differs, R both refuse, r-ls / r-lp only llama-server /"
           " only llamapool refuses, E no answer")
-
-
-def on_sigterm(_signum, _frame):
-    """SIGTERM behaves like Ctrl-C, so that the `finally` blocks stop the servers."""
-    raise KeyboardInterrupt
 
 
 def git_head():

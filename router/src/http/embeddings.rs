@@ -1,7 +1,8 @@
 //! The embedding routes: `POST /v1/embeddings` (OpenAI), llama-server's `/embedding` and
 //! `/embeddings`, and `/v1/rerank` (also `/rerank`, `/reranking`, `/v1/reranking`).
 //!
-//! A request is one admission permit; its inputs go to the embedding workers one `Embed` call
+//! A request takes one admission permit per 64 inputs (per 16 with pooling `none`), so the
+//! vectors held at once are bounded; its inputs go to the embedding workers one `Embed` call
 //! each, at most as many in flight as those workers have slots (each call to the least loaded
 //! one, so one request's inputs spread over the pool and its workers batch them with other
 //! requests'). Served only by a pool with embedding workers (`--embedding`, or `[[workers]]`
@@ -39,7 +40,7 @@ async fn embeddings(
 ) -> Result<Response, ApiError> {
     let pooling = served_pooling(&state, "embeddings", "--embeddings")?;
     // The permit first, as for generation: parsing a large body costs many times its size.
-    let _permit = state.admit()?;
+    let mut permit = state.admit()?;
     let request = EmbeddingsRequest::parse(&body, openai)?;
     state.served.check_name(request.model.as_deref())?;
     if pooling == Some(Pooling::None) && matches!(request.shape, EmbeddingsShape::OpenAi { .. }) {
@@ -49,6 +50,12 @@ async fn embeddings(
         )
         .into());
     }
+    let per_permit = if pooling == Some(Pooling::None) {
+        TOKEN_VECTOR_INPUTS_PER_PERMIT
+    } else {
+        INPUTS_PER_PERMIT
+    };
+    state.admit_more(&mut permit, more_permits(request.inputs.len(), per_permit))?;
     let results = embed_all(&state, request.inputs, request.normalize).await?;
     let body = embeddings_response(request.shape, &state.served.alias, results);
     Ok(Json(body).into_response())
@@ -63,9 +70,11 @@ pub async fn rerank(
     if pooling.is_some_and(|p| p != Pooling::Rank) {
         return Err(not_served("reranking", "--reranking"));
     }
-    let _permit = state.admit()?;
+    let mut permit = state.admit()?;
     let request = RerankRequest::parse(&body)?;
     state.served.check_name(request.model.as_deref())?;
+    let more = more_permits(request.documents.len(), INPUTS_PER_PERMIT);
+    state.admit_more(&mut permit, more)?;
     // A score is the raw output of the ranking head, never normalised.
     let results = embed_all(&state, request.inputs(), -1).await?;
     let scored: Vec<(f32, u32)> = results
@@ -76,6 +85,21 @@ pub async fn rerank(
         })
         .collect();
     Ok(Json(request.response(&state.served.alias, &scored)).into_response())
+}
+
+/// Pooled inputs one admission permit covers. A request's results are held until its
+/// response is written, so the permits bound the vectors held at once: at most
+/// `max_queued + slots` permits of this many vectors each. The largest request (2048 inputs)
+/// takes 32 permits, well within the pool's.
+const INPUTS_PER_PERMIT: usize = 64;
+
+/// The same with pooling `none`, whose inputs have a vector per token (up to `n_batch`): the
+/// largest request takes 128 permits, still within the default pool's 256 + slots.
+const TOKEN_VECTOR_INPUTS_PER_PERMIT: usize = 16;
+
+/// The permits beyond the first that `inputs` inputs take at `per_permit` each.
+fn more_permits(inputs: usize, per_permit: usize) -> u32 {
+    u32::try_from(inputs.div_ceil(per_permit).saturating_sub(1)).unwrap_or(u32::MAX)
 }
 
 /// The pool's embedding pooling (from a ready embedding worker; `None` while none is
