@@ -97,6 +97,11 @@ impl Pool {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (shutdown, _) = watch::channel(false);
+        let embedding_slots: usize = plans
+            .iter()
+            .filter(|plan| plan.embedding.is_some())
+            .map(|plan| plan.context.slots as usize)
+            .sum();
         let inner = Arc::new(Inner {
             workers: plans.into_iter().map(Worker::new).collect(),
             launch: RwLock::new(launch),
@@ -109,6 +114,7 @@ impl Pool {
             choosing: Mutex::new(()),
             poison: PoisonRegistry::new(policy.poison),
             parked: Mutex::new(Vec::new()),
+            embed_calls: tokio::sync::Semaphore::new(embedding_slots.saturating_mul(2).max(1)),
         });
         for index in 0..inner.workers.len() {
             tokio::spawn(supervise(inner.clone(), index));
@@ -342,9 +348,16 @@ impl Pool {
     }
 
     /// An `Embed` call on the least loaded embedding worker, counted in its load while it
-    /// runs. A worker that goes away before it answers is replaced by another once (an
-    /// embedding has no side effects, and an input that kills workers gets no third one).
+    /// runs. It waits its turn among the calls out at once (`Inner::embed_calls`). A worker
+    /// that goes away before it answers is replaced by another once (an embedding has no side
+    /// effects, and an input that kills workers gets no third one).
     pub async fn embed(&self, body: ControlCall) -> Result<ControlReply, DispatchError> {
+        let _turn = self
+            .inner
+            .embed_calls
+            .acquire()
+            .await
+            .map_err(|_| DispatchError::ShuttingDown)?;
         let mut tried = Vec::new();
         loop {
             let index = self

@@ -51,6 +51,10 @@ pub(super) struct Inner {
     pub poison: PoisonRegistry,
     /// Requests waiting for a worker that is being started again, with their deadlines.
     pub parked: Mutex<Vec<(tokio::time::Instant, InFlight)>>,
+    /// `Embed` calls out at the workers at once: twice the embedding workers' slots at start
+    /// (a full decode queued behind the running one). The other calls wait here, untimed, so
+    /// that a call's reply timeout measures its worker, not the queue in front of it.
+    pub embed_calls: tokio::sync::Semaphore,
 }
 
 impl Inner {
