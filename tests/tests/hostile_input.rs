@@ -284,3 +284,83 @@ fn the_messages_and_responses_routes_refuse_hostile_bodies_clearly() {
     let peak = peak_rss_kib(router.pid());
     assert!(peak < 300 * 1024, "router peak {peak} KiB");
 }
+
+/// The embedding and rerank routes take the same hostile bodies as the others, on a pool that
+/// generates on one worker and embeds (pooling `rank`, so `/v1/rerank` is served too) on the
+/// other: garbage, JSON nested past serde's limit, a body announced over
+/// `server.max_body_bytes` and one trickled past `server.body_read_timeout_secs` are clear
+/// errors before anything is dispatched; a body just under the limit holding one 3.5 MB input
+/// is tokenized by the embedding worker and refused as too large. No worker dies, the router
+/// stays small, and a plain completion and a plain embedding are served after each.
+#[test]
+fn the_embedding_routes_refuse_hostile_bodies_clearly() {
+    let mut router = Router::launch(
+        &smol_config(
+            "body_read_timeout_secs = 2",
+            (2, 2048),
+            &[r#"cpus = "0""#, "cpus = \"1\"\nembedding = true"],
+        )
+        .replace("alias = \"smol\"", "alias = \"smol\"\npooling = \"rank\""),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    router
+        .wait_ready(Duration::from_secs(120), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = lives(&router);
+    let huge = "hello ".repeat(600_000);
+    let routes: [(&str, Value); 3] = [
+        ("/v1/embeddings", json!({ "input": huge })),
+        ("/embedding", json!({ "content": [huge] })),
+        ("/v1/rerank", json!({"query": huge, "documents": ["a"]})),
+    ];
+    let deep = format!(
+        "{{\"input\": {}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let embeds = |router: &Router| {
+        router
+            .post("/v1/embeddings", &json!({"input": "hello"}))
+            .status
+    };
+    for (path, large) in routes {
+        let json_type = [("Content-Type", "application/json")];
+        let (status, answer) = raw_post(&router.addr, path, &json_type, &[b'{'; 1024]);
+        assert_eq!(status, 400, "{path} garbage: {answer}");
+        assert!(answer.contains("\"error\""), "{path}: {answer}");
+        let (status, answer) = raw_post(&router.addr, path, &json_type, deep.as_bytes());
+        assert_eq!(status, 400, "{path} nesting: {answer}");
+        let (status, answer) = announced_only(&router.addr, path, 5 * 1024 * 1024);
+        assert_eq!(status, 413, "{path} over the limit: {answer}");
+        // A body that never arrives whole: cut at the body deadline.
+        let start = Instant::now();
+        let mut trickle = TcpStream::connect(&router.addr).unwrap();
+        trickle
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+            router.addr
+        );
+        trickle.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = trickle.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "{path} trickled: {answer}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{path}: {:?}",
+            start.elapsed()
+        );
+        let r = router.post(path, &large);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(r.text().contains("too large"), "{path}: {}", r.text());
+        assert_eq!(plain(&router), 200, "after {path}");
+        assert_eq!(embeds(&router), 200, "after {path}");
+        assert_eq!(lives(&router), before, "after {path}");
+    }
+    let peak = peak_rss_kib(router.pid());
+    assert!(peak < 300 * 1024, "router peak {peak} KiB");
+}
