@@ -13,7 +13,7 @@ use llamapool_common::Token;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::request::parse_json;
+use super::request::{has_media, parse_json};
 use super::InvalidRequest;
 
 /// Most inputs of one embeddings request, or documents of one rerank request (OpenAI's limit
@@ -126,10 +126,7 @@ fn input(value: Value, param: &str) -> Result<EmbedInput, InvalidRequest> {
             if let Some(content) = object.remove("content") {
                 vec![InputPart::Text(content_text(content, param)?)]
             } else if let Some(Value::String(text)) = object.remove("prompt_string") {
-                if object
-                    .get("multimodal_data")
-                    .is_some_and(|m| !m.is_null() && m != &Value::Array(Vec::new()))
-                {
+                if has_media(object.get("multimodal_data")) {
                     return Err(not_multimodal(param));
                 }
                 vec![InputPart::Text(text)]

@@ -35,7 +35,7 @@ pub use body::{
     TokenizeBody, ToolCallBody, UnsupportedFields, MAX_CHOICES,
 };
 pub use invalid::{parse_json, InvalidRequest};
-pub use prompt::{native_prompt, native_prompts, NativePrompt, PromptPart};
+pub use prompt::{has_media, native_prompt, native_prompts, NativePrompt, PromptPart};
 pub use tools::{function_tool, translate_tools};
 pub use validate::{parse_generation, Endpoint, ServedModel, StreamReports, ValidRequest};
 

@@ -233,15 +233,20 @@ fn token_ids(items: &[Value]) -> Option<Vec<Token>> {
         .collect()
 }
 
-/// `{"prompt_string": …}` is its text; media in `multimodal_data` are refused (no projector).
-fn object_prompt(object: PromptObject) -> Result<Prompt, InvalidRequest> {
-    let has_media = match &object.multimodal_data {
+/// Whether llama-server's `multimodal_data` (of a `{"prompt_string", "multimodal_data"}`
+/// prompt) holds any media: absent, null, an empty list and an empty string hold none.
+pub fn has_media(multimodal_data: Option<&Value>) -> bool {
+    match multimodal_data {
         None | Some(Value::Null) => false,
         Some(Value::Array(items)) => !items.is_empty(),
         Some(Value::String(data)) => !data.is_empty(),
         Some(_) => true,
-    };
-    if has_media {
+    }
+}
+
+/// `{"prompt_string": …}` is its text; media in `multimodal_data` are refused (no projector).
+fn object_prompt(object: PromptObject) -> Result<Prompt, InvalidRequest> {
+    if has_media(object.multimodal_data.as_ref()) {
         return Err(InvalidRequest::field(
             "prompt.multimodal_data",
             "multimodal input is not supported: the served model has no multimodal projector",
