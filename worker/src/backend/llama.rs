@@ -350,23 +350,7 @@ impl Model {
 
     /// Creates a context and its batch for the engine thread; `config` is validated first.
     pub fn new_backend(&self, config: &ContextConfig) -> Result<LlamaCppBackend, LoadError> {
-        config.validate()?;
-        let threads = i32::try_from(config.threads)
-            .expect("validate() keeps threads within MAX_THREADS, an i32");
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(config.context))
-            .with_n_batch(config.n_batch)
-            .with_n_ubatch(config.n_ubatch.min(config.n_batch))
-            .with_n_seq_max(config.slots)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads)
-            .with_kv_unified(config.kv_unified)
-            .with_flash_attention_policy(flash_attention_type(config.flash_attention));
-        let ctx = self
-            .0
-            .model
-            .new_context(backend()?, params)
-            .map_err(|e| LoadError::Context(e.to_string()))?;
+        let ctx = self.new_context(config, |params| params)?;
         let n_ctx = ctx.n_ctx() as usize;
         let n_seq_max = config.slots as usize;
         // The same per-sequence budget in both layouts: with a unified cache the slices are
@@ -402,6 +386,31 @@ impl Model {
             // With one stream per sequence, llama.cpp copies whole streams, not ranges.
             shares_cells: keeps_prefix && config.kv_unified,
         })
+    }
+
+    /// A context of `config`'s shape (checked first), with `adjust` applied to its parameters
+    /// last (an embedding context's batch sizes and pooling).
+    fn new_context(
+        &self,
+        config: &ContextConfig,
+        adjust: impl FnOnce(LlamaContextParams) -> LlamaContextParams,
+    ) -> Result<LlamaContext<'static>, LoadError> {
+        config.validate()?;
+        let threads = i32::try_from(config.threads)
+            .expect("validate() keeps threads within MAX_THREADS, an i32");
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(config.context))
+            .with_n_batch(config.n_batch)
+            .with_n_ubatch(config.n_ubatch.min(config.n_batch))
+            .with_n_seq_max(config.slots)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_kv_unified(config.kv_unified)
+            .with_flash_attention_policy(flash_attention_type(config.flash_attention));
+        self.0
+            .model
+            .new_context(backend()?, adjust(params))
+            .map_err(|e| LoadError::Context(e.to_string()))
     }
 }
 

@@ -4,9 +4,7 @@
 //! vector per token. Owned by the embedder thread ([`crate::embed`]); the tokens it gets were
 //! checked on the prepare thread ([`Model::embedding_tokens`]).
 
-use std::num::NonZeroU32;
-
-use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
+use llama_cpp_2::context::params::LlamaPoolingType;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
@@ -14,7 +12,7 @@ use llamapool_common::protocol::{EmbedInput, InputPart};
 use llamapool_common::worker::{ContextConfig, Pooling};
 use llamapool_common::{RequestError, Token};
 
-use super::{backend, flash_attention_type, LoadError, Model};
+use super::{LoadError, Model};
 use crate::embed::{EmbedLimits, Embedder, Embeddings};
 
 /// One embedding context and its batch.
@@ -70,27 +68,15 @@ impl Model {
         config: &ContextConfig,
         pooling: Pooling,
     ) -> Result<LlamaEmbedder, LoadError> {
-        config.validate()?;
         let pooling = self.effective_pooling(pooling);
-        let threads = i32::try_from(config.threads)
-            .expect("validate() keeps threads within MAX_THREADS, an i32");
         let n_batch = config.n_batch.min(config.n_ubatch);
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(config.context))
-            .with_n_batch(n_batch)
-            .with_n_ubatch(n_batch)
-            .with_n_seq_max(config.slots)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads)
-            .with_kv_unified(config.kv_unified)
-            .with_flash_attention_policy(flash_attention_type(config.flash_attention))
-            .with_embeddings(true)
-            .with_pooling_type(pooling_type(pooling));
-        let ctx = self
-            .0
-            .model
-            .new_context(backend()?, params)
-            .map_err(|e| LoadError::Context(e.to_string()))?;
+        let ctx = self.new_context(config, |params| {
+            params
+                .with_n_batch(n_batch)
+                .with_n_ubatch(n_batch)
+                .with_embeddings(true)
+                .with_pooling_type(pooling_type(pooling))
+        })?;
         let n_seq_max = config.slots as usize;
         let n_batch = ctx.n_batch() as usize;
         let limits = EmbedLimits {
