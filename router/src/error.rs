@@ -10,6 +10,7 @@ use llamapool_common::RequestError;
 use serde::Serialize;
 
 use crate::dispatch::{AdminError, DispatchError, Refusal};
+use crate::models::ModelError;
 use crate::openai::InvalidRequest;
 
 /// An error answer to one HTTP request.
@@ -172,6 +173,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_IMPLEMENTED, "not_supported_error", message)
     }
 
+    /// `POST /models/unload` of a model that is not loaded.
+    pub fn model_not_loaded(name: &str) -> Self {
+        Self::invalid_param("model", format!("model {name:?} is not loaded"))
+    }
+
     pub fn no_worker_ready() -> Self {
         Self::from(DispatchError::NoWorkerReady)
     }
@@ -250,6 +256,36 @@ impl IntoResponse for ApiError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        let message = e.to_string();
+        match e {
+            ModelError::NotFound { .. } => Self {
+                code: Some("model_not_found".into()),
+                param: Some("model".into()),
+                ..Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+            },
+            ModelError::NotLoaded(_) => Self {
+                code: Some("model_not_loaded".into()),
+                ..Self::unavailable(message)
+            },
+            ModelError::LoadTimeout(_) => Self {
+                code: Some("model_loading".into()),
+                retry_after: Some(5),
+                ..Self::unavailable(message)
+            },
+            ModelError::Failed { .. } => Self {
+                code: Some("model_load_failed".into()),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable_error",
+                    message,
+                )
+            },
+        }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod llama_flags;
 #[cfg(test)]
 mod log_capture;
 pub mod metrics;
+pub mod models;
 pub mod openai;
 pub mod reload;
 pub mod responses;

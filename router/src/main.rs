@@ -13,9 +13,13 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
-use llamapool_common::settings::{LogFormat, ModelSettings, Settings, LOG_FORMAT_ENV};
+use llamapool_common::settings::models::parse_preset;
+use llamapool_common::settings::{
+    LogFormat, ModelSettings, Settings, SettingsError, WorkerPlan, LOG_FORMAT_ENV,
+};
 use llamapool_router::config;
 use llamapool_router::llama_flags::{self, FlagError, LlamaFlags, OwnFlag};
+use serve::Served;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -240,35 +244,26 @@ fn run(args: Args) -> Result<()> {
             "llama-server flags accepted and ignored"
         );
     }
-    let model_path = settings.resolve_model_path(&config::models_dir())?;
-    let plans = settings.plan_workers(&allowed)?;
+    let served = if settings.serves_several_models() {
+        let preset = match &settings.server.models_preset {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| SettingsError {
+                    key: "server.models_preset".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?;
+                parse_preset(&text)?
+            }
+            None => Vec::new(),
+        };
+        Served::Several(settings.plan_models(&allowed, &preset)?)
+    } else {
+        Served::One {
+            model_path: settings.resolve_model_path(&config::models_dir())?,
+            plans: settings.plan_workers(&allowed)?,
+        }
+    };
     if args.check {
-        println!(
-            "model: {} (alias {})",
-            model_path.display(),
-            settings.model.alias
-        );
-        println!("listen: {}", settings.server.listen);
-        if !args.llama.ignored.is_empty() {
-            println!("ignored: {}", args.llama.ignored.join(" "));
-        }
-        for p in &plans {
-            let c = &p.context;
-            let gpu = p.gpu.map(|g| format!(" gpu {g}")).unwrap_or_default();
-            println!(
-                "worker {}: cpus {} threads {} slots {} context {} n_batch {} n_ubatch {} flash_attention {} kv_unified {} gpu_layers {}{gpu}",
-                p.index,
-                p.cpus,
-                c.threads,
-                c.slots,
-                c.context,
-                c.n_batch,
-                c.n_ubatch,
-                c.flash_attention,
-                c.kv_unified,
-                p.gpu_layers
-            );
-        }
+        print_plan(&settings, &served, &args.llama.ignored);
         return Ok(());
     }
     config::check_host(&settings.server)?;
@@ -285,7 +280,62 @@ fn run(args: Args) -> Result<()> {
         file: args.config.clone(),
         overrides,
     };
-    runtime.block_on(serve(settings, model_path, plans, source))
+    runtime.block_on(serve::run(settings, served, private_runtime_dir, source))
+}
+
+/// `--check`'s report: each model and its workers.
+fn print_plan(settings: &Settings, served: &Served, ignored: &[String]) {
+    println!("listen: {}", settings.server.listen);
+    if !ignored.is_empty() {
+        println!("ignored: {}", ignored.join(" "));
+    }
+    match served {
+        Served::One { model_path, plans } => {
+            println!(
+                "model: {} (alias {})",
+                model_path.display(),
+                settings.model.alias
+            );
+            print_workers(plans);
+        }
+        Served::Several(models) => {
+            for model in models {
+                println!(
+                    "model {}: {} (names {}){}{}",
+                    model.index,
+                    model.path.display(),
+                    model.names.join(", "),
+                    if model.load_on_startup {
+                        ", loaded at start"
+                    } else {
+                        ""
+                    },
+                    if model.pinned { ", pinned" } else { "" },
+                );
+                print_workers(&model.workers);
+            }
+        }
+    }
+}
+
+fn print_workers(plans: &[WorkerPlan]) {
+    for p in plans {
+        let c = &p.context;
+        let gpu = p.gpu.map(|g| format!(" gpu {g}")).unwrap_or_default();
+        println!(
+            "worker {}: cpus {} threads {} slots {} context {} n_batch {} n_ubatch {} flash_attention {} kv_unified {} gpu_layers {}{gpu}",
+            p.index,
+            p.cpus,
+            c.threads,
+            c.slots,
+            c.context,
+            c.n_batch,
+            c.n_ubatch,
+            c.flash_attention,
+            c.kv_unified,
+            p.gpu_layers
+        );
+    }
 }
 
 /// Removes socket directories left by routers that were killed (SIGKILL skips the cleanup):
@@ -326,13 +376,4 @@ fn private_runtime_dir(configured: Option<&PathBuf>) -> Result<PathBuf> {
         .create(&dir)
         .with_context(|| format!("creating the runtime directory {}", dir.display()))?;
     Ok(dir)
-}
-
-async fn serve(
-    settings: llamapool_common::settings::Settings,
-    model_path: PathBuf,
-    plans: Vec<llamapool_common::settings::WorkerPlan>,
-    source: ConfigSource,
-) -> Result<()> {
-    serve::run(settings, model_path, plans, private_runtime_dir, source).await
 }

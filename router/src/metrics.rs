@@ -15,6 +15,7 @@
 //! llama-server's `llamacpp:*` names are kept for existing dashboards (pool totals); everything
 //! else is named `llamapool_*`, with the unit in the name. docs/API.md lists them all.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -98,6 +99,8 @@ pub struct Metrics {
     rebalanced: Family<ReasonLabel, Counter>,
     /// llama-server's `n_tokens_max`: the longest prompt + generation finished so far.
     longest_sequence: AtomicU64,
+    /// With several models: the model these metrics are about, a `model` label on every series.
+    model: Option<String>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -106,8 +109,26 @@ fn latency_histogram() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::labelled(None)
+    }
+}
+
+impl Metrics {
+    /// One model's metrics in a router that serves several: every series carries
+    /// `model="ALIAS"`.
+    pub fn for_model(alias: &str) -> Self {
+        Self::labelled(Some(alias))
+    }
+
+    fn labelled(model: Option<&str>) -> Self {
+        let registry = match model {
+            Some(alias) => Registry::with_labels(
+                [(Cow::Borrowed("model"), Cow::Owned(alias.to_string()))].into_iter(),
+            ),
+            None => Registry::default(),
+        };
         let m = Self {
-            registry: Registry::default(),
+            registry,
             prompt_tokens: Counter::default(),
             prompt_tokens_processed: Counter::default(),
             prompt_tokens_cached: Counter::default(),
@@ -130,12 +151,11 @@ impl Default for Metrics {
             routed: Family::default(),
             rebalanced: Family::default(),
             longest_sequence: AtomicU64::new(0),
+            model: model.map(str::to_string),
         };
         m.registered()
     }
-}
 
-impl Metrics {
     /// Registers every live metric (the registry holds clones of the same handles).
     /// Help texts get their final full stop from the crate.
     fn registered(mut self) -> Self {
@@ -344,6 +364,20 @@ impl Metrics {
         self.rebalanced.get_or_create(&ReasonLabel { reason }).inc();
     }
 
+    /// Only the HTTP response counts (`llamapool_http_requests`): the router's own series when
+    /// it serves several models, whose other series are each model's.
+    pub fn render_http(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register(
+            "llamapool_http_requests",
+            "HTTP responses by matched route and status",
+            self.http_responses.clone(),
+        );
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &registry).expect("writing to a String does not fail");
+        out
+    }
+
     /// The whole exposition: the live metrics, then the snapshot's.
     pub fn render(&self, gauges: &Gauges) -> String {
         // Every worker has a hung-kill series, at 0 until it is killed.
@@ -352,7 +386,9 @@ impl Metrics {
         }
         let mut out = String::new();
         prometheus_text::encode(&mut out, &self.registry)
-            .and_then(|()| prometheus_text::encode(&mut out, &gauges.registry()))
+            .and_then(|()| {
+                prometheus_text::encode(&mut out, &gauges.registry(self.model.as_deref()))
+            })
             .expect("writing to a String does not fail");
         self.write_llama_server_extras(&mut out, gauges);
         out
@@ -413,13 +449,82 @@ impl Metrics {
                 ratio(generated, gauges.decode_calls as f64),
             ),
         ];
+        let labels = self
+            .model
+            .as_ref()
+            .map(|m| format!("{{model=\"{}\"}}", escape_label(m)))
+            .unwrap_or_default();
         for (name, kind, help, value) in items {
             let _ = write!(
                 out,
-                "# HELP llamacpp:{name} {help}.\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {value}\n"
+                "# HELP llamacpp:{name} {help}.\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name}{labels} {value}\n"
             );
         }
     }
+}
+
+/// A label value as the text format writes it: backslash, double quote and newline escaped.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Several expositions as one: each metric family once, with its `# HELP` and `# TYPE` lines
+/// from its first appearance and the series of every text under them (a family's series must
+/// be together, and its help written once). Families keep the order they first appear in.
+pub fn merge_expositions(texts: &[String]) -> String {
+    let mut families: Vec<(String, String, Vec<String>)> = Vec::new();
+    let mut current: Option<usize> = None;
+    for text in texts {
+        for line in text.lines() {
+            if line == "# EOF" || line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+            {
+                let name = name_of(rest).to_string();
+                let at = match families.iter().position(|(n, _, _)| *n == name) {
+                    Some(at) => at,
+                    None => {
+                        families.push((name, String::new(), Vec::new()));
+                        families.len() - 1
+                    }
+                };
+                // `# HELP name` or `# TYPE name`: written once per family.
+                let kind = &line[..7];
+                let seen = families[at].1.lines().any(|l| {
+                    l.starts_with(kind) && l[7..].split(' ').next() == Some(name_of(rest))
+                });
+                if !seen {
+                    families[at].1.push_str(line);
+                    families[at].1.push('\n');
+                }
+                current = Some(at);
+                continue;
+            }
+            match current {
+                Some(at) => families[at].2.push(line.to_string()),
+                None => families.push((String::new(), String::new(), vec![line.to_string()])),
+            }
+        }
+    }
+    let mut out = String::new();
+    for (_, head, series) in families {
+        out.push_str(&head);
+        for line in series {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn name_of(help_or_type: &str) -> &str {
+    help_or_type.split(' ').next().unwrap_or("")
 }
 
 /// The pool at the moment of a scrape.
@@ -481,9 +586,14 @@ fn gauge_at(value: impl TryInto<i64>) -> Gauge {
 type PerWorker = fn(&WorkerGauges) -> i64;
 
 impl Gauges {
-    /// A registry for this one scrape.
-    fn registry(&self) -> Registry {
-        let mut r = Registry::default();
+    /// A registry for this one scrape (its series labelled with `model` when given).
+    fn registry(&self, model: Option<&str>) -> Registry {
+        let mut r = match model {
+            Some(alias) => Registry::with_labels(
+                [(Cow::Borrowed("model"), Cow::Owned(alias.to_string()))].into_iter(),
+            ),
+            None => Registry::default(),
+        };
         r.register(
             "llamacpp:n_decode",
             "Total number of llama_decode() calls",

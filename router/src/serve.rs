@@ -45,13 +45,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use llamapool_common::settings::{LogFormat, ServerSettings, Settings, WorkerPlan};
+use llamapool_common::settings::{LogFormat, ModelPlan, ServerSettings, Settings, WorkerPlan};
 use llamapool_router::config;
 use llamapool_router::dispatch::poison::PoisonPolicy;
 use llamapool_router::dispatch::{LaunchConfig, Pool, RoutingPolicy, SupervisionPolicy};
 use llamapool_router::http::access::ConnInfo;
 use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
+use llamapool_router::models::{default_memory_budget, LoadPolicy, ModelRegistry, Starter};
 use llamapool_router::openai::request::ServedModel;
 use llamapool_router::reload::{ConfigReload, ConfigSource};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -71,8 +72,7 @@ const NOTSENT_LOWAT: u32 = 16 * 1024;
 /// workers. `runtime_dir` is the private socket directory to create (see `main`).
 pub async fn run(
     settings: Settings,
-    model_path: PathBuf,
-    plans: Vec<WorkerPlan>,
+    served: Served,
     runtime_dir: impl FnOnce(Option<&PathBuf>) -> Result<PathBuf>,
     source: ConfigSource,
 ) -> Result<()> {
@@ -99,14 +99,141 @@ pub async fn run(
     if locals.is_empty() {
         bail!("configuration key server.listen: no address given");
     }
-    let metrics = Arc::new(Metrics::default());
-    let n_workers = plans.len();
-    let model_path_text = model_path.display().to_string();
-    let pool = Pool::start(
+    let limits = ConnLimits::from_settings(server_settings);
+    let inference_keys = server_settings.api_keys()?;
+    let admin_keys = server_settings.admin_api_keys()?;
+    if inference_keys.is_empty() && locals.iter().any(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            listen = server_settings.listen.as_str(),
+            admin_keys = !admin_keys.is_empty(),
+            "listening beyond loopback without an API key (server.api_keys): anyone who can \
+             reach this address can use the model; the admin routes {}",
+            if admin_keys.is_empty() {
+                "answer clients on this machine only (no server.admin_api_keys)"
+            } else {
+                "need an admin key"
+            }
+        );
+    }
+    let shared = SharedParts {
+        body_budget: Arc::new(Semaphore::new(
+            server_settings
+                .max_buffered_body_bytes
+                .max(server_settings.max_body_bytes),
+        )),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        worker_binary: worker_binary.clone(),
+        runtime_dir: runtime_dir.clone(),
+    };
+    let (state, n_workers) = match served {
+        Served::One { model_path, plans } => {
+            let n_workers = plans.len();
+            let pool = start_pool(
+                &settings,
+                &shared,
+                plans,
+                model_path.clone(),
+                Arc::new(Metrics::default()),
+                runtime_dir.clone(),
+            );
+            let reloader: http::admin::Reloader = Arc::new(ConfigReload {
+                source,
+                worker_binary,
+                runtime_dir: runtime_dir.clone(),
+            });
+            let state = model_state(&settings, &shared, pool, model_path, Some(reloader))?;
+            (Arc::new(state), n_workers)
+        }
+        Served::Several(plans) => {
+            let n_workers = plans.iter().map(|p| p.workers.len()).max().unwrap_or(0);
+            let registry = several_models(&settings, &shared, plans);
+            let pool = start_pool(
+                &settings,
+                &shared,
+                Vec::new(),
+                PathBuf::new(),
+                Arc::new(Metrics::default()),
+                runtime_dir.clone(),
+            );
+            let mut state = model_state(&settings, &shared, pool, PathBuf::new(), None)?;
+            state.models = Some(registry.clone());
+            registry.start();
+            (Arc::new(state), n_workers)
+        }
+    };
+    // The line tests and scripts wait for. Written without `println!`, which panics when
+    // stdout is closed: a reader that stops after the first line must not stop the server.
+    let banner = banner(
+        server_settings.log_format,
+        &locals.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        n_workers,
+    );
+    let mut stdout = io::stdout().lock();
+    let _ = stdout
+        .write_all(banner.as_bytes())
+        .and_then(|()| stdout.flush());
+    drop(stdout);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let graceful = GracefulShutdown::new();
+    tokio::select! {
+        () = accept_loop(&listeners, http::router(state.clone()), limits, &graceful) => {}
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    drop(listeners);
+    let drain = Duration::from_secs(server_settings.drain_timeout_secs);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {drain:?}");
+    }
+    if let Some(registry) = &state.models {
+        registry.shutdown(Duration::from_secs(10)).await;
+    }
+    state.pool.shutdown(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&runtime_dir);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What the router serves: one model (its file and workers), or several.
+pub enum Served {
+    One {
+        model_path: PathBuf,
+        plans: Vec<WorkerPlan>,
+    },
+    Several(Vec<ModelPlan>),
+}
+
+/// What every model's state shares with the router's.
+#[derive(Clone)]
+struct SharedParts {
+    body_budget: Arc<Semaphore>,
+    started: u64,
+    worker_binary: PathBuf,
+    runtime_dir: PathBuf,
+}
+
+/// Starts a pool of `plans` on `model_path`, its sockets in `socket_dir`.
+fn start_pool(
+    settings: &Settings,
+    shared: &SharedParts,
+    plans: Vec<WorkerPlan>,
+    model_path: PathBuf,
+    metrics: Arc<Metrics>,
+    socket_dir: PathBuf,
+) -> Pool {
+    let server_settings = &settings.server;
+    Pool::start(
         plans,
         LaunchConfig {
-            worker_binary: worker_binary.clone(),
-            runtime_dir: runtime_dir.clone(),
+            worker_binary: shared.worker_binary.clone(),
+            runtime_dir: socket_dir,
             model_path,
             chat_template: settings.model.chat_template.clone(),
             ready_timeout: Duration::from_secs(server_settings.ready_timeout_secs),
@@ -127,38 +254,33 @@ pub async fn run(
             rebalance: server_settings.rebalance,
         },
         metrics,
-    );
-    let limits = ConnLimits::from_settings(server_settings);
-    let inference_keys = server_settings.api_keys()?;
-    let admin_keys = server_settings.admin_api_keys()?;
-    if inference_keys.is_empty() && locals.iter().any(|a| !a.ip().is_loopback()) {
-        tracing::warn!(
-            listen = server_settings.listen.as_str(),
-            admin_keys = !admin_keys.is_empty(),
-            "listening beyond loopback without an API key (server.api_keys): anyone who can \
-             reach this address can use the model; the admin routes {}",
-            if admin_keys.is_empty() {
-                "answer clients on this machine only (no server.admin_api_keys)"
-            } else {
-                "need an admin key"
-            }
-        );
-    }
+    )
+}
+
+/// The state requests to one model are served with (`settings` is that model's view).
+fn model_state(
+    settings: &Settings,
+    shared: &SharedParts,
+    pool: Pool,
+    model_path: PathBuf,
+    reloader: Option<http::admin::Reloader>,
+) -> Result<AppState> {
+    let server_settings = &settings.server;
     // plan_workers refused an empty alias: there is at least one name.
     let served_names = settings.model.names();
-    let state = Arc::new(AppState {
+    let n_workers = pool.views().len();
+    Ok(AppState {
         slots_endpoint: server_settings.slots_endpoint,
-        pool: pool.clone(),
         served: ServedModel {
-            alias: served_names[0].clone(),
+            alias: served_names.first().cloned().unwrap_or_default(),
             names: served_names,
             tags: settings.model.tags.clone(),
             strict_name: settings.model.strict_name,
             defaults: settings.generation.clone(),
         },
-        model_path: model_path_text,
-        api_keys: http::auth::ApiKeys::new(inference_keys),
-        admin_keys: http::auth::ApiKeys::new(admin_keys),
+        model_path: model_path.display().to_string(),
+        api_keys: http::auth::ApiKeys::new(server_settings.api_keys()?),
+        admin_keys: http::auth::ApiKeys::new(server_settings.admin_api_keys()?),
         hosts: http::access::HostPolicy::new(
             &server_settings.allowed_hosts,
             &server_settings.listen_addresses(),
@@ -166,62 +288,66 @@ pub async fn run(
         cors: http::cors::CorsPolicy::new(&server_settings.cors_origins),
         max_body_bytes: server_settings.max_body_bytes,
         body_read_timeout: Duration::from_secs(server_settings.body_read_timeout_secs.max(1)),
-        body_budget: Arc::new(Semaphore::new(
-            server_settings
-                .max_buffered_body_bytes
-                .max(server_settings.max_body_bytes),
-        )),
+        body_budget: shared.body_budget.clone(),
         keepalive: Duration::from_secs(server_settings.keepalive_secs.max(1)),
         admission: Arc::new(Semaphore::new(
             pool.total_slots() + server_settings.max_queued,
         )),
         control_calls: Arc::new(Semaphore::new(http::control_call_limit(n_workers))),
         max_tokenize_tokens: server_settings.max_tokenize_tokens,
-        write_timeout: limits.write_timeout,
+        write_timeout: Duration::from_secs(server_settings.write_timeout_secs.max(1)),
         next_id: AtomicU64::new(1),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started: shared.started,
         drain_timeout: Duration::from_secs(server_settings.drain_timeout_secs),
-        reloader: Some(Arc::new(ConfigReload {
-            source,
-            worker_binary,
-            runtime_dir: runtime_dir.clone(),
-        })),
+        reloader,
+        pool,
+        models: None,
+    })
+}
+
+/// The registry of several models, each started with its own pool and state, its sockets in
+/// a directory of its own per load (an unloading pool may still hold its sockets).
+fn several_models(
+    settings: &Settings,
+    shared: &SharedParts,
+    plans: Vec<ModelPlan>,
+) -> Arc<ModelRegistry> {
+    let s = &settings.server;
+    let policy = LoadPolicy {
+        models_max: s.models_max,
+        memory_budget: match s.models_memory_mib {
+            0 => default_memory_budget(),
+            mib => mib.saturating_mul(1024 * 1024),
+        },
+        autoload: s.models_autoload,
+        load_timeout: Duration::from_secs(s.model_load_timeout_secs.max(1)),
+        ready_timeout: Duration::from_secs(s.ready_timeout_secs.max(1)),
+        failed_retry: Duration::from_secs(s.failed_retry_secs),
+        drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+    };
+    let shared = shared.clone();
+    let loads = AtomicU64::new(0);
+    let starter: Starter = Box::new(move |plan: &ModelPlan, path: PathBuf, metrics| {
+        let load = loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket_dir = shared
+            .runtime_dir
+            .join(format!("model-{}-{load}", plan.index));
+        if let Err(error) = std::fs::create_dir_all(&socket_dir) {
+            tracing::warn!(%error, dir = %socket_dir.display(), "cannot create a socket directory");
+        }
+        let pool = start_pool(
+            &plan.settings,
+            &shared,
+            plan.workers.clone(),
+            path.clone(),
+            metrics,
+            socket_dir,
+        );
+        let state = model_state(&plan.settings, &shared, pool, path, None)
+            .expect("the keys were read at start-up");
+        Arc::new(state)
     });
-    // The line tests and scripts wait for. Written without `println!`, which panics when
-    // stdout is closed: a reader that stops after the first line must not stop the server.
-    let banner = banner(
-        server_settings.log_format,
-        &locals.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        n_workers,
-    );
-    let mut stdout = io::stdout().lock();
-    let _ = stdout
-        .write_all(banner.as_bytes())
-        .and_then(|()| stdout.flush());
-    drop(stdout);
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let graceful = GracefulShutdown::new();
-    tokio::select! {
-        () = accept_loop(&listeners, http::router(state), limits, &graceful) => {}
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
-    drop(listeners);
-    let drain = Duration::from_secs(server_settings.drain_timeout_secs);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests did not finish within {drain:?}");
-    }
-    pool.shutdown(Duration::from_secs(10)).await;
-    let _ = std::fs::remove_dir_all(&runtime_dir);
-    tracing::info!("stopped");
-    Ok(())
+    ModelRegistry::new(plans, policy, starter, config::models_dir())
 }
 
 /// The start-up lines on stdout, which tests and scripts wait for: `llamapool listening on

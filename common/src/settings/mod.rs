@@ -11,9 +11,11 @@
 //! Their public items are re-exported here, so `settings::X` names every one.
 
 pub mod access;
+pub mod models;
 pub mod plan;
 
 pub use access::{is_local_origin, parse_api_key_file, parse_cors_origin, LOCALHOST_ORIGINS};
+pub use models::{ModelEntry, ModelPlan};
 pub use plan::WorkerPlan;
 
 use std::path::PathBuf;
@@ -31,6 +33,9 @@ pub struct Settings {
     pub workers: Vec<WorkerSettings>,
     /// Server-wide defaults for generation requests that leave a field out.
     pub generation: GenerationDefaults,
+    /// Several models in one pool (`[[models]]`), routed by a request's `model`, loaded on
+    /// demand; empty: the one model of `[model]`, `[worker_defaults]` and `[[workers]]`.
+    pub models: Vec<ModelEntry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,6 +153,27 @@ pub struct ServerSettings {
     pub rebalance: bool,
     /// `GET /slots` is served; false answers it 501, as llama-server started with `--no-slots`.
     pub slots_endpoint: bool,
+    /// With several models (`[[models]]`, `models_dir`, `models_preset`): most models loaded at
+    /// once (llama-server's `--models-max`); loading another first unloads the least recently
+    /// used idle one. 0: no limit but the memory budget.
+    pub models_max: usize,
+    /// With several models: the memory (MiB) the loaded models' weights and KV caches may
+    /// take, estimated from each GGUF before it loads; loading one that does not fit first
+    /// unloads least recently used idle models. 0: 90% of this machine's memory.
+    pub models_memory_mib: u64,
+    /// With several models: a request for a model that is not loaded loads it (false:
+    /// llama-server's `--no-models-autoload`, only `POST /models/load` does).
+    pub models_autoload: bool,
+    /// With several models: how long a request waits for its model to load (including
+    /// waiting for a busy model to finish so that it can be unloaded) before a 503 with
+    /// `Retry-After`; the load itself goes on.
+    pub model_load_timeout_secs: u64,
+    /// Every `*.gguf` file in this directory is a model named after its file without the
+    /// extension (llama-server's `--models-dir`).
+    pub models_dir: Option<PathBuf>,
+    /// llama-server's `--models-preset`: an INI file, one section per model (see
+    /// docs/CONFIGURATION.md).
+    pub models_preset: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -187,6 +213,12 @@ impl Default for ServerSettings {
             slots_endpoint: true,
             affinity_max_load_gap: 2,
             rebalance: true,
+            models_max: 4,
+            models_memory_mib: 0,
+            models_autoload: true,
+            model_load_timeout_secs: 120,
+            models_dir: None,
+            models_preset: None,
         }
     }
 }
@@ -487,7 +519,7 @@ pub struct SettingsError {
     pub message: String,
 }
 
-fn bad(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
+pub(crate) fn bad(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
     SettingsError {
         key: key.into(),
         message: message.into(),
@@ -496,7 +528,9 @@ fn bad(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
 
 /// A list of strings given as a list, or as one comma-separated string (what the environment
 /// and `--set` can give): `"a, b,,c"` is `["a", "b", "c"]`.
-fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+pub(crate) fn list_or_commas<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<String>, D::Error> {
     struct ListOrCommas;
     impl<'de> serde::de::Visitor<'de> for ListOrCommas {
         type Value = Vec<String>;
@@ -520,7 +554,7 @@ fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
     d.deserialize_any(ListOrCommas)
 }
 
-fn split_commas(text: &str) -> Vec<String> {
+pub(crate) fn split_commas(text: &str) -> Vec<String> {
     text.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())

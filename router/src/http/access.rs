@@ -135,9 +135,14 @@ fn host_of(request: &Request) -> Option<&str> {
         .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
 }
 
-/// Whether `path` is an admin route's (its first segment is `admin`).
+/// Whether `path` is an admin route's: its first segment is `admin`, or it loads or unloads a
+/// model (`/models/load`, `/models/unload`).
 pub fn is_admin_path(path: &str) -> bool {
-    path.split('/').find(|s| !s.is_empty()) == Some("admin")
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    matches!(
+        (segments.next(), segments.next(), segments.next()),
+        (Some("admin"), _, _) | (Some("models"), Some("load" | "unload"), None)
+    )
 }
 
 /// Whether a web page could have sent a request with these headers without a CORS
@@ -176,7 +181,7 @@ fn admin_action(path: &str) -> (&str, Option<&str>) {
     let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match parts.as_slice() {
         ["admin", "workers", id, action] => (action, Some(id)),
-        ["admin", action] => (action, None),
+        ["admin", action] | ["models", action] => (action, None),
         _ => (path, None),
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::http::Scoped;
 use axum::extract::{Path, State};
 use axum::Json;
 use llamapool_common::settings::WorkerPlan;
@@ -37,7 +38,7 @@ pub struct RestartedBody {
 
 /// `POST /admin/workers/{id}/drain`: no new work for that worker; what it runs finishes.
 pub async fn drain(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     Path(id): Path<String>,
 ) -> Result<Json<DrainedBody>, ApiError> {
     let id = worker_id(&id)?;
@@ -51,7 +52,7 @@ pub async fn drain(
 /// `POST /admin/workers/{id}/restart`: drain, then respawn; answers when the new process is
 /// ready.
 pub async fn restart(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     Path(id): Path<String>,
 ) -> Result<Json<RestartedBody>, ApiError> {
     let id = worker_id(&id)?;

@@ -8,14 +8,13 @@
 //! requests'). Served only by a pool with embedding workers (`--embedding`, or `[[workers]]`
 //! with `embedding = true`); else 501, as llama-server started without `--embeddings`.
 
-use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use llamapool_common::protocol::{ControlCall, ControlReply, EmbedInput};
 use llamapool_common::worker::Pooling;
 
-use super::{LimitedBody, SharedState};
+use super::{LimitedBody, Scoped, SharedState};
 use crate::dispatch::DispatchError;
 use crate::error::ApiError;
 use crate::openai::embeddings::{
@@ -24,17 +23,17 @@ use crate::openai::embeddings::{
 use crate::openai::InvalidRequest;
 
 /// `POST /v1/embeddings`.
-pub async fn openai(state: State<SharedState>, body: LimitedBody) -> Result<Response, ApiError> {
+pub async fn openai(state: Scoped, body: LimitedBody) -> Result<Response, ApiError> {
     embeddings(state, body, true).await
 }
 
 /// `POST /embedding`, `/embeddings`: llama-server's own shape.
-pub async fn native(state: State<SharedState>, body: LimitedBody) -> Result<Response, ApiError> {
+pub async fn native(state: Scoped, body: LimitedBody) -> Result<Response, ApiError> {
     embeddings(state, body, false).await
 }
 
 async fn embeddings(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     LimitedBody(body): LimitedBody,
     openai: bool,
 ) -> Result<Response, ApiError> {
@@ -63,7 +62,7 @@ async fn embeddings(
 
 /// `POST /v1/rerank`: each document's score from a ranking model (pooling `rank`).
 pub async fn rerank(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let pooling = served_pooling(&state, "reranking", "--reranking")?;

@@ -16,7 +16,7 @@ use llamapool_common::protocol::{ControlCall, ControlReply};
 use llamapool_common::Token;
 use serde::Serialize;
 
-use super::{LimitedBody, SharedState};
+use super::{LimitedBody, Scoped, SharedState};
 use crate::dispatch::{DispatchError, WorkerView};
 use crate::error::ApiError;
 use crate::metrics;
@@ -32,7 +32,9 @@ pub struct HealthBody {
 /// `GET /health`: 200 while a worker is ready (and, at start-up, the others have had their
 /// first start: [`crate::dispatch::Pool::is_healthy`]), else 503.
 pub async fn health(State(state): State<SharedState>) -> Result<Json<HealthBody>, ApiError> {
-    if state.pool.is_healthy() {
+    // With several models the router is healthy while it runs: models load on demand, and
+    // each one's state is in `/v1/models`.
+    if state.models.is_some() || state.pool.is_healthy() {
         Ok(Json(HealthBody { status: "ok" }))
     } else {
         Err(ApiError::no_worker_ready())
@@ -69,15 +71,25 @@ pub struct ModelMeta {
     pub n_ctx_per_seq: u32,
 }
 
-/// `GET /v1/models`: the one model served, with llama-server's `meta`.
+impl ModelMeta {
+    pub fn of(info: &llamapool_common::protocol::WorkerInfo) -> Self {
+        Self {
+            n_ctx_train: info.model.n_ctx_train,
+            n_params: info.model.n_params,
+            n_vocab: info.model.n_vocab,
+            size: info.model.size,
+            n_ctx_per_seq: info.n_ctx_per_seq,
+        }
+    }
+}
+
+/// `GET /v1/models`: the one model served, with llama-server's `meta`; with several, every
+/// model with its status ([`super::models::list`]).
 pub async fn models(State(state): State<SharedState>) -> Response {
-    let meta = state.pool.worker_info().map(|info| ModelMeta {
-        n_ctx_train: info.model.n_ctx_train,
-        n_params: info.model.n_params,
-        n_vocab: info.model.n_vocab,
-        size: info.model.size,
-        n_ctx_per_seq: info.n_ctx_per_seq,
-    });
+    if let Some(registry) = &state.models {
+        return super::models::list(&state, registry);
+    }
+    let meta = state.pool.worker_info().map(|info| ModelMeta::of(&info));
     let card = ModelCard {
         id: &state.served.alias,
         object: "model",
@@ -101,7 +113,7 @@ pub struct WorkersBody {
 }
 
 /// `GET /workers`: each worker's state and load.
-pub async fn workers(State(state): State<SharedState>) -> Json<WorkersBody> {
+pub async fn workers(Scoped(state): Scoped) -> Json<WorkersBody> {
     Json(WorkersBody {
         workers: state.pool.views(),
     })
@@ -109,9 +121,15 @@ pub async fn workers(State(state): State<SharedState>) -> Json<WorkersBody> {
 
 /// `GET /metrics`: Prometheus text (llama-server's `llamacpp:` names and llamapool's own;
 /// `crate::metrics`), with llama-server's `Process-Start-Time-Unix` header.
-pub async fn metrics(State(state): State<SharedState>) -> Response {
-    let text = state.pool.metrics().render(&state.pool.gauges());
-    (
+pub async fn metrics(
+    State(state): State<SharedState>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let text = match &state.models {
+        Some(registry) => several_models_metrics(&state, registry, uri.query())?,
+        None => state.pool.metrics().render(&state.pool.gauges()),
+    };
+    Ok((
         [
             (header::CONTENT_TYPE, metrics::CONTENT_TYPE.to_string()),
             (
@@ -121,7 +139,33 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         ],
         text,
     )
-        .into_response()
+        .into_response())
+}
+
+/// With several models: the router's HTTP counts, then each model's series (labelled
+/// `model`; its workers' only while it is loaded), or only the model of `?model=`.
+fn several_models_metrics(
+    state: &SharedState,
+    registry: &crate::models::ModelRegistry,
+    query: Option<&str>,
+) -> Result<String, ApiError> {
+    let only = super::models::query_model(query)
+        .map(|name| registry.find(Some(&name)))
+        .transpose()?;
+    let loaded = registry.loaded();
+    let mut texts = vec![state.pool.metrics().render_http()];
+    for (index, model_metrics) in registry.metrics().iter().enumerate() {
+        if only.is_some_and(|o| o != index) {
+            continue;
+        }
+        let gauges = loaded
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, s)| s.pool.gauges())
+            .unwrap_or_default();
+        texts.push(model_metrics.render(&gauges));
+    }
+    Ok(metrics::merge_expositions(&texts))
 }
 
 /// Middleware on the whole route table: counts every response by its matched route (not the
@@ -149,7 +193,7 @@ pub async fn record_response(
 /// `{id, piece}` objects (a piece that is not UTF-8 is given as its bytes). More than
 /// `server.max_tokenize_tokens` tokens is a 400 naming `content`.
 pub async fn tokenize(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let _permit = state.admit_control()?;
@@ -221,7 +265,7 @@ pub struct DetokenizedBody {
 /// `POST /detokenize`: `{"tokens": [ids]}` → `{"content"}`. More than
 /// `server.max_tokenize_tokens` ids is a 400 naming `tokens`.
 pub async fn detokenize(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<DetokenizedBody>, ApiError> {
     let _permit = state.admit_control()?;

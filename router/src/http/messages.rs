@@ -9,7 +9,6 @@
 //! `content_block_stop` at the end, then `message_delta` and `message_stop`, as llama-server
 //! orders them. An error after the start is the one error event.
 
-use axum::extract::State;
 use axum::response::sse::Event;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -21,7 +20,7 @@ use super::choices::Collected;
 use super::pipeline::{serve, Answer, GenerationCall, Plan, Reply};
 use super::stream::{named, StreamFormat};
 use super::template::count_chat_tokens;
-use super::{LimitedBody, SharedState};
+use super::{LimitedBody, Scoped, SharedState};
 use crate::anthropic::request::MessagesBody;
 use crate::anthropic::response::{BlockDelta, ContentBlock, MessageHead, StreamEvent};
 use crate::error::ApiError;
@@ -244,7 +243,7 @@ pub struct TokenCountBody {
 /// and these `messages` would have (rendered and tokenized by a worker, as for generation);
 /// `max_tokens` is not needed. Holds a tokenize-call permit.
 pub async fn count_tokens(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<TokenCountBody>, ApiError> {
     let _permit = state.admit_control()?;

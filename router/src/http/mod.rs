@@ -24,6 +24,7 @@ pub mod embeddings;
 pub mod generate;
 pub mod info;
 pub mod messages;
+pub mod models;
 pub mod native;
 mod pipeline;
 pub mod request_id;
@@ -95,6 +96,33 @@ pub struct AppState {
     pub reloader: Option<admin::Reloader>,
     /// `server.slots_endpoint`: whether `GET /slots` is served (501 otherwise).
     pub slots_endpoint: bool,
+    /// With several models: every model and its state. The router's own state then has an
+    /// empty pool, and each loaded model has a state of its own, which [`Scoped`] gives the
+    /// handlers of model-bound routes. `None` with one model: this state is its state.
+    pub models: Option<Arc<crate::models::ModelRegistry>>,
+}
+
+/// The state a request is served with: its model's when the router serves several (set by
+/// [`models::route_to_model`]), else the router's.
+#[derive(Debug, Clone)]
+pub struct Scoped(pub SharedState);
+
+impl axum::extract::FromRequestParts<SharedState> for Scoped {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &SharedState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(scoped(&parts.extensions, state)))
+    }
+}
+
+/// The model's state a request was routed to, else `state`.
+fn scoped(extensions: &axum::http::Extensions, state: &SharedState) -> SharedState {
+    extensions
+        .get::<models::ModelScope>()
+        .map_or_else(|| state.clone(), |scope| scope.0.clone())
 }
 
 pub type SharedState = Arc<AppState>;
@@ -155,7 +183,8 @@ impl AppState {
 /// The route table. `/health` and the web page ([`ui`]) are open; every other route needs the
 /// API key when one is set ([`auth::needs_key`]).
 pub fn router(state: SharedState) -> Router {
-    let api = Router::new()
+    // Routes that serve a model: with several models, each request goes to the one it names.
+    let model_routes = Router::new()
         .route("/v1/chat/completions", post(generate::chat))
         .route("/chat/completions", post(generate::chat))
         .route("/v1/completions", post(generate::completions))
@@ -189,13 +218,21 @@ pub fn router(state: SharedState) -> Router {
         .route("/reranking", post(embeddings::rerank))
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
-        .route("/v1/models", get(info::models))
-        .route("/models", get(info::models))
         .route("/workers", get(info::workers))
-        .route("/metrics", get(info::metrics))
         .route("/admin/workers/{id}/drain", post(admin::drain))
         .route("/admin/workers/{id}/restart", post(admin::restart))
-        .route("/admin/reload", post(admin::reload));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            models::route_to_model,
+        ));
+    let api = Router::new()
+        .route("/v1/models", get(info::models))
+        .route("/models", get(info::models))
+        .route("/models/load", post(models::load))
+        .route("/models/unload", post(models::unload))
+        .route("/metrics", get(info::metrics))
+        .route("/admin/reload", post(admin::reload))
+        .merge(model_routes);
     let routes = Router::new()
         .route("/health", get(info::health))
         .route("/v1/health", get(info::health))
@@ -243,21 +280,33 @@ impl FromRequest<SharedState> for LimitedBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &SharedState) -> Result<Self, ApiError> {
-        let limit = state.max_body_bytes;
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if declared.is_some_and(|len| len > limit) {
-            return Err(ApiError::too_large(limit));
+        if let Some(models::PreRead(bytes)) = request.extensions().get::<models::PreRead>() {
+            return Ok(Self(bytes.clone()));
         }
-        let read = read_body(request.into_body(), limit, &state.body_budget);
-        match tokio::time::timeout(state.body_read_timeout, read).await {
-            Ok(body) => body.map(Self),
-            Err(_) => {
-                tracing::debug!(timeout = ?state.body_read_timeout, "refused: body read timed out");
-                Err(ApiError::body_timeout(state.body_read_timeout))
-            }
+        let (parts, body) = request.into_parts();
+        read_limited(&parts.headers, body, state).await.map(Self)
+    }
+}
+
+/// A body read whole within the limits [`LimitedBody`] describes.
+async fn read_limited(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    state: &SharedState,
+) -> Result<Bytes, ApiError> {
+    let limit = state.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let read = read_body(body, limit, &state.body_budget);
+    match tokio::time::timeout(state.body_read_timeout, read).await {
+        Ok(body) => body,
+        Err(_) => {
+            tracing::debug!(timeout = ?state.body_read_timeout, "refused: body read timed out");
+            Err(ApiError::body_timeout(state.body_read_timeout))
         }
     }
 }

@@ -54,10 +54,11 @@ impl FromRequest<SharedState> for GenerationCall {
     async fn from_request(request: Request, state: &SharedState) -> Result<Self, ApiError> {
         let (mut parts, body) = request.into_parts();
         let Ok(XRequestId(request_id)) = XRequestId::from_request_parts(&mut parts, state).await;
+        let Ok(super::Scoped(state)) = super::Scoped::from_request_parts(&mut parts, state).await;
         let LimitedBody(body) =
-            LimitedBody::from_request(Request::from_parts(parts, body), state).await?;
+            LimitedBody::from_request(Request::from_parts(parts, body), &state).await?;
         Ok(Self {
-            state: state.clone(),
+            state,
             request_id,
             body,
         })

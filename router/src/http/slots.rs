@@ -7,7 +7,7 @@
 //! worker at request time. `id_slot` in a result is the first slot id of the worker that
 //! finished it (which of its slots ran it is not reported by a worker).
 
-use axum::extract::State;
+use crate::http::Scoped;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llamapool_common::{StoppingParams, Token};
@@ -57,7 +57,7 @@ pub(super) fn ignored_eog(state: &SharedState, stopping: &StoppingParams) -> Vec
 /// `GET /props`: the server's defaults and what it serves. `default_generation_settings.params`
 /// are the `[generation]` defaults; `n_ctx` is the largest per-sequence context of the ready
 /// workers (`null` while none is ready); `chat_template` the one the workers use.
-pub async fn props(State(state): State<SharedState>) -> Response {
+pub async fn props(Scoped(state): Scoped) -> Response {
     let info = state.pool.worker_info();
     let defaults = &state.served.defaults;
     let stopping = StoppingParams {
@@ -83,7 +83,7 @@ pub async fn props(State(state): State<SharedState>) -> Response {
 /// not which); `n_ctx` is its per-sequence context (before its first start: the configured
 /// `context / slots`, so a worker still loading shows what it will hold). 501 with
 /// `server.slots_endpoint = false` (llama-server's `--no-slots`).
-pub async fn slots(State(state): State<SharedState>) -> Result<Json<Vec<SlotBody>>, ApiError> {
+pub async fn slots(Scoped(state): Scoped) -> Result<Json<Vec<SlotBody>>, ApiError> {
     if !state.slots_endpoint {
         return Err(ApiError::not_supported(
             "This server does not support slots endpoint. Start it with `--slots`",

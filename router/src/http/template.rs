@@ -2,11 +2,10 @@
 //! request's `messages` become) and `POST /chat/completions/input_tokens` (how many tokens
 //! that prompt is), and the prompt text of a request's `__verbose`.
 
-use axum::extract::State;
 use axum::Json;
 use llamapool_common::protocol::{ChatPrompt, ControlCall, ControlReply, Prompt};
 
-use super::{LimitedBody, SharedState};
+use super::{LimitedBody, Scoped, SharedState};
 use crate::dispatch::DispatchError;
 use crate::error::ApiError;
 use crate::openai::llama_server::{InputTokensBody, RenderedBody};
@@ -15,7 +14,7 @@ use crate::openai::request::{parse_json, GenerationBody};
 /// `POST /apply-template`: `{"messages"}` rendered with the model's chat template by a worker,
 /// as a chat request's prompt would be → `{"prompt"}`. Holds a tokenize-call permit.
 pub async fn apply_template(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<RenderedBody>, ApiError> {
     let _permit = state.admit_control()?;
@@ -30,7 +29,7 @@ pub async fn apply_template(
 /// and tokenized by a worker, as for generation) → `{"input_tokens"}`. The rest of the chat
 /// body is ignored. Holds a tokenize-call permit.
 pub async fn chat_input_tokens(
-    State(state): State<SharedState>,
+    Scoped(state): Scoped,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<InputTokensBody>, ApiError> {
     let _permit = state.admit_control()?;

@@ -1,0 +1,274 @@
+//! The HTTP side of several models ([`crate::models`]): the middleware that sends each
+//! model-bound request to its model's state ([`route_to_model`]), `GET /v1/models` with every
+//! model's status, and the admin routes `POST /models/load` and `POST /models/unload`.
+//!
+//! A model-bound request names its model by `?model=` or by its JSON body's `model`; the body
+//! is read here (with the same limits as everywhere) and handed to the handler as it is
+//! ([`PreRead`]). The model is loaded if it must be, and held by a [`Lease`] until the
+//! response ends (a stream's last byte), so it is never unloaded under its requests.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use serde::{Deserialize, Serialize};
+
+use super::{read_limited, SharedState};
+use crate::error::ApiError;
+use crate::models::{Lease, ModelRegistry, Status};
+use crate::openai::request::parse_json;
+
+/// The model a request is served with: set by [`route_to_model`], read by
+/// [`super::Scoped`].
+#[derive(Debug, Clone)]
+pub struct ModelScope(pub SharedState);
+
+/// A body [`route_to_model`] read already; [`super::LimitedBody`] takes it from here.
+#[derive(Debug, Clone)]
+pub struct PreRead(pub Bytes);
+
+/// What a body says its model is; every other field is skipped unread.
+#[derive(Debug, Deserialize)]
+struct NamedModel {
+    #[serde(default, deserialize_with = "name_or_nothing")]
+    model: Option<String>,
+}
+
+/// A string, or nothing for any other value (the handler then refuses it by its own rules).
+fn name_or_nothing<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a model name")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+/// `?model=NAME` of a query string.
+pub fn query_model(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "model")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Middleware of the model-bound routes; a no-op with one model.
+pub async fn route_to_model(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(registry) = state.models.clone() else {
+        return next.run(request).await;
+    };
+    match scope(&state, &registry, request).await {
+        Ok((request, lease)) => next.run(request).await.map(|body| {
+            Body::new(LeasedBody {
+                inner: body,
+                _lease: lease,
+            })
+        }),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The request with its model's state attached, and the lease on that model.
+async fn scope(
+    state: &SharedState,
+    registry: &std::sync::Arc<ModelRegistry>,
+    request: Request,
+) -> Result<(Request, Lease), ApiError> {
+    let mut name = query_model(request.uri().query());
+    let (mut parts, body) = request.into_parts();
+    let mut pre_read = None;
+    if name.is_none() && parts.method == Method::POST {
+        let bytes = read_limited(&parts.headers, body, state).await?;
+        let named: NamedModel = parse_json(&bytes)?;
+        name = named.model;
+        pre_read = Some(PreRead(bytes));
+    }
+    let index = registry.find(name.as_deref())?;
+    let (model_state, lease) = registry.lease(index).await?;
+    parts.extensions.insert(ModelScope(model_state));
+    if let Some(pre_read) = pre_read {
+        parts.extensions.insert(pre_read);
+    }
+    Ok((Request::from_parts(parts, Body::empty()), lease))
+}
+
+/// A response body that holds its model's lease until it is dropped.
+struct LeasedBody {
+    inner: Body,
+    _lease: Lease,
+}
+
+impl HttpBody for LeasedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `POST /models/load` and `/models/unload`'s body.
+#[derive(Debug, Deserialize)]
+pub struct ModelAction {
+    model: String,
+}
+
+/// Their answer.
+#[derive(Debug, Serialize)]
+pub struct ActionDone {
+    success: bool,
+}
+
+fn registry_of(state: &SharedState) -> Result<&std::sync::Arc<ModelRegistry>, ApiError> {
+    state.models.as_ref().ok_or_else(|| {
+        ApiError::not_supported(
+            "this server serves one model; configure [[models]] or start it with \
+             --models-dir to load and unload models",
+        )
+    })
+}
+
+/// `POST /models/load`: loads a model and answers once it is loaded (or failed, or the load
+/// timeout passed: 503, the load goes on).
+pub async fn load(
+    State(state): State<SharedState>,
+    body: super::LimitedBody,
+) -> Result<Json<ActionDone>, ApiError> {
+    let registry = registry_of(&state)?;
+    let action: ModelAction = parse_json(&body.0)?;
+    let index = registry.find_exact(&action.model)?;
+    registry.load(index).await?;
+    Ok(Json(ActionDone { success: true }))
+}
+
+/// `POST /models/unload`: unloads a loaded model once its requests have finished; 400 when it
+/// is not loaded.
+pub async fn unload(
+    State(state): State<SharedState>,
+    body: super::LimitedBody,
+) -> Result<Json<ActionDone>, ApiError> {
+    let registry = registry_of(&state)?;
+    let action: ModelAction = parse_json(&body.0)?;
+    let index = registry.find_exact(&action.model)?;
+    if !registry.unload(index) {
+        return Err(ApiError::model_not_loaded(&action.model));
+    }
+    Ok(Json(ActionDone { success: true }))
+}
+
+/// One model of `GET /v1/models` when the router serves several.
+#[derive(Debug, Serialize)]
+pub struct ListedModel<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub aliases: &'a [String],
+    pub tags: &'a [String],
+    pub path: String,
+    pub status: ModelStatus,
+    /// llama-server's `meta`, while loaded and a worker is ready.
+    pub meta: Option<super::info::ModelMeta>,
+}
+
+/// A model's status, in llama-server's shape (`{"value": "loaded"}`), with the error of a
+/// failed load.
+#[derive(Debug, Serialize)]
+pub struct ModelStatus {
+    pub value: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/models` with several models: each with its status.
+pub fn list(state: &SharedState, registry: &ModelRegistry) -> Response {
+    let plans = registry.plans();
+    let data: Vec<ListedModel<'_>> = registry
+        .listing()
+        .into_iter()
+        .map(|entry| {
+            let plan = &plans[entry.plan_index];
+            let meta = entry
+                .state
+                .as_ref()
+                .and_then(|s| s.pool.worker_info())
+                .map(|info| super::info::ModelMeta::of(&info));
+            ListedModel {
+                id: plan.alias(),
+                object: "model",
+                created: state.started,
+                owned_by: "llamapool",
+                aliases: &plan.names,
+                tags: &plan.settings.model.tags,
+                path: plan.path.display().to_string(),
+                status: ModelStatus {
+                    value: entry.status,
+                    failed: entry.error.is_some().then_some(true),
+                    error: entry.error,
+                },
+                meta,
+            }
+        })
+        .collect();
+    Json(serde_json::json!({ "object": "list", "data": data })).into_response()
+}

@@ -1,0 +1,593 @@
+//! Several models in one router: the [`ModelRegistry`] owns each configured model's state
+//! (`unloaded`, `loading`, `loaded`, `failed`), loads a model on demand, unloads models to
+//! stay within `server.models_max` and the memory budget, and unloads idle ones after their
+//! `ttl_secs`. A loaded model is a pool of its own workers behind an `AppState` of its own
+//! (its admission permits, its queue, its metrics), so one model's queue, failover and prefix
+//! affinity never involve another's workers.
+//!
+//! Policy ([`LoadPolicy`], [`ModelRegistry::choose_victim`]): a model with requests in flight
+//! (a [`Lease`] held, or work in its pool), or still loading, or pinned, is never unloaded to
+//! make room; among the others the least recently used goes first. A request for a model
+//! that cannot get room waits (up to `server.model_load_timeout_secs`) for a busy model to
+//! become idle, and then gets a 503 with `Retry-After`.
+//!
+//! With one model configured the registry is not used at all: the router is the single-model
+//! server it always was.
+
+pub mod estimate;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use llamapool_common::settings::ModelPlan;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::http::AppState;
+use crate::metrics::Metrics;
+
+/// Starts a model's workers: from its plan, its resolved file and its metrics, the state its
+/// requests are served with (the pool starts in the background).
+pub type Starter = Box<dyn Fn(&ModelPlan, PathBuf, Arc<Metrics>) -> Arc<AppState> + Send + Sync>;
+
+/// The limits loading works within (`server.models_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadPolicy {
+    /// Models loaded (or loading) at once; 0: no limit.
+    pub models_max: usize,
+    /// Bytes the loaded models' estimates may add up to.
+    pub memory_budget: u64,
+    /// A request for an unloaded model loads it.
+    pub autoload: bool,
+    /// How long a request waits for its model.
+    pub load_timeout: Duration,
+    /// How long a model may take to get its first worker ready.
+    pub ready_timeout: Duration,
+    /// A failed model is tried again by a request after this long.
+    pub failed_retry: Duration,
+    /// How long an unload waits for the model's requests to finish.
+    pub drain_timeout: Duration,
+}
+
+/// A model's state as `/v1/models` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Unloaded,
+    Loading,
+    Loaded,
+    Failed,
+}
+
+/// Why a request could not get its model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("model {requested:?} not found; this server serves {}", served.join(", "))]
+    NotFound {
+        requested: String,
+        served: Vec<String>,
+    },
+    #[error("model {0:?} is not loaded (load it with POST /models/load)")]
+    NotLoaded(String),
+    #[error("model {0:?} did not finish loading in time; retry shortly")]
+    LoadTimeout(String),
+    #[error("model {name:?} failed to load: {error}")]
+    Failed { name: String, error: String },
+}
+
+/// One model's state.
+enum Phase {
+    Unloaded,
+    Loading,
+    Loaded(Loaded),
+    Failed { error: String, at: Instant },
+}
+
+/// A loaded model: its state and the requests that hold it.
+#[derive(Clone)]
+struct Loaded {
+    state: Arc<AppState>,
+    leases: Arc<AtomicUsize>,
+}
+
+impl Loaded {
+    /// Nothing holds it and its pool has nothing in flight.
+    fn is_idle(&self) -> bool {
+        self.leases.load(Ordering::Acquire) == 0 && self.state.pool.in_flight() == 0
+    }
+}
+
+struct Slot {
+    phase: Phase,
+    last_used: Instant,
+    /// Bytes its estimate says it takes (known once it was tried).
+    estimate: Option<u64>,
+}
+
+/// Every configured model and its state. One per router; cheap to share (`Arc`).
+pub struct ModelRegistry {
+    plans: Vec<ModelPlan>,
+    metrics: Vec<Arc<Metrics>>,
+    slots: Mutex<Vec<Slot>>,
+    changed: Notify,
+    policy: LoadPolicy,
+    starter: Starter,
+    models_dir: PathBuf,
+}
+
+impl std::fmt::Debug for ModelRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRegistry")
+            .field("models", &self.plans.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request's hold on its loaded model: while any is held, the model is not unloaded to
+/// make room. Dropped with the response (its body, for a stream).
+#[derive(Debug)]
+pub struct Lease {
+    leases: Arc<AtomicUsize>,
+    registry: Arc<ModelRegistry>,
+    index: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.leases.fetch_sub(1, Ordering::AcqRel);
+        self.registry.lock()[self.index].last_used = Instant::now();
+        self.registry.changed.notify_waiters();
+    }
+}
+
+/// A model as `/v1/models` lists it.
+#[derive(Debug, Clone)]
+pub struct ModelListing {
+    pub plan_index: usize,
+    pub status: Status,
+    pub state: Option<Arc<AppState>>,
+    pub error: Option<String>,
+}
+
+impl ModelRegistry {
+    /// The registry of `plans`, none loaded yet ([`Self::start`] loads those marked
+    /// `load_on_startup`). `models_dir` is where relative paths are also looked for.
+    pub fn new(
+        plans: Vec<ModelPlan>,
+        policy: LoadPolicy,
+        starter: Starter,
+        models_dir: PathBuf,
+    ) -> Arc<Self> {
+        let metrics = plans
+            .iter()
+            .map(|p| Arc::new(Metrics::for_model(p.alias())))
+            .collect();
+        let slots = plans
+            .iter()
+            .map(|_| Slot {
+                phase: Phase::Unloaded,
+                last_used: Instant::now(),
+                estimate: None,
+            })
+            .collect();
+        Arc::new(Self {
+            plans,
+            metrics,
+            slots: Mutex::new(slots),
+            changed: Notify::new(),
+            policy,
+            starter,
+            models_dir,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Loads the `load_on_startup` models and starts the idle-unload sweep.
+    pub fn start(self: &Arc<Self>) {
+        for plan in self.plans.iter().filter(|p| p.load_on_startup) {
+            let registry = self.clone();
+            let index = plan.index;
+            tokio::spawn(async move {
+                if let Err(error) = registry.load(index).await {
+                    tracing::warn!(%error, "a load_on_startup model did not load");
+                }
+            });
+        }
+        tokio::spawn(sweep_idle(Arc::downgrade(self)));
+    }
+
+    pub fn plans(&self) -> &[ModelPlan] {
+        &self.plans
+    }
+
+    /// Every model's metrics, in plan order.
+    pub fn metrics(&self) -> &[Arc<Metrics>] {
+        &self.metrics
+    }
+
+    /// The model a request names: by one of its names, else the model that answers unknown
+    /// names, else 404; no name: the first model.
+    pub fn find(&self, requested: Option<&str>) -> Result<usize, ModelError> {
+        let Some(name) = requested.filter(|n| !n.is_empty()) else {
+            return Ok(0);
+        };
+        if let Some(plan) = self
+            .plans
+            .iter()
+            .find(|p| p.names.iter().any(|n| n == name))
+        {
+            return Ok(plan.index);
+        }
+        self.plans
+            .iter()
+            .find(|p| p.catch_all)
+            .map(|p| p.index)
+            .ok_or_else(|| ModelError::NotFound {
+                requested: name.to_string(),
+                served: self.plans.iter().map(|p| p.alias().to_string()).collect(),
+            })
+    }
+
+    /// The model called exactly `name` (`/models/load` and `/models/unload` name one model,
+    /// not whatever answers unknown names).
+    pub fn find_exact(&self, name: &str) -> Result<usize, ModelError> {
+        self.plans
+            .iter()
+            .find(|p| p.names.iter().any(|n| n == name))
+            .map(|p| p.index)
+            .ok_or_else(|| ModelError::NotFound {
+                requested: name.to_string(),
+                served: self.plans.iter().map(|p| p.alias().to_string()).collect(),
+            })
+    }
+
+    /// Every model with its status, in plan order.
+    pub fn listing(&self) -> Vec<ModelListing> {
+        self.lock()
+            .iter()
+            .enumerate()
+            .map(|(plan_index, slot)| match &slot.phase {
+                Phase::Unloaded => ModelListing {
+                    plan_index,
+                    status: Status::Unloaded,
+                    state: None,
+                    error: None,
+                },
+                Phase::Loading => ModelListing {
+                    plan_index,
+                    status: Status::Loading,
+                    state: None,
+                    error: None,
+                },
+                Phase::Loaded(loaded) => ModelListing {
+                    plan_index,
+                    status: Status::Loaded,
+                    state: Some(loaded.state.clone()),
+                    error: None,
+                },
+                Phase::Failed { error, .. } => ModelListing {
+                    plan_index,
+                    status: Status::Failed,
+                    state: None,
+                    error: Some(error.clone()),
+                },
+            })
+            .collect()
+    }
+
+    /// The loaded models' states (for `/metrics` and shutdown).
+    pub fn loaded(&self) -> Vec<(usize, Arc<AppState>)> {
+        self.lock()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| match &slot.phase {
+                Phase::Loaded(loaded) => Some((i, loaded.state.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Model `index` for a request: loaded (by this call, with autoload) and held until the
+    /// lease drops. Waits at most `load_timeout`.
+    pub async fn lease(
+        self: &Arc<Self>,
+        index: usize,
+    ) -> Result<(Arc<AppState>, Lease), ModelError> {
+        self.acquire(index, self.policy.autoload).await
+    }
+
+    /// Loads model `index` (`POST /models/load`, and start-up) and waits for it, whatever
+    /// `autoload` says.
+    pub async fn load(self: &Arc<Self>, index: usize) -> Result<Arc<AppState>, ModelError> {
+        self.acquire(index, true).await.map(|(state, _)| state)
+    }
+
+    async fn acquire(
+        self: &Arc<Self>,
+        index: usize,
+        autoload: bool,
+    ) -> Result<(Arc<AppState>, Lease), ModelError> {
+        let deadline = tokio::time::Instant::now() + self.policy.load_timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(result) = self.try_acquire(index, autoload) {
+                return result;
+            }
+            // Busy models free up without a notification when their pool empties; look again
+            // every 100 ms as well.
+            let tick = tokio::time::Instant::now() + Duration::from_millis(100);
+            if tokio::time::timeout_at(deadline.min(tick), changed)
+                .await
+                .is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                return Err(ModelError::LoadTimeout(self.plans[index].alias().into()));
+            }
+        }
+    }
+
+    /// One look: the model with a lease, an error, or `None` to wait (loading, or no room yet).
+    fn try_acquire(
+        self: &Arc<Self>,
+        index: usize,
+        autoload: bool,
+    ) -> Option<Result<(Arc<AppState>, Lease), ModelError>> {
+        let name = self.plans[index].alias().to_string();
+        let mut slots = self.lock();
+        match &slots[index].phase {
+            Phase::Loaded(loaded) => {
+                loaded.leases.fetch_add(1, Ordering::AcqRel);
+                let lease = Lease {
+                    leases: loaded.leases.clone(),
+                    registry: self.clone(),
+                    index,
+                };
+                let state = loaded.state.clone();
+                slots[index].last_used = Instant::now();
+                return Some(Ok((state, lease)));
+            }
+            Phase::Loading => return None,
+            Phase::Failed { error, at } => {
+                if !autoload || at.elapsed() < self.policy.failed_retry {
+                    return Some(Err(ModelError::Failed {
+                        name,
+                        error: error.clone(),
+                    }));
+                }
+            }
+            Phase::Unloaded if !autoload => return Some(Err(ModelError::NotLoaded(name))),
+            Phase::Unloaded => {}
+        }
+        // Unloaded (or failed long enough ago): its estimate first, then room for it.
+        let estimate = match slots[index].estimate {
+            Some(bytes) => bytes,
+            None => match self.estimate(index) {
+                Ok(bytes) => {
+                    slots[index].estimate = Some(bytes);
+                    bytes
+                }
+                Err(error) => {
+                    tracing::warn!(model = %name, %error, "model failed to load");
+                    slots[index].phase = Phase::Failed {
+                        error: error.clone(),
+                        at: Instant::now(),
+                    };
+                    drop(slots);
+                    self.changed.notify_waiters();
+                    return Some(Err(ModelError::Failed { name, error }));
+                }
+            },
+        };
+        if !self.make_room(&mut slots, index, estimate) {
+            return None;
+        }
+        slots[index].phase = Phase::Loading;
+        drop(slots);
+        self.changed.notify_waiters();
+        tokio::spawn(self.clone().run_load(index));
+        None
+    }
+
+    /// The model's file, resolved, and its estimated bytes (reads the GGUF header: a few MB).
+    fn estimate(&self, index: usize) -> Result<u64, String> {
+        let path = self.resolved_path(index)?;
+        estimate::estimate(&path, &self.plans[index].workers).map(|e| e.total())
+    }
+
+    fn resolved_path(&self, index: usize) -> Result<PathBuf, String> {
+        self.plans[index]
+            .settings
+            .resolve_model_path(&self.models_dir)
+            .map_err(|e| e.message)
+    }
+
+    /// Unloads idle models, least recently used first, until model `index` fits both limits;
+    /// false when it does not fit yet (the models in the way are busy, loading or pinned).
+    /// A model bigger than the whole budget still loads once nothing else is loaded.
+    fn make_room(&self, slots: &mut [Slot], index: usize, estimate: u64) -> bool {
+        loop {
+            let resident: Vec<usize> = (0..slots.len())
+                .filter(|&i| {
+                    i != index && matches!(slots[i].phase, Phase::Loaded(_) | Phase::Loading)
+                })
+                .collect();
+            let used: u64 = resident.iter().filter_map(|&i| slots[i].estimate).sum();
+            let over_count = self.policy.models_max > 0 && resident.len() >= self.policy.models_max;
+            let over_memory =
+                !resident.is_empty() && used.saturating_add(estimate) > self.policy.memory_budget;
+            if !over_count && !over_memory {
+                return true;
+            }
+            let Some(victim) = Self::choose_victim(slots, &self.plans, index) else {
+                return false;
+            };
+            self.unload_locked(slots, victim, "to make room");
+        }
+    }
+
+    /// The least recently used loaded model that is idle and not pinned.
+    fn choose_victim(slots: &[Slot], plans: &[ModelPlan], index: usize) -> Option<usize> {
+        slots
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index && !plans[*i].pinned)
+            .filter_map(|(i, slot)| match &slot.phase {
+                Phase::Loaded(loaded) if loaded.is_idle() => Some((i, slot.last_used)),
+                _ => None,
+            })
+            .min_by_key(|(_, used)| *used)
+            .map(|(i, _)| i)
+    }
+
+    /// Marks `index` unloaded and stops its pool in the background, after its requests (up
+    /// to the drain timeout).
+    fn unload_locked(&self, slots: &mut [Slot], index: usize, why: &str) {
+        let Phase::Loaded(loaded) = std::mem::replace(&mut slots[index].phase, Phase::Unloaded)
+        else {
+            return;
+        };
+        tracing::info!(model = self.plans[index].alias(), why, "unloading model");
+        let drain = self.policy.drain_timeout;
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + drain;
+            while !loaded.is_idle() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            loaded.state.pool.shutdown(Duration::from_secs(10)).await;
+        });
+    }
+
+    /// `POST /models/unload`: unloads a loaded model (its requests finish first); false when
+    /// it was not loaded.
+    pub fn unload(&self, index: usize) -> bool {
+        let mut slots = self.lock();
+        let was_loaded = matches!(slots[index].phase, Phase::Loaded(_));
+        self.unload_locked(&mut slots, index, "asked to");
+        drop(slots);
+        self.changed.notify_waiters();
+        was_loaded
+    }
+
+    /// Starts model `index`'s workers and waits for the first to be ready (or for every
+    /// worker to fail, or the ready timeout): then `loaded`, or `failed` with the error.
+    async fn run_load(self: Arc<Self>, index: usize) {
+        let plan = &self.plans[index];
+        let started = Instant::now();
+        let outcome = match self.resolved_path(index) {
+            Ok(path) => {
+                let state = (self.starter)(plan, path, self.metrics[index].clone());
+                match wait_ready(&state, self.policy.ready_timeout).await {
+                    Ok(()) => Ok(state),
+                    Err(error) => {
+                        state.pool.shutdown(Duration::from_secs(5)).await;
+                        Err(error)
+                    }
+                }
+            }
+            Err(error) => Err(error),
+        };
+        let mut slots = self.lock();
+        slots[index].phase = match outcome {
+            Ok(state) => {
+                tracing::info!(
+                    model = plan.alias(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "model loaded"
+                );
+                Phase::Loaded(Loaded {
+                    state,
+                    leases: Arc::new(AtomicUsize::new(0)),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(model = plan.alias(), %error, "model failed to load");
+                Phase::Failed {
+                    error,
+                    at: Instant::now(),
+                }
+            }
+        };
+        slots[index].last_used = Instant::now();
+        drop(slots);
+        self.changed.notify_waiters();
+    }
+
+    /// Unloads the models idle past their `ttl` (every second, while the registry lives).
+    fn unload_expired(&self) {
+        let mut slots = self.lock();
+        for plan in &self.plans {
+            let Some(ttl) = plan.ttl else { continue };
+            let slot = &slots[plan.index];
+            let expired = matches!(&slot.phase, Phase::Loaded(l) if l.is_idle())
+                && slot.last_used.elapsed() >= ttl;
+            if expired {
+                self.unload_locked(&mut slots, plan.index, "idle past its ttl");
+            }
+        }
+    }
+
+    /// Stops every loaded model's workers (router shutdown).
+    pub async fn shutdown(&self, timeout: Duration) {
+        let states: Vec<Arc<AppState>> = self.loaded().into_iter().map(|(_, s)| s).collect();
+        futures_util::future::join_all(states.iter().map(|s| s.pool.shutdown(timeout))).await;
+    }
+}
+
+/// Waits for the first ready worker of `state`'s pool; an error when every worker has
+/// failed a start before any was ready, or after `timeout`.
+async fn wait_ready(state: &AppState, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if state.pool.ready_count() > 0 {
+            return Ok(());
+        }
+        let views = state.pool.views();
+        if !views.is_empty() && views.iter().all(|v| v.last_error.is_some()) {
+            let error = views
+                .iter()
+                .find_map(|v| v.last_error.clone())
+                .unwrap_or_default();
+            return Err(format!("no worker started: {error}"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no worker was ready within {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn sweep_idle(registry: std::sync::Weak<ModelRegistry>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        registry.unload_expired();
+    }
+}
+
+/// 90% of this machine's memory (`MemTotal`), the default budget; 16 GiB when unknown.
+pub fn default_memory_budget() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .unwrap_or(16 * 1024 * 1024);
+    total_kib * 1024 / 10 * 9
+}
