@@ -1,0 +1,352 @@
+//! Several models in one router, end to end: the real router with SmolLM2 and Gemma 3 270M
+//! (both fetched by `scripts/setup`) as `[[models]]` or llama-server's `--models-dir`, each
+//! loaded on demand by the first request that names it, unloaded to make room under
+//! `models_max`, never while it has requests in flight, and a broken model failing alone.
+
+use std::time::{Duration, Instant};
+
+use llamapool_tests::*;
+use serde_json::{json, Value};
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// A config of several models: `server` holds more `[server]` lines, `models` the `[[models]]`
+/// tables' lines.
+fn config(server: &str, models: &[&str]) -> String {
+    let mut config = format!("[server]\nlisten = \"127.0.0.1:0\"\n{server}\n");
+    for model in models {
+        config.push_str(&format!("[[models]]\n{model}\n"));
+    }
+    config
+}
+
+/// SmolLM2 as `smol` and Gemma as `gemma`, each on one worker with `slots` slots.
+fn smol_and_gemma(server: &str, smol_extra: &str, slots: u32) -> String {
+    config(
+        server,
+        &[
+            &format!(
+                "alias = \"smol\"\npath = \"{SMOL}\"\n{smol_extra}\nworker_defaults = {{ slots = {slots}, context = 2048 }}"
+            ),
+            &format!(
+                "alias = \"gemma\"\npath = \"{GEMMA}\"\nworker_defaults = {{ slots = {slots}, context = 2048 }}"
+            ),
+        ],
+    )
+}
+
+fn chat_to(model: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Count from one to fifty in words."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    })
+}
+
+/// Each model's status, by id.
+fn statuses(server: &Router) -> Vec<(String, String)> {
+    let models = server.get("/v1/models");
+    assert_eq!(models.status, 200, "{}", models.text());
+    models.json()["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["status"]["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn status_of(server: &Router, id: &str) -> String {
+    statuses(server)
+        .into_iter()
+        .find(|(m, _)| m == id)
+        .unwrap_or_else(|| panic!("{id} is not listed"))
+        .1
+}
+
+/// Waits until `id`'s status is `status` (panics after `within`).
+fn wait_status(server: &Router, id: &str, status: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while status_of(server, id) != status {
+        assert!(
+            Instant::now() < deadline,
+            "{id} never became {status}: {:?}",
+            statuses(server)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn answer_of(response: &HttpResponse) -> String {
+    assert_eq!(response.status, 200, "{}", response.text());
+    response.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn both_models_are_served_by_name_and_load_on_demand() {
+    let server = Server::launch(&smol_and_gemma("models_max = 2", "", 2));
+    assert_eq!(
+        statuses(&server),
+        [
+            ("smol".to_string(), "unloaded".to_string()),
+            ("gemma".to_string(), "unloaded".to_string())
+        ],
+        "nothing loads before it is asked for"
+    );
+    let smol = server.post("/v1/chat/completions", &chat_to("smol", 8, false));
+    assert_eq!(smol.json()["model"], "smol");
+    assert!(!answer_of(&smol).is_empty());
+    assert_eq!(status_of(&server, "smol"), "loaded");
+    assert_eq!(status_of(&server, "gemma"), "unloaded");
+    let gemma = server.post("/v1/chat/completions", &chat_to("gemma", 8, false));
+    assert_eq!(gemma.json()["model"], "gemma");
+    answer_of(&gemma);
+    // Both stay loaded (models_max = 2), and each answers as itself, the same text again.
+    assert_eq!(status_of(&server, "smol"), "loaded");
+    let again = server.post("/v1/chat/completions", &chat_to("smol", 8, false));
+    assert_eq!(
+        answer_of(&again),
+        answer_of(&smol),
+        "greedy: the same model"
+    );
+    // The native route and a streamed request name their model too.
+    let native = server.post(
+        "/completion",
+        &json!({"model": "gemma", "prompt": "Hello", "n_predict": 4}),
+    );
+    assert_eq!(native.status, 200, "{}", native.text());
+    let events = server
+        .stream("/v1/chat/completions", &chat_to("gemma", 4, true))
+        .collect();
+    assert!(events.last().is_some_and(|e| e == "[DONE]"), "{events:?}");
+    // An unknown name is a 404 in the OpenAI shape, listing what exists.
+    let unknown = server.post("/v1/chat/completions", &chat_to("gpt-4o", 4, false));
+    assert_eq!(unknown.status, 404);
+    let error = &unknown.json()["error"];
+    assert_eq!(error["code"], "model_not_found");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("smol") && message.contains("gemma"),
+        "{message}"
+    );
+    // `?model=` on GET routes.
+    let props = server.get("/props?model=gemma");
+    assert_eq!(props.status, 200);
+    assert!(
+        props.json()["model_path"]
+            .as_str()
+            .unwrap()
+            .ends_with(GEMMA),
+        "{}",
+        props.text()
+    );
+    // Every request metric carries its model.
+    let metrics = server.get("/metrics").text();
+    for line in [
+        "llamacpp:requests_total{model=\"smol\"} 2",
+        "llamacpp:requests_total{model=\"gemma\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    let helps = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("# HELP llamacpp:requests_total")
+                || l.starts_with("# HELP llamacpp:requests ")
+        })
+        .count();
+    assert_eq!(helps, 1, "one family, once:\n{metrics}");
+}
+
+#[test]
+fn a_busy_model_is_not_evicted_and_the_other_request_waits() {
+    let server = Server::launch(&smol_and_gemma("models_max = 1", "", 2));
+    answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 4, false)));
+    // A long smol stream holds smol; gemma's request must wait for it, not end it.
+    let mut stream = server.stream("/v1/chat/completions", &chat_to("smol", 120, true));
+    let first = stream.next_data().expect("the stream started");
+    assert!(first.contains("chat.completion.chunk"), "{first}");
+    let addr = server.addr.clone();
+    let waiting = std::thread::spawn(move || {
+        let started = Instant::now();
+        let body = serde_json::to_vec(&chat_to("gemma", 4, false)).unwrap();
+        let response = http::request(&addr, "POST", "/v1/chat/completions", &[], &body).unwrap();
+        (response, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status_of(&server, "smol"), "loaded", "busy: not evicted");
+    assert_eq!(status_of(&server, "gemma"), "unloaded", "waiting for room");
+    let mut events = vec![first];
+    events.extend(stream.collect());
+    let finish: Vec<&String> = events
+        .iter()
+        .filter(|e| e.contains("\"finish_reason\":\"length\""))
+        .collect();
+    assert_eq!(finish.len(), 1, "smol's stream ran to its end: {events:?}");
+    let (gemma, waited) = waiting.join().unwrap();
+    assert_eq!(gemma.status, 200, "{}", gemma.text());
+    assert_eq!(gemma.json()["model"], "gemma");
+    assert!(
+        waited > Duration::from_millis(300),
+        "it waited for smol: {waited:?}"
+    );
+    assert_eq!(
+        status_of(&server, "smol"),
+        "unloaded",
+        "then smol made room"
+    );
+    assert_eq!(status_of(&server, "gemma"), "loaded");
+    // And back: alternating traffic swaps each time, nothing fails.
+    for model in ["smol", "gemma", "smol"] {
+        let response = server.post("/v1/chat/completions", &chat_to(model, 4, false));
+        assert_eq!(response.status, 200, "{model}: {}", response.text());
+        assert_eq!(response.json()["model"], model);
+    }
+    let loaded: Vec<String> = statuses(&server)
+        .into_iter()
+        .filter(|(_, s)| s == "loaded")
+        .map(|(m, _)| m)
+        .collect();
+    assert_eq!(loaded, ["smol"], "at most models_max loaded");
+}
+
+#[test]
+fn a_broken_model_fails_alone() {
+    let dir = scratch_dir("models").unwrap();
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, b"GGUF\x03\0\0\0 this is not a model").unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    let smol_bytes = std::fs::read(models_dir().join(SMOL)).unwrap();
+    std::fs::write(&truncated, &smol_bytes[..smol_bytes.len() / 3]).unwrap();
+    let server = Server::launch(&config(
+        "models_max = 3",
+        &[
+            &format!("alias = \"smol\"\npath = \"{SMOL}\"\nworkers = [{{ cpus = \"0\" }}]"),
+            &format!("alias = \"broken\"\npath = \"{}\"", broken.display()),
+            "alias = \"missing\"\npath = \"/nonexistent/model.gguf\"",
+            &format!(
+                "alias = \"truncated\"\npath = \"{}\"\nworkers = [{{ cpus = \"1\" }}]",
+                truncated.display()
+            ),
+        ],
+    ));
+    answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 4, false)));
+    for name in ["broken", "missing", "truncated"] {
+        let response = server.post("/v1/chat/completions", &chat_to(name, 4, false));
+        assert_eq!(response.status, 503, "{name}: {}", response.text());
+        let error = &response.json()["error"];
+        assert_eq!(error["code"], "model_load_failed", "{name}");
+        assert!(
+            error["message"].as_str().unwrap().contains(name),
+            "{name}: {error}"
+        );
+        // The others serve on.
+        answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 4, false)));
+    }
+    let models = server.get("/v1/models").json();
+    for model in models["data"].as_array().unwrap() {
+        let id = model["id"].as_str().unwrap();
+        let status = &model["status"];
+        if id == "smol" {
+            assert_eq!(status["value"], "loaded");
+        } else {
+            assert_eq!(status["value"], "failed", "{id}: {status}");
+            assert!(
+                status["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{id}: {status}"
+            );
+        }
+    }
+    assert_eq!(server.get("/health").status, 200);
+}
+
+#[test]
+fn load_unload_and_ttl_without_autoload() {
+    let server = Server::launch(&smol_and_gemma(
+        "models_max = 2\nmodels_autoload = false",
+        "ttl_secs = 2",
+        2,
+    ));
+    let refused = server.post("/v1/chat/completions", &chat_to("smol", 4, false));
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["code"], "model_not_loaded");
+    let load = server.post("/models/load", &json!({"model": "smol"}));
+    assert_eq!(load.status, 200, "{}", load.text());
+    assert_eq!(load.json()["success"], true);
+    assert_eq!(status_of(&server, "smol"), "loaded");
+    answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 4, false)));
+    let unknown = server.post("/models/load", &json!({"model": "nope"}));
+    assert_eq!(unknown.status, 404);
+    // Unload: only a loaded model.
+    let load = server.post("/models/load", &json!({"model": "gemma"}));
+    assert_eq!(load.status, 200, "{}", load.text());
+    let unload = server.post("/models/unload", &json!({"model": "gemma"}));
+    assert_eq!(unload.status, 200, "{}", unload.text());
+    assert_eq!(status_of(&server, "gemma"), "unloaded");
+    let again = server.post("/models/unload", &json!({"model": "gemma"}));
+    assert_eq!(again.status, 400, "{}", again.text());
+    // smol's ttl_secs = 2: idle, it unloads by itself.
+    wait_status(&server, "smol", "unloaded", Duration::from_secs(10));
+}
+
+#[test]
+fn one_models_full_queue_does_not_refuse_another() {
+    let server = Server::launch(&smol_and_gemma(
+        "models_max = 2\nmax_queued = 0",
+        "workers = [{ cpus = \"0\" }]",
+        1,
+    ));
+    answer_of(&server.post("/v1/chat/completions", &chat_to("gemma", 2, false)));
+    answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 2, false)));
+    // smol's one worker's one slot is busy and it may queue nothing: another smol request is
+    // a 429 ...
+    let mut busy = server.stream("/v1/chat/completions", &chat_to("smol", 150, true));
+    busy.next_data().expect("started");
+    let refused = server.post("/v1/chat/completions", &chat_to("smol", 2, false));
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    // ... and gemma still serves.
+    answer_of(&server.post("/v1/chat/completions", &chat_to("gemma", 2, false)));
+    drop(busy);
+}
+
+#[test]
+fn llama_server_router_flags_serve_a_models_dir() {
+    let dir = scratch_dir("models-dir").unwrap();
+    for file in [SMOL, GEMMA] {
+        std::os::unix::fs::symlink(models_dir().join(file), dir.path().join(file)).unwrap();
+    }
+    let mut command = std::process::Command::new(bin_dir().join("llamapool-router"));
+    command.args([
+        "--models-dir",
+        dir.path().to_str().unwrap(),
+        "--models-max",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]);
+    let server = Router::launch_with(command, "").unwrap();
+    let ids: Vec<String> = statuses(&server).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"]);
+    for model in [
+        "gemma-3-270m-q4_k_m",
+        "SmolLM2-135M-Instruct.Q4_1",
+        "gemma-3-270m-q4_k_m",
+    ] {
+        let response = server.post("/v1/chat/completions", &chat_to(model, 4, false));
+        assert_eq!(response.status, 200, "{model}: {}", response.text());
+        assert_eq!(response.json()["model"], model);
+        assert_eq!(status_of(&server, model), "loaded");
+    }
+}
