@@ -268,22 +268,21 @@ impl From<ModelError> for ApiError {
                 param: Some("model".into()),
                 ..Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
             },
+            // llama-server's 400 "model is not loaded" (autoload off).
             ModelError::NotLoaded(_) => Self {
                 code: Some("model_not_loaded".into()),
-                ..Self::unavailable(message)
+                param: Some("model".into()),
+                ..Self::invalid(message)
             },
             ModelError::LoadTimeout(_) => Self {
                 code: Some("model_loading".into()),
                 retry_after: Some(5),
                 ..Self::unavailable(message)
             },
+            // llama-server's 500 "failed to load": retrying soon does not help.
             ModelError::Failed { .. } => Self {
                 code: Some("model_load_failed".into()),
-                ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable_error",
-                    message,
-                )
+                ..Self::internal(message)
             },
         }
     }

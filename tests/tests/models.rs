@@ -243,7 +243,7 @@ fn a_broken_model_fails_alone() {
     answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 4, false)));
     for name in ["broken", "missing", "truncated"] {
         let response = server.post("/v1/chat/completions", &chat_to(name, 4, false));
-        assert_eq!(response.status, 503, "{name}: {}", response.text());
+        assert_eq!(response.status, 500, "{name}: {}", response.text());
         let error = &response.json()["error"];
         assert_eq!(error["code"], "model_load_failed", "{name}");
         assert!(
@@ -278,8 +278,19 @@ fn load_unload_and_ttl_without_autoload() {
         2,
     ));
     let refused = server.post("/v1/chat/completions", &chat_to("smol", 4, false));
-    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.status, 400, "{}", refused.text());
     assert_eq!(refused.json()["error"]["code"], "model_not_loaded");
+    // llama-server's router props, and its per-request `?autoload=`.
+    let props = server.get("/props").json();
+    assert_eq!(props["role"], "router");
+    assert_eq!(props["max_instances"], 2);
+    assert_eq!(props["models_autoload"], false);
+    let autoloaded = server.post(
+        "/v1/chat/completions?autoload=true",
+        &chat_to("gemma", 4, false),
+    );
+    answer_of(&autoloaded);
+    assert_eq!(status_of(&server, "gemma"), "loaded");
     let load = server.post("/models/load", &json!({"model": "smol"}));
     assert_eq!(load.status, 200, "{}", load.text());
     assert_eq!(load.json()["success"], true);
@@ -288,8 +299,6 @@ fn load_unload_and_ttl_without_autoload() {
     let unknown = server.post("/models/load", &json!({"model": "nope"}));
     assert_eq!(unknown.status, 404);
     // Unload: only a loaded model.
-    let load = server.post("/models/load", &json!({"model": "gemma"}));
-    assert_eq!(load.status, 200, "{}", load.text());
     let unload = server.post("/models/unload", &json!({"model": "gemma"}));
     assert_eq!(unload.status, 200, "{}", unload.text());
     assert_eq!(status_of(&server, "gemma"), "unloaded");
@@ -349,4 +358,27 @@ fn llama_server_router_flags_serve_a_models_dir() {
         assert_eq!(response.json()["model"], model);
         assert_eq!(status_of(&server, model), "loaded");
     }
+}
+
+#[test]
+fn the_memory_budget_unloads_what_does_not_fit() {
+    // One worker each: SmolLM2 is estimated at about 150 MB (weights and KV), Gemma at about
+    // 290 MB; 350 MiB holds either, not both. No count limit.
+    let one_worker = "workers = [{ cpus = \"0\" }]\nworker_defaults = { context = 2048 }";
+    let server = Server::launch(&config(
+        "models_max = 0\nmodels_memory_mib = 350",
+        &[
+            &format!("alias = \"smol\"\npath = \"{SMOL}\"\n{one_worker}"),
+            &format!("alias = \"gemma\"\npath = \"{GEMMA}\"\n{one_worker}"),
+        ],
+    ));
+    answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 4, false)));
+    answer_of(&server.post("/v1/chat/completions", &chat_to("gemma", 4, false)));
+    assert_eq!(
+        status_of(&server, "smol"),
+        "unloaded",
+        "{:?}",
+        statuses(&server)
+    );
+    assert_eq!(status_of(&server, "gemma"), "loaded");
 }

@@ -89,9 +89,12 @@ fn name_or_nothing<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Stri
 
 /// `?model=NAME` of a query string.
 pub fn query_model(query: Option<&str>) -> Option<String> {
-    let query = query?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "model")
+    query_param(query, "model")
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
 }
 
@@ -104,6 +107,13 @@ pub async fn route_to_model(
     let Some(registry) = state.models.clone() else {
         return next.run(request).await;
     };
+    // `GET /props` without a model is the router's own (llama-server's `role: router`).
+    let router_props = request.method() == Method::GET
+        && request.uri().path() == "/props"
+        && query_param(request.uri().query(), "model").is_none();
+    if router_props {
+        return next.run(request).await;
+    }
     match scope(&state, &registry, request).await {
         Ok((request, lease)) => next.run(request).await.map(|body| {
             Body::new(LeasedBody {
@@ -115,6 +125,12 @@ pub async fn route_to_model(
     }
 }
 
+/// llama-server's per-request `?autoload=`: `true` or `1` loads, any other value does not;
+/// absent, `server.models_autoload` decides.
+fn autoload_param(query: Option<&str>) -> Option<bool> {
+    query_param(query, "autoload").map(|v| v == "true" || v == "1")
+}
+
 /// The request with its model's state attached, and the lease on that model.
 async fn scope(
     state: &SharedState,
@@ -122,6 +138,7 @@ async fn scope(
     request: Request,
 ) -> Result<(Request, Lease), ApiError> {
     let mut name = query_model(request.uri().query());
+    let autoload = autoload_param(request.uri().query());
     let (mut parts, body) = request.into_parts();
     let mut pre_read = None;
     if name.is_none() && parts.method == Method::POST {
@@ -131,7 +148,7 @@ async fn scope(
         pre_read = Some(PreRead(bytes));
     }
     let index = registry.find(name.as_deref())?;
-    let (model_state, lease) = registry.lease(index).await?;
+    let (model_state, lease) = registry.lease(index, autoload).await?;
     parts.extensions.insert(ModelScope(model_state));
     if let Some(pre_read) = pre_read {
         parts.extensions.insert(pre_read);

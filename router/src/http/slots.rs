@@ -58,6 +58,17 @@ pub(super) fn ignored_eog(state: &SharedState, stopping: &StoppingParams) -> Vec
 /// are the `[generation]` defaults; `n_ctx` is the largest per-sequence context of the ready
 /// workers (`null` while none is ready); `chat_template` the one the workers use.
 pub async fn props(Scoped(state): Scoped) -> Response {
+    if let Some(registry) = &state.models {
+        return Json(RouterProps {
+            role: "router",
+            max_instances: registry.policy().models_max,
+            models_autoload: registry.policy().autoload,
+            model_alias: "llamapool",
+            model_path: "none",
+            build_info: crate::openai::FINGERPRINT,
+        })
+        .into_response();
+    }
     let info = state.pool.worker_info();
     let defaults = &state.served.defaults;
     let stopping = StoppingParams {
@@ -76,6 +87,18 @@ pub async fn props(Scoped(state): Scoped) -> Response {
         &template,
     );
     Json(body).into_response()
+}
+
+/// `GET /props` without `?model=` when the router serves several models: llama-server's
+/// router props.
+#[derive(Debug, serde::Serialize)]
+struct RouterProps {
+    role: &'static str,
+    max_instances: usize,
+    models_autoload: bool,
+    model_alias: &'static str,
+    model_path: &'static str,
+    build_info: &'static str,
 }
 
 /// `GET /slots`: one entry per slot of the pool, worker-major, ids 0 to N-1. `is_processing`

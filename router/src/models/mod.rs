@@ -16,6 +16,7 @@
 
 pub mod estimate;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -61,10 +62,18 @@ pub enum Status {
     Failed,
 }
 
+/// A client's name for an error message: at most 200 characters.
+fn shortened(name: &str) -> String {
+    match name.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &name[..at]),
+        None => name.to_string(),
+    }
+}
+
 /// Why a request could not get its model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
-    #[error("model {requested:?} not found; this server serves {}", served.join(", "))]
+    #[error("model {:?} not found; this server serves {}", shortened(requested), served.join(", "))]
     NotFound {
         requested: String,
         served: Vec<String>,
@@ -104,13 +113,36 @@ struct Slot {
     last_used: Instant,
     /// Bytes its estimate says it takes (known once it was tried).
     estimate: Option<u64>,
+    /// Requests waiting for it to be loaded.
+    waiters: usize,
+}
+
+/// Every model's state, and the order in which models that wait for room get it.
+struct Table {
+    slots: Vec<Slot>,
+    /// Models waiting for room, first come first served (llama-server's queue): one entry
+    /// per model however many requests wait for it.
+    queue: VecDeque<usize>,
+}
+
+impl std::ops::Index<usize> for Table {
+    type Output = Slot;
+    fn index(&self, index: usize) -> &Slot {
+        &self.slots[index]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Table {
+    fn index_mut(&mut self, index: usize) -> &mut Slot {
+        &mut self.slots[index]
+    }
 }
 
 /// Every configured model and its state. One per router; cheap to share (`Arc`).
 pub struct ModelRegistry {
     plans: Vec<ModelPlan>,
     metrics: Vec<Arc<Metrics>>,
-    slots: Mutex<Vec<Slot>>,
+    slots: Mutex<Table>,
     changed: Notify,
     policy: LoadPolicy,
     starter: Starter,
@@ -170,12 +202,16 @@ impl ModelRegistry {
                 phase: Phase::Unloaded,
                 last_used: Instant::now(),
                 estimate: None,
+                waiters: 0,
             })
             .collect();
         Arc::new(Self {
             plans,
             metrics,
-            slots: Mutex::new(slots),
+            slots: Mutex::new(Table {
+                slots,
+                queue: VecDeque::new(),
+            }),
             changed: Notify::new(),
             policy,
             starter,
@@ -183,7 +219,7 @@ impl ModelRegistry {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -199,6 +235,10 @@ impl ModelRegistry {
             });
         }
         tokio::spawn(sweep_idle(Arc::downgrade(self)));
+    }
+
+    pub fn policy(&self) -> &LoadPolicy {
+        &self.policy
     }
 
     pub fn plans(&self) -> &[ModelPlan] {
@@ -249,6 +289,7 @@ impl ModelRegistry {
     /// Every model with its status, in plan order.
     pub fn listing(&self) -> Vec<ModelListing> {
         self.lock()
+            .slots
             .iter()
             .enumerate()
             .map(|(plan_index, slot)| match &slot.phase {
@@ -283,6 +324,7 @@ impl ModelRegistry {
     /// The loaded models' states (for `/metrics` and shutdown).
     pub fn loaded(&self) -> Vec<(usize, Arc<AppState>)> {
         self.lock()
+            .slots
             .iter()
             .enumerate()
             .filter_map(|(i, slot)| match &slot.phase {
@@ -292,13 +334,16 @@ impl ModelRegistry {
             .collect()
     }
 
-    /// Model `index` for a request: loaded (by this call, with autoload) and held until the
-    /// lease drops. Waits at most `load_timeout`.
+    /// Model `index` for a request: loaded (by this call, with autoload: the request's
+    /// `autoload`, else `server.models_autoload`) and held until the lease drops. Waits at
+    /// most `load_timeout`.
     pub async fn lease(
         self: &Arc<Self>,
         index: usize,
+        autoload: Option<bool>,
     ) -> Result<(Arc<AppState>, Lease), ModelError> {
-        self.acquire(index, self.policy.autoload).await
+        self.acquire(index, autoload.unwrap_or(self.policy.autoload))
+            .await
     }
 
     /// Loads model `index` (`POST /models/load`, and start-up) and waits for it, whatever
@@ -313,6 +358,7 @@ impl ModelRegistry {
         autoload: bool,
     ) -> Result<(Arc<AppState>, Lease), ModelError> {
         let deadline = tokio::time::Instant::now() + self.policy.load_timeout;
+        let _waiting = Waiting::new(self, index);
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -365,29 +411,40 @@ impl ModelRegistry {
             Phase::Unloaded if !autoload => return Some(Err(ModelError::NotLoaded(name))),
             Phase::Unloaded => {}
         }
-        // Unloaded (or failed long enough ago): its estimate first, then room for it.
-        let estimate = match slots[index].estimate {
+        // Unloaded (or failed long enough ago): its estimate first (read outside the lock: it
+        // reads the file's header), then room for it.
+        let retrying = matches!(slots[index].phase, Phase::Failed { .. });
+        let cached = slots[index].estimate.filter(|_| !retrying);
+        drop(slots);
+        let estimate = match cached {
             Some(bytes) => bytes,
-            None => match self.estimate(index) {
-                Ok(bytes) => {
-                    slots[index].estimate = Some(bytes);
-                    bytes
-                }
+            None => match tokio::task::block_in_place(|| self.estimate(index)) {
+                Ok(bytes) => bytes,
                 Err(error) => {
                     tracing::warn!(model = %name, %error, "model failed to load");
-                    slots[index].phase = Phase::Failed {
+                    self.lock()[index].phase = Phase::Failed {
                         error: error.clone(),
                         at: Instant::now(),
                     };
-                    drop(slots);
                     self.changed.notify_waiters();
                     return Some(Err(ModelError::Failed { name, error }));
                 }
             },
         };
-        if !self.make_room(&mut slots, index, estimate) {
+        let mut slots = self.lock();
+        if !matches!(slots[index].phase, Phase::Unloaded | Phase::Failed { .. }) {
+            return None; // another request started it meanwhile
+        }
+        slots[index].estimate = Some(estimate);
+        if !slots.queue.contains(&index) {
+            slots.queue.push_back(index);
+        }
+        // First come, first served: a model waits for the ones queued before it.
+        if slots.queue.front() != Some(&index) || !self.make_room(&mut slots.slots, index, estimate)
+        {
             return None;
         }
+        slots.queue.pop_front();
         slots[index].phase = Phase::Loading;
         drop(slots);
         self.changed.notify_waiters();
@@ -469,7 +526,7 @@ impl ModelRegistry {
     pub fn unload(&self, index: usize) -> bool {
         let mut slots = self.lock();
         let was_loaded = matches!(slots[index].phase, Phase::Loaded(_));
-        self.unload_locked(&mut slots, index, "asked to");
+        self.unload_locked(&mut slots.slots, index, "asked to");
         drop(slots);
         self.changed.notify_waiters();
         was_loaded
@@ -528,7 +585,7 @@ impl ModelRegistry {
             let expired = matches!(&slot.phase, Phase::Loaded(l) if l.is_idle())
                 && slot.last_used.elapsed() >= ttl;
             if expired {
-                self.unload_locked(&mut slots, plan.index, "idle past its ttl");
+                self.unload_locked(&mut slots.slots, plan.index, "idle past its ttl");
             }
         }
     }
@@ -537,6 +594,32 @@ impl ModelRegistry {
     pub async fn shutdown(&self, timeout: Duration) {
         let states: Vec<Arc<AppState>> = self.loaded().into_iter().map(|(_, s)| s).collect();
         futures_util::future::join_all(states.iter().map(|s| s.pool.shutdown(timeout))).await;
+    }
+}
+
+/// A request waiting in [`ModelRegistry::acquire`]: counted on its model while it waits, so
+/// that a model nobody waits for any more leaves the queue.
+struct Waiting<'a> {
+    registry: &'a ModelRegistry,
+    index: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(registry: &'a ModelRegistry, index: usize) -> Self {
+        registry.lock()[index].waiters += 1;
+        Self { registry, index }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut table = self.registry.lock();
+        table[self.index].waiters -= 1;
+        if table[self.index].waiters == 0 {
+            table.queue.retain(|&i| i != self.index);
+        }
+        drop(table);
+        self.registry.changed.notify_waiters();
     }
 }
 
