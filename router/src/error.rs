@@ -173,6 +173,14 @@ impl ApiError {
         Self::new(StatusCode::NOT_IMPLEMENTED, "not_supported_error", message)
     }
 
+    /// A GET of a model's data that names no model while none is loaded.
+    pub fn model_missing() -> Self {
+        Self::invalid_param(
+            "model",
+            "model name is missing from the request, and no model is loaded: name one with ?model=",
+        )
+    }
+
     /// `POST /models/unload` of a model that is not loaded.
     pub fn model_not_loaded(name: &str) -> Self {
         Self::invalid_param("model", format!("model {name:?} is not loaded"))

@@ -6,7 +6,9 @@
 //   GET  metrics               every 1.5 s: Prometheus text; tokens/s, TTFT and ITL are
 //                              derived from successive scrapes (rates of counters, deltas of
 //                              histogram sums and counts); names that are absent are skipped
-//   GET  v1/models             the model's name
+//   GET  v1/models             the model's name; with several models, each with its status:
+//                              a selector picks the one to chat with and to show, and the
+//                              GETs above carry ?model=NAME&autoload=false (looking never loads)
 //   POST v1/chat/completions   the playground, stream: true, read with fetch + ReadableStream
 //   POST admin/workers/{id}/drain|restart
 // Every call sends `Authorization: Bearer <key>` when the key field (kept in localStorage)
@@ -492,23 +494,54 @@ function renderTiles(workers, metrics) {
 
 let modelName = null;
 let pollTimer = null;
+/** With several models (each listed with a status): their ids and statuses; else empty. */
+let models = [];
 
 async function loadModel() {
   try {
     const body = await (await api('v1/models')).json();
-    modelName = body.data && body.data[0] ? body.data[0].id : null;
-    $('model').textContent = modelName ?? '';
+    const data = body.data || [];
+    models = data.filter((m) => m.status).map((m) => ({ id: m.id, status: m.status.value }));
+    const select = $('model-select');
+    if (models.length > 1) {
+      if (!models.some((m) => m.id === modelName)) {
+        const loaded = models.find((m) => m.status === 'loaded');
+        modelName = (loaded || models[0]).id;
+      }
+      select.replaceChildren(...models.map((m) => {
+        const option = document.createElement('option');
+        option.value = m.id;
+        option.textContent = `${m.id} (${m.status})`;
+        return option;
+      }));
+      select.value = modelName;
+      select.hidden = false;
+      $('model').hidden = true;
+    } else {
+      modelName = data[0] ? data[0].id : null;
+      $('model').textContent = modelName ?? '';
+      select.hidden = true;
+      $('model').hidden = false;
+    }
   } catch (_) {
     // retried at the next poll
   }
+}
+
+/** `?model=` for the model-bound GET and admin routes when the router serves several models;
+ *  `autoload=false`: looking at a model never loads it (a chat message does). */
+function modelQuery() {
+  return models.length > 1 && modelName
+    ? `?model=${encodeURIComponent(modelName)}&autoload=false`
+    : '';
 }
 
 async function poll() {
   clearTimeout(pollTimer);
   const t = Date.now();
   const [workers, metrics] = await Promise.allSettled([
-    api('workers').then((r) => r.json()),
-    api('metrics').then((r) => r.text()),
+    api('workers' + modelQuery()).then((r) => r.json()),
+    api('metrics' + (models.length > 1 && modelName ? `?model=${encodeURIComponent(modelName)}` : '')).then((r) => r.text()),
   ]);
   let m = null;
   if (metrics.status === 'fulfilled') {
@@ -521,11 +554,17 @@ async function poll() {
     renderTiles(list, m);
     $('updated').textContent = 'live · ' + new Date(t).toLocaleTimeString('en-GB');
     clearNotice('poll');
-    if (modelName == null) loadModel();
+    if (modelName == null || models.length > 1) loadModel();
   } else {
     const e = workers.reason;
     const health = $('health');
-    if (e.status === 401) {
+    if (models.length > 1 && e.status === 400) {
+      loadModel();
+      renderWorkers([]);
+      notice(`${modelName} is not loaded: the first chat message loads it.`, 'info', 'poll');
+      health.textContent = 'not loaded';
+      health.className = 'pill pill-muted';
+    } else if (e.status === 401) {
       notice('This server needs an API key: type it in the field at the top right.', 'info', 'poll');
       health.textContent = 'key needed';
       health.className = 'pill pill-warn';
@@ -552,7 +591,7 @@ async function admin(id, action) {
   try {
     // A JSON content type (and the admin header): what the admin routes require of a
     // request, so that no web page of another origin can send one without a preflight.
-    await api(`admin/workers/${id}/${action}`, {
+    await api(`admin/workers/${id}/${action}` + modelQuery(), {
       method: 'POST',
       headers: { 'Content-Type': 'application/json', 'X-Llamapool-Admin': '1' },
     });
@@ -671,7 +710,7 @@ async function send(prompt) {
   };
   let state = 'done';
   try {
-    const before = await api('workers')
+    const before = await api('workers' + modelQuery())
       .then((r) => r.json())
       .then((b) => b.workers)
       .catch(() => null);
@@ -690,7 +729,7 @@ async function send(prompt) {
     const requestId = response.headers.get('x-request-id');
     if (requestId) view.meta.title = `x-request-id: ${requestId}`;
     if (s.worker == null && before) {
-      api('workers')
+      api('workers' + modelQuery())
         .then((r) => r.json())
         .then((w) => {
           const id = servingWorker(before, w.workers);
@@ -783,6 +822,10 @@ function init() {
     keyTimer = setTimeout(saveKey, 400);
   });
   key.addEventListener('change', saveKey);
+  $('model-select').addEventListener('change', (e) => {
+    modelName = e.target.value;
+    poll();
+  });
 
   $('chat-form').addEventListener('submit', (e) => {
     e.preventDefault();

@@ -147,7 +147,16 @@ async fn scope(
         name = named.model;
         pre_read = Some(PreRead(bytes));
     }
-    let index = registry.find(name.as_deref())?;
+    let (index, autoload) = match name {
+        Some(name) => (registry.find(Some(&name))?, autoload),
+        // A GET that names no model (the web page's polling, a dashboard) reads a loaded
+        // model and never loads one.
+        None if parts.method == Method::GET => (
+            registry.first_loaded().ok_or_else(ApiError::model_missing)?,
+            Some(false),
+        ),
+        None => (registry.find(None)?, autoload),
+    };
     let (model_state, lease) = registry.lease(index, autoload).await?;
     parts.extensions.insert(ModelScope(model_state));
     if let Some(pre_read) = pre_read {

@@ -321,6 +321,11 @@ impl ModelRegistry {
             .collect()
     }
 
+    /// The first loaded model, in plan order.
+    pub fn first_loaded(&self) -> Option<usize> {
+        self.loaded().first().map(|(i, _)| *i)
+    }
+
     /// The loaded models' states (for `/metrics` and shutdown).
     pub fn loaded(&self) -> Vec<(usize, Arc<AppState>)> {
         self.lock()
