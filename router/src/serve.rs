@@ -52,7 +52,8 @@ use llamapool_router::dispatch::{LaunchConfig, Pool, RoutingPolicy, SupervisionP
 use llamapool_router::http::access::ConnInfo;
 use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
-use llamapool_router::models::{default_memory_budget, LoadPolicy, ModelRegistry, Starter};
+use llamapool_router::http::Models;
+use llamapool_router::models::{default_memory_budget, LoadPolicy, Starter};
 use llamapool_router::openai::request::ServedModel;
 use llamapool_router::reload::{ConfigReload, ConfigSource};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -311,7 +312,7 @@ fn several_models(
     settings: &Settings,
     shared: &SharedParts,
     plans: Vec<ModelPlan>,
-) -> Arc<ModelRegistry> {
+) -> Arc<Models> {
     let s = &settings.server;
     let policy = LoadPolicy {
         models_max: s.models_max,
@@ -327,7 +328,7 @@ fn several_models(
     };
     let shared = shared.clone();
     let loads = AtomicU64::new(0);
-    let starter: Starter = Box::new(move |plan: &ModelPlan, path: PathBuf, metrics| {
+    let starter: Starter<AppState> = Box::new(move |plan: &ModelPlan, path: PathBuf, metrics| {
         let load = loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let socket_dir = shared
             .runtime_dir
@@ -347,7 +348,7 @@ fn several_models(
             .expect("the keys were read at start-up");
         Arc::new(state)
     });
-    ModelRegistry::new(plans, policy, starter, config::models_dir())
+    Models::new(plans, policy, starter, config::models_dir())
 }
 
 /// The start-up lines on stdout, which tests and scripts wait for: `llamapool listening on

@@ -402,10 +402,14 @@ mod tests {
                 "gpu.example",
                 include_str!("../../../configs/gpu.example.toml"),
             ),
+            (
+                "models.example",
+                include_str!("../../../configs/models.example.toml"),
+            ),
         ] {
             let s: Settings = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             let allowed = CpuList::parse("0-7").unwrap();
-            s.plan_workers(&allowed)
+            s.plan_models(&allowed, &[])
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }

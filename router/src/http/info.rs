@@ -146,7 +146,7 @@ pub async fn metrics(
 /// `model`; its workers' only while it is loaded), or only the model of `?model=`.
 fn several_models_metrics(
     state: &SharedState,
-    registry: &crate::models::ModelRegistry,
+    registry: &super::Models,
     query: Option<&str>,
 ) -> Result<String, ApiError> {
     let only = super::models::query_model(query)

@@ -99,7 +99,7 @@ pub struct AppState {
     /// With several models: every model and its state. The router's own state then has an
     /// empty pool, and each loaded model has a state of its own, which [`Scoped`] gives the
     /// handlers of model-bound routes. `None` with one model: this state is its state.
-    pub models: Option<Arc<crate::models::ModelRegistry>>,
+    pub models: Option<Arc<Models>>,
 }
 
 /// The state a request is served with: its model's when the router serves several (set by
@@ -126,6 +126,15 @@ fn scoped(extensions: &axum::http::Extensions, state: &SharedState) -> SharedSta
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// The registry of several models, each loaded model served with an [`AppState`] of its own.
+pub type Models = crate::models::ModelRegistry<AppState>;
+
+impl crate::models::ModelState for AppState {
+    fn pool(&self) -> &Pool {
+        &self.pool
+    }
+}
 
 /// Tokenize and detokenize calls in flight per worker. They get their own small limit rather
 /// than generation permits: a worker answers them one at a time on the thread that also

@@ -19,9 +19,9 @@ use axum::Json;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use serde::{Deserialize, Serialize};
 
-use super::{read_limited, SharedState};
+use super::{read_limited, AppState, Models, SharedState};
 use crate::error::ApiError;
-use crate::models::{Lease, ModelRegistry, Status};
+use crate::models::{Lease, Status};
 use crate::openai::request::parse_json;
 
 /// The model a request is served with: set by [`route_to_model`], read by
@@ -134,9 +134,9 @@ fn autoload_param(query: Option<&str>) -> Option<bool> {
 /// The request with its model's state attached, and the lease on that model.
 async fn scope(
     state: &SharedState,
-    registry: &std::sync::Arc<ModelRegistry>,
+    registry: &std::sync::Arc<Models>,
     request: Request,
-) -> Result<(Request, Lease), ApiError> {
+) -> Result<(Request, Lease<AppState>), ApiError> {
     let mut name = query_model(request.uri().query());
     let autoload = autoload_param(request.uri().query());
     let (mut parts, body) = request.into_parts();
@@ -168,7 +168,7 @@ async fn scope(
 /// A response body that holds its model's lease until it is dropped.
 struct LeasedBody {
     inner: Body,
-    _lease: Lease,
+    _lease: Lease<AppState>,
 }
 
 impl HttpBody for LeasedBody {
@@ -203,7 +203,7 @@ pub struct ActionDone {
     success: bool,
 }
 
-fn registry_of(state: &SharedState) -> Result<&std::sync::Arc<ModelRegistry>, ApiError> {
+fn registry_of(state: &SharedState) -> Result<&std::sync::Arc<Models>, ApiError> {
     state.models.as_ref().ok_or_else(|| {
         ApiError::not_supported(
             "this server serves one model; configure [[models]] or start it with \
@@ -267,7 +267,7 @@ pub struct ModelStatus {
 }
 
 /// `GET /v1/models` with several models: each with its status.
-pub fn list(state: &SharedState, registry: &ModelRegistry) -> Response {
+pub fn list(state: &SharedState, registry: &Models) -> Response {
     let plans = registry.plans();
     let data: Vec<ListedModel<'_>> = registry
         .listing()

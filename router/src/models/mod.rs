@@ -26,12 +26,18 @@ use llamapool_common::settings::ModelPlan;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::http::AppState;
+use crate::dispatch::Pool;
 use crate::metrics::Metrics;
+
+/// What a loaded model is to the registry: the state its requests are served with (the HTTP
+/// layer's), of which the registry needs only the pool.
+pub trait ModelState: Send + Sync + 'static {
+    fn pool(&self) -> &Pool;
+}
 
 /// Starts a model's workers: from its plan, its resolved file and its metrics, the state its
 /// requests are served with (the pool starts in the background).
-pub type Starter = Box<dyn Fn(&ModelPlan, PathBuf, Arc<Metrics>) -> Arc<AppState> + Send + Sync>;
+pub type Starter<S> = Box<dyn Fn(&ModelPlan, PathBuf, Arc<Metrics>) -> Arc<S> + Send + Sync>;
 
 /// The limits loading works within (`server.models_*`).
 #[derive(Debug, Clone, Copy)]
@@ -87,29 +93,28 @@ pub enum ModelError {
 }
 
 /// One model's state.
-enum Phase {
+enum Phase<S> {
     Unloaded,
     Loading,
-    Loaded(Loaded),
+    Loaded(Loaded<S>),
     Failed { error: String, at: Instant },
 }
 
 /// A loaded model: its state and the requests that hold it.
-#[derive(Clone)]
-struct Loaded {
-    state: Arc<AppState>,
+struct Loaded<S> {
+    state: Arc<S>,
     leases: Arc<AtomicUsize>,
 }
 
-impl Loaded {
+impl<S: ModelState> Loaded<S> {
     /// Nothing holds it and its pool has nothing in flight.
     fn is_idle(&self) -> bool {
-        self.leases.load(Ordering::Acquire) == 0 && self.state.pool.in_flight() == 0
+        self.leases.load(Ordering::Acquire) == 0 && self.state.pool().in_flight() == 0
     }
 }
 
-struct Slot {
-    phase: Phase,
+struct Slot<S> {
+    phase: Phase<S>,
     last_used: Instant,
     /// Bytes its estimate says it takes (known once it was tried).
     estimate: Option<u64>,
@@ -118,38 +123,38 @@ struct Slot {
 }
 
 /// Every model's state, and the order in which models that wait for room get it.
-struct Table {
-    slots: Vec<Slot>,
+struct Table<S> {
+    slots: Vec<Slot<S>>,
     /// Models waiting for room, first come first served (llama-server's queue): one entry
     /// per model however many requests wait for it.
     queue: VecDeque<usize>,
 }
 
-impl std::ops::Index<usize> for Table {
-    type Output = Slot;
-    fn index(&self, index: usize) -> &Slot {
+impl<S> std::ops::Index<usize> for Table<S> {
+    type Output = Slot<S>;
+    fn index(&self, index: usize) -> &Slot<S> {
         &self.slots[index]
     }
 }
 
-impl std::ops::IndexMut<usize> for Table {
-    fn index_mut(&mut self, index: usize) -> &mut Slot {
+impl<S> std::ops::IndexMut<usize> for Table<S> {
+    fn index_mut(&mut self, index: usize) -> &mut Slot<S> {
         &mut self.slots[index]
     }
 }
 
 /// Every configured model and its state. One per router; cheap to share (`Arc`).
-pub struct ModelRegistry {
+pub struct ModelRegistry<S> {
     plans: Vec<ModelPlan>,
     metrics: Vec<Arc<Metrics>>,
-    slots: Mutex<Table>,
+    slots: Mutex<Table<S>>,
     changed: Notify,
     policy: LoadPolicy,
-    starter: Starter,
+    starter: Starter<S>,
     models_dir: PathBuf,
 }
 
-impl std::fmt::Debug for ModelRegistry {
+impl<S> std::fmt::Debug for ModelRegistry<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelRegistry")
             .field("models", &self.plans.len())
@@ -160,13 +165,13 @@ impl std::fmt::Debug for ModelRegistry {
 /// A request's hold on its loaded model: while any is held, the model is not unloaded to
 /// make room. Dropped with the response (its body, for a stream).
 #[derive(Debug)]
-pub struct Lease {
+pub struct Lease<S: ModelState> {
     leases: Arc<AtomicUsize>,
-    registry: Arc<ModelRegistry>,
+    registry: Arc<ModelRegistry<S>>,
     index: usize,
 }
 
-impl Drop for Lease {
+impl<S: ModelState> Drop for Lease<S> {
     fn drop(&mut self) {
         self.leases.fetch_sub(1, Ordering::AcqRel);
         self.registry.lock()[self.index].last_used = Instant::now();
@@ -174,22 +179,25 @@ impl Drop for Lease {
     }
 }
 
+/// A loaded model's state and the request's lease on it.
+pub type Held<S> = (Arc<S>, Lease<S>);
+
 /// A model as `/v1/models` lists it.
-#[derive(Debug, Clone)]
-pub struct ModelListing {
+#[derive(Clone)]
+pub struct ModelListing<S> {
     pub plan_index: usize,
     pub status: Status,
-    pub state: Option<Arc<AppState>>,
+    pub state: Option<Arc<S>>,
     pub error: Option<String>,
 }
 
-impl ModelRegistry {
+impl<S: ModelState> ModelRegistry<S> {
     /// The registry of `plans`, none loaded yet ([`Self::start`] loads those marked
     /// `load_on_startup`). `models_dir` is where relative paths are also looked for.
     pub fn new(
         plans: Vec<ModelPlan>,
         policy: LoadPolicy,
-        starter: Starter,
+        starter: Starter<S>,
         models_dir: PathBuf,
     ) -> Arc<Self> {
         let metrics = plans
@@ -219,7 +227,7 @@ impl ModelRegistry {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table<S>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -287,7 +295,7 @@ impl ModelRegistry {
     }
 
     /// Every model with its status, in plan order.
-    pub fn listing(&self) -> Vec<ModelListing> {
+    pub fn listing(&self) -> Vec<ModelListing<S>> {
         self.lock()
             .slots
             .iter()
@@ -327,7 +335,7 @@ impl ModelRegistry {
     }
 
     /// The loaded models' states (for `/metrics` and shutdown).
-    pub fn loaded(&self) -> Vec<(usize, Arc<AppState>)> {
+    pub fn loaded(&self) -> Vec<(usize, Arc<S>)> {
         self.lock()
             .slots
             .iter()
@@ -346,14 +354,14 @@ impl ModelRegistry {
         self: &Arc<Self>,
         index: usize,
         autoload: Option<bool>,
-    ) -> Result<(Arc<AppState>, Lease), ModelError> {
+    ) -> Result<Held<S>, ModelError> {
         self.acquire(index, autoload.unwrap_or(self.policy.autoload))
             .await
     }
 
     /// Loads model `index` (`POST /models/load`, and start-up) and waits for it, whatever
     /// `autoload` says.
-    pub async fn load(self: &Arc<Self>, index: usize) -> Result<Arc<AppState>, ModelError> {
+    pub async fn load(self: &Arc<Self>, index: usize) -> Result<Arc<S>, ModelError> {
         self.acquire(index, true).await.map(|(state, _)| state)
     }
 
@@ -361,7 +369,7 @@ impl ModelRegistry {
         self: &Arc<Self>,
         index: usize,
         autoload: bool,
-    ) -> Result<(Arc<AppState>, Lease), ModelError> {
+    ) -> Result<Held<S>, ModelError> {
         let deadline = tokio::time::Instant::now() + self.policy.load_timeout;
         let _waiting = Waiting::new(self, index);
         loop {
@@ -389,7 +397,7 @@ impl ModelRegistry {
         self: &Arc<Self>,
         index: usize,
         autoload: bool,
-    ) -> Option<Result<(Arc<AppState>, Lease), ModelError>> {
+    ) -> Option<Result<Held<S>, ModelError>> {
         let name = self.plans[index].alias().to_string();
         let mut slots = self.lock();
         match &slots[index].phase {
@@ -473,7 +481,7 @@ impl ModelRegistry {
     /// Unloads idle models, least recently used first, until model `index` fits both limits;
     /// false when it does not fit yet (the models in the way are busy, loading or pinned).
     /// A model bigger than the whole budget still loads once nothing else is loaded.
-    fn make_room(&self, slots: &mut [Slot], index: usize, estimate: u64) -> bool {
+    fn make_room(&self, slots: &mut [Slot<S>], index: usize, estimate: u64) -> bool {
         loop {
             let resident: Vec<usize> = (0..slots.len())
                 .filter(|&i| {
@@ -495,7 +503,7 @@ impl ModelRegistry {
     }
 
     /// The least recently used loaded model that is idle and not pinned.
-    fn choose_victim(slots: &[Slot], plans: &[ModelPlan], index: usize) -> Option<usize> {
+    fn choose_victim(slots: &[Slot<S>], plans: &[ModelPlan], index: usize) -> Option<usize> {
         slots
             .iter()
             .enumerate()
@@ -510,7 +518,7 @@ impl ModelRegistry {
 
     /// Marks `index` unloaded and stops its pool in the background, after its requests (up
     /// to the drain timeout).
-    fn unload_locked(&self, slots: &mut [Slot], index: usize, why: &str) {
+    fn unload_locked(&self, slots: &mut [Slot<S>], index: usize, why: &str) {
         let Phase::Loaded(loaded) = std::mem::replace(&mut slots[index].phase, Phase::Unloaded)
         else {
             return;
@@ -522,7 +530,7 @@ impl ModelRegistry {
             while !loaded.is_idle() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            loaded.state.pool.shutdown(Duration::from_secs(10)).await;
+            loaded.state.pool().shutdown(Duration::from_secs(10)).await;
         });
     }
 
@@ -545,10 +553,10 @@ impl ModelRegistry {
         let outcome = match self.resolved_path(index) {
             Ok(path) => {
                 let state = (self.starter)(plan, path, self.metrics[index].clone());
-                match wait_ready(&state, self.policy.ready_timeout).await {
+                match wait_ready(&*state, self.policy.ready_timeout).await {
                     Ok(()) => Ok(state),
                     Err(error) => {
-                        state.pool.shutdown(Duration::from_secs(5)).await;
+                        state.pool().shutdown(Duration::from_secs(5)).await;
                         Err(error)
                     }
                 }
@@ -597,26 +605,26 @@ impl ModelRegistry {
 
     /// Stops every loaded model's workers (router shutdown).
     pub async fn shutdown(&self, timeout: Duration) {
-        let states: Vec<Arc<AppState>> = self.loaded().into_iter().map(|(_, s)| s).collect();
-        futures_util::future::join_all(states.iter().map(|s| s.pool.shutdown(timeout))).await;
+        let states: Vec<Arc<S>> = self.loaded().into_iter().map(|(_, s)| s).collect();
+        futures_util::future::join_all(states.iter().map(|s| s.pool().shutdown(timeout))).await;
     }
 }
 
 /// A request waiting in [`ModelRegistry::acquire`]: counted on its model while it waits, so
 /// that a model nobody waits for any more leaves the queue.
-struct Waiting<'a> {
-    registry: &'a ModelRegistry,
+struct Waiting<'a, S: ModelState> {
+    registry: &'a ModelRegistry<S>,
     index: usize,
 }
 
-impl<'a> Waiting<'a> {
-    fn new(registry: &'a ModelRegistry, index: usize) -> Self {
+impl<'a, S: ModelState> Waiting<'a, S> {
+    fn new(registry: &'a ModelRegistry<S>, index: usize) -> Self {
         registry.lock()[index].waiters += 1;
         Self { registry, index }
     }
 }
 
-impl Drop for Waiting<'_> {
+impl<S: ModelState> Drop for Waiting<'_, S> {
     fn drop(&mut self) {
         let mut table = self.registry.lock();
         table[self.index].waiters -= 1;
@@ -630,13 +638,13 @@ impl Drop for Waiting<'_> {
 
 /// Waits for the first ready worker of `state`'s pool; an error when every worker has
 /// failed a start before any was ready, or after `timeout`.
-async fn wait_ready(state: &AppState, timeout: Duration) -> Result<(), String> {
+async fn wait_ready<S: ModelState>(state: &S, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        if state.pool.ready_count() > 0 {
+        if state.pool().ready_count() > 0 {
             return Ok(());
         }
-        let views = state.pool.views();
+        let views = state.pool().views();
         if !views.is_empty() && views.iter().all(|v| v.last_error.is_some()) {
             let error = views
                 .iter()
@@ -651,7 +659,7 @@ async fn wait_ready(state: &AppState, timeout: Duration) -> Result<(), String> {
     }
 }
 
-async fn sweep_idle(registry: std::sync::Weak<ModelRegistry>) {
+async fn sweep_idle<S: ModelState>(registry: std::sync::Weak<ModelRegistry<S>>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(registry) = registry.upgrade() else {
