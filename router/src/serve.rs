@@ -50,9 +50,9 @@ use llamapool_router::config;
 use llamapool_router::dispatch::poison::PoisonPolicy;
 use llamapool_router::dispatch::{LaunchConfig, Pool, RoutingPolicy, SupervisionPolicy};
 use llamapool_router::http::access::ConnInfo;
+use llamapool_router::http::Models;
 use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
-use llamapool_router::http::Models;
 use llamapool_router::models::{default_memory_budget, LoadPolicy, Starter};
 use llamapool_router::openai::request::ServedModel;
 use llamapool_router::reload::{ConfigReload, ConfigSource};
@@ -308,11 +308,7 @@ fn model_state(
 
 /// The registry of several models, each started with its own pool and state, its sockets in
 /// a directory of its own per load (an unloading pool may still hold its sockets).
-fn several_models(
-    settings: &Settings,
-    shared: &SharedParts,
-    plans: Vec<ModelPlan>,
-) -> Arc<Models> {
+fn several_models(settings: &Settings, shared: &SharedParts, plans: Vec<ModelPlan>) -> Arc<Models> {
     let s = &settings.server;
     let policy = LoadPolicy {
         models_max: s.models_max,

@@ -138,6 +138,16 @@ impl Settings {
             .map(|(index, (key, entry))| self.plan_model(index, key, entry, allowed))
             .collect::<Result<Vec<_>, _>>()?;
         check_names(&plans, &entries)?;
+        let on_startup = plans.iter().filter(|p| p.load_on_startup).count();
+        if self.server.models_max > 0 && on_startup > self.server.models_max {
+            return Err(bad(
+                "server.models_max",
+                format!(
+                    "{on_startup} models load on startup, more than models_max ({}) allows",
+                    self.server.models_max
+                ),
+            ));
+        }
         Ok(plans)
     }
 
@@ -426,6 +436,10 @@ mod tests {
         assert_eq!(
             err("[[models]]\npath = \"a.gguf\"\nstrict_name = false\n[[models]]\npath = \"b.gguf\"\nstrict_name = false\n"),
             "models"
+        );
+        assert_eq!(
+            err("[server]\nmodels_max = 1\n[[models]]\npath = \"a.gguf\"\nload_on_startup = true\n[[models]]\npath = \"b.gguf\"\nload_on_startup = true\n"),
+            "server.models_max"
         );
     }
 

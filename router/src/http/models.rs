@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{read_limited, AppState, Models, SharedState};
 use crate::error::ApiError;
 use crate::models::{Lease, Status};
-use crate::openai::request::parse_json;
+use crate::openai::request::{parse_json, requested_model};
 
 /// The model a request is served with: set by [`route_to_model`], read by
 /// [`super::Scoped`].
@@ -32,60 +32,6 @@ pub struct ModelScope(pub SharedState);
 /// A body [`route_to_model`] read already; [`super::LimitedBody`] takes it from here.
 #[derive(Debug, Clone)]
 pub struct PreRead(pub Bytes);
-
-/// What a body says its model is; every other field is skipped unread.
-#[derive(Debug, Deserialize)]
-struct NamedModel {
-    #[serde(default, deserialize_with = "name_or_nothing")]
-    model: Option<String>,
-}
-
-/// A string, or nothing for any other value (the handler then refuses it by its own rules).
-fn name_or_nothing<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    struct Visitor;
-    impl<'de> serde::de::Visitor<'de> for Visitor {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a model name")
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Some(v.to_string()))
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut a: A,
-        ) -> Result<Self::Value, A::Error> {
-            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut a: A,
-        ) -> Result<Self::Value, A::Error> {
-            while a
-                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                .is_some()
-            {}
-            Ok(None)
-        }
-    }
-    d.deserialize_any(Visitor)
-}
 
 /// `?model=NAME` of a query string.
 pub fn query_model(query: Option<&str>) -> Option<String> {
@@ -143,8 +89,7 @@ async fn scope(
     let mut pre_read = None;
     if name.is_none() && parts.method == Method::POST {
         let bytes = read_limited(&parts.headers, body, state).await?;
-        let named: NamedModel = parse_json(&bytes)?;
-        name = named.model;
+        name = requested_model(&bytes)?;
         pre_read = Some(PreRead(bytes));
     }
     let (index, autoload) = match name {
@@ -152,7 +97,9 @@ async fn scope(
         // A GET that names no model (the web page's polling, a dashboard) reads a loaded
         // model and never loads one.
         None if parts.method == Method::GET => (
-            registry.first_loaded().ok_or_else(ApiError::model_missing)?,
+            registry
+                .first_loaded()
+                .ok_or_else(ApiError::model_missing)?,
             Some(false),
         ),
         None => (registry.find(None)?, autoload),

@@ -1,6 +1,7 @@
 //! Fuzz targets for the parsers a client reaches in the router: request bodies (the OpenAI
 //! chat and completions endpoints, the native `/completion`, `/tokenize`, `/detokenize`,
-//! `/apply-template`, embeddings and rerank bodies), and JSON schemas as a request carries them to a worker (whose
+//! `/apply-template`, embeddings and rerank bodies, the model name read first when the router
+//! serves several models), and JSON schemas as a request carries them to a worker (whose
 //! llama.cpp converter turns them into grammars, within the router's bounds).
 //! (The IPC frame decoder's and the GBNF pre-check's targets are in `common/tests/`.)
 //!
@@ -828,6 +829,10 @@ fn parse_everywhere(body: &[u8]) -> TestCaseResult {
             prop_assert!(!request.documents.is_empty() && request.documents.len() <= MAX_INPUTS);
         }
         Err(e) => check_refusal(e)?,
+    }
+    // With several models, the router reads the model's name first.
+    if let Err(e) = requested_model(body) {
+        check_refusal(e)?;
     }
     Ok(())
 }

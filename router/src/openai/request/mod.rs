@@ -24,6 +24,7 @@
 mod body;
 mod grammar_choice;
 mod invalid;
+mod model_name;
 mod prompt;
 mod sampling;
 mod tools;
@@ -35,6 +36,7 @@ pub use body::{
     TokenizeBody, ToolCallBody, UnsupportedFields, MAX_CHOICES,
 };
 pub use invalid::{parse_json, InvalidRequest};
+pub use model_name::requested_model;
 pub use prompt::{has_media, native_prompt, native_prompts, NativePrompt, PromptPart};
 pub use tools::{function_tool, translate_tools};
 pub use validate::{parse_generation, Endpoint, ServedModel, StreamReports, ValidRequest};
