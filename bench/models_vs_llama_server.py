@@ -21,7 +21,7 @@ Measured, through POST /v1/chat/completions (streamed, greedy, `max_tokens` 8):
               time, median over the swaps of each model;
   warm        the same request to the loaded model again (no swap), for scale;
   idle-twin   llamapool only: throughput of SmolLM2 served alone (`-m SMOL`) and as one of
-              two models (`--models-dir`, `--models-max 2`, the other never asked for),
+              two models (`--models-dir`, `--models-max 2`, the other loaded, then idle),
               C (--concurrency, 8) clients sending N (--requests, 32) requests of 64
               tokens: generated tokens/s, R runs, median; the ratio says whether
               configuring a second model costs the first anything.
@@ -218,6 +218,8 @@ def measure_idle_twin(args, models, models_dir, ids):
                 argv = argv_for(args, LP, models_dir, port, models_max=2)[0]
             server = start(LP, argv, None, port)
             try:
+                if shape == "with_idle_twin":
+                    timed_chat(port, ids[1])  # the twin is loaded, then left idle
                 timed_chat(port, ids[0])  # load and warm up
                 runs[shape].append(throughput(port, ids[0], args.requests, args.concurrency))
             finally:

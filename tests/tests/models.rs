@@ -382,3 +382,60 @@ fn the_memory_budget_unloads_what_does_not_fit() {
     );
     assert_eq!(status_of(&server, "gemma"), "loaded");
 }
+
+#[test]
+fn hostile_bodies_and_names_load_nothing_and_harm_nothing() {
+    let server = Server::launch(&smol_and_gemma("models_max = 1", "", 2));
+    let post_raw =
+        |path: &str, body: &[u8]| http::request(&server.addr, "POST", path, &[], body).unwrap();
+    let garbage: Vec<u8> = (0..1024u32).map(|i| (i * 7919 % 251) as u8).collect();
+    assert_eq!(post_raw("/v1/chat/completions", &garbage).status, 400);
+    let deep = format!(r#"{{"model": "smol", "x": {}}}"#, "[".repeat(100_000));
+    assert_eq!(
+        post_raw("/v1/chat/completions", deep.as_bytes()).status,
+        400
+    );
+    // A megabyte of name: a 404 that does not echo it all.
+    let long = "m".repeat(1 << 20);
+    let response = server.post("/v1/chat/completions", &chat_to(&long, 4, false));
+    assert_eq!(response.status, 404);
+    assert!(response.body.len() < 2000, "{} bytes", response.body.len());
+    for query in [
+        "?model=%00%ff%fe",
+        "?model=",
+        "?model=smol&model=gemma&autoload=maybe",
+    ] {
+        let response = server.get(&format!("/props{query}"));
+        assert!(
+            matches!(response.status, 200 | 400 | 404),
+            "{query}: {} {}",
+            response.status,
+            response.text()
+        );
+    }
+    let models = statuses(&server);
+    assert!(
+        models.iter().all(|(_, s)| s == "unloaded"),
+        "nothing loaded by bad requests: {models:?}"
+    );
+    // Then twelve clients at once, half for each model, with room for one model: every
+    // request is answered, each model swapped in while the other waits.
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let addr = server.addr.clone();
+            let model = if i % 2 == 0 { "smol" } else { "gemma" };
+            std::thread::spawn(move || {
+                let body = serde_json::to_vec(&chat_to(model, 8, false)).unwrap();
+                let response =
+                    http::request(&addr, "POST", "/v1/chat/completions", &[], &body).unwrap();
+                (model, response)
+            })
+        })
+        .collect();
+    for client in clients {
+        let (model, response) = client.join().unwrap();
+        assert_eq!(response.status, 200, "{model}: {}", response.text());
+        assert_eq!(response.json()["model"], model);
+    }
+    assert_eq!(server.get("/health").status, 200);
+}

@@ -92,7 +92,7 @@ async fn scope(
         name = requested_model(&bytes)?;
         pre_read = Some(PreRead(bytes));
     }
-    let (index, autoload) = match name {
+    let (index, autoload) = match name.filter(|n| !n.is_empty()) {
         Some(name) => (registry.find(Some(&name))?, autoload),
         // A GET that names no model (the web page's polling, a dashboard) reads a loaded
         // model and never loads one.
