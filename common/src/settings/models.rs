@@ -22,7 +22,11 @@ use crate::worker::Pooling;
 pub struct ModelEntry {
     /// The names clients use, comma-separated (as `model.alias`); the first in alphabetical
     /// order is the one responses report. Default: the file name without `.gguf`.
+    #[serde(alias = "name")]
     pub alias: String,
+    /// More names, as a list (added to `alias`'s).
+    #[serde(deserialize_with = "list_or_commas")]
+    pub aliases: Vec<String>,
     /// The GGUF file; relative paths are looked up as `model.path` is.
     pub path: PathBuf,
     #[serde(deserialize_with = "list_or_commas")]
@@ -35,9 +39,14 @@ pub struct ModelEntry {
     /// Loaded when the router starts (else on the first request, or `POST /models/load`).
     pub load_on_startup: bool,
     /// Unloaded after this many seconds without requests; 0: kept until evicted.
+    #[serde(alias = "ttl")]
     pub ttl_secs: u64,
     /// Never unloaded to make room for another model (only `POST /models/unload` unloads it).
+    #[serde(alias = "pinned")]
     pub pin: bool,
+    /// When models must make room, those of lower priority go first (then the least recently
+    /// used); default 0.
+    pub priority: i32,
     /// Keys of `[worker_defaults]` this model sets otherwise (the rest come from there).
     pub worker_defaults: Option<serde_json::Map<String, serde_json::Value>>,
     /// This model's worker layout (default: the top-level `[[workers]]`, else the default
@@ -64,6 +73,8 @@ pub struct ModelPlan {
     pub load_on_startup: bool,
     pub ttl: Option<Duration>,
     pub pinned: bool,
+    /// Lower goes first when models must make room.
+    pub priority: i32,
 }
 
 impl ModelPlan {
@@ -102,6 +113,7 @@ impl Settings {
                 load_on_startup: true,
                 ttl: None,
                 pinned: true,
+                priority: 0,
             }]);
         }
         let mut entries: Vec<(String, ModelEntry)> = self
@@ -162,10 +174,12 @@ impl Settings {
         if entry.path.as_os_str().is_empty() {
             return Err(bad(format!("{key}.path"), "must name a GGUF file"));
         }
-        let alias = if entry.alias.trim().is_empty() {
+        let mut names = split_commas(&entry.alias);
+        names.extend(entry.aliases.iter().cloned());
+        let alias = if names.is_empty() {
             default_alias(&entry.path)
         } else {
-            entry.alias.clone()
+            names.join(",")
         };
         let mut settings = self.clone();
         settings.models = Vec::new();
@@ -198,6 +212,7 @@ impl Settings {
             load_on_startup: entry.load_on_startup,
             ttl: (entry.ttl_secs > 0).then(|| Duration::from_secs(entry.ttl_secs)),
             pinned: entry.pin,
+            priority: entry.priority,
         })
     }
 }
@@ -395,9 +410,10 @@ mod tests {
             [[models]]
             path = "a/SmolLM2.gguf"
             [[models]]
-            alias = "gemma,g3"
+            name = "gemma"
+            aliases = ["g3"]
             path = "gemma.gguf"
-            ttl_secs = 30
+            ttl = 30
             worker_defaults = { context = 2048 }
             workers = [{ cpus = "0", threads = 1 }]
             "#,

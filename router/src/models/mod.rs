@@ -502,17 +502,20 @@ impl<S: ModelState> ModelRegistry<S> {
         }
     }
 
-    /// The least recently used loaded model that is idle and not pinned.
+    /// The loaded model that is idle and not pinned, of the lowest priority, least recently
+    /// used among those.
     fn choose_victim(slots: &[Slot<S>], plans: &[ModelPlan], index: usize) -> Option<usize> {
         slots
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != index && !plans[*i].pinned)
             .filter_map(|(i, slot)| match &slot.phase {
-                Phase::Loaded(loaded) if loaded.is_idle() => Some((i, slot.last_used)),
+                Phase::Loaded(loaded) if loaded.is_idle() => {
+                    Some((i, (plans[i].priority, slot.last_used)))
+                }
                 _ => None,
             })
-            .min_by_key(|(_, used)| *used)
+            .min_by_key(|(_, order)| *order)
             .map(|(i, _)| i)
     }
 
