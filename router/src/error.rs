@@ -287,6 +287,11 @@ impl From<ModelError> for ApiError {
                 retry_after: Some(5),
                 ..Self::unavailable(message)
             },
+            ModelError::TooManyWaiting(_) => Self {
+                code: Some("model_queue_full".into()),
+                message,
+                ..Self::queue_full()
+            },
             // llama-server's 500 "failed to load": retrying soon does not help.
             ModelError::Failed { .. } => Self {
                 code: Some("model_load_failed".into()),

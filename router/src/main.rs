@@ -285,19 +285,19 @@ fn run(args: Args) -> Result<()> {
 
 /// `--check`'s report: each model and its workers.
 fn print_plan(settings: &Settings, served: &Served, ignored: &[String]) {
+    if let Served::One { model_path, .. } = served {
+        println!(
+            "model: {} (alias {})",
+            model_path.display(),
+            settings.model.alias
+        );
+    }
     println!("listen: {}", settings.server.listen);
     if !ignored.is_empty() {
         println!("ignored: {}", ignored.join(" "));
     }
     match served {
-        Served::One { model_path, plans } => {
-            println!(
-                "model: {} (alias {})",
-                model_path.display(),
-                settings.model.alias
-            );
-            print_workers(plans);
-        }
+        Served::One { plans, .. } => print_workers(plans),
         Served::Several(models) => {
             for model in models {
                 println!(

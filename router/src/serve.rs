@@ -117,6 +117,8 @@ pub async fn run(
         );
     }
     let shared = SharedParts {
+        api_keys: http::auth::ApiKeys::new(inference_keys),
+        admin_keys: http::auth::ApiKeys::new(admin_keys),
         body_budget: Arc::new(Semaphore::new(
             server_settings
                 .max_buffered_body_bytes
@@ -144,7 +146,7 @@ pub async fn run(
                 worker_binary,
                 runtime_dir: runtime_dir.clone(),
             });
-            let state = model_state(&settings, &shared, pool, model_path, Some(reloader))?;
+            let state = model_state(&settings, &shared, pool, model_path, Some(reloader));
             (Arc::new(state), n_workers)
         }
         Served::Several(plans) => {
@@ -158,7 +160,7 @@ pub async fn run(
                 Arc::new(Metrics::default()),
                 runtime_dir.clone(),
             );
-            let mut state = model_state(&settings, &shared, pool, PathBuf::new(), None)?;
+            let mut state = model_state(&settings, &shared, pool, PathBuf::new(), None);
             state.models = Some(registry.clone());
             registry.start();
             (Arc::new(state), n_workers)
@@ -214,6 +216,9 @@ pub enum Served {
 /// What every model's state shares with the router's.
 #[derive(Clone)]
 struct SharedParts {
+    /// Read once at start-up (a key file is not read again when a model loads).
+    api_keys: http::auth::ApiKeys,
+    admin_keys: http::auth::ApiKeys,
     body_budget: Arc<Semaphore>,
     started: u64,
     worker_binary: PathBuf,
@@ -265,12 +270,12 @@ fn model_state(
     pool: Pool,
     model_path: PathBuf,
     reloader: Option<http::admin::Reloader>,
-) -> Result<AppState> {
+) -> AppState {
     let server_settings = &settings.server;
     // plan_workers refused an empty alias: there is at least one name.
     let served_names = settings.model.names();
     let n_workers = pool.views().len();
-    Ok(AppState {
+    AppState {
         slots_endpoint: server_settings.slots_endpoint,
         served: ServedModel {
             alias: served_names.first().cloned().unwrap_or_default(),
@@ -280,8 +285,8 @@ fn model_state(
             defaults: settings.generation.clone(),
         },
         model_path: model_path.display().to_string(),
-        api_keys: http::auth::ApiKeys::new(server_settings.api_keys()?),
-        admin_keys: http::auth::ApiKeys::new(server_settings.admin_api_keys()?),
+        api_keys: shared.api_keys.clone(),
+        admin_keys: shared.admin_keys.clone(),
         hosts: http::access::HostPolicy::new(
             &server_settings.allowed_hosts,
             &server_settings.listen_addresses(),
@@ -303,7 +308,7 @@ fn model_state(
         reloader,
         pool,
         models: None,
-    })
+    }
 }
 
 /// The registry of several models, each started with its own pool and state, its sockets in
@@ -329,9 +334,12 @@ fn several_models(settings: &Settings, shared: &SharedParts, plans: Vec<ModelPla
         let socket_dir = shared
             .runtime_dir
             .join(format!("model-{}-{load}", plan.index));
-        if let Err(error) = std::fs::create_dir_all(&socket_dir) {
-            tracing::warn!(%error, dir = %socket_dir.display(), "cannot create a socket directory");
-        }
+        std::fs::create_dir_all(&socket_dir).map_err(|e| {
+            format!(
+                "cannot create the socket directory {}: {e}",
+                socket_dir.display()
+            )
+        })?;
         let pool = start_pool(
             &plan.settings,
             &shared,
@@ -340,9 +348,13 @@ fn several_models(settings: &Settings, shared: &SharedParts, plans: Vec<ModelPla
             metrics,
             socket_dir,
         );
-        let state = model_state(&plan.settings, &shared, pool, path, None)
-            .expect("the keys were read at start-up");
-        Arc::new(state)
+        Ok(Arc::new(model_state(
+            &plan.settings,
+            &shared,
+            pool,
+            path,
+            None,
+        )))
     });
     Models::new(plans, policy, starter, config::models_dir())
 }

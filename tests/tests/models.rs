@@ -301,7 +301,7 @@ fn load_unload_and_ttl_without_autoload() {
     // Unload: only a loaded model.
     let unload = server.post("/models/unload", &json!({"model": "gemma"}));
     assert_eq!(unload.status, 200, "{}", unload.text());
-    assert_eq!(status_of(&server, "gemma"), "unloaded");
+    wait_status(&server, "gemma", "unloaded", Duration::from_secs(15));
     let again = server.post("/models/unload", &json!({"model": "gemma"}));
     assert_eq!(again.status, 400, "{}", again.text());
     // smol's ttl_secs = 2: idle, it unloads by itself.
@@ -438,4 +438,39 @@ fn hostile_bodies_and_names_load_nothing_and_harm_nothing() {
         assert_eq!(response.json()["model"], model);
     }
     assert_eq!(server.get("/health").status, 200);
+}
+
+#[test]
+fn a_model_that_can_never_fit_beside_a_pinned_one_fails_at_once() {
+    let server = Server::launch(&config(
+        "models_max = 1",
+        &[
+            &format!(
+                "alias = \"smol\"\npath = \"{SMOL}\"\npin = true\nload_on_startup = true\nworkers = [{{ cpus = \"0\" }}]"
+            ),
+            &format!("alias = \"gemma\"\npath = \"{GEMMA}\"\nworkers = [{{ cpus = \"1\" }}]"),
+        ],
+    ));
+    wait_status(&server, "smol", "loaded", Duration::from_secs(60));
+    let started = Instant::now();
+    let refused = server.post("/v1/chat/completions", &chat_to("gemma", 4, false));
+    assert_eq!(refused.status, 500, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["code"], "model_load_failed");
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pinned"),
+        "{}",
+        refused.text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not after the load timeout"
+    );
+    // The pinned model serves on, and a worker admin route needs no body to name it.
+    answer_of(&server.post("/v1/chat/completions", &chat_to("smol", 4, false)));
+    let workers = server.get("/workers");
+    assert_eq!(workers.status, 200, "{}", workers.text());
+    assert_eq!(workers.json()["workers"].as_array().unwrap().len(), 1);
 }

@@ -150,6 +150,7 @@ fn several_models_metrics(
     query: Option<&str>,
 ) -> Result<String, ApiError> {
     let only = super::models::query_model(query)
+        .filter(|name| !name.is_empty())
         .map(|name| registry.find(Some(&name)))
         .transpose()?;
     let loaded = registry.loaded();

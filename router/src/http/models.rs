@@ -54,7 +54,7 @@ pub async fn route_to_model(
         return next.run(request).await;
     };
     // `GET /props` without a model is the router's own (llama-server's `role: router`).
-    let router_props = request.method() == Method::GET
+    let router_props = is_read(request.method())
         && request.uri().path() == "/props"
         && query_param(request.uri().query(), "model").is_none();
     if router_props {
@@ -69,6 +69,11 @@ pub async fn route_to_model(
         }),
         Err(error) => error.into_response(),
     }
+}
+
+/// GET and HEAD: reading a model's data, which never loads it unless the request names it.
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
 }
 
 /// llama-server's per-request `?autoload=`: `true` or `1` loads, any other value does not;
@@ -89,14 +94,17 @@ async fn scope(
     let mut pre_read = None;
     if name.is_none() && parts.method == Method::POST {
         let bytes = read_limited(&parts.headers, body, state).await?;
-        name = requested_model(&bytes)?;
+        // A body-less POST (the worker admin routes) names no model.
+        if !bytes.iter().all(u8::is_ascii_whitespace) {
+            name = requested_model(&bytes)?;
+        }
         pre_read = Some(PreRead(bytes));
     }
     let (index, autoload) = match name.filter(|n| !n.is_empty()) {
         Some(name) => (registry.find(Some(&name))?, autoload),
         // A GET that names no model (the web page's polling, a dashboard) reads a loaded
         // model and never loads one.
-        None if parts.method == Method::GET => (
+        None if is_read(&parts.method) => (
             registry
                 .first_loaded()
                 .ok_or_else(ApiError::model_missing)?,

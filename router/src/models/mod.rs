@@ -1,13 +1,14 @@
 //! Several models in one router: the [`ModelRegistry`] owns each configured model's state
-//! (`unloaded`, `loading`, `loaded`, `failed`), loads a model on demand, unloads models to
+//! (`unloaded`, `loading`, `loaded`, `unloading`, `failed`), loads a model on demand, unloads models to
 //! stay within `server.models_max` and the memory budget, and unloads idle ones after their
 //! `ttl_secs`. A loaded model is a pool of its own workers behind an `AppState` of its own
 //! (its admission permits, its queue, its metrics), so one model's queue, failover and prefix
 //! affinity never involve another's workers.
 //!
-//! Policy ([`LoadPolicy`], [`ModelRegistry::choose_victim`]): a model with requests in flight
-//! (a [`Lease`] held, or work in its pool), or still loading, or pinned, is never unloaded to
-//! make room; among the others the least recently used goes first. A request for a model
+//! Policy ([`LoadPolicy`], [`ModelRegistry::make_room`]): a model with requests in flight
+//! (a [`Lease`] held, or work in its pool, or a request waiting for it), or still loading, or
+//! pinned, is never unloaded to make room; among the others the lowest priority, then the
+//! least recently used goes first, and only when enough can go. A request for a model
 //! that cannot get room waits (up to `server.model_load_timeout_secs`) for a busy model to
 //! become idle, and then gets a 503 with `Retry-After`.
 //!
@@ -37,7 +38,8 @@ pub trait ModelState: Send + Sync + 'static {
 
 /// Starts a model's workers: from its plan, its resolved file and its metrics, the state its
 /// requests are served with (the pool starts in the background).
-pub type Starter<S> = Box<dyn Fn(&ModelPlan, PathBuf, Arc<Metrics>) -> Arc<S> + Send + Sync>;
+pub type Starter<S> =
+    Box<dyn Fn(&ModelPlan, PathBuf, Arc<Metrics>) -> Result<Arc<S>, String> + Send + Sync>;
 
 /// The limits loading works within (`server.models_*`).
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +67,7 @@ pub enum Status {
     Unloaded,
     Loading,
     Loaded,
+    Unloading,
     Failed,
 }
 
@@ -90,6 +93,8 @@ pub enum ModelError {
     LoadTimeout(String),
     #[error("model {name:?} failed to load: {error}")]
     Failed { name: String, error: String },
+    #[error("too many requests are waiting for model {0:?}; retry shortly")]
+    TooManyWaiting(String),
 }
 
 /// One model's state.
@@ -97,7 +102,30 @@ enum Phase<S> {
     Unloaded,
     Loading,
     Loaded(Loaded<S>),
-    Failed { error: String, at: Instant },
+    /// Its pool is stopping (its requests finish first): it still holds its memory and cores,
+    /// so it counts against the limits until it is `Unloaded`.
+    Unloading,
+    Failed {
+        error: String,
+        at: Instant,
+    },
+}
+
+impl<S> Phase<S> {
+    /// Holds memory and cores, or is about to: counts against `models_max` and the budget.
+    fn is_resident(&self) -> bool {
+        matches!(self, Self::Loaded(_) | Self::Loading | Self::Unloading)
+    }
+}
+
+/// What [`ModelRegistry::make_room`] found.
+enum Room {
+    /// Enough was unloaded (or nothing had to be).
+    Made,
+    /// Models in the way are busy, loading or unloading: wait.
+    NotYet,
+    /// Even with every unpinned model gone it would not fit.
+    Never(String),
 }
 
 /// A loaded model: its state and the requests that hold it.
@@ -313,6 +341,12 @@ impl<S: ModelState> ModelRegistry<S> {
                     state: None,
                     error: None,
                 },
+                Phase::Unloading => ModelListing {
+                    plan_index,
+                    status: Status::Unloading,
+                    state: None,
+                    error: None,
+                },
                 Phase::Loaded(loaded) => ModelListing {
                     plan_index,
                     status: Status::Loaded,
@@ -362,6 +396,14 @@ impl<S: ModelState> ModelRegistry<S> {
     /// Loads model `index` (`POST /models/load`, and start-up) and waits for it, whatever
     /// `autoload` says.
     pub async fn load(self: &Arc<Self>, index: usize) -> Result<Arc<S>, ModelError> {
+        {
+            // An operator's load tries a failed model again at once.
+            let mut table = self.lock();
+            if matches!(table[index].phase, Phase::Failed { .. }) {
+                table[index].phase = Phase::Unloaded;
+                table[index].estimate = None;
+            }
+        }
         self.acquire(index, true).await.map(|(state, _)| state)
     }
 
@@ -371,7 +413,7 @@ impl<S: ModelState> ModelRegistry<S> {
         autoload: bool,
     ) -> Result<Held<S>, ModelError> {
         let deadline = tokio::time::Instant::now() + self.policy.load_timeout;
-        let _waiting = Waiting::new(self, index);
+        let _waiting = Waiting::new(self, index)?;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -412,7 +454,7 @@ impl<S: ModelState> ModelRegistry<S> {
                 slots[index].last_used = Instant::now();
                 return Some(Ok((state, lease)));
             }
-            Phase::Loading => return None,
+            Phase::Loading | Phase::Unloading => return None,
             Phase::Failed { error, at } => {
                 if !autoload || at.elapsed() < self.policy.failed_retry {
                     return Some(Err(ModelError::Failed {
@@ -420,32 +462,41 @@ impl<S: ModelState> ModelRegistry<S> {
                         error: error.clone(),
                     }));
                 }
+                // Time to try it again, once: its file is read afresh.
+                slots[index].phase = Phase::Unloaded;
+                slots[index].estimate = None;
             }
             Phase::Unloaded if !autoload => return Some(Err(ModelError::NotLoaded(name))),
             Phase::Unloaded => {}
         }
-        // Unloaded (or failed long enough ago): its estimate first (read outside the lock: it
-        // reads the file's header), then room for it.
-        let retrying = matches!(slots[index].phase, Phase::Failed { .. });
-        let cached = slots[index].estimate.filter(|_| !retrying);
+        // Unloaded: its estimate first (read outside the lock: it reads the file's header),
+        // then room for it.
+        let cached = slots[index].estimate;
         drop(slots);
         let estimate = match cached {
             Some(bytes) => bytes,
             None => match tokio::task::block_in_place(|| self.estimate(index)) {
                 Ok(bytes) => bytes,
                 Err(error) => {
+                    let mut table = self.lock();
+                    // Only an unloaded model fails here: another request may have loaded it
+                    // meanwhile (a file being replaced can fail one read and not the next).
+                    if !matches!(table[index].phase, Phase::Unloaded) {
+                        return None;
+                    }
                     tracing::warn!(model = %name, %error, "model failed to load");
-                    self.lock()[index].phase = Phase::Failed {
+                    table[index].phase = Phase::Failed {
                         error: error.clone(),
                         at: Instant::now(),
                     };
+                    drop(table);
                     self.changed.notify_waiters();
                     return Some(Err(ModelError::Failed { name, error }));
                 }
             },
         };
         let mut slots = self.lock();
-        if !matches!(slots[index].phase, Phase::Unloaded | Phase::Failed { .. }) {
+        if !matches!(slots[index].phase, Phase::Unloaded) {
             return None; // another request started it meanwhile
         }
         slots[index].estimate = Some(estimate);
@@ -453,9 +504,16 @@ impl<S: ModelState> ModelRegistry<S> {
             slots.queue.push_back(index);
         }
         // First come, first served: a model waits for the ones queued before it.
-        if slots.queue.front() != Some(&index) || !self.make_room(&mut slots.slots, index, estimate)
-        {
+        if slots.queue.front() != Some(&index) {
             return None;
+        }
+        match self.make_room(&mut slots.slots, index, estimate) {
+            Room::Made => {}
+            Room::NotYet => return None,
+            Room::Never(why) => {
+                slots.queue.pop_front();
+                return Some(Err(ModelError::Failed { name, error: why }));
+            }
         }
         slots.queue.pop_front();
         slots[index].phase = Phase::Loading;
@@ -478,68 +536,108 @@ impl<S: ModelState> ModelRegistry<S> {
             .map_err(|e| e.message)
     }
 
-    /// Unloads idle models, least recently used first, until model `index` fits both limits;
-    /// false when it does not fit yet (the models in the way are busy, loading or pinned).
-    /// A model bigger than the whole budget still loads once nothing else is loaded.
-    fn make_room(&self, slots: &mut [Slot<S>], index: usize, estimate: u64) -> bool {
-        loop {
-            let resident: Vec<usize> = (0..slots.len())
-                .filter(|&i| {
-                    i != index && matches!(slots[i].phase, Phase::Loaded(_) | Phase::Loading)
-                })
+    /// Unloads idle models until model `index` fits both limits, choosing them first (lowest
+    /// priority, then least recently used: [`Self::victims`]) so that nothing is unloaded
+    /// unless enough can go. A model bigger than the whole budget still loads once nothing
+    /// else is resident.
+    fn make_room(self: &Arc<Self>, slots: &mut [Slot<S>], index: usize, estimate: u64) -> Room {
+        let resident: Vec<usize> = (0..slots.len())
+            .filter(|&i| i != index && slots[i].phase.is_resident())
+            .collect();
+        let fits = |gone: &[usize]| {
+            let left: Vec<usize> = resident
+                .iter()
+                .copied()
+                .filter(|i| !gone.contains(i))
                 .collect();
-            let used: u64 = resident.iter().filter_map(|&i| slots[i].estimate).sum();
-            let over_count = self.policy.models_max > 0 && resident.len() >= self.policy.models_max;
-            let over_memory =
-                !resident.is_empty() && used.saturating_add(estimate) > self.policy.memory_budget;
-            if !over_count && !over_memory {
-                return true;
+            let used: u64 = left.iter().filter_map(|&i| slots[i].estimate).sum();
+            let count_ok = self.policy.models_max == 0 || left.len() < self.policy.models_max;
+            let memory_ok =
+                left.is_empty() || used.saturating_add(estimate) <= self.policy.memory_budget;
+            count_ok && memory_ok
+        };
+        let mut gone = Vec::new();
+        for victim in Self::victims(slots, &self.plans, index) {
+            if fits(&gone) {
+                break;
             }
-            let Some(victim) = Self::choose_victim(slots, &self.plans, index) else {
-                return false;
-            };
-            self.unload_locked(slots, victim, "to make room");
+            gone.push(victim);
+        }
+        if fits(&gone) {
+            for victim in gone {
+                self.unload_locked(slots, victim, "to make room");
+            }
+            return Room::Made;
+        }
+        // Would it fit once every model that may ever go has gone?
+        let evictable: Vec<usize> = resident
+            .iter()
+            .copied()
+            .filter(|&i| !self.plans[i].pinned)
+            .collect();
+        if fits(&evictable) {
+            Room::NotYet
+        } else {
+            Room::Never(format!(
+                "it does not fit beside the pinned models (server.models_max = {}, \
+                 server.models_memory_mib = {})",
+                self.policy.models_max,
+                self.policy.memory_budget / (1024 * 1024)
+            ))
         }
     }
 
-    /// The loaded model that is idle and not pinned, of the lowest priority, least recently
-    /// used among those.
-    fn choose_victim(slots: &[Slot<S>], plans: &[ModelPlan], index: usize) -> Option<usize> {
-        slots
+    /// The loaded models that may be unloaded now, in the order they go: idle (no lease, no
+    /// work in the pool, no request waiting for it), not pinned; lowest priority first, then
+    /// least recently used.
+    fn victims(slots: &[Slot<S>], plans: &[ModelPlan], index: usize) -> Vec<usize> {
+        let mut victims: Vec<(usize, (i32, Instant))> = slots
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i != index && !plans[*i].pinned)
+            .filter(|(i, slot)| *i != index && !plans[*i].pinned && slot.waiters == 0)
             .filter_map(|(i, slot)| match &slot.phase {
                 Phase::Loaded(loaded) if loaded.is_idle() => {
                     Some((i, (plans[i].priority, slot.last_used)))
                 }
                 _ => None,
             })
-            .min_by_key(|(_, order)| *order)
-            .map(|(i, _)| i)
+            .collect();
+        victims.sort_by_key(|(_, order)| *order);
+        victims.into_iter().map(|(i, _)| i).collect()
     }
 
     /// Marks `index` unloaded and stops its pool in the background, after its requests (up
     /// to the drain timeout).
-    fn unload_locked(&self, slots: &mut [Slot<S>], index: usize, why: &str) {
-        let Phase::Loaded(loaded) = std::mem::replace(&mut slots[index].phase, Phase::Unloaded)
+    fn unload_locked(self: &Arc<Self>, slots: &mut [Slot<S>], index: usize, why: &str) {
+        if !matches!(slots[index].phase, Phase::Loaded(_)) {
+            return;
+        }
+        let Phase::Loaded(loaded) = std::mem::replace(&mut slots[index].phase, Phase::Unloading)
         else {
             return;
         };
         tracing::info!(model = self.plans[index].alias(), why, "unloading model");
         let drain = self.policy.drain_timeout;
+        let registry = self.clone();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + drain;
             while !loaded.is_idle() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             loaded.state.pool().shutdown(Duration::from_secs(10)).await;
+            drop(loaded);
+            let mut table = registry.lock();
+            if matches!(table[index].phase, Phase::Unloading) {
+                table[index].phase = Phase::Unloaded;
+            }
+            drop(table);
+            registry.changed.notify_waiters();
         });
     }
 
     /// `POST /models/unload`: unloads a loaded model (its requests finish first); false when
     /// it was not loaded.
-    pub fn unload(&self, index: usize) -> bool {
+    pub fn unload(self: &Arc<Self>, index: usize) -> bool {
         let mut slots = self.lock();
         let was_loaded = matches!(slots[index].phase, Phase::Loaded(_));
         self.unload_locked(&mut slots.slots, index, "asked to");
@@ -554,16 +652,16 @@ impl<S: ModelState> ModelRegistry<S> {
         let plan = &self.plans[index];
         let started = Instant::now();
         let outcome = match self.resolved_path(index) {
-            Ok(path) => {
-                let state = (self.starter)(plan, path, self.metrics[index].clone());
-                match wait_ready(&*state, self.policy.ready_timeout).await {
+            Ok(path) => match (self.starter)(plan, path, self.metrics[index].clone()) {
+                Ok(state) => match wait_ready(&*state, self.policy.ready_timeout).await {
                     Ok(()) => Ok(state),
                     Err(error) => {
                         state.pool().shutdown(Duration::from_secs(5)).await;
                         Err(error)
                     }
-                }
-            }
+                },
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error),
         };
         let mut slots = self.lock();
@@ -593,9 +691,9 @@ impl<S: ModelState> ModelRegistry<S> {
     }
 
     /// Unloads the models idle past their `ttl` (every second, while the registry lives).
-    fn unload_expired(&self) {
+    fn unload_expired(self: &Arc<Self>) {
         let mut slots = self.lock();
-        for plan in &self.plans {
+        for plan in self.plans.iter().filter(|p| !p.pinned) {
             let Some(ttl) = plan.ttl else { continue };
             let slot = &slots[plan.index];
             let expired = matches!(&slot.phase, Phase::Loaded(l) if l.is_idle())
@@ -621,9 +719,19 @@ struct Waiting<'a, S: ModelState> {
 }
 
 impl<'a, S: ModelState> Waiting<'a, S> {
-    fn new(registry: &'a ModelRegistry<S>, index: usize) -> Self {
-        registry.lock()[index].waiters += 1;
-        Self { registry, index }
+    /// Counts a request on model `index`; refused beyond the model's slots plus
+    /// `max_queued` waiting at once (each holds its connection and its body).
+    fn new(registry: &'a ModelRegistry<S>, index: usize) -> Result<Self, ModelError> {
+        let plan = &registry.plans[index];
+        let slots: usize = plan.workers.iter().map(|w| w.context.slots as usize).sum();
+        let cap = slots + plan.settings.server.max_queued;
+        let mut table = registry.lock();
+        let loaded = matches!(table[index].phase, Phase::Loaded(_));
+        if !loaded && table[index].waiters >= cap {
+            return Err(ModelError::TooManyWaiting(plan.alias().to_string()));
+        }
+        table[index].waiters += 1;
+        Ok(Self { registry, index })
     }
 }
 
