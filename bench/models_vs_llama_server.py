@@ -21,7 +21,8 @@ Measured, through POST /v1/chat/completions (streamed, greedy, `max_tokens` 8):
               time, median over the swaps of each model;
   warm        the same request to the loaded model again (no swap), for scale;
   idle-twin   llamapool only: throughput of SmolLM2 served alone (`-m SMOL`) and as one of
-              two models (`--models-dir`, `--models-max 2`, the other loaded, then idle),
+              two models (`--models-dir`, `--models-max 2`), the other configured but never
+              loaded, or loaded and then idle,
               C (--concurrency, 8) clients sending N (--requests, 32) requests of 64
               tokens: generated tokens/s, R runs, median; the ratio says whether
               configuring a second model costs the first anything.
@@ -31,7 +32,7 @@ Usage (Python 3 standard library only):
     python3 bench/models_vs_llama_server.py [--anchor DIR] [--router PATH]
         [--models GGUF,GGUF] [--swaps N] [--repeat R] [--requests N]
         [--concurrency C] [--only llama-server|llamapool] [--skip-idle-twin]
-        [--json OUT]
+        [--idle-twin-only] [--json OUT]
 
 Exit status: 0 when every request succeeded, 1 otherwise (what was measured is printed).
 """
@@ -71,6 +72,8 @@ def parse_args():
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--only", choices=[LS, LP])
     p.add_argument("--skip-idle-twin", action="store_true")
+    p.add_argument("--idle-twin-only", action="store_true",
+                   help="measure only llamapool's throughput alone and beside an idle model")
     p.add_argument("--json", type=Path)
     return p.parse_args()
 
@@ -206,10 +209,33 @@ def throughput(port, model, requests, concurrency):
     return state["tokens"] / (time.perf_counter() - t0)
 
 
+def wait_workers_ready(port, model, timeout=60):
+    """Waits until every worker of `model` is ready (a model loaded on demand answers its
+    first request once its first worker is; the others follow within a second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", f"/workers?model={model}")
+            resp = conn.getresponse()
+            doc = json.loads(resp.read())
+            if resp.status == 200 and all(w["state"] == "ready" for w in doc["workers"]):
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise RuntimeError(f"the workers of {model} were not all ready within {timeout} s")
+
+
 def measure_idle_twin(args, models, models_dir, ids):
-    runs = {"alone": [], "with_idle_twin": []}
+    """SmolLM2's throughput alone, beside a second model configured but never loaded, and
+    beside a second model loaded and then idle (shapes alternate within each repeat)."""
+    shapes = ("alone", "twin_configured", "twin_loaded_idle")
+    runs = {shape: [] for shape in shapes}
     for _ in range(args.repeat):
-        for shape in runs:
+        for shape in shapes:
             port = free_port()
             if shape == "alone":
                 argv = [str(args.router), "-m", str(models[0]), "--alias", ids[0],
@@ -218,15 +244,19 @@ def measure_idle_twin(args, models, models_dir, ids):
                 argv = argv_for(args, LP, models_dir, port, models_max=2)[0]
             server = start(LP, argv, None, port)
             try:
-                if shape == "with_idle_twin":
+                if shape == "twin_loaded_idle":
                     timed_chat(port, ids[1])  # the twin is loaded, then left idle
+                    wait_workers_ready(port, ids[1])
                 timed_chat(port, ids[0])  # load and warm up
+                # Measured with every worker up, as the single-model server is once healthy.
+                wait_workers_ready(port, ids[0])
                 runs[shape].append(throughput(port, ids[0], args.requests, args.concurrency))
             finally:
                 server.stop()
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {"runs": runs, "median_tokens_per_s": med,
-            "ratio": med["with_idle_twin"] / med["alone"]}
+            "ratio_configured": med["twin_configured"] / med["alone"],
+            "ratio_loaded_idle": med["twin_loaded_idle"] / med["alone"]}
 
 
 def main():
@@ -242,7 +272,7 @@ def main():
         for m in models:
             (models_dir / m.name).symlink_to(m.resolve())
         labels = [args.only] if args.only else [LS, LP]
-        for label in labels:
+        for label in ([] if args.idle_twin_only else labels):
             try:
                 result["servers"][label] = {
                     "cold": measure_cold(args, label, models_dir, ids),
@@ -270,7 +300,7 @@ def report(result):
     print(f"{'model':32} {'measure':24} " + " ".join(f"{s:>13}" for s in servers)
           + ("   ratio" if len(servers) == 2 else ""))
     rows = []
-    for model in result["models"]:
+    for model in (result["models"] if servers else []):
         rows.append((model, "cold: first token s",
                      [servers[s]["cold"][model]["median_ttft_s"] for s in servers]))
         rows.append((model, "swap: first token s",
@@ -287,8 +317,10 @@ def report(result):
     twin = result.get("idle_twin")
     if twin:
         med = twin["median_tokens_per_s"]
-        print(f"llamapool {result['models'][0]}: alone {med['alone']:.1f} tokens/s, with an "
-              f"idle second model {med['with_idle_twin']:.1f} tokens/s, ratio {twin['ratio']:.2f}")
+        print(f"llamapool {result['models'][0]}: alone {med['alone']:.1f} tokens/s; beside a "
+              f"second model configured, not loaded {med['twin_configured']:.1f} "
+              f"({twin['ratio_configured']:.2f}); beside it loaded and idle "
+              f"{med['twin_loaded_idle']:.1f} ({twin['ratio_loaded_idle']:.2f})")
 
 
 if __name__ == "__main__":
