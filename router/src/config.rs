@@ -8,8 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+use llamapool_common::settings::models::parse_preset;
 pub use llamapool_common::settings::models_dir;
-use llamapool_common::settings::{ServerSettings, Settings, SettingsError};
+use llamapool_common::settings::{ModelEntry, ServerSettings, Settings, SettingsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -54,6 +55,18 @@ pub fn load_with_env(
         builder = builder.set_override(key.as_str(), value.as_str())?;
     }
     Ok(builder.build()?.try_deserialize()?)
+}
+
+/// The models of `server.models_preset`, if one is set (llama-server's INI file).
+pub fn read_preset(settings: &Settings) -> Result<Vec<ModelEntry>, SettingsError> {
+    let Some(path) = &settings.server.models_preset else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| SettingsError {
+        key: "server.models_preset".into(),
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    parse_preset(&text)
 }
 
 /// The worker executable: `server.worker_binary`, else `llamapool-worker` next to this

@@ -287,6 +287,7 @@ impl From<ModelError> for ApiError {
                 retry_after: Some(5),
                 ..Self::unavailable(message)
             },
+            ModelError::Reload(_) => Self::invalid(message),
             ModelError::TooManyWaiting(_) => Self {
                 code: Some("model_queue_full".into()),
                 message,

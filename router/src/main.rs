@@ -13,10 +13,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use llamapool_common::cpus::CpuList;
-use llamapool_common::settings::models::parse_preset;
-use llamapool_common::settings::{
-    LogFormat, ModelSettings, Settings, SettingsError, WorkerPlan, LOG_FORMAT_ENV,
-};
+use llamapool_common::settings::{LogFormat, ModelSettings, Settings, WorkerPlan, LOG_FORMAT_ENV};
 use llamapool_router::config;
 use llamapool_router::llama_flags::{self, FlagError, LlamaFlags, OwnFlag};
 use serve::Served;
@@ -245,16 +242,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let served = if settings.serves_several_models() {
-        let preset = match &settings.server.models_preset {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| SettingsError {
-                    key: "server.models_preset".into(),
-                    message: format!("cannot read {}: {e}", path.display()),
-                })?;
-                parse_preset(&text)?
-            }
-            None => Vec::new(),
-        };
+        let preset = config::read_preset(&settings)?;
         Served::Several(settings.plan_models(&allowed, &preset)?)
     } else {
         Served::One {

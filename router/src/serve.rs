@@ -53,7 +53,7 @@ use llamapool_router::http::access::ConnInfo;
 use llamapool_router::http::Models;
 use llamapool_router::http::{self, AppState};
 use llamapool_router::metrics::Metrics;
-use llamapool_router::models::{default_memory_budget, LoadPolicy, Starter};
+use llamapool_router::models::{default_memory_budget, LoadPolicy, Replan, Starter};
 use llamapool_router::openai::request::ServedModel;
 use llamapool_router::reload::{ConfigReload, ConfigSource};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -151,7 +151,7 @@ pub async fn run(
         }
         Served::Several(plans) => {
             let n_workers = plans.iter().map(|p| p.workers.len()).max().unwrap_or(0);
-            let registry = several_models(&settings, &shared, plans);
+            let registry = several_models(&settings, &shared, plans, source);
             let pool = start_pool(
                 &settings,
                 &shared,
@@ -313,7 +313,12 @@ fn model_state(
 
 /// The registry of several models, each started with its own pool and state, its sockets in
 /// a directory of its own per load (an unloading pool may still hold its sockets).
-fn several_models(settings: &Settings, shared: &SharedParts, plans: Vec<ModelPlan>) -> Arc<Models> {
+fn several_models(
+    settings: &Settings,
+    shared: &SharedParts,
+    plans: Vec<ModelPlan>,
+    source: ConfigSource,
+) -> Arc<Models> {
     let s = &settings.server;
     let policy = LoadPolicy {
         models_max: s.models_max,
@@ -356,7 +361,17 @@ fn several_models(settings: &Settings, shared: &SharedParts, plans: Vec<ModelPla
             None,
         )))
     });
-    Models::new(plans, policy, starter, config::models_dir())
+    // `GET /v1/models?reload=1` reads the same sources again (file, environment, flags, the
+    // models directory and the preset).
+    let replan: Replan = Box::new(move || {
+        let settings =
+            config::load(source.file.as_deref(), &source.overrides).map_err(|e| e.to_string())?;
+        let preset = config::read_preset(&settings).map_err(|e| e.to_string())?;
+        settings
+            .plan_models(&llamapool_common::cpus::CpuList::allowed(), &preset)
+            .map_err(|e| e.to_string())
+    });
+    Models::new(plans, policy, starter, Some(replan), config::models_dir())
 }
 
 /// The start-up lines on stdout, which tests and scripts wait for: `llamapool listening on

@@ -474,3 +474,34 @@ fn a_model_that_can_never_fit_beside_a_pinned_one_fails_at_once() {
     assert_eq!(workers.status, 200, "{}", workers.text());
     assert_eq!(workers.json()["workers"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_reload_reads_the_models_dir_again_and_keeps_loaded_models() {
+    let dir = scratch_dir("models-reload").unwrap();
+    std::os::unix::fs::symlink(models_dir().join(SMOL), dir.path().join("smol.gguf")).unwrap();
+    let mut command = std::process::Command::new(bin_dir().join("llamapool-router"));
+    command.args(["--models-dir", dir.path().to_str().unwrap(), "--port", "0"]);
+    let server = Router::launch_with(command, "").unwrap();
+    let smol = server.post("/v1/chat/completions", &chat_to("smol", 4, false));
+    answer_of(&smol);
+    std::os::unix::fs::symlink(models_dir().join(GEMMA), dir.path().join("gemma.gguf")).unwrap();
+    assert_eq!(statuses(&server).len(), 1, "not before a reload");
+    let reloaded = server.get("/v1/models?reload=1");
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    assert_eq!(
+        statuses(&server),
+        [
+            ("gemma".to_string(), "unloaded".to_string()),
+            ("smol".to_string(), "loaded".to_string())
+        ],
+        "the new file is listed; smol kept its state"
+    );
+    answer_of(&server.post("/v1/chat/completions", &chat_to("gemma", 4, false)));
+    std::fs::remove_file(dir.path().join("smol.gguf")).unwrap();
+    assert_eq!(server.get("/models?reload=1").status, 200);
+    let ids: Vec<String> = statuses(&server).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["gemma"]);
+    let gone = server.post("/v1/chat/completions", &chat_to("smol", 4, false));
+    assert_eq!(gone.status, 404, "{}", gone.text());
+    answer_of(&server.post("/v1/chat/completions", &chat_to("gemma", 4, false)));
+}

@@ -349,6 +349,10 @@ fn preset_entry(name: &str, keys: &[&(String, String)]) -> Result<ModelEntry, Se
         let v = value.as_str();
         match key.as_str() {
             "model" | "m" => entry.path = PathBuf::from(v),
+            // Listed, but it cannot load: models are not downloaded here.
+            "hf-repo" | "hf" | "hfr" if entry.path.as_os_str().is_empty() => {
+                entry.path = PathBuf::from(format!("hf://{v}"));
+            }
             "alias" | "a" => {
                 let mut names = split_commas(v);
                 names.push(name.to_string());
@@ -377,7 +381,10 @@ fn preset_entry(name: &str, keys: &[&(String, String)]) -> Result<ModelEntry, Se
         }
     }
     if entry.path.as_os_str().is_empty() {
-        return Err(bad(key_of("model"), "every model needs `model = PATH`"));
+        return Err(bad(
+            key_of("model"),
+            "every model needs `model = PATH` (or `hf-repo`, listed but not loadable)",
+        ));
     }
     entry.worker_defaults = (!defaults.is_empty()).then_some(defaults);
     Ok(entry)
@@ -488,6 +495,12 @@ mod tests {
         assert_eq!(plans[1].workers[0].context.slots, 2);
         assert_eq!(plans[1].workers[0].context.context, 1024);
         assert!(parse_preset("[x]\nc = 5\n").is_err(), "no model path");
+        let hf = parse_preset("[a]\nhf-repo = org/repo:Q8_0\n").unwrap();
+        assert_eq!(
+            hf[0].path,
+            PathBuf::from("hf://org/repo:Q8_0"),
+            "listed, not loadable"
+        );
         assert!(parse_preset("c = 5\n").is_err());
     }
 }

@@ -85,9 +85,16 @@ impl ModelMeta {
 
 /// `GET /v1/models`: the one model served, with llama-server's `meta`; with several, every
 /// model with its status ([`super::models::list`]).
-pub async fn models(State(state): State<SharedState>) -> Response {
+pub async fn models(
+    State(state): State<SharedState>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
     if let Some(registry) = &state.models {
-        return super::models::list(&state, registry);
+        // llama-server's `?reload=1` (any value): read the list of models again first.
+        if super::models::query_param(uri.query(), "reload").is_some_and(|v| !v.is_empty()) {
+            registry.reload()?;
+        }
+        return Ok(super::models::list(&state, registry));
     }
     let meta = state.pool.worker_info().map(|info| ModelMeta::of(&info));
     let card = ModelCard {
@@ -99,11 +106,11 @@ pub async fn models(State(state): State<SharedState>) -> Response {
         tags: &state.served.tags,
         meta,
     };
-    Json(ModelsBody {
+    Ok(Json(ModelsBody {
         object: "list",
         data: vec![card],
     })
-    .into_response()
+    .into_response())
 }
 
 /// `GET /workers`' body (also the admin routes' answers).
@@ -153,18 +160,17 @@ fn several_models_metrics(
         .filter(|name| !name.is_empty())
         .map(|name| registry.find(Some(&name)))
         .transpose()?;
-    let loaded = registry.loaded();
     let mut texts = vec![state.pool.metrics().render_http()];
-    for (index, model_metrics) in registry.metrics().iter().enumerate() {
-        if only.is_some_and(|o| o != index) {
+    for model in registry.listing() {
+        if only.is_some_and(|o| o != model.id) {
             continue;
         }
-        let gauges = loaded
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, s)| s.pool.gauges())
+        let gauges = model
+            .state
+            .as_ref()
+            .map(|s| s.pool.gauges())
             .unwrap_or_default();
-        texts.push(model_metrics.render(&gauges));
+        texts.push(model.metrics.render(&gauges));
     }
     Ok(metrics::merge_expositions(&texts))
 }

@@ -38,7 +38,7 @@ pub fn query_model(query: Option<&str>) -> Option<String> {
     query_param(query, "model")
 }
 
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
@@ -223,12 +223,11 @@ pub struct ModelStatus {
 
 /// `GET /v1/models` with several models: each with its status.
 pub fn list(state: &SharedState, registry: &Models) -> Response {
-    let plans = registry.plans();
-    let data: Vec<ListedModel<'_>> = registry
-        .listing()
-        .into_iter()
+    let listing = registry.listing();
+    let data: Vec<ListedModel<'_>> = listing
+        .iter()
         .map(|entry| {
-            let plan = &plans[entry.plan_index];
+            let plan = &entry.plan;
             let meta = entry
                 .state
                 .as_ref()
@@ -245,7 +244,7 @@ pub fn list(state: &SharedState, registry: &Models) -> Response {
                 status: ModelStatus {
                     value: entry.status,
                     failed: entry.error.is_some().then_some(true),
-                    error: entry.error,
+                    error: entry.error.clone(),
                 },
                 meta,
             }
