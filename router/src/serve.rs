@@ -38,9 +38,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use axum::body::{Body, Bytes};
+
 use axum::Router;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -669,7 +669,7 @@ struct Tracked {
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
-    type Response = hyper::Response<TrackedBody>;
+    type Response = hyper::Response<http::HeldBody<InFlightGuard>>;
     type Error = std::convert::Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -679,38 +679,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|body| TrackedBody {
-                inner: body,
-                _guard: guard,
-            }))
+            Ok(response.map(|body| http::HeldBody::new(body, guard)))
         })
-    }
-}
-
-/// A response body that keeps its request in flight until it is dropped.
-#[derive(Debug)]
-struct TrackedBody {
-    inner: Body,
-    _guard: InFlightGuard,
-}
-
-impl HttpBody for TrackedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

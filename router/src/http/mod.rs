@@ -356,6 +356,41 @@ async fn read_body(body: Body, limit: usize, budget: &Arc<Semaphore>) -> Result<
     })
 }
 
+/// A response body that holds something until it is dropped (after its last byte, or when
+/// the client goes away): a connection's in-flight count (`serve.rs`), a model's lease
+/// ([`models::route_to_model`]).
+#[derive(Debug)]
+pub struct HeldBody<G> {
+    inner: Body,
+    _held: G,
+}
+
+impl<G> HeldBody<G> {
+    pub fn new(inner: Body, held: G) -> Self {
+        Self { inner, _held: held }
+    }
+}
+
+impl<G: Unpin + Send + 'static> hyper::body::Body for HeldBody<G> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Body bytes with their share of `server.max_buffered_body_bytes`.
 struct Budgeted {
     bytes: Bytes,

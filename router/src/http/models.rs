@@ -7,21 +7,17 @@
 //! ([`PreRead`]). The model is loaded if it must be, and held by a [`Lease`] until the
 //! response ends (a stream's last byte), so it is never unloaded under its requests.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use serde::{Deserialize, Serialize};
 
-use super::{read_limited, AppState, Models, SharedState};
+use super::{read_limited, AppState, HeldBody, Models, SharedState};
 use crate::error::ApiError;
-use crate::models::{Lease, Status};
+use crate::models::{Lease, ModelId, Status};
 use crate::openai::request::{parse_json, requested_model};
 
 /// The model a request is served with: set by [`route_to_model`], read by
@@ -61,12 +57,10 @@ pub async fn route_to_model(
         return next.run(request).await;
     }
     match scope(&state, &registry, request).await {
-        Ok((request, lease)) => next.run(request).await.map(|body| {
-            Body::new(LeasedBody {
-                inner: body,
-                _lease: lease,
-            })
-        }),
+        Ok((request, lease)) => next
+            .run(request)
+            .await
+            .map(|body| Body::new(HeldBody::new(body, lease))),
         Err(error) => error.into_response(),
     }
 }
@@ -120,32 +114,6 @@ async fn scope(
     Ok((Request::from_parts(parts, Body::empty()), lease))
 }
 
-/// A response body that holds its model's lease until it is dropped.
-struct LeasedBody {
-    inner: Body,
-    _lease: Lease<AppState>,
-}
-
-impl HttpBody for LeasedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// `POST /models/load` and `/models/unload`'s body.
 #[derive(Debug, Deserialize)]
 pub struct ModelAction {
@@ -167,16 +135,25 @@ fn registry_of(state: &SharedState) -> Result<&std::sync::Arc<Models>, ApiError>
     })
 }
 
+/// The registry and the model a `/models/load` or `/models/unload` body names.
+fn named_model(
+    state: &SharedState,
+    body: &[u8],
+) -> Result<(std::sync::Arc<Models>, ModelId, String), ApiError> {
+    let registry = registry_of(state)?;
+    let action: ModelAction = parse_json(body)?;
+    let id = registry.find_exact(&action.model)?;
+    Ok((registry.clone(), id, action.model))
+}
+
 /// `POST /models/load`: loads a model and answers once it is loaded (or failed, or the load
 /// timeout passed: 503, the load goes on).
 pub async fn load(
     State(state): State<SharedState>,
     body: super::LimitedBody,
 ) -> Result<Json<ActionDone>, ApiError> {
-    let registry = registry_of(&state)?;
-    let action: ModelAction = parse_json(&body.0)?;
-    let index = registry.find_exact(&action.model)?;
-    registry.load(index).await?;
+    let (registry, id, _) = named_model(&state, &body.0)?;
+    registry.load(id).await?;
     Ok(Json(ActionDone { success: true }))
 }
 
@@ -186,28 +163,21 @@ pub async fn unload(
     State(state): State<SharedState>,
     body: super::LimitedBody,
 ) -> Result<Json<ActionDone>, ApiError> {
-    let registry = registry_of(&state)?;
-    let action: ModelAction = parse_json(&body.0)?;
-    let index = registry.find_exact(&action.model)?;
-    if !registry.unload(index) {
-        return Err(ApiError::model_not_loaded(&action.model));
+    let (registry, id, name) = named_model(&state, &body.0)?;
+    if !registry.unload(id) {
+        return Err(ApiError::model_not_loaded(&name));
     }
     Ok(Json(ActionDone { success: true }))
 }
 
-/// One model of `GET /v1/models` when the router serves several.
+/// One model of `GET /v1/models` when the router serves several: the one-model card (its
+/// `meta` while loaded and a worker is ready), its file and its status.
 #[derive(Debug, Serialize)]
 pub struct ListedModel<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub owned_by: &'static str,
-    pub aliases: &'a [String],
-    pub tags: &'a [String],
+    #[serde(flatten)]
+    pub card: super::info::ModelCard<'a>,
     pub path: String,
     pub status: ModelStatus,
-    /// llama-server's `meta`, while loaded and a worker is ready.
-    pub meta: Option<super::info::ModelMeta>,
 }
 
 /// A model's status, in llama-server's shape (`{"value": "loaded"}`), with the error of a
@@ -234,19 +204,21 @@ pub fn list(state: &SharedState, registry: &Models) -> Response {
                 .and_then(|s| s.pool.worker_info())
                 .map(|info| super::info::ModelMeta::of(&info));
             ListedModel {
-                id: plan.alias(),
-                object: "model",
-                created: state.started,
-                owned_by: "llamapool",
-                aliases: &plan.names,
-                tags: &plan.settings.model.tags,
+                card: super::info::ModelCard {
+                    id: plan.alias(),
+                    object: "model",
+                    created: state.started,
+                    owned_by: "llamapool",
+                    aliases: &plan.names,
+                    tags: &plan.settings.model.tags,
+                    meta,
+                },
                 path: plan.path.display().to_string(),
                 status: ModelStatus {
                     value: entry.status,
                     failed: entry.error.is_some().then_some(true),
                     error: entry.error.clone(),
                 },
-                meta,
             }
         })
         .collect();

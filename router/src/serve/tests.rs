@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant as StdInstant;
 
+use axum::body::{Body, Bytes};
 use axum::routing::get;
 use futures_util::StreamExt;
 
