@@ -4,6 +4,8 @@
 //! is here is only what the tests share beyond the kit: the SmolLM2 config builder and the
 //! standard two-worker config, panicking constructors, and `/proc` probes.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -159,4 +161,84 @@ pub fn run_python_client(server: &Router, package: &str, script: &str) {
     );
     assert!(out.status.success(), "{package} client failed:\n{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// Sends `body` on a raw connection with `headers` and returns the status line's code and
+/// the whole answer.
+pub fn raw_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+/// Sends only the head of a POST announcing `length` bytes of JSON, and returns the status
+/// line's code and the whole answer.
+pub fn announced_only(addr: &str, path: &str, length: usize) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+/// The hostile bodies every JSON route must refuse clearly, sent to `path` on raw
+/// connections: 1 KiB of `{` (400 in the error shape), `deep` (JSON nested past serde's limit:
+/// 400), a body announced at 5 MiB, over `server.max_body_bytes` (413 on its Content-Length,
+/// before a byte of it is read), and, given the router's `server.body_read_timeout_secs`, a
+/// body that never arrives whole (408, the connection closed, within that time and a margin).
+pub fn refuses_hostile_bodies(addr: &str, path: &str, deep: &str, body_timeout: Option<Duration>) {
+    let json_type = [("Content-Type", "application/json")];
+    let (status, answer) = raw_post(addr, path, &json_type, &[b'{'; 1024]);
+    assert_eq!(status, 400, "{path} garbage: {answer}");
+    assert!(answer.contains("\"error\""), "{path}: {answer}");
+    let (status, answer) = raw_post(addr, path, &json_type, deep.as_bytes());
+    assert_eq!(status, 400, "{path} nesting: {answer}");
+    let (status, answer) = announced_only(addr, path, 5 * 1024 * 1024);
+    assert_eq!(status, 413, "{path} over the limit: {answer}");
+    let Some(timeout) = body_timeout else {
+        return;
+    };
+    let start = std::time::Instant::now();
+    let mut trickle = TcpStream::connect(addr).unwrap();
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    trickle.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = trickle.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "{path} trickled: {answer}"
+    );
+    assert!(
+        start.elapsed() < timeout + Duration::from_secs(8),
+        "{path}: {:?}",
+        start.elapsed()
+    );
 }

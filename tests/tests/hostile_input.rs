@@ -4,8 +4,6 @@
 //! after each, the stream keeps its pace, the foreign page's POST changes nothing, and the
 //! router's peak resident memory stays under 300 MB.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use llamapool_tests::*;
@@ -36,47 +34,6 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// Sends `body` on a raw connection with `headers` and returns the status line's code and
-/// the whole answer.
-fn raw_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
-}
-
-/// Sends only the head of a POST announcing `length` bytes of JSON, and returns the status
-/// line's code and the whole answer.
-fn announced_only(addr: &str, path: &str, length: usize) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
 }
 
 fn nested_array_schema(depth: usize) -> Value {
@@ -258,16 +215,7 @@ fn the_messages_and_responses_routes_refuse_hostile_bodies_clearly() {
         "]".repeat(100_000)
     );
     for (path, large) in routes {
-        let json_type = [("Content-Type", "application/json")];
-        let (status, answer) = raw_post(&router.addr, path, &json_type, &[b'{'; 1024]);
-        assert_eq!(status, 400, "{path} garbage: {answer}");
-        assert!(answer.contains("\"error\""), "{path}: {answer}");
-        let (status, answer) = raw_post(&router.addr, path, &json_type, deep.as_bytes());
-        assert_eq!(status, 400, "{path} nesting: {answer}");
-        // A body announced over the limit is refused on its Content-Length, before a byte of
-        // it is read (the router closes the connection then, so none is sent here).
-        let (status, answer) = announced_only(&router.addr, path, 5 * 1024 * 1024);
-        assert_eq!(status, 413, "{path} over the limit: {answer}");
+        refuses_hostile_bodies(&router.addr, path, &deep, None);
         let start = Instant::now();
         let r = router.post(path, &large);
         if path.ends_with("count_tokens") {
@@ -324,36 +272,7 @@ fn the_embedding_routes_refuse_hostile_bodies_clearly() {
             .status
     };
     for (path, large) in routes {
-        let json_type = [("Content-Type", "application/json")];
-        let (status, answer) = raw_post(&router.addr, path, &json_type, &[b'{'; 1024]);
-        assert_eq!(status, 400, "{path} garbage: {answer}");
-        assert!(answer.contains("\"error\""), "{path}: {answer}");
-        let (status, answer) = raw_post(&router.addr, path, &json_type, deep.as_bytes());
-        assert_eq!(status, 400, "{path} nesting: {answer}");
-        let (status, answer) = announced_only(&router.addr, path, 5 * 1024 * 1024);
-        assert_eq!(status, 413, "{path} over the limit: {answer}");
-        // A body that never arrives whole: cut at the body deadline.
-        let start = Instant::now();
-        let mut trickle = TcpStream::connect(&router.addr).unwrap();
-        trickle
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
-            router.addr
-        );
-        trickle.write_all(head.as_bytes()).unwrap();
-        let mut answer = String::new();
-        let _ = trickle.read_to_string(&mut answer);
-        assert!(
-            answer.starts_with("HTTP/1.1 408"),
-            "{path} trickled: {answer}"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{path}: {:?}",
-            start.elapsed()
-        );
+        refuses_hostile_bodies(&router.addr, path, &deep, Some(Duration::from_secs(2)));
         let r = router.post(path, &large);
         assert_eq!(r.status, 400, "{path}: {}", r.text());
         assert!(r.text().contains("too large"), "{path}: {}", r.text());

@@ -385,16 +385,22 @@ fn the_memory_budget_unloads_what_does_not_fit() {
 
 #[test]
 fn hostile_bodies_and_names_load_nothing_and_harm_nothing() {
-    let server = Server::launch(&smol_and_gemma("models_max = 1", "", 2));
+    let server = Server::launch(&smol_and_gemma(
+        "models_max = 1\nbody_read_timeout_secs = 2",
+        "",
+        2,
+    ));
     let post_raw =
         |path: &str, body: &[u8]| http::request(&server.addr, "POST", path, &[], body).unwrap();
     let garbage: Vec<u8> = (0..1024u32).map(|i| (i * 7919 % 251) as u8).collect();
     assert_eq!(post_raw("/v1/chat/completions", &garbage).status, 400);
+    // The router reads every body itself to find its model: 1 KiB of `{`, JSON nested past
+    // serde's limit, a body announced over the limit and one trickled past the body timeout
+    // get their clear errors there, on a generating route and on the admin one.
     let deep = format!(r#"{{"model": "smol", "x": {}}}"#, "[".repeat(100_000));
-    assert_eq!(
-        post_raw("/v1/chat/completions", deep.as_bytes()).status,
-        400
-    );
+    for path in ["/v1/chat/completions", "/models/load"] {
+        refuses_hostile_bodies(&server.addr, path, &deep, Some(Duration::from_secs(2)));
+    }
     // A megabyte of name: a 404 that does not echo it all.
     let long = "m".repeat(1 << 20);
     let response = server.post("/v1/chat/completions", &chat_to(&long, 4, false));
@@ -417,6 +423,16 @@ fn hostile_bodies_and_names_load_nothing_and_harm_nothing() {
     assert!(
         models.iter().all(|(_, s)| s == "unloaded"),
         "nothing loaded by bad requests: {models:?}"
+    );
+    // 3.5 MB of prompt for a named model: read, the model loaded, the prompt refused as too
+    // long for its context.
+    let huge = json!({"model": "smol", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hello ".repeat(600_000)}]});
+    let too_long = server.post("/v1/chat/completions", &huge);
+    assert_eq!(too_long.status, 400, "{}", too_long.text());
+    assert_eq!(
+        too_long.json()["error"]["type"],
+        "exceed_context_size_error"
     );
     // Then twelve clients at once, half for each model, with room for one model: every
     // request is answered, each model swapped in while the other waits.
