@@ -157,7 +157,6 @@ fn several_models_metrics(
     query: Option<&str>,
 ) -> Result<String, ApiError> {
     let only = super::models::query_model(query)
-        .filter(|name| !name.is_empty())
         .map(|name| registry.find(Some(&name)))
         .transpose()?;
     let mut texts = vec![state.pool.metrics().render_http()];

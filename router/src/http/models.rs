@@ -29,9 +29,9 @@ pub struct ModelScope(pub SharedState);
 #[derive(Debug, Clone)]
 pub struct PreRead(pub Bytes);
 
-/// `?model=NAME` of a query string.
+/// `?model=NAME` of a query string; an empty `?model=` names no model.
 pub fn query_model(query: Option<&str>) -> Option<String> {
-    query_param(query, "model")
+    query_param(query, "model").filter(|name| !name.is_empty())
 }
 
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -52,7 +52,7 @@ pub async fn route_to_model(
     // `GET /props` without a model is the router's own (llama-server's `role: router`).
     let router_props = is_read(request.method())
         && request.uri().path() == "/props"
-        && query_param(request.uri().query(), "model").is_none();
+        && query_model(request.uri().query()).is_none();
     if router_props {
         return next.run(request).await;
     }
@@ -94,7 +94,7 @@ async fn scope(
         }
         pre_read = Some(PreRead(bytes));
     }
-    let (index, autoload) = match name.filter(|n| !n.is_empty()) {
+    let (index, autoload) = match name {
         Some(name) => (registry.find(Some(&name))?, autoload),
         // A GET that names no model (the web page's polling, a dashboard) reads a loaded
         // model and never loads one.
