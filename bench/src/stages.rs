@@ -251,11 +251,7 @@ impl Run<'_> {
         let scratch = scratch_dir("bench-ipc")?;
         let socket = scratch.path().join("worker.sock");
         let _worker = procs::start_worker(&self.worker_args(&socket, self.slots()))?;
-        let name = socket.as_path().to_fs_name::<GenericFilePath>()?;
-        let conn = ConnectOptions::new()
-            .name(name)
-            .connect_sync()
-            .context("connecting to the worker")?;
+        let conn = connect_to_worker(&socket)?;
         let start = Instant::now();
         let records = ipc_load(
             &conn,
@@ -866,4 +862,24 @@ pub fn http_request(
         }
     }
     bail!("the stream ended without [DONE]")
+}
+
+/// A connection to the worker listening on `socket`. The socket file appears when the worker
+/// binds it, a moment before it listens: a connection refused in that moment is tried again
+/// (for up to 5 s) rather than failing the run.
+fn connect_to_worker(socket: &std::path::Path) -> Result<interprocess::local_socket::Stream> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let name = socket.to_fs_name::<GenericFilePath>()?;
+        match ConnectOptions::new().name(name).connect_sync() {
+            Ok(conn) => return Ok(conn),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).context("connecting to the worker"),
+        }
+    }
 }
