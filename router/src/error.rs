@@ -186,6 +186,14 @@ impl ApiError {
         Self::invalid_param("model", format!("model {name:?} is not loaded"))
     }
 
+    /// `/health` and `/ready` while the node drains (503): it finishes what it has and
+    /// closes soon, so a load balancer should send elsewhere.
+    pub fn draining() -> Self {
+        Self::unavailable(
+            "this server is draining: it finishes the requests it has and stops; send new ones elsewhere",
+        )
+    }
+
     pub fn no_worker_ready() -> Self {
         Self::from(DispatchError::NoWorkerReady)
     }

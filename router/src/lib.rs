@@ -9,6 +9,7 @@
 //! - [`openai`]: request bodies (typed, validated) and response shapes.
 //! - [`error`]: the one mapping of every layer's errors to HTTP.
 //! - [`dispatch`]: the pool, worker connections, abort guards; no HTTP types.
+//! - [`drain`]: the node's drain flag (`/health` turns 503 while it is set).
 //! - [`metrics`]: Prometheus counters.
 //! - [`llama_flags`]: llama-server's command line, as configuration overrides.
 //! - [`reload`]: the configuration source of `POST /admin/reload`.
@@ -17,6 +18,7 @@
 pub mod anthropic;
 pub mod config;
 pub mod dispatch;
+pub mod drain;
 pub mod error;
 pub mod http;
 pub mod llama_flags;

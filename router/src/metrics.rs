@@ -12,8 +12,11 @@
 //!   (load, per-worker state and the load each worker last pushed), encoded from a registry
 //!   built for that one scrape.
 //!
-//! llama-server's `llamacpp:*` names are kept for existing dashboards (pool totals); everything
-//! else is named `llamapool_*`, with the unit in the name. docs/API.md lists them all.
+//! llama-server's `llamacpp:*` names are kept for existing dashboards (pool totals), and
+//! vLLM's `vllm:*` load gauges are written for gateways ([`model_server`]); everything else is
+//! named `llamapool_*`, with the unit in the name. docs/API.md lists them all.
+
+pub mod model_server;
 
 use std::borrow::Cow;
 use std::fmt::Write as _;

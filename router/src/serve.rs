@@ -49,6 +49,7 @@ use llamapool_common::settings::{LogFormat, ModelPlan, ServerSettings, Settings,
 use llamapool_router::config;
 use llamapool_router::dispatch::poison::PoisonPolicy;
 use llamapool_router::dispatch::{LaunchConfig, Pool, RoutingPolicy, SupervisionPolicy};
+use llamapool_router::drain::{self, Drain};
 use llamapool_router::http::access::ConnInfo;
 use llamapool_router::http::Models;
 use llamapool_router::http::{self, AppState};
@@ -129,6 +130,7 @@ pub async fn run(
             .map_or(0, |d| d.as_secs()),
         worker_binary: worker_binary.clone(),
         runtime_dir: runtime_dir.clone(),
+        drain: Drain::default(),
     };
     let (state, n_workers) = match served {
         Served::One { model_path, plans } => {
@@ -181,10 +183,28 @@ pub async fn run(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let graceful = GracefulShutdown::new();
-    tokio::select! {
-        () = accept_loop(&listeners, http::router(state.clone()), limits, &graceful) => {}
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
+    {
+        let accepting = accept_loop(&listeners, http::router(state.clone()), limits, &graceful);
+        tokio::pin!(accepting);
+        let interrupted = tokio::select! {
+            () = &mut accepting => false,
+            _ = sigterm.recv() => false,
+            _ = sigint.recv() => true,
+            () = shared.drain.started() => false,
+        };
+        shared.drain.start();
+        let notice = Duration::from_secs(server_settings.drain_notice_secs);
+        if !interrupted && !notice.is_zero() {
+            tracing::info!(
+                ?notice,
+                "draining: /health answers 503; still serving new requests for the notice period"
+            );
+            tokio::select! {
+                () = &mut accepting => {}
+                () = drain::notice(notice, || requests_in_flight(&state)) => {}
+                _ = sigint.recv() => {}
+            }
+        }
     }
     tracing::info!("shutting down: finishing in-flight requests");
     drop(listeners);
@@ -223,6 +243,16 @@ struct SharedParts {
     started: u64,
     worker_binary: PathBuf,
     runtime_dir: PathBuf,
+    /// One flag for the router and every model: `/health` reads the router's.
+    drain: Drain,
+}
+
+/// Requests the node has dispatched and not finished, over every loaded model.
+fn requests_in_flight(state: &Arc<AppState>) -> usize {
+    http::gateway::node_gauges(state)
+        .iter()
+        .map(|pool| pool.processing)
+        .sum()
 }
 
 /// Starts a pool of `plans` on `model_path`, its sockets in `socket_dir`.
@@ -277,6 +307,7 @@ fn model_state(
     let n_workers = pool.views().len();
     AppState {
         slots_endpoint: server_settings.slots_endpoint,
+        drain: shared.drain.clone(),
         served: ServedModel {
             alias: served_names.first().cloned().unwrap_or_default(),
             names: served_names,

@@ -84,6 +84,11 @@ pub struct ServerSettings {
     pub ready_timeout_secs: u64,
     /// On SIGTERM, how long in-flight requests may take to finish.
     pub drain_timeout_secs: u64,
+    /// On SIGTERM (or `POST /admin/drain`), how long the server goes on accepting and serving
+    /// new requests while `/health` already answers 503, so that a load balancer or gateway
+    /// polling `/health` stops sending before the listeners close. Ends early once no request
+    /// has been in flight for a second. SIGINT (Ctrl-C) skips it. 0: close at once.
+    pub drain_notice_secs: u64,
     /// Idle time after which an SSE comment keeps a quiet stream alive.
     pub keepalive_secs: u64,
     /// tokio worker threads of the router; 0: one per allowed CPU, at most 2 (the router's
@@ -191,6 +196,7 @@ impl Default for ServerSettings {
             max_queued: 256,
             ready_timeout_secs: 300,
             drain_timeout_secs: 30,
+            drain_notice_secs: 5,
             keepalive_secs: 10,
             runtime_threads: 0,
             worker_binary: None,

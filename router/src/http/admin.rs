@@ -36,6 +36,28 @@ pub struct RestartedBody {
     pub worker: Option<WorkerView>,
 }
 
+/// `POST /admin/drain`'s answer.
+#[derive(Debug, Serialize)]
+pub struct NodeDrainBody {
+    pub draining: bool,
+    /// False when an earlier signal or call had already started it.
+    pub started_now: bool,
+}
+
+/// `POST /admin/drain`: the whole node drains as on SIGTERM (`/health` 503 at once, new
+/// requests served for `server.drain_notice_secs`, then the listeners close, the requests in
+/// flight finish and the router exits).
+pub async fn drain_node(State(state): State<SharedState>) -> Json<NodeDrainBody> {
+    let started_now = state.drain.start();
+    if started_now {
+        tracing::info!("drain started by POST /admin/drain");
+    }
+    Json(NodeDrainBody {
+        draining: true,
+        started_now,
+    })
+}
+
 /// `POST /admin/workers/{id}/drain`: no new work for that worker; what it runs finishes.
 pub async fn drain(
     Scoped(state): Scoped,

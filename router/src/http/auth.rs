@@ -93,12 +93,15 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     Some(&token[start..])
 }
 
-/// Whether a request needs a key (when keys are set). Open: `/health` and `/v1/health` (probes), CORS
+/// Whether a request needs a key (when keys are set). Open: `/health`, `/v1/health`,
+/// `/ready` (probes) and `/v1/loads` (a gateway's load poll: counts, no content), CORS
 /// preflights (`OPTIONS`: browsers never send credentials on them), and `GET`/`HEAD` of the
 /// web page: `/`, `/ui` and everything under `/ui/` (it holds no data; its script sends the
 /// user's key with each API call).
 pub fn needs_key(method: &Method, path: &str) -> bool {
-    if path == "/health" || path == "/v1/health" || method == Method::OPTIONS {
+    if matches!(path, "/health" | "/v1/health" | "/ready" | "/v1/loads")
+        || method == Method::OPTIONS
+    {
         return false;
     }
     let web_page = path == "/" || path == "/ui" || path.starts_with("/ui/");
@@ -207,6 +210,8 @@ mod tests {
         for (method, path) in [
             (Method::GET, "/health"),
             (Method::POST, "/health"),
+            (Method::GET, "/ready"),
+            (Method::GET, "/v1/loads"),
             (Method::OPTIONS, "/v1/chat/completions"),
             (Method::OPTIONS, "/anything"),
             (Method::GET, "/"),

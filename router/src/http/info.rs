@@ -20,6 +20,7 @@ use super::{LimitedBody, Scoped, SharedState};
 use crate::dispatch::{DispatchError, WorkerView};
 use crate::error::ApiError;
 use crate::metrics;
+use crate::metrics::model_server::NodeLoad;
 use crate::openai::request::{parse_json, DetokenizeBody, TokenizeBody};
 use crate::openai::InvalidRequest;
 
@@ -34,7 +35,9 @@ pub struct HealthBody {
 pub async fn health(State(state): State<SharedState>) -> Result<Json<HealthBody>, ApiError> {
     // With several models the router is healthy while it runs: models load on demand, and
     // each one's state is in `/v1/models`.
-    if state.models.is_some() || state.pool.is_healthy() {
+    if state.drain.is_started() {
+        Err(ApiError::draining())
+    } else if state.models.is_some() || state.pool.is_healthy() {
         Ok(Json(HealthBody { status: "ok" }))
     } else {
         Err(ApiError::no_worker_ready())
@@ -134,7 +137,12 @@ pub async fn metrics(
 ) -> Result<Response, ApiError> {
     let text = match &state.models {
         Some(registry) => several_models_metrics(&state, registry, uri.query())?,
-        None => state.pool.metrics().render(&state.pool.gauges()),
+        None => {
+            let gauges = state.pool.gauges();
+            let mut text = state.pool.metrics().render(&gauges);
+            text.push_str(&NodeLoad::of([&gauges]).render());
+            text
+        }
     };
     Ok((
         [
@@ -160,6 +168,7 @@ fn several_models_metrics(
         .map(|name| registry.find(Some(&name)))
         .transpose()?;
     let mut texts = vec![state.pool.metrics().render_http()];
+    let mut pools = Vec::new();
     for model in registry.listing() {
         if only.is_some_and(|o| o != model.id) {
             continue;
@@ -170,7 +179,9 @@ fn several_models_metrics(
             .map(|s| s.pool.gauges())
             .unwrap_or_default();
         texts.push(model.metrics.render(&gauges));
+        pools.push(gauges);
     }
+    texts.push(NodeLoad::of(&pools).render());
     Ok(metrics::merge_expositions(&texts))
 }
 

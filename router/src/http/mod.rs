@@ -21,6 +21,7 @@ pub mod auth;
 mod choices;
 pub mod cors;
 pub mod embeddings;
+pub mod gateway;
 pub mod generate;
 pub mod info;
 pub mod messages;
@@ -100,6 +101,8 @@ pub struct AppState {
     /// empty pool, and each loaded model has a state of its own, which [`Scoped`] gives the
     /// handlers of model-bound routes. `None` with one model: this state is its state.
     pub models: Option<Arc<Models>>,
+    /// Set when the node starts draining; `/health` and `/ready` answer 503 from then on.
+    pub drain: crate::drain::Drain,
 }
 
 /// The state a request is served with: its model's when the router serves several (set by
@@ -241,10 +244,13 @@ pub fn router(state: SharedState) -> Router {
         .route("/models/unload", post(models::unload))
         .route("/metrics", get(info::metrics))
         .route("/admin/reload", post(admin::reload))
+        .route("/admin/drain", post(admin::drain_node))
         .merge(model_routes);
     let routes = Router::new()
         .route("/health", get(info::health))
         .route("/v1/health", get(info::health))
+        .route("/ready", get(info::health))
+        .route("/v1/loads", get(gateway::loads))
         // The web page (`/`, `/ui`, `/ui/{file}`) is open: it holds no data, and its script
         // sends the user's key with every API call.
         .merge(ui::routes())

@@ -35,11 +35,17 @@ impl Proc {
 
     /// SIGTERM, then waits; returns whether it exited within `timeout` (it is not killed).
     pub fn terminate(&mut self, timeout: Duration) -> bool {
+        self.signal_and_wait(Signal::SIGTERM, timeout)
+    }
+
+    /// Sends `signal` unless it has exited, then waits; returns whether it exited within
+    /// `timeout` (it is not killed).
+    pub fn signal_and_wait(&mut self, signal: Signal, timeout: Duration) -> bool {
         if let Ok(Some(_)) = self.0.try_wait() {
             return true;
         }
         if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = kill(Pid::from_raw(pid), signal);
         }
         let deadline = Instant::now() + timeout;
         loop {

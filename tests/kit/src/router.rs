@@ -1,8 +1,8 @@
 //! [`Router`]: a `llamapool-router` process started with a configuration written to a private
 //! [`TempDir`], its HTTP address (read from the first stdout line, `llamapool listening on
 //! http://ADDR (N workers starting)`), readiness polling on `GET /workers`, and small HTTP
-//! helpers for tests. The process is stopped (SIGTERM, then SIGKILL) and the directory removed
-//! on drop.
+//! helpers for tests. The process is stopped (SIGINT, which skips the drain notice period a
+//! SIGTERM gives gateways; then SIGKILL) and the directory removed on drop.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -126,6 +126,13 @@ impl Router {
         self.proc.pid()
     }
 
+    /// SIGINT (a stop without the drain notice period), then waits; returns whether it
+    /// exited within `timeout`.
+    pub fn interrupt(&mut self, timeout: Duration) -> bool {
+        self.proc
+            .signal_and_wait(nix::sys::signal::Signal::SIGINT, timeout)
+    }
+
     /// SIGTERM, then waits; returns whether it exited within `timeout`.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
         self.proc.terminate(timeout)
@@ -183,6 +190,13 @@ fn all_ready(workers: &Value) -> bool {
     workers["workers"]
         .as_array()
         .is_some_and(|w| !w.is_empty() && w.iter().all(|w| w["state"] == "ready"))
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        // Then `Proc`'s own drop: SIGTERM, SIGKILL, for a router that did not stop.
+        self.interrupt(crate::proc::DROP_GRACE);
+    }
 }
 
 #[cfg(test)]
