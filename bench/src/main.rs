@@ -15,13 +15,16 @@
 //! stages over concurrency levels and writes a JSON file and an SVG chart; `--interference`
 //! runs each stage while an unpinned busy-loop process competes for the CPUs.
 //!
-//! `--chaos` runs the failure and overload checks instead (`chaos.rs`, docs/RELIABILITY.md).
+//! `--chaos` runs the failure and overload checks instead (`chaos.rs`, docs/RELIABILITY.md);
+//! `--multi-turn` the multi-turn chat workload (`multiturn.rs`); `--nodes N` several nodes
+//! behind the Shepherd Model Gateway (`nodes.rs`, docs/DEPLOYMENT.md).
 
 mod chaos;
 mod chart;
 mod external;
 mod llama_server;
 mod multiturn;
+mod nodes;
 mod procs;
 mod stages;
 mod versus;
@@ -175,6 +178,19 @@ pub struct Args {
     /// one (server.listen, model.path and model.alias are overridden; no API key may be set).
     #[arg(long, value_name = "FILE", requires = "vs_llama_server")]
     vs_config: Option<PathBuf>,
+    /// Instead of the stages, N llamapool nodes (one pinned worker each, SmolLM2) behind the
+    /// Shepherd Model Gateway (`smg`, `pip install smg`) with file discovery (`nodes.rs`):
+    /// the multi-turn workload (--conversations, --turns, --system-tokens, --reply-tokens,
+    /// --concurrency) directly and through the gateway per --policies, the gateway's TTFT
+    /// cost, a drain, a new node and a kill -9 under load; writes OUT_DIR/nodes.json.
+    #[arg(long, value_name = "N")]
+    nodes: Option<usize>,
+    /// With --nodes: the smg executable (default: `smg` on the PATH).
+    #[arg(long, value_name = "PATH")]
+    smg: Option<PathBuf>,
+    /// With --nodes: the gateway's policies to measure the workload under, comma-separated.
+    #[arg(long, default_value = nodes::DEFAULT_POLICIES)]
+    policies: String,
     /// (internal) spin forever: the interference process.
     #[arg(long, hide = true)]
     busy_loop: bool,
@@ -238,6 +254,9 @@ fn main() -> Result<()> {
     }
     if args.multi_turn {
         return multiturn::run(&args);
+    }
+    if args.nodes.is_some() {
+        return nodes::run(&args);
     }
     if args.requests == 0
         || args.concurrency == 0

@@ -41,7 +41,7 @@ use crate::stages::open_stream;
 use crate::{procs, Args};
 
 /// The model name sent in requests (the router's alias; llama-server ignores it).
-const ALIAS: &str = "bench";
+pub(crate) const ALIAS: &str = "bench";
 
 /// Workers of the llamapool rows: affinity needs more than one to choose from.
 const WORKERS: usize = 2;
@@ -95,6 +95,9 @@ pub struct TurnRecord {
     pub ttft_ms: f64,
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
+    /// What the client saw, on the turn that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One row's result: of one round, or the medians over the rounds.
@@ -161,7 +164,7 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn workload(args: &Args) -> Result<Workload> {
+pub(crate) fn workload(args: &Args) -> Result<Workload> {
     let model = args.chat_model_path()?;
     if args.conversations == 0
         || args.turns == 0
@@ -262,7 +265,7 @@ fn run_conversations(addr: &str, workload: &Workload) -> (Vec<TurnRecord>, Durat
 
 /// Runs conversation `i` turn by turn. A failed turn ends it: the later turns are recorded
 /// as failed too, since without the reply there is no next prompt.
-fn conversation(addr: &str, workload: &Workload, i: usize) -> Vec<TurnRecord> {
+pub(crate) fn conversation(addr: &str, workload: &Workload, i: usize) -> Vec<TurnRecord> {
     let mut messages =
         vec![json!({"role": "system", "content": system_prompt(i, workload.system_tokens)})];
     let mut records = Vec::with_capacity(workload.turns);
@@ -277,7 +280,13 @@ fn conversation(addr: &str, workload: &Workload, i: usize) -> Vec<TurnRecord> {
             }
             Err(e) => {
                 eprintln!("conversation {i}, turn {turn} failed: {e:#}");
-                records.extend((turn..=workload.turns).map(|turn| TurnRecord {
+                records.push(TurnRecord {
+                    conversation: i,
+                    turn,
+                    error: Some(format!("{e:#}")),
+                    ..TurnRecord::default()
+                });
+                records.extend((turn + 1..=workload.turns).map(|turn| TurnRecord {
                     conversation: i,
                     turn,
                     ..TurnRecord::default()
@@ -391,7 +400,11 @@ fn user_message(i: usize, turn: usize) -> String {
 }
 
 /// One streamed chat completion: its record (without the turn) and the reply text.
-fn chat_turn(addr: &str, messages: &[Value], max_tokens: u32) -> Result<(TurnRecord, String)> {
+pub(crate) fn chat_turn(
+    addr: &str,
+    messages: &[Value],
+    max_tokens: u32,
+) -> Result<(TurnRecord, String)> {
     let body = json!({
         "model": ALIAS,
         "messages": messages,
@@ -472,12 +485,12 @@ impl StreamState {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// TTFT p50 in ms of the successful records `keep` selects.
-fn ttft_p50(records: &[TurnRecord], keep: impl Fn(&TurnRecord) -> bool) -> f64 {
+pub(crate) fn ttft_p50(records: &[TurnRecord], keep: impl Fn(&TurnRecord) -> bool) -> f64 {
     let mut ttft: Vec<f64> = records
         .iter()
         .filter(|r| r.ok && keep(r))
@@ -486,7 +499,7 @@ fn ttft_p50(records: &[TurnRecord], keep: impl Fn(&TurnRecord) -> bool) -> f64 {
     percentile(&mut ttft, 50.0)
 }
 
-fn summarize(row: &str, records: &[TurnRecord], wall: Duration) -> RowReport {
+pub(crate) fn summarize(row: &str, records: &[TurnRecord], wall: Duration) -> RowReport {
     let ok: Vec<&TurnRecord> = records.iter().filter(|r| r.ok).collect();
     let prompt: u64 = ok.iter().map(|r| r.prompt_tokens).sum();
     let cached: u64 = ok
@@ -548,7 +561,7 @@ fn median_report(row: &str, rounds: &[RowReport]) -> RowReport {
     }
 }
 
-fn table(rows: &[RowReport]) -> String {
+pub(crate) fn table(rows: &[RowReport]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
