@@ -107,7 +107,7 @@ pub struct Args {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Where --sweep writes its files.
+    /// Where --sweep, --multi-turn and --nodes write their files.
     #[arg(long, default_value = "bench-results")]
     out_dir: PathBuf,
     /// Instead of the stages, the chaos and load run against a fresh router with --workers

@@ -269,6 +269,32 @@ fn node_chat_count(addr: &str) -> Option<f64> {
     )
 }
 
+/// Requests the node at `addr` has accepted and not finished (`/v1/loads`), if it answers.
+fn node_in_flight(addr: &str) -> Option<u64> {
+    let text = get(addr, "/v1/loads").ok()?;
+    serde_json::from_str::<Value>(&text).ok()?["loads"][0]["num_total_reqs"].as_u64()
+}
+
+/// The live node with the most requests in flight (the first of the busiest), waiting up to
+/// 10 s for one with any: a drain or a kill is meant to meet work.
+fn busiest_node(fleet: &Fleet) -> Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let busiest = fleet
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.router.is_some())
+            .map(|(i, n)| (node_in_flight(&n.addr).unwrap_or(0), i))
+            .max_by_key(|&(load, i)| (load, std::cmp::Reverse(i)))
+            .context("no node is running")?;
+        if busiest.0 > 0 || Instant::now() > deadline {
+            return Ok(busiest.1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A `GET`'s body, or an error for a status other than 200.
 fn get(addr: &str, path: &str) -> Result<String> {
     let response = http::request(addr, "GET", path, &[], b"")?;
@@ -504,6 +530,8 @@ impl Outcome {
 #[derive(Debug, Serialize)]
 struct DrainReport {
     node: String,
+    /// Requests the node had accepted and not finished when it got SIGTERM.
+    in_flight_at_sigterm: u64,
     /// From SIGTERM to the node's exit.
     drain_s: f64,
     /// The gateway's status of the node once it had exited.
@@ -513,27 +541,33 @@ struct DrainReport {
     outcome: Outcome,
 }
 
-/// Looping clients; SIGTERM to node 1; its exit; three more seconds of load.
+/// Looping clients; SIGTERM to the busiest node; its exit; three more seconds of load.
 fn drain_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Result<DrainReport> {
-    let node = &mut fleet.nodes[1];
-    let url = node.url();
     let load = Load::start(&gateway.addr, workload, 10_000);
     std::thread::sleep(Duration::from_secs(4));
+    let victim = busiest_node(fleet)?;
+    let node = &mut fleet.nodes[victim];
+    let url = node.url();
+    let in_flight_at_sigterm = node_in_flight(&node.addr).unwrap_or(0);
     let sent_before = sent_to(gateway, &url);
     eprintln!("drain: SIGTERM to {}", node.id);
     let start = Instant::now();
-    let mut router = node.router.take().context("node 1 is not running")?;
+    let mut router = node
+        .router
+        .take()
+        .context("the node to drain is not running")?;
     let exited = router.terminate(Duration::from_secs(90));
     let drain_s = start.elapsed().as_secs_f64();
     drop(router);
     if !exited {
-        bail!("node 1 did not exit within 90 s of SIGTERM");
+        bail!("{} did not exit within 90 s of SIGTERM", node.id);
     }
     let sent_after_sigterm = sent_to(gateway, &url) - sent_before;
     std::thread::sleep(Duration::from_secs(3));
     let outcome = Outcome::of(&load.finish());
     Ok(DrainReport {
-        node: fleet.nodes[1].id.clone(),
+        node: fleet.nodes[victim].id.clone(),
+        in_flight_at_sigterm,
         drain_s,
         gateway_status_after: gateway.status_of(&url),
         sent_after_sigterm,
@@ -555,7 +589,7 @@ struct AddReport {
     node: String,
     /// From the discovery file's rewrite to the gateway listing the node `ready`.
     ready_in_gateway_s: f64,
-    /// From the rewrite to the node's first answered chat request.
+    /// From the rewrite to the node's first chat request (in flight or answered).
     first_request_s: f64,
     outcome: Outcome,
 }
@@ -577,7 +611,9 @@ fn add_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Resul
     });
     let mut first_request = None;
     while written.elapsed() < Duration::from_secs(60) {
-        if node_chat_count(&node.addr).unwrap_or(0.0) > 0.0 {
+        if node_in_flight(&node.addr).unwrap_or(0) > 0
+            || node_chat_count(&node.addr).unwrap_or(0.0) > 0.0
+        {
             first_request = Some(written.elapsed());
             break;
         }
@@ -604,19 +640,15 @@ struct KillReport {
     outcome: Outcome,
 }
 
-/// Looping clients; `kill -9` of node 2 (its workers, left without their router, exit);
-/// five more seconds of load.
+/// Looping clients; `kill -9` of the busiest node (its workers, left without their router,
+/// exit); five more seconds of load.
 fn kill_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Result<KillReport> {
-    let victim = 2 % fleet.nodes.len();
-    let node = &mut fleet.nodes[victim];
-    let url = node.url();
     let load = Load::start(&gateway.addr, workload, 30_000);
     std::thread::sleep(Duration::from_secs(4));
-    let in_flight_at_kill = get(&node.addr, "/v1/loads")
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v["loads"][0]["num_total_reqs"].as_u64())
-        .unwrap_or(0);
+    let victim = busiest_node(fleet)?;
+    let node = &mut fleet.nodes[victim];
+    let url = node.url();
+    let in_flight_at_kill = node_in_flight(&node.addr).unwrap_or(0);
     let router = node
         .router
         .take()
@@ -715,8 +747,9 @@ fn summary(
     );
     let _ = writeln!(
         out,
-        "drain ({}): exited {:.1} s after SIGTERM; gateway sent it {} requests after SIGTERM; then {}; {} of {} requests failed",
+        "drain ({}): {} requests in flight on it at SIGTERM; exited {:.1} s after; gateway sent it {} requests after SIGTERM; then {}; {} of {} requests failed",
         drain.node,
+        drain.in_flight_at_sigterm,
         drain.drain_s,
         drain.sent_after_sigterm,
         drain.gateway_status_after,
@@ -725,7 +758,7 @@ fn summary(
     );
     let _ = writeln!(
         out,
-        "new node ({}): ready in the gateway {:.1} s after the discovery file changed, first request answered at {:.1} s; {} of {} requests failed",
+        "new node ({}): ready in the gateway {:.1} s after the discovery file changed, first request at {:.1} s; {} of {} requests failed",
         added.node,
         added.ready_in_gateway_s,
         added.first_request_s,

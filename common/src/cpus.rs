@@ -49,8 +49,18 @@ impl CpuList {
         Ok(Self(cpus))
     }
 
-    /// The CPUs the calling thread may run on (its affinity mask).
+    /// The CPUs this process may use: its affinity mask ([`CpuList::affinity`]), cut to its
+    /// first N CPUs when a cgroup CPU quota ([`cgroup_cpu_quota`]) allows only N. In a
+    /// container with a CPU limit but no cpuset of its own (Kubernetes without the static CPU
+    /// manager, `docker run --cpus`), the mask is the whole machine and the quota is what the
+    /// container may really use: one worker per CPU of the mask would oversubscribe it.
     pub fn allowed() -> Self {
+        Self::affinity().limited_to(cgroup_cpu_quota())
+    }
+
+    /// The CPUs the calling thread may run on (its affinity mask: under the kubelet's static
+    /// CPU manager, the container's exclusive cpuset).
+    pub fn affinity() -> Self {
         use nix::sched::{sched_getaffinity, CpuSet};
         let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
             return Self::default();
@@ -60,6 +70,14 @@ impl CpuList {
                 .filter(|&c| set.is_set(c).unwrap_or(false))
                 .collect(),
         )
+    }
+
+    /// The first `quota` CPUs (all of them without a quota or with a larger one).
+    pub fn limited_to(mut self, quota: Option<usize>) -> Self {
+        if let Some(n) = quota {
+            self.0.truncate(n.max(1));
+        }
+        self
     }
 
     pub fn from_cpus(mut cpus: Vec<usize>) -> Self {
@@ -125,9 +143,90 @@ impl fmt::Display for CpuList {
     }
 }
 
+/// Whole CPUs of this process's cgroup CPU quota, rounded down (at least 1), if it has one:
+/// cgroup v2's `cpu.max` (`"400000 100000"`: 4; `"max 100000"`: none), else cgroup v1's
+/// `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none). Read in this process's own cgroup
+/// (`/proc/self/cgroup`), or at the hierarchy's root where that path is not mounted (a
+/// container sees its own cgroup as the root).
+pub fn cgroup_cpu_quota() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let own = read("/proc/self/cgroup").unwrap_or_default();
+    let (v2_path, v1_path) = own_cgroup_paths(&own);
+    let in_own_or_root = |root: &str, path: Option<&str>, file: &str| {
+        path.map(|p| format!("{root}{}/{file}", p.trim_end_matches('/')))
+            .and_then(|f| read(&f))
+            .or_else(|| read(&format!("{root}/{file}")))
+    };
+    if let Some(max) = in_own_or_root("/sys/fs/cgroup", v2_path, "cpu.max") {
+        return quota_of_cpu_max(&max);
+    }
+    quota_of_cfs(
+        &in_own_or_root("/sys/fs/cgroup/cpu", v1_path, "cpu.cfs_quota_us")?,
+        &in_own_or_root("/sys/fs/cgroup/cpu", v1_path, "cpu.cfs_period_us")?,
+    )
+}
+
+/// The cgroup v2 path (`0::PATH`) and the v1 `cpu` controller's path (`N:cpu,cpuacct:PATH`)
+/// of `/proc/self/cgroup`'s text.
+fn own_cgroup_paths(text: &str) -> (Option<&str>, Option<&str>) {
+    let mut v2 = None;
+    let mut v1 = None;
+    for line in text.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            v2 = Some(path);
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            v1 = Some(path);
+        }
+    }
+    (v2, v1)
+}
+
+/// cgroup v2's `cpu.max`: `"QUOTA PERIOD"` or `"max PERIOD"`.
+fn quota_of_cpu_max(text: &str) -> Option<usize> {
+    let mut parts = text.split_whitespace();
+    let (quota, period) = (parts.next()?, parts.next()?);
+    quota_of_cfs(quota, period)
+}
+
+/// Quota over period in whole CPUs (at least 1); none for `max`, a negative quota or junk.
+fn quota_of_cfs(quota: &str, period: &str) -> Option<usize> {
+    let quota: u64 = quota.trim().parse().ok()?;
+    let period: u64 = period.trim().parse().ok().filter(|&p| p > 0)?;
+    Some(usize::try_from(quota / period).unwrap_or(usize::MAX).max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_cpu_quota_cuts_the_list_to_whole_cpus() {
+        assert_eq!(quota_of_cpu_max("400000 100000\n"), Some(4));
+        assert_eq!(quota_of_cpu_max("150000 100000"), Some(1));
+        assert_eq!(quota_of_cpu_max("50000 100000"), Some(1), "at least one");
+        assert_eq!(quota_of_cpu_max("max 100000"), None);
+        assert_eq!(quota_of_cpu_max(""), None);
+        assert_eq!(quota_of_cfs("-1", "100000"), None);
+        assert_eq!(quota_of_cfs("200000\n", "100000\n"), Some(2));
+        assert_eq!(quota_of_cfs("100", "0"), None);
+        let v1 = "4:memory:/x\n2:cpu,cpuacct:/pods/a\n0::/\n";
+        assert_eq!(own_cgroup_paths(v1), (Some("/"), Some("/pods/a")));
+        assert_eq!(
+            own_cgroup_paths("0::/kubepods/pod1/c1\n"),
+            (Some("/kubepods/pod1/c1"), None)
+        );
+        let machine = CpuList::parse("0-63").unwrap();
+        assert_eq!(machine.clone().limited_to(Some(4)).to_string(), "0-3");
+        assert_eq!(machine.clone().limited_to(None), machine);
+        let pinned = CpuList::parse("2,5").unwrap();
+        assert_eq!(pinned.clone().limited_to(Some(8)), pinned);
+    }
 
     #[test]
     fn parses_ranges_and_singles() {

@@ -235,6 +235,17 @@ fn run(args: Args) -> Result<()> {
         settings = config::load(args.config.as_deref(), &overrides)?;
     }
     init_logging(settings.server.log_format);
+    let affinity = CpuList::affinity();
+    if allowed.len() < affinity.len() {
+        tracing::info!(
+            affinity = %affinity,
+            using = %allowed,
+            "the cgroup CPU quota allows {} CPUs of the {} this process may run on: the workers use the first {}",
+            allowed.len(),
+            affinity.len(),
+            allowed.len()
+        );
+    }
     if !args.llama.ignored.is_empty() {
         tracing::info!(
             flags = %args.llama.ignored.join(" "),

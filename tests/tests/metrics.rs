@@ -397,3 +397,73 @@ fn cancellations_moves_and_restarts_are_counted() {
         "a death is no hang"
     );
 }
+
+/// The model-server protocol a gateway's endpoint picker reads (vLLM's names), and smg's load
+/// report (`/v1/loads`), follow the pool: two single-slot workers and three long streams are
+/// two running and one waiting, then nothing once they end.
+#[test]
+fn the_gateway_load_gauges_follow_the_pool() {
+    let server = Server::start(&smol_config(
+        "keepalive_secs = 1\nmax_queued = 4",
+        (1, 2048),
+        PINNED_0_1,
+    ));
+    let idle = Scrape::take(&server);
+    for family in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info",
+    ] {
+        assert_eq!(
+            idle.types.get(family).map(String::as_str),
+            Some("gauge"),
+            "{family}"
+        );
+    }
+    let cells: f64 = server
+        .workers()
+        .iter()
+        .map(|w| w["slots"].as_f64().unwrap() * w["n_ctx_per_seq"].as_f64().unwrap())
+        .sum();
+    let blocks = ((cells as u64) / 64).to_string();
+    assert_eq!(
+        idle.get(
+            "vllm:cache_config_info",
+            &[("block_size", "64"), ("num_gpu_blocks", &blocks)]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(idle.get("vllm:num_requests_running", &[]), Some(0.0));
+    assert_eq!(idle.get("vllm:num_requests_waiting", &[]), Some(0.0));
+
+    let streams: Vec<SseReader> = (0..3)
+        .map(|i| {
+            let mut body = chat(&format!("Write a long story number {i}."), 400, true);
+            body["ignore_eos"] = json!(true);
+            server.stream(CHAT, &body)
+        })
+        .collect();
+    let busy = scrape_until(&server, "two running and one waiting", |s| {
+        s.value("vllm:num_requests_running", &[]) == 2.0
+            && s.value("vllm:num_requests_waiting", &[]) == 1.0
+    });
+    let usage = busy.value("vllm:kv_cache_usage_perc", &[]);
+    assert!(usage > 0.0 && usage <= 1.0, "KV usage {usage}");
+    let loads = server.get("/v1/loads");
+    assert_eq!(loads.status, 200, "{}", loads.text());
+    let body = loads.json();
+    assert_eq!(body["dp_rank_count"], 1, "{body}");
+    let load = &body["loads"][0];
+    assert_eq!(load["num_total_reqs"], 3, "{body}");
+    assert_eq!(load["max_running_requests"], 2, "{body}");
+    assert_eq!(load["max_total_num_tokens"].as_f64(), Some(cells), "{body}");
+    let token_usage = load["token_usage"].as_f64().unwrap();
+    assert!(token_usage > 0.0 && token_usage <= 1.0, "{body}");
+
+    drop(streams);
+    scrape_until(&server, "nothing running or waiting", |s| {
+        s.value("vllm:num_requests_running", &[]) == 0.0
+            && s.value("vllm:num_requests_waiting", &[]) == 0.0
+    });
+}

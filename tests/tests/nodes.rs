@@ -71,6 +71,10 @@ fn three_nodes_behind_smg_keep_their_caches_and_lose_nothing_to_a_drain() {
 
     // SIGTERM: the node drains and exits, the gateway stops sending, no request fails.
     let drain = &report["drain"];
+    assert!(
+        drain["in_flight_at_sigterm"].as_u64().unwrap() > 0,
+        "{drain}"
+    );
     assert_eq!(drain["outcome"]["failed"], 0, "{drain}");
     assert!(
         drain["outcome"]["requests"].as_u64().unwrap() > 0,
@@ -87,6 +91,10 @@ fn three_nodes_behind_smg_keep_their_caches_and_lose_nothing_to_a_drain() {
 
     // kill -9: at most the requests in flight on it fail, each with an error the client saw.
     let killed = &report["kill"];
+    assert!(
+        killed["in_flight_at_kill"].as_u64().unwrap() > 0,
+        "{killed}"
+    );
     let failed = killed["outcome"]["failed"].as_u64().unwrap();
     assert!(
         failed <= killed["in_flight_at_kill"].as_u64().unwrap(),

@@ -1,7 +1,9 @@
 //! Signals to the router's whole process group, as Ctrl-C in a terminal sends them (and as
 //! systemd's `KillMode=control-group` does to a whole cgroup): the router drains, its
 //! workers are not killed by the same signal, an in-flight stream finishes at full length, and
-//! nothing is left running afterwards.
+//! nothing is left running afterwards. And the drain a gateway sees: SIGTERM or
+//! `POST /admin/drain` turns `/health` and `/ready` to 503 at once, while the server goes on
+//! serving for `server.drain_notice_secs` before it closes.
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use llamapool_testkit::binary;
 use llamapool_tests::*;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
@@ -115,4 +117,93 @@ fn sigint_to_the_routers_process_group_finishes_the_stream_and_leaves_nothing_be
         Vec::<u32>::new(),
         "processes left in the router's group"
     );
+}
+
+/// Polls `path` until it answers `status`; panics after `within`.
+fn wait_status(server: &Server, path: &str, status: u16, within: Duration) -> HttpResponse {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = server.get(path);
+        if r.status == status {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} still answers {} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The 503 a draining node answers its probes with: OpenAI's error shape, a `Retry-After`.
+fn check_draining(server: &Server) {
+    let r = wait_status(server, "/health", 503, Duration::from_secs(2));
+    let body = r.json();
+    assert_eq!(body["error"]["type"], "unavailable_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("draining"),
+        "{body}"
+    );
+    assert!(r.header("retry-after").is_some());
+    for path in ["/ready", "/v1/health"] {
+        assert_eq!(server.get(path).status, 503, "{path}");
+    }
+}
+
+#[test]
+fn sigterm_turns_health_503_at_once_and_serves_new_requests_through_the_notice() {
+    let mut server = Server::start(&smol_config("drain_notice_secs = 3", (4, 4096), PINNED_0));
+    assert_eq!(server.get("/ready").status, 200);
+    let mut body = chat("Count to fifty.", 150, true);
+    body["ignore_eos"] = json!(true);
+    let mut reader = server.stream("/v1/chat/completions", &body);
+    let first = reader.next_data().expect("a first chunk");
+    kill(
+        Pid::from_raw(i32::try_from(server.pid()).unwrap()),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    check_draining(&server);
+    // Still listening and serving: a gateway that has not yet seen the 503 loses nothing.
+    let r = server.post("/v1/chat/completions", &chat("Say hi.", 4, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut payloads = vec![first];
+    payloads.extend(reader.collect());
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks = payloads
+        .iter()
+        .filter(|p| p.contains("\"content\""))
+        .count();
+    assert!(
+        chunks >= 100,
+        "the stream finished: {chunks} content chunks"
+    );
+    assert!(
+        server.terminate(Duration::from_secs(60)),
+        "the router exits after its drain"
+    );
+}
+
+#[test]
+fn post_admin_drain_drains_the_node_as_sigterm_does() {
+    let server = Server::start(&smol_config("", (2, 2048), PINNED_0));
+    let pid = server.pid();
+    let r = server.post("/admin/drain", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"draining": true, "started_now": true}));
+    check_draining(&server);
+    // Nothing in flight: the notice ends after a quiet second, then the router exits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while process_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the router did not exit after its drain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
