@@ -153,13 +153,23 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|row| median_report(&row.label(), &rounds))
         .collect();
     let report = json!({"workload": workload, "rows": medians, "rounds": rounds});
-    let path = args.out_dir.join("multi-turn.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    write_report(args, "multi-turn.json", &report, || table(&medians))
+}
+
+/// Writes `report` to `--out-dir`/`file`, then prints it (`--json`) or the `summary`.
+pub(crate) fn write_report(
+    args: &Args,
+    file: &str,
+    report: &Value,
+    summary: impl FnOnce() -> String,
+) -> Result<()> {
+    let path = args.out_dir.join(file);
+    std::fs::write(&path, serde_json::to_string_pretty(report)?)?;
     eprintln!("wrote {}", path.display());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print!("{}", table(&medians));
+        print!("{}", summary());
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! 1. **Cache**: the workload against one node directly, then through the gateway with each
 //!    `--policies` policy (a fresh gateway each): the cached share of later turns' prompt
 //!    tokens, TTFT, failures.
-//! 2. **Gateway cost**: TTFT of one short cached chat, through the gateway and directly to
+//! 2. **Gateway cost**: TTFT of one short cached chat, through the first policy's gateway and directly to
 //!    the node the gateway chose, alternated.
 //! 3. **Drain**: `--concurrency` looping clients through the gateway (cache-aware); SIGTERM to
 //!    one node; its drain time, the requests that failed, and the gateway's view of it after.
@@ -74,15 +74,27 @@ pub fn run(args: &Args) -> Result<()> {
         0,
         "one node, direct",
     )];
+    let mut overhead = None;
     for (k, policy) in policies.iter().enumerate() {
         let gateway = Gateway::start(&smg, policy, &fleet)?;
         let label = format!("{nodes} nodes behind smg, {policy}");
         eprintln!("{label}: {} conversations", workload.conversations);
         rows.push(measure(&gateway.addr, &workload, (k + 1) * 1000, &label));
+        if overhead.is_none() {
+            overhead = Some(gateway_overhead(&fleet, &gateway, policy)?);
+        }
     }
+    let overhead = match overhead {
+        Some(overhead) => overhead,
+        None => {
+            let gateway = Gateway::start(&smg, "cache_aware", &fleet)?;
+            gateway_overhead(&fleet, &gateway, "cache_aware")?
+        }
+    };
 
+    // The faults under a gateway of their own, so that its counts cover only what is sent
+    // from here on (the overhead's direct requests reach a node without it).
     let gateway = Gateway::start(&smg, "cache_aware", &fleet)?;
-    let overhead = gateway_overhead(&fleet, &gateway)?;
     let counts_at_start = fleet.chat_counts();
     let drain = drain_phase(&mut fleet, &gateway, &workload)?;
     let added = add_phase(&mut fleet, &gateway, &workload)?;
@@ -100,18 +112,9 @@ pub fn run(args: &Args) -> Result<()> {
         "kill": killed,
         "gateway_view": view,
     });
-    let path = args.out_dir.join("nodes.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    eprintln!("wrote {}", path.display());
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!(
-            "{}",
-            summary(&rows, &overhead, &drain, &added, &killed, &view)
-        );
-    }
-    Ok(())
+    multiturn::write_report(args, "nodes.json", &report, || {
+        summary(&rows, &overhead, &drain, &added, &killed, &view)
+    })
 }
 
 /// `--smg`, else `smg` on the PATH; an error naming the install command when it is missing.
@@ -392,6 +395,17 @@ impl Gateway {
         }
     }
 
+    /// Attempts the gateway made again on another try (`smg_worker_retries_total`, every
+    /// label), 0 when it has none yet.
+    fn retries(&self) -> f64 {
+        get(&self.metrics_addr, "/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("smg_worker_retries_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |sum, n| sum + n)
+    }
+
     /// `smg_worker_requests_total` by worker URL: the requests it sent to each node,
     /// every retry attempt included.
     fn sent_by_worker(&self) -> Result<Vec<(String, f64)>> {
@@ -427,6 +441,8 @@ fn free_port() -> Result<u16> {
 /// TTFT of a short, cached chat through the gateway and directly to the node it chose.
 #[derive(Debug, Serialize)]
 struct Overhead {
+    /// The gateway's policy while measured.
+    policy: String,
     samples: usize,
     ttft_p50_direct_ms: f64,
     ttft_p50_gateway_ms: f64,
@@ -434,7 +450,7 @@ struct Overhead {
     added_ms: f64,
 }
 
-fn gateway_overhead(fleet: &Fleet, gateway: &Gateway) -> Result<Overhead> {
+fn gateway_overhead(fleet: &Fleet, gateway: &Gateway, policy: &str) -> Result<Overhead> {
     const SAMPLES: usize = 20;
     let messages = [json!({"role": "user", "content": "Say hello in three words."})];
     let before = fleet.chat_counts();
@@ -454,6 +470,7 @@ fn gateway_overhead(fleet: &Fleet, gateway: &Gateway) -> Result<Overhead> {
     let ttft_p50_direct_ms = percentile(&mut direct, 50.0);
     let ttft_p50_gateway_ms = percentile(&mut through, 50.0);
     Ok(Overhead {
+        policy: policy.to_string(),
         samples: SAMPLES,
         ttft_p50_direct_ms,
         ttft_p50_gateway_ms,
@@ -509,11 +526,13 @@ struct Outcome {
     requests: usize,
     failed: usize,
     errors: Vec<String>,
+    /// Attempts the gateway retried during the phase.
+    gateway_retries: f64,
 }
 
 impl Outcome {
     /// A failed turn ends its conversation: the turns after it were never sent.
-    fn of(records: &[TurnRecord]) -> Self {
+    fn of(records: &[TurnRecord], gateway_retries: f64) -> Self {
         let sent: Vec<&TurnRecord> = records
             .iter()
             .filter(|r| r.ok || r.error.is_some())
@@ -523,6 +542,7 @@ impl Outcome {
             requests: sent.len(),
             failed: errors.len(),
             errors,
+            gateway_retries,
         }
     }
 }
@@ -541,14 +561,28 @@ struct DrainReport {
     outcome: Outcome,
 }
 
-/// Looping clients; SIGTERM to the busiest node; its exit; three more seconds of load.
-fn drain_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Result<DrainReport> {
-    let load = Load::start(&gateway.addr, workload, 10_000);
+/// Starts looping clients (conversations from `first` on), lets them run 4 s, and picks the
+/// busiest node: the load, the gateway's retries so far, the node and its requests in flight.
+fn load_and_pick(
+    fleet: &Fleet,
+    gateway: &Gateway,
+    workload: &Workload,
+    first: usize,
+) -> Result<(Load, f64, usize, u64)> {
+    let retries = gateway.retries();
+    let load = Load::start(&gateway.addr, workload, first);
     std::thread::sleep(Duration::from_secs(4));
     let victim = busiest_node(fleet)?;
+    let in_flight = node_in_flight(&fleet.nodes[victim].addr).unwrap_or(0);
+    Ok((load, retries, victim, in_flight))
+}
+
+/// Looping clients; SIGTERM to the busiest node; its exit; three more seconds of load.
+fn drain_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Result<DrainReport> {
+    let (load, retries, victim, in_flight_at_sigterm) =
+        load_and_pick(fleet, gateway, workload, 10_000)?;
     let node = &mut fleet.nodes[victim];
     let url = node.url();
-    let in_flight_at_sigterm = node_in_flight(&node.addr).unwrap_or(0);
     let sent_before = sent_to(gateway, &url);
     eprintln!("drain: SIGTERM to {}", node.id);
     let start = Instant::now();
@@ -564,7 +598,7 @@ fn drain_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Res
     }
     let sent_after_sigterm = sent_to(gateway, &url) - sent_before;
     std::thread::sleep(Duration::from_secs(3));
-    let outcome = Outcome::of(&load.finish());
+    let outcome = Outcome::of(&load.finish(), gateway.retries() - retries);
     Ok(DrainReport {
         node: fleet.nodes[victim].id.clone(),
         in_flight_at_sigterm,
@@ -597,6 +631,7 @@ struct AddReport {
 /// Looping clients; a new node started and added to the discovery file; how long until it
 /// serves.
 fn add_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Result<AddReport> {
+    let retries = gateway.retries();
     let load = Load::start(&gateway.addr, workload, 20_000);
     std::thread::sleep(Duration::from_secs(2));
     let index = fleet.add_node()?;
@@ -620,7 +655,7 @@ fn add_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Resul
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let outcome = Outcome::of(&load.finish());
+    let outcome = Outcome::of(&load.finish(), gateway.retries() - retries);
     Ok(AddReport {
         node: node.id.clone(),
         ready_in_gateway_s: ready?.as_secs_f64(),
@@ -643,12 +678,10 @@ struct KillReport {
 /// Looping clients; `kill -9` of the busiest node (its workers, left without their router,
 /// exit); five more seconds of load.
 fn kill_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Result<KillReport> {
-    let load = Load::start(&gateway.addr, workload, 30_000);
-    std::thread::sleep(Duration::from_secs(4));
-    let victim = busiest_node(fleet)?;
+    let (load, retries, victim, in_flight_at_kill) =
+        load_and_pick(fleet, gateway, workload, 30_000)?;
     let node = &mut fleet.nodes[victim];
     let url = node.url();
-    let in_flight_at_kill = node_in_flight(&node.addr).unwrap_or(0);
     let router = node
         .router
         .take()
@@ -657,7 +690,7 @@ fn kill_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Resu
     kill(Pid::from_raw(i32::try_from(router.pid())?), Signal::SIGKILL)?;
     drop(router);
     std::thread::sleep(Duration::from_secs(5));
-    let outcome = Outcome::of(&load.finish());
+    let outcome = Outcome::of(&load.finish(), gateway.retries() - retries);
     Ok(KillReport {
         node: node.id.clone(),
         in_flight_at_kill,
@@ -747,32 +780,35 @@ fn summary(
     );
     let _ = writeln!(
         out,
-        "drain ({}): {} requests in flight on it at SIGTERM; exited {:.1} s after; gateway sent it {} requests after SIGTERM; then {}; {} of {} requests failed",
+        "drain ({}): {} requests in flight on it at SIGTERM; exited {:.1} s after; gateway sent it {} requests after SIGTERM; then {}; {} of {} requests failed ({} retried by the gateway)",
         drain.node,
         drain.in_flight_at_sigterm,
         drain.drain_s,
         drain.sent_after_sigterm,
         drain.gateway_status_after,
         drain.outcome.failed,
-        drain.outcome.requests
+        drain.outcome.requests,
+        drain.outcome.gateway_retries
     );
     let _ = writeln!(
         out,
-        "new node ({}): ready in the gateway {:.1} s after the discovery file changed, first request at {:.1} s; {} of {} requests failed",
+        "new node ({}): ready in the gateway {:.1} s after the discovery file changed, first request at {:.1} s; {} of {} requests failed ({} retried by the gateway)",
         added.node,
         added.ready_in_gateway_s,
         added.first_request_s,
         added.outcome.failed,
-        added.outcome.requests
+        added.outcome.requests,
+        added.outcome.gateway_retries
     );
     let _ = writeln!(
         out,
-        "kill -9 ({}): {} requests in flight on it; then {}; {} of {} requests failed{}",
+        "kill -9 ({}): {} requests in flight on it; then {}; {} of {} requests failed ({} retried by the gateway){}",
         killed.node,
         killed.in_flight_at_kill,
         killed.gateway_status_after,
         killed.outcome.failed,
         killed.outcome.requests,
+        killed.outcome.gateway_retries,
         if killed.outcome.errors.is_empty() {
             String::new()
         } else {

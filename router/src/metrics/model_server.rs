@@ -14,6 +14,11 @@
 //!   tokens for their prefix scoring (llm-d raises anything below 64 to 64; the Inference
 //!   Extension's own picker takes it as given, and at 1 would hash 4-character pieces).
 
+//!
+//! The first three are also written under llamapool's own names (`llamapool_requests_running`,
+//! `llamapool_requests_waiting`, `llamapool_kv_cache_usage_ratio`), for an endpoint picker
+//! configured with its own mapping (docs/DEPLOYMENT.md) and for dashboards.
+
 use std::fmt::Write as _;
 
 use super::Gauges;
@@ -64,10 +69,11 @@ impl NodeLoad {
         }
     }
 
-    /// The four families in the Prometheus text format, as vLLM writes them.
+    /// The families in the Prometheus text format: vLLM's four, then llamapool's names of
+    /// the same three values.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let families: [(&str, &str, String); 4] = [
+        let families: [(&str, &str, String); 7] = [
             (
                 "vllm:num_requests_running",
                 "Number of requests in model execution batches (llamapool: holding a sequence in a worker)",
@@ -87,6 +93,21 @@ impl NodeLoad {
                 "vllm:cache_config_info",
                 "Information of the LLMEngine CacheConfig (llamapool: a block is 64 KV cells)",
                 String::new(),
+            ),
+            (
+                "llamapool_requests_running",
+                "Requests holding a sequence in a worker, every model and worker",
+                self.running.to_string(),
+            ),
+            (
+                "llamapool_requests_waiting",
+                "Requests accepted and not yet holding a sequence, every model and worker",
+                self.waiting.to_string(),
+            ),
+            (
+                "llamapool_kv_cache_usage_ratio",
+                "KV cells held over all KV cells of every worker, 0 to 1",
+                self.kv_cache_usage().to_string(),
             ),
         ];
         for (name, help, value) in families {
@@ -172,6 +193,9 @@ mod tests {
             "vllm:num_requests_running 2",
             "vllm:num_requests_waiting 5",
             "vllm:kv_cache_usage_perc 0.25",
+            "llamapool_requests_running 2",
+            "llamapool_requests_waiting 5",
+            "llamapool_kv_cache_usage_ratio 0.25",
             "vllm:cache_config_info{block_size=\"64\",num_gpu_blocks=\"16\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
