@@ -278,9 +278,9 @@ fn node_in_flight(addr: &str) -> Option<u64> {
     serde_json::from_str::<Value>(&text).ok()?["loads"][0]["num_total_reqs"].as_u64()
 }
 
-/// The live node with the most requests in flight (the first of the busiest), waiting up to
-/// 10 s for one with any: a drain or a kill is meant to meet work.
-fn busiest_node(fleet: &Fleet) -> Result<usize> {
+/// The live node with the most requests in flight (the first of the busiest) and that count,
+/// waiting up to 10 s for one with any: a drain or a kill is meant to meet work.
+fn busiest_node(fleet: &Fleet) -> Result<(usize, u64)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let busiest = fleet
@@ -292,7 +292,7 @@ fn busiest_node(fleet: &Fleet) -> Result<usize> {
             .max_by_key(|&(load, i)| (load, std::cmp::Reverse(i)))
             .context("no node is running")?;
         if busiest.0 > 0 || Instant::now() > deadline {
-            return Ok(busiest.1);
+            return Ok((busiest.1, busiest.0));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -572,8 +572,7 @@ fn load_and_pick(
     let retries = gateway.retries();
     let load = Load::start(&gateway.addr, workload, first);
     std::thread::sleep(Duration::from_secs(4));
-    let victim = busiest_node(fleet)?;
-    let in_flight = node_in_flight(&fleet.nodes[victim].addr).unwrap_or(0);
+    let (victim, in_flight) = busiest_node(fleet)?;
     Ok((load, retries, victim, in_flight))
 }
 

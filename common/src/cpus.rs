@@ -49,18 +49,10 @@ impl CpuList {
         Ok(Self(cpus))
     }
 
-    /// The CPUs this process may use: its affinity mask ([`CpuList::affinity`]), cut to its
-    /// first N CPUs when a cgroup CPU quota ([`cgroup_cpu_quota`]) allows only N. In a
-    /// container with a CPU limit but no cpuset of its own (Kubernetes without the static CPU
-    /// manager, `docker run --cpus`), the mask is the whole machine and the quota is what the
-    /// container may really use: one worker per CPU of the mask would oversubscribe it.
-    pub fn allowed() -> Self {
-        Self::affinity().limited_to(cgroup_cpu_quota())
-    }
-
     /// The CPUs the calling thread may run on (its affinity mask: under the kubelet's static
-    /// CPU manager, the container's exclusive cpuset).
-    pub fn affinity() -> Self {
+    /// CPU manager, the container's exclusive cpuset). A CPU quota is not a CPU set: see
+    /// [`cgroup_cpu_quota`].
+    pub fn allowed() -> Self {
         use nix::sched::{sched_getaffinity, CpuSet};
         let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
             return Self::default();
@@ -70,14 +62,6 @@ impl CpuList {
                 .filter(|&c| set.is_set(c).unwrap_or(false))
                 .collect(),
         )
-    }
-
-    /// The first `quota` CPUs (all of them without a quota or with a larger one).
-    pub fn limited_to(mut self, quota: Option<usize>) -> Self {
-        if let Some(n) = quota {
-            self.0.truncate(n.max(1));
-        }
-        self
     }
 
     pub fn from_cpus(mut cpus: Vec<usize>) -> Self {
@@ -206,7 +190,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_cgroup_cpu_quota_cuts_the_list_to_whole_cpus() {
+    fn a_cgroup_cpu_quota_is_read_in_whole_cpus() {
         assert_eq!(quota_of_cpu_max("400000 100000\n"), Some(4));
         assert_eq!(quota_of_cpu_max("150000 100000"), Some(1));
         assert_eq!(quota_of_cpu_max("50000 100000"), Some(1), "at least one");
@@ -221,11 +205,6 @@ mod tests {
             own_cgroup_paths("0::/kubepods/pod1/c1\n"),
             (Some("/kubepods/pod1/c1"), None)
         );
-        let machine = CpuList::parse("0-63").unwrap();
-        assert_eq!(machine.clone().limited_to(Some(4)).to_string(), "0-3");
-        assert_eq!(machine.clone().limited_to(None), machine);
-        let pinned = CpuList::parse("2,5").unwrap();
-        assert_eq!(pinned.clone().limited_to(Some(8)), pinned);
     }
 
     #[test]

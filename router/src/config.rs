@@ -26,7 +26,9 @@ pub const ENV_PREFIX: &str = "LLAMAPOOL";
 /// Reads the layers in order (the file, this process's environment, `overrides`); later ones
 /// win. `overrides` are `key=value` pairs with dotted keys.
 pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Settings, ConfigError> {
-    load_with_env(file, std::env::vars(), overrides)
+    let mut settings = load_with_env(file, std::env::vars(), overrides)?;
+    settings.cpu_quota = llamapool_common::cpus::cgroup_cpu_quota();
+    Ok(settings)
 }
 
 /// [`load`] with `env` in place of the process environment (every variable; those without

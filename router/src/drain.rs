@@ -1,9 +1,10 @@
 //! The node's drain: set once (SIGTERM, SIGINT or `POST /admin/drain`), never cleared. While
 //! it is set, `/health` and `/ready` answer 503 so that gateways and Kubernetes stop sending;
-//! the server goes on serving for `server.drain_notice_secs`, then closes its listeners and
-//! lets the requests in flight finish (`router/src/serve.rs` owns that sequence).
+//! the server goes on serving for `server.drain_notice_secs` ([`notice`]), then closes its
+//! listeners and lets the requests in flight finish (`router/src/serve.rs` owns that
+//! sequence).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -17,6 +18,8 @@ pub struct Drain(Arc<Inner>);
 struct Inner {
     started: AtomicBool,
     changed: Notify,
+    /// Probes (`/health`, `/ready`) answered 503 since the drain started.
+    probes_refused: AtomicU64,
 }
 
 impl Drain {
@@ -33,6 +36,15 @@ impl Drain {
         self.0.started.load(Ordering::SeqCst)
     }
 
+    /// A probe was answered 503: someone polling health has been told.
+    pub fn record_refused_probe(&self) {
+        self.0.probes_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn probes_refused(&self) -> u64 {
+        self.0.probes_refused.load(Ordering::Relaxed)
+    }
+
     /// Returns once the drain has started.
     pub async fn started(&self) {
         loop {
@@ -45,16 +57,18 @@ impl Drain {
     }
 }
 
-/// The notice period of a drain: returns after `notice`, or earlier once `in_flight` has
-/// read 0 for a whole second (nothing is being sent here any more, so nothing is gained by
-/// waiting longer).
-pub async fn notice(notice: Duration, in_flight: impl Fn() -> usize) {
+/// The notice period of a drain: returns after `notice`, or earlier once a probe has been
+/// answered 503 (`told` reads true: whoever polls health knows) and `in_flight` has read 0 for
+/// a whole second since (nothing is being sent here any more). Without a probe the whole
+/// notice runs: a gateway that polls less often than that has not been told yet.
+pub async fn notice(notice: Duration, in_flight: impl Fn() -> usize, told: impl Fn() -> bool) {
     const QUIET: Duration = Duration::from_secs(1);
     const POLL: Duration = Duration::from_millis(100);
-    let end = Instant::now() + notice;
+    // A day at most: beyond, `Instant + Duration` could overflow.
+    let end = Instant::now() + notice.min(Duration::from_secs(24 * 3600));
     let mut quiet_since = Instant::now();
     while Instant::now() < end {
-        if in_flight() > 0 {
+        if in_flight() > 0 || !told() {
             quiet_since = Instant::now();
         } else if quiet_since.elapsed() >= QUIET {
             return;
@@ -84,20 +98,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_notice_ends_a_second_after_the_last_request_or_at_its_end() {
+    async fn the_notice_ends_a_quiet_second_after_a_refused_probe_or_at_its_end() {
+        let within = |d: Duration, low: u64, high: u64| {
+            d >= Duration::from_millis(low) && d < Duration::from_millis(high)
+        };
         let start = Instant::now();
-        notice(Duration::from_secs(5), || 0).await;
-        let quiet = start.elapsed();
-        assert!(
-            quiet >= Duration::from_secs(1) && quiet < Duration::from_millis(1300),
-            "{quiet:?}"
-        );
+        notice(Duration::from_secs(5), || 0, || true).await;
+        let told_and_quiet = start.elapsed();
+        assert!(within(told_and_quiet, 1000, 1300), "{told_and_quiet:?}");
         let start = Instant::now();
-        notice(Duration::from_secs(5), || 1).await;
+        notice(Duration::from_secs(5), || 1, || true).await;
         let busy = start.elapsed();
+        assert!(within(busy, 5000, 5200), "{busy:?}");
+        let start = Instant::now();
+        notice(Duration::from_secs(5), || 0, || false).await;
+        let nobody_told = start.elapsed();
+        assert!(within(nobody_told, 5000, 5200), "{nobody_told:?}");
+        let start = Instant::now();
+        notice(Duration::from_secs(u64::MAX), || 0, || true).await;
         assert!(
-            busy >= Duration::from_secs(5) && busy < Duration::from_millis(5200),
-            "{busy:?}"
+            start.elapsed() < Duration::from_secs(2),
+            "a huge notice does not overflow"
         );
     }
 }

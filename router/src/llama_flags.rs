@@ -545,7 +545,7 @@ pub fn overrides(
             out.push(("workers[0].threads".into(), cpus.len().to_string()));
             1
         }
-        _ if settings.workers.is_empty() => allowed.len().max(1),
+        _ if settings.workers.is_empty() => settings.default_worker_count(allowed).max(1),
         _ => settings.workers.len(),
     };
     let workers = u32::try_from(workers).unwrap_or(u32::MAX);

@@ -1,5 +1,6 @@
 //! `llamapool-router`: loads the configuration, starts the worker pool, serves HTTP, and on
-//! SIGINT/SIGTERM stops accepting, lets in-flight requests finish (up to
+//! SIGINT/SIGTERM drains (SIGTERM first turns `/health` 503 and serves on for
+//! `server.drain_notice_secs`), stops accepting, lets in-flight requests finish (up to
 //! `server.drain_timeout_secs`), then stops the workers.
 //!
 //! Exit statuses ([`EXIT_OK`], [`EXIT_FAILURE`], [`EXIT_USAGE`], [`EXIT_CONFIG`]) tell
@@ -235,15 +236,12 @@ fn run(args: Args) -> Result<()> {
         settings = config::load(args.config.as_deref(), &overrides)?;
     }
     init_logging(settings.server.log_format);
-    let affinity = CpuList::affinity();
-    if allowed.len() < affinity.len() {
+    if settings.workers.is_empty() && settings.default_worker_count(&allowed) < allowed.len() {
         tracing::info!(
-            affinity = %affinity,
-            using = %allowed,
-            "the cgroup CPU quota allows {} CPUs of the {} this process may run on: the workers use the first {}",
-            allowed.len(),
-            affinity.len(),
-            allowed.len()
+            cpus = %allowed,
+            quota = ?settings.cpu_quota,
+            "the cgroup CPU quota allows fewer CPUs than this process may run on: the default \
+             layout is one unpinned one-thread worker per CPU of the quota"
         );
     }
     if !args.llama.ignored.is_empty() {

@@ -1,7 +1,9 @@
 //! The server around the route table: binds `server.listen` (each of its addresses), starts
 //! the pool, builds the
-//! shared [`AppState`], accepts client connections within bounds, and on SIGINT/SIGTERM stops
-//! accepting, drains and stops the workers. Called by `main` once the configuration is loaded.
+//! shared [`AppState`], accepts client connections within bounds, and on SIGINT/SIGTERM (or
+//! `POST /admin/drain`) drains: `/health` 503 at once, new requests still served for the
+//! notice period (not after SIGINT), then it stops accepting, lets the requests in flight
+//! finish and stops the workers. Called by `main` once the configuration is loaded.
 //!
 //! What keeps one client, or a thousand, from holding the server (each a `server.*` key):
 //!
@@ -180,32 +182,16 @@ pub async fn run(
         .write_all(banner.as_bytes())
         .and_then(|()| stdout.flush());
     drop(stdout);
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let graceful = GracefulShutdown::new();
-    {
-        let accepting = accept_loop(&listeners, http::router(state.clone()), limits, &graceful);
-        tokio::pin!(accepting);
-        let interrupted = tokio::select! {
-            () = &mut accepting => false,
-            _ = sigterm.recv() => false,
-            _ = sigint.recv() => true,
-            () = shared.drain.started() => false,
-        };
-        shared.drain.start();
-        let notice = Duration::from_secs(server_settings.drain_notice_secs);
-        if !interrupted && !notice.is_zero() {
-            tracing::info!(
-                ?notice,
-                "draining: /health answers 503; still serving new requests for the notice period"
-            );
-            tokio::select! {
-                () = &mut accepting => {}
-                () = drain::notice(notice, || requests_in_flight(&state)) => {}
-                _ = sigint.recv() => {}
-            }
-        }
-    }
+    serve_until_drained(
+        &listeners,
+        &state,
+        &shared.drain,
+        limits,
+        &graceful,
+        Duration::from_secs(server_settings.drain_notice_secs),
+    )
+    .await?;
     tracing::info!("shutting down: finishing in-flight requests");
     drop(listeners);
     let drain = Duration::from_secs(server_settings.drain_timeout_secs);
@@ -245,6 +231,57 @@ struct SharedParts {
     runtime_dir: PathBuf,
     /// One flag for the router and every model: `/health` reads the router's.
     drain: Drain,
+}
+
+/// What ended the serving: SIGINT skips the drain's notice period, the others keep it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopCause {
+    /// SIGTERM: a supervisor, a container runtime, Kubernetes.
+    Terminate,
+    /// SIGINT: Ctrl-C in a terminal.
+    Interrupt,
+    /// `POST /admin/drain`.
+    AdminDrain,
+}
+
+/// Accepts and serves until SIGTERM, SIGINT or `POST /admin/drain`, starts the drain
+/// (`/health` 503 from then on), and, but after SIGINT, goes on accepting and serving for the
+/// notice period ([`drain::notice`]). Returns when the listeners may close.
+async fn serve_until_drained(
+    listeners: &[TcpListener],
+    state: &Arc<AppState>,
+    drain: &Drain,
+    limits: ConnLimits,
+    graceful: &GracefulShutdown,
+    notice: Duration,
+) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let accepting = accept_loop(listeners, http::router(state.clone()), limits, graceful);
+    tokio::pin!(accepting);
+    let cause = tokio::select! {
+        // The accept loop never returns; were it to, the drain would start at once.
+        () = &mut accepting => StopCause::Terminate,
+        _ = sigterm.recv() => StopCause::Terminate,
+        _ = sigint.recv() => StopCause::Interrupt,
+        () = drain.started() => StopCause::AdminDrain,
+    };
+    drain.start();
+    if cause == StopCause::Interrupt || notice.is_zero() {
+        return Ok(());
+    }
+    tracing::info!(
+        ?cause,
+        ?notice,
+        "draining: /health answers 503; still serving new requests for the notice period"
+    );
+    tokio::select! {
+        () = &mut accepting => {}
+        () = drain::notice(notice, || requests_in_flight(state), || drain.probes_refused() > 0) => {}
+        // Ctrl-C during the notice: stop waiting.
+        _ = sigint.recv() => {}
+    }
+    Ok(())
 }
 
 /// Requests the node has dispatched and not finished, over every loaded model.
@@ -308,6 +345,7 @@ fn model_state(
     AppState {
         slots_endpoint: server_settings.slots_endpoint,
         drain: shared.drain.clone(),
+        public_metrics: server_settings.public_metrics,
         served: ServedModel {
             alias: served_names.first().cloned().unwrap_or_default(),
             names: served_names,

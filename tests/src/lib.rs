@@ -74,7 +74,7 @@ pub fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
 }
 
 /// A running router ([`Router`]: `addr`, `get`, `post`, `stream`, `workers`, `terminate`, ...);
-/// stopped (SIGTERM, then SIGKILL) on drop. Start-up failures panic.
+/// stopped (SIGINT, then SIGTERM, then SIGKILL) on drop. Start-up failures panic.
 pub struct Server(Router);
 
 impl Server {

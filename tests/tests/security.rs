@@ -110,6 +110,35 @@ fn cors_allows_the_listed_origins_only() {
     assert_eq!(r.header("access-control-allow-origin"), None, "no Origin");
 }
 
+/// With keys set, the probes and a gateway's load poll stay open; `/metrics` needs a key
+/// unless `server.public_metrics` opens it (for an endpoint picker that sends none), and
+/// inference needs one either way.
+#[test]
+fn probes_are_open_and_metrics_only_with_public_metrics() {
+    for public in [false, true] {
+        let server = Server::start(&config(&format!(
+            "api_key = \"sk-main\"\npublic_metrics = {public}"
+        )));
+        for path in ["/health", "/v1/health", "/ready", "/v1/loads"] {
+            assert_eq!(call(&server, "GET", path, &[]).status, 200, "{path}");
+        }
+        let metrics = call(&server, "GET", "/metrics", &[]);
+        assert_eq!(
+            metrics.status,
+            if public { 200 } else { 401 },
+            "{}",
+            metrics.text()
+        );
+        assert_eq!(
+            call(&server, "POST", "/metrics", &[]).status,
+            401,
+            "only GET is opened"
+        );
+        assert_eq!(call(&server, "GET", "/v1/models", &[]).status, 401);
+        assert_eq!(call(&server, "POST", "/v1/completions", &[]).status, 401);
+    }
+}
+
 /// A key file in the format of `server.api_key_file`.
 const KEY_FILE: &str = "# keys of the operators\n\nsk-file-1\n  sk-file-2  \n#sk-commented\n";
 

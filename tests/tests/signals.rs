@@ -193,11 +193,25 @@ fn sigterm_turns_health_503_at_once_and_serves_new_requests_through_the_notice()
 fn post_admin_drain_drains_the_node_as_sigterm_does() {
     let server = Server::start(&smol_config("", (2, 2048), PINNED_0));
     let pid = server.pid();
+    // A stream in flight keeps the notice going while the probes are checked.
+    let mut body = chat("Count to fifty.", 300, true);
+    body["ignore_eos"] = json!(true);
+    let mut reader = server.stream("/v1/chat/completions", &body);
+    let first = reader.next_data().expect("a first chunk");
     let r = server.post("/admin/drain", &json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json(), json!({"draining": true, "started_now": true}));
     check_draining(&server);
-    // Nothing in flight: the notice ends after a quiet second, then the router exits.
+    let again = server.post("/admin/drain", &json!({}));
+    assert_eq!(
+        again.json(),
+        json!({"draining": true, "started_now": false})
+    );
+    let mut payloads = vec![first];
+    payloads.extend(reader.collect());
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    // Then nothing in flight and a probe told: the notice ends after a quiet second, and
+    // the router exits.
     let deadline = Instant::now() + Duration::from_secs(30);
     while process_alive(pid) {
         assert!(

@@ -36,6 +36,12 @@ pub struct Settings {
     /// Several models in one pool (`[[models]]`), routed by a request's `model`, loaded on
     /// demand; empty: the one model of `[model]`, `[worker_defaults]` and `[[workers]]`.
     pub models: Vec<ModelEntry>,
+    /// Not a configuration key: the cgroup CPU quota in whole CPUs, read by the router when it
+    /// loads the configuration (`crate::cpus::cgroup_cpu_quota`). A container with a CPU limit
+    /// but no CPU set of its own (Kubernetes without the static CPU manager, `docker run
+    /// --cpus`) may run on every CPU of the machine and use only this many.
+    #[serde(skip)]
+    pub cpu_quota: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,9 +92,14 @@ pub struct ServerSettings {
     pub drain_timeout_secs: u64,
     /// On SIGTERM (or `POST /admin/drain`), how long the server goes on accepting and serving
     /// new requests while `/health` already answers 503, so that a load balancer or gateway
-    /// polling `/health` stops sending before the listeners close. Ends early once no request
-    /// has been in flight for a second. SIGINT (Ctrl-C) skips it. 0: close at once.
+    /// polling `/health` stops sending before the listeners close. Ends early once a probe has
+    /// been answered 503 and no request has been in flight for a second since. SIGINT (Ctrl-C)
+    /// skips it. 0: close at once.
     pub drain_notice_secs: u64,
+    /// `GET /metrics` without an API key even when keys are set: for an endpoint picker (the
+    /// Inference Extension's scrapes `/metrics` and sends no key) or a Prometheus inside the
+    /// cluster, while inference keeps its keys. The metrics hold counts and model names only.
+    pub public_metrics: bool,
     /// Idle time after which an SSE comment keeps a quiet stream alive.
     pub keepalive_secs: u64,
     /// tokio worker threads of the router; 0: one per allowed CPU, at most 2 (the router's
@@ -197,6 +208,7 @@ impl Default for ServerSettings {
             ready_timeout_secs: 300,
             drain_timeout_secs: 30,
             drain_notice_secs: 5,
+            public_metrics: false,
             keepalive_secs: 10,
             runtime_threads: 0,
             worker_binary: None,

@@ -98,12 +98,32 @@ impl Settings {
         Ok(plans)
     }
 
+    /// How many workers the default layout starts: one per allowed CPU, or as many as a
+    /// smaller CPU quota allows ([`Settings::cpu_quota`]).
+    pub fn default_worker_count(&self, allowed: &CpuList) -> usize {
+        self.quota_below(allowed).unwrap_or(allowed.len())
+    }
+
+    /// The CPU quota when it allows fewer CPUs than the affinity mask holds.
+    fn quota_below(&self, allowed: &CpuList) -> Option<usize> {
+        self.cpu_quota.filter(|&n| n < allowed.len())
+    }
+
     /// The `[[workers]]` entries; without any, one single-thread worker per allowed CPU,
     /// adaptive (wide over every allowed CPU) when `worker_defaults.adaptive` and there is more
-    /// than one CPU.
+    /// than one CPU. Under a smaller CPU quota, that many one-thread workers, neither pinned
+    /// to one CPU nor adaptive: the CPUs are shared with whatever else the machine runs (every
+    /// container on a node would otherwise pin its workers to the same first CPUs).
     fn worker_entries(&self, allowed: &CpuList) -> Vec<WorkerSettings> {
         if !self.workers.is_empty() {
             return self.workers.clone();
+        }
+        if let Some(n) = self.quota_below(allowed) {
+            let unpinned = WorkerSettings {
+                threads: Some(1),
+                ..WorkerSettings::default()
+            };
+            return vec![unpinned; n];
         }
         // An embedding worker has no adaptive shape: its decodes are short and independent.
         let adaptive = self.worker_defaults.adaptive && !self.worker_defaults.embedding;
@@ -296,6 +316,33 @@ mod tests {
             .iter()
             .all(|p| p.context.threads == 1 && p.cpus.len() == 1));
         assert_eq!(plans[2].cpus.cpus(), &[2]);
+    }
+
+    #[test]
+    fn a_smaller_cpu_quota_means_that_many_unpinned_workers() {
+        let quota = |n| Settings {
+            cpu_quota: Some(n),
+            ..Settings::default()
+        };
+        let plans = quota(2).plan_workers(&allowed()).unwrap();
+        assert_eq!(plans.len(), 2);
+        for plan in &plans {
+            assert_eq!(plan.cpus, allowed(), "not pinned to one CPU");
+            assert_eq!(plan.context.threads, 1);
+            assert!(plan.wide.is_none(), "not adaptive");
+        }
+        // A quota as large as the CPU set changes nothing.
+        assert_eq!(
+            quota(4).plan_workers(&allowed()).unwrap(),
+            Settings::default().plan_workers(&allowed()).unwrap()
+        );
+        // Explicit workers are as configured, on any allowed CPU.
+        let explicit = Settings {
+            cpu_quota: Some(1),
+            ..with_workers(vec![on_cpus("2"), on_cpus("3")])
+        };
+        assert_eq!(explicit.plan_workers(&allowed()).unwrap().len(), 2);
+        assert_eq!(quota(2).default_worker_count(&allowed()), 2);
     }
 
     #[test]

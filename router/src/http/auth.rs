@@ -109,14 +109,19 @@ pub fn needs_key(method: &Method, path: &str) -> bool {
 }
 
 /// The middleware: 401 in the OpenAI error shape ([`ApiError::unauthorized`]) unless the
-/// request is open ([`needs_key`]) or carries an accepted key (an admin key is accepted too).
+/// request is open ([`needs_key`], or `GET /metrics` with `server.public_metrics`) or carries
+/// an accepted key (an admin key is accepted too).
 /// The admin routes are left to [`super::access::guard`], which has their own keys.
 pub async fn require_api_key(
     State(state): State<SharedState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let public_metrics = state.public_metrics
+        && request.method() == Method::GET
+        && request.uri().path() == "/metrics";
     if !state.api_keys.is_empty()
+        && !public_metrics
         && needs_key(request.method(), request.uri().path())
         && !super::access::is_admin_path(request.uri().path())
         && !state.api_keys.admits(request.headers())

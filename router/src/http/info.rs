@@ -30,12 +30,14 @@ pub struct HealthBody {
     pub status: &'static str,
 }
 
-/// `GET /health`: 200 while a worker is ready (and, at start-up, the others have had their
-/// first start: [`crate::dispatch::Pool::is_healthy`]), else 503.
+/// `GET /health` (and `/v1/health`, `/ready`): 503 from the moment the node drains
+/// ([`crate::drain`]); else 200 while a worker is ready (and, at start-up, the others have had
+/// their first start: [`crate::dispatch::Pool::is_healthy`]), else 503.
 pub async fn health(State(state): State<SharedState>) -> Result<Json<HealthBody>, ApiError> {
     // With several models the router is healthy while it runs: models load on demand, and
     // each one's state is in `/v1/models`.
     if state.drain.is_started() {
+        state.drain.record_refused_probe();
         Err(ApiError::draining())
     } else if state.models.is_some() || state.pool.is_healthy() {
         Ok(Json(HealthBody { status: "ok" }))
@@ -168,7 +170,6 @@ fn several_models_metrics(
         .map(|name| registry.find(Some(&name)))
         .transpose()?;
     let mut texts = vec![state.pool.metrics().render_http()];
-    let mut pools = Vec::new();
     for model in registry.listing() {
         if only.is_some_and(|o| o != model.id) {
             continue;
@@ -179,9 +180,9 @@ fn several_models_metrics(
             .map(|s| s.pool.gauges())
             .unwrap_or_default();
         texts.push(model.metrics.render(&gauges));
-        pools.push(gauges);
     }
-    texts.push(NodeLoad::of(&pools).render());
+    // The gateways' load is the whole node's, whatever `?model=` selects.
+    texts.push(NodeLoad::of(&super::gateway::node_gauges(state)).render());
     Ok(metrics::merge_expositions(&texts))
 }
 

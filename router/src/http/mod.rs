@@ -103,6 +103,8 @@ pub struct AppState {
     pub models: Option<Arc<Models>>,
     /// Set when the node starts draining; `/health` and `/ready` answer 503 from then on.
     pub drain: crate::drain::Drain,
+    /// `server.public_metrics`: `GET /metrics` needs no API key.
+    pub public_metrics: bool,
 }
 
 /// The state a request is served with: its model's when the router serves several (set by
@@ -192,7 +194,8 @@ impl AppState {
     }
 }
 
-/// The route table. `/health` and the web page ([`ui`]) are open; every other route needs the
+/// The route table. `/health` (`/v1/health`, `/ready`), `/v1/loads` and the web page ([`ui`])
+/// are open; every other route needs the
 /// API key when one is set ([`auth::needs_key`]).
 pub fn router(state: SharedState) -> Router {
     // Routes that serve a model: with several models, each request goes to the one it names.
