@@ -194,8 +194,12 @@ fn all_ready(workers: &Value) -> bool {
 
 impl Drop for Router {
     fn drop(&mut self) {
-        // Then `Proc`'s own drop: SIGTERM, SIGKILL, for a router that did not stop.
-        self.interrupt(crate::proc::DROP_GRACE);
+        // SIGINT, then SIGKILL for a router that did not stop (`Proc`'s own drop then finds
+        // it gone).
+        if !self.interrupt(crate::proc::DROP_GRACE) {
+            self.proc
+                .signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5));
+        }
     }
 }
 
