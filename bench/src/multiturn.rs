@@ -205,7 +205,7 @@ fn llama_server_path(args: &Args) -> Option<PathBuf> {
 /// Starts the row's server, runs every conversation against it, and summarizes.
 fn measure_row(row: &Row, workload: &Workload) -> Result<RowReport> {
     let (addr, _server) = start_server(row, workload)?;
-    let (records, wall) = run_conversations(&addr, workload);
+    let (records, wall) = run_conversations(&addr, workload, 0);
     Ok(summarize(&row.label(), &records, wall))
 }
 
@@ -252,16 +252,22 @@ fn router_config(model: &Path, affinity: bool) -> Result<String> {
     Ok(config)
 }
 
-/// `concurrency` client threads, each running whole conversations until none is left.
-fn run_conversations(addr: &str, workload: &Workload) -> (Vec<TurnRecord>, Duration) {
-    let next = AtomicUsize::new(0);
+/// `concurrency` client threads, each running whole conversations until none is left:
+/// conversations `first..first + conversations` (each number its own system prompt).
+pub(crate) fn run_conversations(
+    addr: &str,
+    workload: &Workload,
+    first: usize,
+) -> (Vec<TurnRecord>, Duration) {
+    let next = AtomicUsize::new(first);
+    let end = first + workload.conversations;
     let records = Mutex::new(Vec::new());
     let start = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..workload.concurrency {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= workload.conversations {
+                if i >= end {
                     break;
                 }
                 let done = conversation(addr, workload, i);

@@ -145,24 +145,8 @@ fn smg_version(smg: &Path) -> String {
 
 /// The workload's conversations `first..first + conversations` against `addr`.
 fn measure(addr: &str, workload: &Workload, first: usize, label: &str) -> RowReport {
-    let next = AtomicUsize::new(first);
-    let end = first + workload.conversations;
-    let records = Mutex::new(Vec::new());
-    let start = Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..workload.concurrency {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= end {
-                    break;
-                }
-                let done = multiturn::conversation(addr, workload, i);
-                records.lock().expect("no client panicked").extend(done);
-            });
-        }
-    });
-    let records = records.into_inner().expect("no client panicked");
-    multiturn::summarize(label, &records, start.elapsed())
+    let (records, wall) = multiturn::run_conversations(addr, workload, first);
+    multiturn::summarize(label, &records, wall)
 }
 
 /// One llamapool node.
