@@ -54,6 +54,16 @@ pub struct PoolActivity {
 }
 
 /// The `p`th percentile (0 to 100, nearest rank) of `values`, which it sorts; NaN when empty.
+/// The sum of the samples in a Prometheus text exposition whose line starts with `series`
+/// (a name, with `{` to take only labelled ones) and contains `labels` (`""` for any): a
+/// family's total over its label sets. 0 when none matches.
+pub fn sum_samples(text: &str, series: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, v| sum + v)
+}
+
 pub fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;

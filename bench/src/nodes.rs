@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use llamapool_bench::metrics::percentile;
+use llamapool_bench::metrics::{percentile, sum_samples};
 use llamapool_common::cpus::CpuList;
 use llamapool_testkit::{http, scratch_dir, Router, TempDir};
 use nix::sys::signal::{kill, killpg, Signal};
@@ -245,21 +245,23 @@ impl Fleet {
 /// `/metrics`.
 fn node_chat_count(addr: &str) -> Option<f64> {
     let text = get(addr, "/metrics").ok()?;
-    Some(
-        text.lines()
-            .filter(|l| {
-                l.starts_with("llamapool_http_requests_total{")
-                    && l.contains("endpoint=\"/v1/chat/completions\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    Some(sum_samples(
+        &text,
+        "llamapool_http_requests_total{",
+        "endpoint=\"/v1/chat/completions\"",
+    ))
 }
 
-/// Requests the node at `addr` has accepted and not finished (`/v1/loads`), if it answers.
-fn node_in_flight(addr: &str) -> Option<u64> {
+/// One count of the node's `/v1/loads` (`num_total_reqs`, `num_running_reqs`, ...), if it
+/// answers.
+fn node_load(addr: &str, field: &str) -> Option<u64> {
     let text = get(addr, "/v1/loads").ok()?;
-    serde_json::from_str::<Value>(&text).ok()?["loads"][0]["num_total_reqs"].as_u64()
+    serde_json::from_str::<Value>(&text).ok()?["loads"][0][field].as_u64()
+}
+
+/// Requests the node at `addr` has accepted and not finished, if it answers.
+fn node_in_flight(addr: &str) -> Option<u64> {
+    node_load(addr, "num_total_reqs")
 }
 
 /// The live node with the most requests in flight (the first of the busiest) and that count,
@@ -382,27 +384,19 @@ impl Gateway {
     /// Attempts the gateway made again on another try (`smg_worker_retries_total`, every
     /// label), 0 when it has none yet.
     fn retries(&self) -> f64 {
-        get(&self.metrics_addr, "/metrics")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("smg_worker_retries_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |sum, n| sum + n)
+        let text = get(&self.metrics_addr, "/metrics").unwrap_or_default();
+        sum_samples(&text, "smg_worker_retries_total", "")
     }
 
-    /// `smg_worker_requests_total` by worker URL: the requests it sent to each node,
-    /// every retry attempt included.
-    fn sent_by_worker(&self) -> Result<Vec<(String, f64)>> {
-        let text = get(&self.metrics_addr, "/metrics")?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with("smg_worker_requests_total{"))
-            .filter_map(|l| {
-                let worker = l.split("worker=\"").nth(1)?.split('"').next()?;
-                let value = l.rsplit(' ').next()?.parse::<f64>().ok()?;
-                Some((worker.to_string(), value))
-            })
-            .collect())
+    /// `smg_worker_requests_total` of the node at `url`: the requests the gateway sent it,
+    /// every retry attempt included (0 once it no longer lists the node).
+    fn sent_to(&self, url: &str) -> f64 {
+        let text = get(&self.metrics_addr, "/metrics").unwrap_or_default();
+        sum_samples(
+            &text,
+            "smg_worker_requests_total{",
+            &format!("worker=\"{url}\""),
+        )
     }
 }
 
@@ -566,7 +560,7 @@ fn drain_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Res
         load_and_pick(fleet, gateway, workload, 10_000)?;
     let node = &mut fleet.nodes[victim];
     let url = node.url();
-    let sent_before = sent_to(gateway, &url);
+    let sent_before = gateway.sent_to(&url);
     eprintln!("drain: SIGTERM to {}", node.id);
     let start = Instant::now();
     let mut router = node
@@ -579,7 +573,7 @@ fn drain_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Res
     if !exited {
         bail!("{} did not exit within 90 s of SIGTERM", node.id);
     }
-    let sent_after_sigterm = sent_to(gateway, &url) - sent_before;
+    let sent_after_sigterm = gateway.sent_to(&url) - sent_before;
     std::thread::sleep(Duration::from_secs(3));
     let outcome = Outcome::of(&load.finish(), gateway.retries() - retries);
     Ok(DrainReport {
@@ -590,15 +584,6 @@ fn drain_phase(fleet: &mut Fleet, gateway: &Gateway, workload: &Workload) -> Res
         sent_after_sigterm,
         outcome,
     })
-}
-
-fn sent_to(gateway: &Gateway, url: &str) -> f64 {
-    gateway
-        .sent_by_worker()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(w, _)| w == url)
-        .fold(0.0, |sum, (_, n)| sum + n)
 }
 
 #[derive(Debug, Serialize)]
@@ -706,7 +691,6 @@ fn gateway_view(
     // One load poll after the last request, so the gateway's copy is current.
     std::thread::sleep(Duration::from_secs(2));
     let workers = gateway.workers()?;
-    let sent = gateway.sent_by_worker()?;
     Ok(fleet
         .nodes
         .iter()
@@ -720,10 +704,8 @@ fn gateway_view(
                 .flatten()
                 .map(|now| now - counts_at_start.get(i).copied().flatten().unwrap_or(0.0));
             let node_running = alive
-                .then(|| get(&node.addr, "/v1/loads").ok())
-                .flatten()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v["loads"][0]["num_running_reqs"].as_u64());
+                .then(|| node_load(&node.addr, "num_running_reqs"))
+                .flatten();
             NodeView {
                 node: node.id.clone(),
                 alive,
@@ -731,10 +713,7 @@ fn gateway_view(
                     .and_then(|w| w["status"].as_str())
                     .unwrap_or("absent")
                     .to_string(),
-                gateway_sent: sent
-                    .iter()
-                    .filter(|(w, _)| *w == url)
-                    .fold(0.0, |sum, (_, n)| sum + n),
+                gateway_sent: gateway.sent_to(&url),
                 node_answered,
                 gateway_running: listed
                     .and_then(|w| w["engine_load"]["loads"][0]["num_running_reqs"].as_u64()),

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use llamapool_bench::metrics::{self, summarize, PoolActivity, StageReport};
+use llamapool_bench::metrics::{self, sum_samples, summarize, PoolActivity, StageReport};
 use llamapool_common::Token;
 use llamapool_testkit::{binary, Router};
 use serde_json::json;
@@ -369,15 +369,9 @@ fn pool_counters(running: &Running) -> Option<(f64, f64)> {
         return None;
     };
     let text = router.try_request("GET", "/metrics", None).ok()?.text();
-    let sum = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     Some((
-        sum("llamapool_worker_shape_changes_total{"),
-        sum("llamapool_requests_rebalanced_total{"),
+        sum_samples(&text, "llamapool_worker_shape_changes_total{", ""),
+        sum_samples(&text, "llamapool_requests_rebalanced_total{", ""),
     ))
 }
 

@@ -4,7 +4,7 @@
 //! listeners and lets the requests in flight finish (`router/src/serve.rs` owns that
 //! sequence).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -18,8 +18,8 @@ pub struct Drain(Arc<Inner>);
 struct Inner {
     started: AtomicBool,
     changed: Notify,
-    /// Probes (`/health`, `/ready`) answered 503 since the drain started.
-    probes_refused: AtomicU64,
+    /// Whether a probe (`/health`, `/ready`) has been answered 503 since the drain started.
+    told: AtomicBool,
 }
 
 impl Drain {
@@ -38,11 +38,12 @@ impl Drain {
 
     /// A probe was answered 503: someone polling health has been told.
     pub fn record_refused_probe(&self) {
-        self.0.probes_refused.fetch_add(1, Ordering::Relaxed);
+        self.0.told.store(true, Ordering::Relaxed);
     }
 
-    pub fn probes_refused(&self) -> u64 {
-        self.0.probes_refused.load(Ordering::Relaxed)
+    /// Whether any probe has been answered 503 since the drain started.
+    pub fn has_told(&self) -> bool {
+        self.0.told.load(Ordering::Relaxed)
     }
 
     /// Returns once the drain has started.

@@ -277,7 +277,7 @@ async fn serve_until_drained(
     );
     tokio::select! {
         () = &mut accepting => {}
-        () = drain::notice(notice, || requests_in_flight(state), || drain.probes_refused() > 0) => {}
+        () = drain::notice(notice, || requests_in_flight(state), || drain.has_told()) => {}
         // Ctrl-C during the notice: stop waiting.
         _ = sigint.recv() => {}
     }
@@ -286,9 +286,9 @@ async fn serve_until_drained(
 
 /// Requests the node has dispatched and not finished, over every loaded model.
 fn requests_in_flight(state: &Arc<AppState>) -> usize {
-    http::gateway::node_gauges(state)
+    http::gateway::node_pools(state)
         .iter()
-        .map(|pool| pool.processing)
+        .map(Pool::in_flight)
         .sum()
 }
 

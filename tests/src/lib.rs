@@ -175,6 +175,12 @@ pub fn raw_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -
     head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
+    read_answer(s)
+}
+
+/// Reads the whole answer of a raw connection: the status line's code (0 without one) and
+/// the text.
+fn read_answer(mut s: TcpStream) -> (u16, String) {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     let status = answer
@@ -194,14 +200,7 @@ pub fn announced_only(addr: &str, path: &str, length: usize) -> (u16, String) {
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
     );
     s.write_all(head.as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
+    read_answer(s)
 }
 
 /// The hostile bodies every JSON route must refuse clearly, sent to `path` on raw

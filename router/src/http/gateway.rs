@@ -12,6 +12,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::SharedState;
+use crate::dispatch::Pool;
 use crate::metrics::model_server::NodeLoad;
 use crate::metrics::Gauges;
 
@@ -66,17 +67,22 @@ pub async fn loads(State(state): State<SharedState>) -> Json<LoadsBody> {
     Json(LoadsBody::new(&NodeLoad::of(&node_gauges(&state))))
 }
 
-/// The gauges of every pool of the node: the one model's, or each loaded model's.
-pub fn node_gauges(state: &SharedState) -> Vec<Gauges> {
+/// Every pool of the node: the one model's, or each loaded model's.
+pub fn node_pools(state: &SharedState) -> Vec<Pool> {
     match &state.models {
         Some(registry) => registry
             .listing()
             .iter()
             .filter_map(|m| m.state.as_ref())
-            .map(|s| s.pool.gauges())
+            .map(|s| s.pool.clone())
             .collect(),
-        None => vec![state.pool.gauges()],
+        None => vec![state.pool.clone()],
     }
+}
+
+/// The gauges of every pool of the node ([`node_pools`]).
+pub fn node_gauges(state: &SharedState) -> Vec<Gauges> {
+    node_pools(state).iter().map(Pool::gauges).collect()
 }
 
 #[cfg(test)]

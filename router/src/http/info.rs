@@ -21,6 +21,7 @@ use crate::dispatch::{DispatchError, WorkerView};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::metrics::model_server::NodeLoad;
+use crate::metrics::Gauges;
 use crate::openai::request::{parse_json, DetokenizeBody, TokenizeBody};
 use crate::openai::InvalidRequest;
 
@@ -170,19 +171,20 @@ fn several_models_metrics(
         .map(|name| registry.find(Some(&name)))
         .transpose()?;
     let mut texts = vec![state.pool.metrics().render_http()];
+    // The gateways' load is the whole node's (every loaded model), whatever `?model=` selects.
+    let mut loaded = Vec::new();
     for model in registry.listing() {
-        if only.is_some_and(|o| o != model.id) {
-            continue;
+        let gauges = model.state.as_ref().map(|s| s.pool.gauges());
+        if only.is_none_or(|o| o == model.id) {
+            texts.push(
+                model
+                    .metrics
+                    .render(gauges.as_ref().unwrap_or(&Gauges::default())),
+            );
         }
-        let gauges = model
-            .state
-            .as_ref()
-            .map(|s| s.pool.gauges())
-            .unwrap_or_default();
-        texts.push(model.metrics.render(&gauges));
+        loaded.extend(gauges);
     }
-    // The gateways' load is the whole node's, whatever `?model=` selects.
-    texts.push(NodeLoad::of(&super::gateway::node_gauges(state)).render());
+    texts.push(NodeLoad::of(&loaded).render());
     Ok(metrics::merge_expositions(&texts))
 }
 

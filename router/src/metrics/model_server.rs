@@ -70,57 +70,57 @@ impl NodeLoad {
     }
 
     /// The families in the Prometheus text format: vLLM's four, then llamapool's names of
-    /// the same three values.
+    /// the same three values. Each is one gauge sample: its labels (if any) and value.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let families: [(&str, &str, String); 7] = [
+        let (running, waiting) = (format!(" {}", self.running), format!(" {}", self.waiting));
+        let usage = format!(" {}", self.kv_cache_usage());
+        let cache_config = format!(
+            "{{block_size=\"{BLOCK_CELLS}\",num_gpu_blocks=\"{}\"}} 1",
+            self.kv_cells / BLOCK_CELLS
+        );
+        let families: [(&str, &str, &str); 7] = [
             (
                 "vllm:num_requests_running",
                 "Number of requests in model execution batches (llamapool: holding a sequence in a worker)",
-                self.running.to_string(),
+                &running,
             ),
             (
                 "vllm:num_requests_waiting",
                 "Number of requests waiting to be processed (llamapool: accepted, not yet holding a sequence)",
-                self.waiting.to_string(),
+                &waiting,
             ),
             (
                 "vllm:kv_cache_usage_perc",
                 "KV-cache usage. 1 means 100 percent usage (llamapool: KV cells held over all KV cells)",
-                self.kv_cache_usage().to_string(),
+                &usage,
             ),
             (
                 "vllm:cache_config_info",
                 "Information of the LLMEngine CacheConfig (llamapool: a block is 64 KV cells)",
-                String::new(),
+                &cache_config,
             ),
             (
                 "llamapool_requests_running",
                 "Requests holding a sequence in a worker, every model and worker",
-                self.running.to_string(),
+                &running,
             ),
             (
                 "llamapool_requests_waiting",
                 "Requests accepted and not yet holding a sequence, every model and worker",
-                self.waiting.to_string(),
+                &waiting,
             ),
             (
                 "llamapool_kv_cache_usage_ratio",
                 "KV cells held over all KV cells of every worker, 0 to 1",
-                self.kv_cache_usage().to_string(),
+                &usage,
             ),
         ];
-        for (name, help, value) in families {
-            let _ = write!(out, "# HELP {name} {help}.\n# TYPE {name} gauge\n");
-            if name == "vllm:cache_config_info" {
-                let _ = writeln!(
-                    out,
-                    "{name}{{block_size=\"{BLOCK_CELLS}\",num_gpu_blocks=\"{}\"}} 1",
-                    self.kv_cells / BLOCK_CELLS
-                );
-            } else {
-                let _ = writeln!(out, "{name} {value}");
-            }
+        let mut out = String::new();
+        for (name, help, sample) in families {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}.\n# TYPE {name} gauge\n{name}{sample}\n"
+            );
         }
         out
     }
